@@ -1,0 +1,1 @@
+"""Thin adapters that connect frameworks to the sharedcache core."""

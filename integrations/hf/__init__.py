@@ -1,0 +1,78 @@
+"""transformers integration: `PreTrainedModel.from_pretrained` goes through the role's cache phases.
+
+    from integrations import hf
+    with hf.patched(role=role, cache=settings):
+        model = AutoModelForCausalLM.from_pretrained(path)
+    hf.instance_of(model).report
+
+Only the outermost `from_pretrained` call is intercepted; nested ones (sub-models)
+run untouched. `install()` patches, `uninstall()` restores.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import weakref
+from typing import Any, Iterator
+
+from sharedcache import CacheSettings, Role
+
+_lock = threading.Lock()
+_installed: dict[str, Any] = {}  # "original" -> the unpatched function, "role", "cache"
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("sharedcache_hf_depth", default=0)
+_instances: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def install(*, role: Role, cache: CacheSettings) -> None:
+    """Route every outermost `from_pretrained` through `role` with `cache`. Idempotent per process."""
+    from transformers import PreTrainedModel
+
+    with _lock:
+        if "original" not in _installed:
+            _installed["original"] = PreTrainedModel.__dict__["from_pretrained"]
+            PreTrainedModel.from_pretrained = classmethod(_from_pretrained)
+        _installed["role"], _installed["cache"] = role, cache
+
+
+def uninstall() -> None:
+    from transformers import PreTrainedModel
+
+    with _lock:
+        original = _installed.pop("original", None)
+        if original is not None:
+            PreTrainedModel.from_pretrained = original
+        _installed.clear()
+
+
+@contextlib.contextmanager
+def patched(*, role: Role, cache: CacheSettings) -> Iterator[None]:
+    install(role=role, cache=cache)
+    try:
+        yield
+    finally:
+        uninstall()
+
+
+def instance_of(model: Any):
+    """The sharedcache Instance that produced `model` (its `.report`, its `.close()`), or None."""
+    return _instances.get(model)
+
+
+def _from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    original = _installed["original"].__func__
+    if _depth.get() > 0:
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+    from sharedcache.instance import Instance
+
+    from .source import HFSource
+
+    token = _depth.set(_depth.get() + 1)
+    try:
+        source = HFSource(cls, original, pretrained_model_name_or_path, args, kwargs)
+        instance = Instance(_installed["role"], _installed["cache"], source)
+        model = instance.run()
+    finally:
+        _depth.reset(token)
+    _instances[model] = instance
+    return model

@@ -1,0 +1,169 @@
+"""How transformers loads, fingerprints and skeletons a model, for the sharedcache core."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from sharedcache import Fingerprint, UnsupportedModel
+from sharedcache.fingerprint import checkpoint_identity
+from sharedcache.layout import dtype_name
+
+# from_pretrained options that only matter for fetching files; safe to forward to config loading
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
+               "trust_remote_code")
+
+
+class HFSource:
+    engine = "transformers"
+
+    def __init__(self, cls: type, original: Callable, path: str | os.PathLike, args: tuple,
+                 kwargs: dict[str, Any]) -> None:
+        self.cls, self.original, self.path, self.args, self.kwargs = cls, original, path, args, dict(kwargs)
+        self._config = None
+        self._dir: Path | None = None
+        self.device = _single_device(kwargs.get("device_map"))
+
+    # -------------------------------------------------------------- ModelSource
+    def check(self) -> None:
+        k = self.kwargs
+        if self.args:
+            raise UnsupportedModel("positional model arguments to from_pretrained cannot be reproduced on attach.",
+                                   hint="Pass options as keywords, or set cache.on_unsupported=fallback.")
+        if k.get("output_loading_info") or k.get("state_dict") is not None or k.get("gguf_file"):
+            raise UnsupportedModel("from_pretrained with output_loading_info, state_dict or gguf_file is not shared.",
+                                   hint="Drop that option, or set cache.on_unsupported=fallback.")
+        if self.device is None:
+            raise UnsupportedModel(f"device_map={k.get('device_map')!r} spreads the model over several devices or "
+                                   "offloads it; one arena holds one device's tensors.",
+                                   hint="Use a single device (device_map='cpu' or 'cuda:0'), or set "
+                                        "cache.on_unsupported=fallback.")
+        if k.get("offload_folder") or k.get("offload_state_dict"):
+            raise UnsupportedModel("offloaded weights (offload_folder) cannot be shared.",
+                                   hint="Load without offload, or set cache.on_unsupported=fallback.")
+        quant = self.quantization()
+        if quant and "bitsandbytes" in quant:
+            raise UnsupportedModel(f"{quant} parameters keep state outside plain bytes and cannot be shared.",
+                                   hint="Use an unquantized or pre-quantized checkpoint, or set "
+                                        "cache.on_unsupported=fallback.")
+        if (self.model_dir() / "adapter_config.json").exists() or k.get("adapter_kwargs"):
+            raise UnsupportedModel("PEFT adapters are not shared (the base and adapter weights would be mixed).",
+                                   hint="Load the merged model, or set cache.on_unsupported=fallback.")
+
+    def fingerprint(self, model: nn.Module | None) -> Fingerprint:
+        import transformers
+
+        config_sha, weights = checkpoint_identity(self.model_dir())
+        return Fingerprint(
+            engine=self.engine, engine_version=transformers.__version__, model=str(self.model_dir()),
+            revision=self.kwargs.get("revision"), config_sha256=config_sha, weights=weights,
+            dtype=dtype_name(_model_dtype(model) if model is not None else self.requested_dtype()),
+            quantization=self.quantization(), device=_device_id(self.device), tp_rank=0, tp_size=1)
+
+    def load(self) -> nn.Module:
+        return self.original(self.cls, self.path, *self.args, **self.kwargs)
+
+    def skeleton(self) -> nn.Module:
+        extra = {k: self.kwargs[k] for k in ("attn_implementation",) if k in self.kwargs}
+        with torch.device("meta"):
+            return self.cls._from_config(self.config(), dtype=self.requested_dtype(), **extra)
+
+    def finish(self, model: nn.Module, *, attached: bool) -> nn.Module:
+        if attached:
+            from transformers import GenerationConfig
+
+            model.config._name_or_path = str(self.path)
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(self.model_dir())
+            except OSError:  # no generation_config.json: the model config's defaults, as a normal load does
+                model.generation_config = GenerationConfig.from_model_config(model.config)
+            model.eval()
+        return model
+
+    # -------------------------------------------------------------- helpers
+    def model_dir(self) -> Path:
+        """The local directory holding config and weights (a hub id resolved from the local cache only)."""
+        if self._dir is None:
+            sub = self.kwargs.get("subfolder") or ""
+            path = Path(os.fspath(self.path))
+            if not path.is_dir():
+                from huggingface_hub import snapshot_download
+
+                try:
+                    path = Path(snapshot_download(str(self.path), revision=self.kwargs.get("revision"),
+                                                  cache_dir=self.kwargs.get("cache_dir"), local_files_only=True))
+                except Exception as e:  # noqa: BLE001 - any hub failure means: not available locally
+                    raise UnsupportedModel(f"model {self.path!r} is neither a local directory nor in the local "
+                                           f"hub cache ({e}).", hint="Download it first, or pass a directory.") from e
+            self._dir = (path / sub).resolve()
+        return self._dir
+
+    def config(self):
+        if self._config is None:
+            given = self.kwargs.get("config")
+            if given is not None and not isinstance(given, (str, os.PathLike)):
+                self._config = given
+            else:
+                from transformers import AutoConfig
+
+                hub = {k: self.kwargs[k] for k in _HUB_KWARGS if k in self.kwargs and k != "subfolder"}
+                self._config = AutoConfig.from_pretrained(given or self.model_dir(), **hub)
+        return self._config
+
+    def requested_dtype(self) -> torch.dtype:
+        """The dtype a normal load would produce: explicit dtype, else the config's, else the default."""
+        dtype = self.kwargs.get("dtype", self.kwargs.get("torch_dtype"))
+        if dtype is None or dtype == "auto":
+            dtype = getattr(self.config(), "dtype", None) or torch.get_default_dtype()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return dtype
+
+    def quantization(self) -> str | None:
+        q = self.kwargs.get("quantization_config") or getattr(self.config(), "quantization_config", None)
+        if q is None:
+            return None
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+        method = getattr(method, "value", method)
+        if isinstance(q, dict) and (q.get("load_in_4bit") or q.get("load_in_8bit")) or \
+                getattr(q, "load_in_4bit", False) or getattr(q, "load_in_8bit", False):
+            return f"bitsandbytes ({method})"
+        return str(method)
+
+
+def _single_device(device_map: Any) -> torch.device | None:
+    """The one device a device_map names, or None when it names several (or offloads)."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, (torch.device, int)):
+        return torch.device("cuda", device_map) if isinstance(device_map, int) else device_map
+    if isinstance(device_map, str):
+        if device_map == "auto":
+            return torch.device("cuda", 0) if torch.cuda.is_available() and torch.cuda.device_count() == 1 \
+                else (torch.device("cpu") if not torch.cuda.is_available() else None)
+        if device_map in ("balanced", "balanced_low_0", "sequential"):
+            return None
+        return torch.device(device_map)
+    if isinstance(device_map, dict):
+        targets = {str(v) for v in device_map.values()}
+        if len(targets) != 1 or targets & {"disk"}:
+            return None
+        (only,) = targets
+        return torch.device("cuda", int(only)) if only.isdigit() else torch.device(only)
+    return None
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _device_id(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    return str(device)  # CUDA UUIDs arrive with the CUDA backends

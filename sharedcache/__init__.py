@@ -1,0 +1,23 @@
+"""sharedcache: one physical copy of model weights for every inference instance on a machine.
+
+Importing this package is cheap: no CUDA initialisation, no framework imports.
+"""
+from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, EntryOwned,
+                     FingerprintMismatch, ManifestError, SharedCacheError, UnsupportedModel)
+from .fingerprint import Fingerprint
+from .roles import Mode, Role
+from .settings import CacheSettings
+
+__all__ = [
+    "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError",
+    "EntryOwned", "Fingerprint", "FingerprintMismatch", "Instance", "ManifestError", "Mode", "Role",
+    "SharedCacheError", "UnsupportedModel",
+]
+
+
+def __getattr__(name: str):
+    if name == "Instance":  # pulls in the phases' machinery only when used
+        from .instance import Instance
+
+        return Instance
+    raise AttributeError(name)

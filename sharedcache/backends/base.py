@@ -1,0 +1,63 @@
+"""The memory-provider interface every backend implements.
+
+A backend makes one arena (owner side) and maps a published one (attacher side),
+both exposed as a flat uint8 torch tensor; the phases never see a handle.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..manifest import Manifest
+
+
+@dataclass
+class Arena:
+    """A live arena in this process. `base` keeps the mapping alive: the memory is
+    unmapped only when `base` and every view of it are gone."""
+
+    base: torch.Tensor  # uint8, arena size
+    handle: dict[str, Any]  # what goes into the manifest
+    device: dict[str, Any]
+    owned: bool
+    _release: Callable[[], None] | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return self.base.numel()
+
+    def region(self) -> tuple[int, int]:
+        start = self.base.data_ptr()
+        return start, start + self.size
+
+    def release(self) -> None:
+        """Drop this process's claim on the backing memory (owner: unpublish it). Views stay valid."""
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    survives_owner: ClassVar[bool]
+
+    @classmethod
+    @abc.abstractmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when usable here; else why not, in words a user can act on."""
+
+    @abc.abstractmethod
+    def granularity(self, device: torch.device) -> int: ...
+
+    @abc.abstractmethod
+    def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena: ...
+
+    @abc.abstractmethod
+    def attach(self, entry_dir: Path, manifest: Manifest) -> Arena: ...
+
+    def discard(self, entry_dir: Path, manifest: Manifest) -> None:
+        """Free what a dead owner's manifest left behind (called by the next owner). Default: nothing."""

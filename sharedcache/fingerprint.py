@@ -1,0 +1,73 @@
+"""Fingerprint: everything that must match for two instances to share bytes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .layout import LAYOUT_VERSION
+
+# Files whose bytes are weights; their names, sizes and mtimes identify a checkpoint
+# without reading it (the decode must not read the checkpoint).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    engine: str
+    engine_version: str
+    model: str
+    revision: str | None
+    config_sha256: str
+    weights: tuple[tuple[str, int, int], ...]  # (file name, size, mtime_ns)
+    dtype: str
+    quantization: str | None
+    device: str  # "cpu" or "cuda:<uuid>"
+    tp_rank: int
+    tp_size: int
+    layout_version: int = LAYOUT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights"] = [list(w) for w in self.weights]
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Fingerprint":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"fingerprint must have exactly the fields {sorted(names)}, got {got}")
+        weights = tuple(tuple(w) for w in data["weights"])
+        if not all(len(w) == 3 for w in weights):
+            raise ValueError("fingerprint.weights must be [name, size, mtime_ns] triples")
+        return cls(**{**data, "weights": weights})
+
+    def digest(self) -> str:
+        body = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def diff(self, other: "Fingerprint") -> list[tuple[str, Any, Any]]:
+        """Fields that differ, as (name, ours, theirs); empty when the entries are compatible."""
+        return [
+            (f.name, getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def checkpoint_identity(model_dir: str | os.PathLike) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """sha256 of config.json and (name, size, mtime_ns) of every weight file, read without opening weights."""
+    root = Path(model_dir)
+    config = root / "config.json"
+    config_sha = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else ""
+    weights = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_file() and (entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name in _WEIGHT_INDEXES):
+            st = entry.stat()
+            weights.append((entry.name, st.st_size, st.st_mtime_ns))
+    return config_sha, tuple(weights)

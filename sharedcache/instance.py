@@ -1,0 +1,402 @@
+"""One instance's use of the cache: resolve the mode, run the role's phases, report.
+
+An integration supplies a ModelSource (how to load normally, how to build a
+skeleton, how to finish a model) and calls `Instance.run`; it never touches
+handles or arenas itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from . import backends
+from .backends.base import Arena, Backend
+from .binding import TensorRef, bind, capture, check_against, stray_meta_tensors, tensor_refs, view_of
+from .cache import CacheDir, Entry
+from .errors import (ArenaError, AttachTimeout, BindError, ConfigError, FingerprintMismatch, ManifestError,
+                     SharedCacheError, UnsupportedModel)
+from .fingerprint import Fingerprint
+from .layout import ArenaLayout, TensorSlot, plan
+from .manifest import ArenaInfo, Manifest, Owner, write_manifest
+from .phases import PHASES
+from .report import Report, weight_bytes_outside
+from .roles import Mode, Role
+from .settings import CacheSettings
+
+log = logging.getLogger(__name__)
+
+
+class ModelSource(Protocol):
+    """What an integration tells the core about the model it is loading."""
+
+    engine: str
+    device: torch.device
+
+    def check(self) -> None:
+        """Raise UnsupportedModel before anything loads if the request cannot be shared."""
+
+    def fingerprint(self, model: nn.Module | None) -> Fingerprint:
+        """The fingerprint of the loaded `model`, or of what a normal load would produce when None."""
+
+    def load(self) -> nn.Module:
+        """The framework's own, unshared load."""
+
+    def skeleton(self) -> nn.Module:
+        """The model built on the meta device: right names, shapes and dtypes, no weight memory."""
+
+    def finish(self, model: nn.Module, *, attached: bool) -> nn.Module:
+        """Framework work after binding or loading (eval(), generation config, ...)."""
+
+
+class _Fallback(Exception):
+    """Internal: give up sharing and load normally, for the reason given."""
+
+
+@dataclass
+class InstanceState:
+    role: Role
+    mode: Mode
+    settings: CacheSettings
+    source: ModelSource
+    entry: Entry
+    fingerprint: Fingerprint
+    backend: Backend | None = None
+    model: nn.Module | None = None
+    refs: list[TensorRef] = field(default_factory=list)
+    slots: list[TensorSlot] = field(default_factory=list)
+    expected: dict[str, TensorSlot] = field(default_factory=dict)
+    layout: ArenaLayout | None = None
+    arena: Arena | None = None
+    manifest: Manifest | None = None
+    checksums: dict[str, str] | None = None
+    claim_fd: int | None = None
+    published: bool = False
+    owner_alive: bool | None = None
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    load_seconds: float | None = None
+
+
+class Instance:
+    """Runs one role against one cache entry. Keep it as long as the model: in save mode it
+    owns the published entry, which `close()` (or the model's death, or exit) unpublishes."""
+
+    def __init__(self, role: Role, settings: CacheSettings, source: ModelSource) -> None:
+        self.role, self.settings, self.source = role, settings, source
+        self.report: Report | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    # ---------------------------------------------------------------- public
+    def run(self) -> nn.Module:
+        start = time.perf_counter()
+        fallback = None
+        mode = self.role.mode
+        if mode is not Mode.OFF:
+            try:
+                self.source.check()
+            except UnsupportedModel as e:
+                if self.settings.on_unsupported != "fallback":
+                    raise
+                fallback, mode = str(e), Mode.OFF
+                log.warning("[%s] not sharing: %s; loading normally", self.role.name, fallback)
+        fingerprint = self.source.fingerprint(None)
+        entry = CacheDir(self.settings.dir).entry(self.settings.key)
+        mode, claim_fd = self._resolve_mode(entry, fingerprint, mode)
+        s = InstanceState(self.role, mode, self.settings, self.source, entry, fingerprint, claim_fd=claim_fd)
+        try:
+            if mode is Mode.OFF:
+                s.model = self._timed_load(s)
+            else:
+                self._run_phases(s)
+        except _Fallback as why:
+            fallback = str(why)
+            log.warning("[%s] not sharing: %s; loading normally", self.role.name, fallback)
+            self._abandon(s)
+            if s.model is None or mode.attaches:
+                s.model = self._timed_load(s)
+        except BaseException:
+            self._abandon(s)
+            raise
+        model = self.source.finish(s.model, attached=mode.attaches and fallback is None)
+        self.report = self._report(s, model, fallback, time.perf_counter() - start)
+        if s.published:
+            self._finalizer = weakref.finalize(model, _unpublish, s.entry, s.manifest, s.arena, s.claim_fd)
+        elif s.claim_fd is not None:
+            os.close(s.claim_fd)
+        return model
+
+    def close(self) -> None:
+        """Unpublish (owner). Attached instances keep their mappings and keep working."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    # ---------------------------------------------------------------- internals
+    def _resolve_mode(self, entry: Entry, fp: Fingerprint, mode: Mode) -> tuple[Mode, int | None]:
+        if mode is Mode.AUTO:
+            mode = Mode.LOAD if _compatible_live(entry, fp) else Mode.SAVE
+            if mode is Mode.SAVE:
+                try:
+                    return mode, entry.claim()
+                except SharedCacheError:  # another instance became the owner first: attach to it
+                    mode = Mode.LOAD
+            log.info("[%s] auto mode resolved to %s", self.role.name, mode.value)
+            return mode, None
+        if mode is Mode.SAVE:
+            return mode, entry.claim()
+        return mode, None
+
+    def _run_phases(self, s: InstanceState) -> None:
+        from . import instance as steps
+
+        for name in self.role.phases_for(s.mode):
+            step = PHASES[name].steps[s.mode.plan_key]
+            fn = getattr(steps, step.run) if isinstance(step.run, str) else step.run
+            t0 = time.perf_counter()
+            fn(s)
+            s.timings.append({"name": name, "seconds": round(time.perf_counter() - t0, 6)})
+            log.debug("[%s] phase %s done in %.3fs", self.role.name, name, s.timings[-1]["seconds"])
+
+    def _timed_load(self, s: InstanceState) -> nn.Module:
+        t0 = time.perf_counter()
+        model = self.source.load()
+        s.load_seconds = time.perf_counter() - t0
+        return model
+
+    def _abandon(self, s: InstanceState) -> None:
+        """Undo what a failed run did: nothing half-published stays behind."""
+        if s.published:
+            _unpublish(s.entry, s.manifest, s.arena, None)
+            s.published = False
+        elif s.arena is not None and s.arena.owned:
+            s.arena.release()
+        if s.claim_fd is not None:
+            os.close(s.claim_fd)
+            s.claim_fd = None
+        s.arena = None
+
+    def _report(self, s: InstanceState, model: nn.Module, fallback: str | None, total: float) -> Report:
+        shared = fallback is None and s.mode is not Mode.OFF
+        arena = s.arena if shared else None
+        region = arena.region() if arena is not None else None
+        allocated = weight_bytes_outside(model, region)
+        if arena is not None and arena.owned:
+            allocated += arena.size
+        attaches = shared and s.mode.attaches
+        return Report(
+            role=self.role.name, mode=s.mode.value, engine=self.source.engine,
+            backend=s.backend.name if (shared and s.backend) else None,
+            model=s.fingerprint.model, key=self.settings.key, cache_dir=self.settings.dir,
+            fingerprint=s.fingerprint.digest(),
+            tensors=len(s.refs) if shared else 0,
+            bytes_shared=(s.layout.payload_bytes if s.layout else s.manifest.payload_bytes) if shared and
+            (s.layout or s.manifest) else 0,
+            arena_bytes=arena.size if arena is not None else 0,
+            weight_bytes_allocated=allocated,
+            phases=list(s.timings),
+            attach_seconds=round(sum(p["seconds"] for p in s.timings), 6) if attaches else None,
+            load_seconds=round(s.load_seconds, 6) if s.load_seconds is not None else None,
+            total_seconds=round(total, 6),
+            owner_pid=s.manifest.owner.pid if s.manifest else None,
+            owner_alive=s.owner_alive,
+            fallback=fallback,
+            layout_digest=s.manifest.arena.layout_digest if s.manifest else None,
+        )
+
+
+def _compatible_live(entry: Entry, fp: Fingerprint) -> bool:
+    if not entry.published() or not entry.owner_alive():
+        return False
+    try:
+        return not fp.diff(entry.read().fingerprint)
+    except ManifestError:
+        return False
+
+
+def _unpublish(entry: Entry, manifest: Manifest | None, arena: Arena | None, claim_fd: int | None) -> None:
+    """Owner going away: remove the manifest if it is still ours, then the arena's backing, then the claim."""
+    try:
+        with entry.write_lock():
+            try:
+                current = entry.read()
+            except ManifestError:
+                current = None
+            if current is not None and manifest is not None and current.owner.pid == os.getpid() \
+                    and current.handle == manifest.handle:
+                entry.manifest_path.unlink(missing_ok=True)
+        if arena is not None:
+            arena.release()
+    finally:
+        if claim_fd is not None:
+            os.close(claim_fd)
+
+
+# ---------------------------------------------------------------- phase steps (save)
+
+def intercept_save(s: InstanceState) -> None:
+    t0 = time.perf_counter()
+    s.model = s.source.load()
+    s.load_seconds = time.perf_counter() - t0
+    try:
+        s.slots, s.refs = capture(s.model)
+    except UnsupportedModel as e:
+        if s.settings.on_unsupported == "fallback":
+            raise _Fallback(str(e)) from e
+        raise
+    device = s.refs[0].get().device if s.refs else torch.device("cpu")
+    s.backend = backends.resolve(s.settings.backend, device)
+    s.fingerprint = s.source.fingerprint(s.model)
+
+
+def align_save(s: InstanceState) -> None:
+    device = s.refs[0].get().device
+    s.layout = plan(s.slots, alignment=s.settings.alignment, granularity=s.backend.granularity(device))
+    s.arena = s.backend.create(s.entry.dir, s.layout.size, device)
+    specs = s.layout.by_name()
+    by_root: dict[str, list[TensorRef]] = {}
+    for ref in s.refs:
+        by_root.setdefault(specs[ref.name].alias_of or ref.name, []).append(ref)
+    # tensor by tensor: copy, rebind every ref of it, let the original go - peak stays near one copy
+    for root, refs in by_root.items():
+        src = refs[0].get()
+        view = view_of(s.arena.base, specs[root])
+        view.copy_(src)
+        grad = src.requires_grad
+        del src
+        bind(refs, {root: view}, specs, requires_grad={root: grad})
+
+
+def serialize_save(s: InstanceState) -> None:
+    manifest = Manifest(
+        key=s.settings.key, fingerprint=s.fingerprint, owner=Owner.current(), backend=s.backend.name,
+        handle=s.arena.handle, device=s.arena.device,
+        arena=ArenaInfo(s.layout.size, s.layout.granularity, s.layout.alignment, s.layout.digest()),
+        tensors=s.layout.tensors, created=time.time(), checksums=s.checksums)
+    with s.entry.write_lock():
+        try:
+            previous = s.entry.read()
+        except ManifestError:
+            previous = None
+        write_manifest(s.entry.manifest_path, manifest)
+        s.manifest, s.published = manifest, True
+        if previous is not None and previous.handle != manifest.handle:
+            # we hold the owner lock, so the previous owner is dead: free what it left
+            try:
+                backends.get_backend(previous.backend).discard(s.entry.dir, previous)
+            except SharedCacheError as e:
+                log.warning("[%s] could not free the previous owner's arena: %s", s.role.name, e)
+    log.info("[%s] published %s: %d tensors, %d bytes", s.role.name, s.settings.key,
+             len(manifest.tensors), manifest.payload_bytes)
+
+
+def verify_save(s: InstanceState) -> None:
+    s.checksums = _checksums(s.arena.base, s.layout.tensors)
+    if s.published:  # verify placed after serialize: publish the checksums too
+        serialize_save(s)
+
+
+# ---------------------------------------------------------------- phase steps (load)
+
+def intercept_load(s: InstanceState) -> None:
+    model = s.source.skeleton()
+    stray = stray_meta_tensors(model)
+    if stray:
+        raise BindError(f"the skeleton keeps tensors outside its parameters and buffers, which binding cannot "
+                        f"reach: {stray[:5]}.", hint="This model cannot be attached; use mode save/off for it.")
+    s.refs = tensor_refs(model)
+    s.expected = {r.name: TensorSlot(r.name, r.kind, r.persistent, r.get().dtype, tuple(r.get().shape))
+                  for r in s.refs}
+    if s.mode is Mode.PLACEHOLDER:
+        for ref in s.refs:  # zero-element stand-ins on the real device, for code that looks at .device
+            t = ref.get()
+            empty = torch.empty(0, dtype=t.dtype, device=s.source.device)
+            table = ref.module._parameters if ref.kind == "param" else ref.module._buffers
+            table[ref.attr] = nn.Parameter(empty, requires_grad=False) if ref.kind == "param" else empty
+    s.model = model
+
+
+def serialize_load(s: InstanceState) -> None:
+    manifest = wait_for_manifest(s.entry, s.settings.wait_timeout_s, s.role.name)
+    differences = s.fingerprint.diff(manifest.fingerprint)
+    if differences:
+        err = FingerprintMismatch(s.settings.key, differences)
+        if s.settings.on_mismatch == "fallback":
+            raise _Fallback(str(err)) from err
+        raise err
+    if s.settings.backend not in ("auto", manifest.backend):
+        raise ConfigError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, "
+                          f"but cache.backend={s.settings.backend!r}.",
+                          hint="Use the same cache.backend on both sides, or 'auto'.")
+    backend = backends.get_backend(manifest.backend)
+    s.owner_alive = s.entry.owner_alive()
+    if not s.owner_alive and not backend.survives_owner:
+        raise ArenaError(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
+                         f"backend {backend.name} does not outlive it.", hint="Start the prefill again.")
+    if not s.owner_alive:
+        log.warning("[%s] owner pid %d of %s is gone; attaching to the arena it left", s.role.name,
+                    manifest.owner.pid, s.settings.key)
+    s.backend, s.manifest = backend, manifest
+    s.arena = backend.attach(s.entry.dir, manifest)
+
+
+def align_load(s: InstanceState) -> None:
+    specs = {t.name: t for t in s.manifest.tensors}
+    check_against(s.refs, s.expected, specs)
+    views = {name: view_of(s.arena.base, spec) for name, spec in specs.items() if spec.alias_of is None}
+    bind(s.refs, views, specs, requires_grad=False)
+
+
+def verify_load(s: InstanceState) -> None:
+    if s.manifest.checksums is None:
+        raise ManifestError(f"entry {s.settings.key!r} carries no checksums to verify against.",
+                            hint="Add 'verify' before 'serialize' to the prefill role's phases.")
+    ours = _checksums(s.arena.base, s.manifest.tensors)
+    bad = sorted(n for n, d in ours.items() if s.manifest.checksums.get(n) != d)
+    if bad:
+        raise ArenaError(f"bound bytes differ from the published checksums for {len(bad)} tensors, "
+                         f"e.g. {bad[:3]}.", hint="The arena was modified after publishing; restart the prefill.")
+
+
+def _checksums(base: torch.Tensor, specs) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for spec in specs:
+        if spec.alias_of is None:
+            chunk = base.narrow(0, spec.offset, spec.nbytes).cpu().numpy()
+            out[spec.name] = hashlib.blake2b(chunk.tobytes(), digest_size=16).hexdigest()
+    return out
+
+
+def wait_for_manifest(entry: Entry, timeout_s: float, role: str) -> Manifest:
+    """Poll until the entry is published; a present but invalid manifest fails at once."""
+    start = time.monotonic()
+    last_print = -1.0
+    while True:
+        if entry.published():
+            try:
+                return entry.read()
+            except ManifestError as e:
+                if entry.published():  # not a race with the owner removing it
+                    raise
+                log.debug("manifest vanished while reading: %s", e)
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            if last_print >= 0:
+                sys.stderr.write("\n")
+            raise AttachTimeout(
+                f"waited {timeout_s:.0f}s for entry {entry.key!r} to be published at {entry.manifest_path}; "
+                "no owner published it.",
+                hint="Start the prefill role with the same cache.dir and cache.key, or raise cache.wait_timeout_s.")
+        if waited - last_print >= 1.0:
+            sys.stderr.write(f"\r[{role}] waiting for an owner to publish {entry.key!r} in {entry.root} "
+                             f"... {waited:4.0f}s / {timeout_s:.0f}s")
+            sys.stderr.flush()
+            last_print = waited
+        time.sleep(0.05)

@@ -1,0 +1,244 @@
+"""Manifest: the JSON record of one published arena (never pickle).
+
+Written atomically under the entry's lock, so a reader sees a whole manifest or
+none, and validated field by field before a single byte is mapped.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ManifestError
+from .fingerprint import Fingerprint
+from .layout import DTYPES, TensorSpec, layout_digest
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_TENSOR_KEYS = {"name", "kind", "persistent", "dtype", "shape", "stride", "offset", "nbytes", "alias_of"}
+_TOP_KEYS = {"schema", "key", "fingerprint", "fingerprint_digest", "owner", "backend", "handle", "device",
+             "arena", "tensors", "checksums", "created"}
+
+
+@dataclass(frozen=True)
+class Owner:
+    pid: int
+    host: str
+    boot_id: str
+    uid: int
+
+    @classmethod
+    def current(cls) -> "Owner":
+        return cls(os.getpid(), os.uname().nodename, boot_id(), os.getuid())
+
+
+@dataclass(frozen=True)
+class ArenaInfo:
+    size: int
+    granularity: int
+    alignment: int
+    layout_digest: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    key: str
+    fingerprint: Fingerprint
+    owner: Owner
+    backend: str
+    handle: dict[str, Any]
+    device: dict[str, Any]  # {"type", "index", "uuid"}
+    arena: ArenaInfo
+    tensors: tuple[TensorSpec, ...]
+    created: float
+    checksums: dict[str, str] | None = None
+    schema: int = field(default=SCHEMA_VERSION)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "key": self.key,
+            "fingerprint": self.fingerprint.to_json(),
+            "fingerprint_digest": self.fingerprint.digest(),
+            "owner": vars(self.owner).copy(),
+            "backend": self.backend,
+            "handle": self.handle,
+            "device": self.device,
+            "arena": vars(self.arena).copy(),
+            "tensors": [t.to_json() for t in self.tensors],
+            "checksums": self.checksums,
+            "created": self.created,
+        }
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if t.alias_of is None)
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- writing
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    """Write atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+    body = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=True) as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------- reading
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and strictly validate; every problem is a ManifestError naming the field."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise ManifestError(f"no manifest at {path}.",
+                            hint="Start the prefill (owner) instance first, or check cache.dir and cache.key.") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ManifestError(f"manifest {path} is a symbolic link; refusing to follow it.",
+                                hint="Remove it and re-publish.") from e
+        raise ManifestError(f"cannot open manifest {path}: {e.strerror}.") from e
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"manifest {path} is not valid JSON ({e}); it may be truncated or corrupt.",
+                            hint="Remove the entry (or run its prefill again) to re-publish it.") from e
+    try:
+        return parse_manifest(data)
+    except ManifestError as e:
+        raise ManifestError(f"manifest {path}: {str(e).split('] ', 1)[-1]}") from e
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise ManifestError(f"invalid manifest: {what}.", hint="Remove the entry and re-publish it.")
+
+
+def _int(v: Any, what: str, *, minimum: int = 0) -> int:
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, f"{what} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    _need(isinstance(v, str) and v != "", f"{what} must be a non-empty string, got {v!r}")
+    return v
+
+
+def parse_manifest(data: Any) -> Manifest:
+    _need(isinstance(data, dict), "top level must be a JSON object")
+    schema = data.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ManifestError(
+            f"manifest schema version {schema!r} is not supported (this sharedcache reads version {SCHEMA_VERSION}).",
+            hint="Use the same sharedcache version for owner and attacher, or re-publish the entry.")
+    missing, unknown = _TOP_KEYS - set(data), set(data) - _TOP_KEYS
+    _need(not missing, f"missing fields {sorted(missing)}")
+    _need(not unknown, f"unknown fields {sorted(unknown)}")
+    try:
+        fp = Fingerprint.from_json(data["fingerprint"])
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"invalid manifest: fingerprint: {e}.") from e
+    _need(data["fingerprint_digest"] == fp.digest(), "fingerprint_digest does not match the fingerprint")
+    o = data["owner"]
+    _need(isinstance(o, dict) and set(o) == {"pid", "host", "boot_id", "uid"}, "owner must have pid, host, boot_id, uid")
+    owner = Owner(_int(o["pid"], "owner.pid", minimum=1), _str(o["host"], "owner.host"),
+                  _str(o["boot_id"], "owner.boot_id"), _int(o["uid"], "owner.uid"))
+    a = data["arena"]
+    _need(isinstance(a, dict) and set(a) == {"size", "granularity", "alignment", "layout_digest"},
+          "arena must have size, granularity, alignment, layout_digest")
+    arena = ArenaInfo(_int(a["size"], "arena.size", minimum=1), _int(a["granularity"], "arena.granularity", minimum=1),
+                      _int(a["alignment"], "arena.alignment", minimum=1), _str(a["layout_digest"], "arena.layout_digest"))
+    _need(arena.size % arena.granularity == 0, "arena.size must be a multiple of arena.granularity")
+    _need(isinstance(data["handle"], dict), "handle must be an object")
+    _need(isinstance(data["device"], dict), "device must be an object")
+    _need(isinstance(data["created"], (int, float)) and not isinstance(data["created"], bool), "created must be a number")
+    tensors = _parse_tensors(data["tensors"], arena.size)
+    _need(layout_digest(tensors, arena.size, arena.alignment) == arena.layout_digest,
+          "arena.layout_digest does not match the tensor table (edited or corrupt)")
+    checksums = data["checksums"]
+    if checksums is not None:
+        names = {t.name for t in tensors if t.alias_of is None}
+        _need(isinstance(checksums, dict) and set(checksums) == names
+              and all(isinstance(v, str) for v in checksums.values()),
+              "checksums must map every stored tensor name to a hex digest")
+    return Manifest(key=_str(data["key"], "key"), fingerprint=fp, owner=owner, backend=_str(data["backend"], "backend"),
+                    handle=data["handle"], device=data["device"], arena=arena, tensors=tensors,
+                    created=float(data["created"]), checksums=checksums)
+
+
+def _parse_tensors(raw: Any, arena_size: int) -> tuple[TensorSpec, ...]:
+    _need(isinstance(raw, list) and raw, "tensors must be a non-empty list")
+    specs: list[TensorSpec] = []
+    seen: dict[str, TensorSpec] = {}
+    for i, t in enumerate(raw):
+        _need(isinstance(t, dict) and set(t) == _TENSOR_KEYS, f"tensors[{i}] must have exactly {sorted(_TENSOR_KEYS)}")
+        name = t["name"]
+        _need(isinstance(name, str) and _NAME.match(name) is not None
+              and not any(part.startswith("__") for part in name.split(".")),
+              f"tensors[{i}].name {name!r} is not a dotted module path")
+        _need(name not in seen, f"tensor name {name!r} appears twice")
+        _need(t["kind"] in ("param", "buffer"), f"{name}: kind must be 'param' or 'buffer'")
+        _need(isinstance(t["persistent"], bool), f"{name}: persistent must be a boolean")
+        _need(isinstance(t["dtype"], str) and t["dtype"] in DTYPES,
+              f"{name}: dtype {t['dtype']!r} is not one of {sorted(DTYPES)}")
+        shape, stride = t["shape"], t["stride"]
+        _need(isinstance(shape, list) and len(shape) <= 16, f"{name}: shape must be a list of at most 16 dims")
+        _need(isinstance(stride, list) and len(stride) == len(shape), f"{name}: stride must have one entry per dim")
+        shape = tuple(_int(d, f"{name}: shape") for d in shape)
+        stride = tuple(_int(s, f"{name}: stride") for s in stride)
+        offset, nbytes = _int(t["offset"], f"{name}: offset"), _int(t["nbytes"], f"{name}: nbytes")
+        itemsize = torch.empty((), dtype=DTYPES[t["dtype"]]).element_size()
+        numel = math.prod(shape)
+        _need(nbytes == numel * itemsize, f"{name}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
+        if numel:
+            extent = (sum((d - 1) * s for d, s in zip(shape, stride)) + 1) * itemsize
+            _need(extent <= nbytes, f"{name}: shape {list(shape)} with stride {list(stride)} reaches past its nbytes")
+        _need(offset % itemsize == 0, f"{name}: offset {offset} is not aligned to its {itemsize}-byte elements")
+        _need(offset + nbytes <= arena_size, f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the "
+                                             f"{arena_size}-byte arena")
+        alias = t["alias_of"]
+        if alias is not None:
+            _need(isinstance(alias, str) and alias in seen and seen[alias].alias_of is None,
+                  f"{name}: alias_of {alias!r} names no earlier stored tensor")
+            target = seen[alias]
+            _need((target.offset, target.nbytes, target.dtype, target.shape) == (offset, nbytes, t["dtype"], shape),
+                  f"{name}: alias of {alias!r} must have the same offset, size, dtype and shape")
+        spec = TensorSpec(name, t["kind"], t["persistent"], t["dtype"], shape, stride, offset, nbytes, alias)
+        seen[name] = spec
+        specs.append(spec)
+    stored = sorted((s for s in specs if s.alias_of is None and s.nbytes), key=lambda s: s.offset)
+    for a, b in zip(stored, stored[1:]):
+        _need(a.offset + a.nbytes <= b.offset, f"tensors {a.name!r} and {b.name!r} overlap in the arena")
+    return tuple(specs)

@@ -1,0 +1,72 @@
+"""The per-instance report: what was shared, what this process allocated, how long each phase took."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass
+class Report:
+    role: str
+    mode: str
+    engine: str
+    backend: str | None
+    model: str
+    key: str
+    cache_dir: str
+    fingerprint: str  # digest
+    tensors: int  # parameters and buffers bound to (or packed into) the arena, tied names counted each
+    bytes_shared: int  # tensor bytes in the arena
+    arena_bytes: int
+    weight_bytes_allocated: int  # weight bytes this process allocated itself (0 when attached)
+    phases: list[dict[str, Any]]
+    attach_seconds: float | None
+    load_seconds: float | None
+    total_seconds: float
+    owner_pid: int | None
+    owner_alive: bool | None
+    fallback: str | None
+    layout_digest: str | None
+    extra: dict[str, Any] = field(default_factory=dict)  # filled by the launcher (generated text, ...)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+    def summary(self) -> str:
+        mb = 1 << 20
+        lines = [
+            f"role={self.role} mode={self.mode} engine={self.engine} backend={self.backend} key={self.key}",
+            f"  tensors bound: {self.tensors}   shared: {self.bytes_shared / mb:.1f} MiB   "
+            f"weights allocated by this process: {self.weight_bytes_allocated / mb:.1f} MiB",
+            "  phases: " + ", ".join(f"{p['name']} {p['seconds'] * 1e3:.1f} ms" for p in self.phases),
+        ]
+        if self.attach_seconds is not None:
+            lines.append(f"  attach: {self.attach_seconds * 1e3:.1f} ms (owner pid {self.owner_pid}, "
+                         f"{'alive' if self.owner_alive else 'gone'})")
+        if self.load_seconds is not None:
+            lines.append(f"  normal load: {self.load_seconds:.2f} s")
+        if self.fallback:
+            lines.append(f"  NOT SHARED: {self.fallback}")
+        return "\n".join(lines)
+
+
+def weight_bytes_outside(model: nn.Module, region: tuple[int, int] | None) -> int:
+    """Bytes of the distinct storages behind the model's tensors that lie outside `region`."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        if region is not None and region[0] <= ptr and ptr + storage.nbytes() <= region[1]:
+            continue
+        total += storage.nbytes()
+    return total

@@ -1,0 +1,49 @@
+"""The cache settings of one instance, taken from the composed `cache` config group.
+
+Every value comes from conf/; this module only checks them, it supplies no defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    dir: str
+    key: str
+    backend: str  # "auto" or a registered backend name
+    wait_timeout_s: float
+    on_mismatch: str  # "error" | "fallback"
+    on_unsupported: str  # "error" | "fallback"
+    alignment: int
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> "CacheSettings":
+        names = [f.name for f in fields(cls)]
+        unknown, missing = set(m) - set(names), [n for n in names if n not in m]
+        if unknown:
+            raise ConfigError(f"unknown cache keys {sorted(unknown)} (known: {names}).")
+        if missing:
+            raise ConfigError(f"cache config lacks {missing}; add them to conf/cache/.")
+        s = cls(**{n: m[n] for n in names})
+        s._check()
+        return s
+
+    def _check(self) -> None:
+        from .backends import known_backends
+
+        if not isinstance(self.dir, str) or not self.dir:
+            raise ConfigError("cache.dir must be a directory path.")
+        for opt in ("on_mismatch", "on_unsupported"):
+            if getattr(self, opt) not in ("error", "fallback"):
+                raise ConfigError(f"cache.{opt} must be 'error' or 'fallback', got {getattr(self, opt)!r}.")
+        if self.backend != "auto" and self.backend not in known_backends():
+            raise ConfigError(f"unknown cache.backend {self.backend!r}; choose 'auto' or one of {known_backends()}.")
+        if not isinstance(self.wait_timeout_s, (int, float)) or self.wait_timeout_s < 0:
+            raise ConfigError(f"cache.wait_timeout_s must be a number >= 0, got {self.wait_timeout_s!r}.")
+        a = self.alignment
+        if not isinstance(a, int) or a < 256 or a & (a - 1):
+            raise ConfigError(f"cache.alignment must be a power of two >= 256 bytes, got {a!r}.")
