@@ -43,8 +43,11 @@ class Role:
         name = m.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError("role.name must be a non-empty string.")
+        raw_mode = m.get("mode")
+        if raw_mode is False:  # YAML 1.1 reads a bare `off` as false
+            raw_mode = "off"
         try:
-            mode = Mode(m.get("mode"))
+            mode = Mode(raw_mode)
         except ValueError:
             raise ConfigError(f"role {name!r}: unknown mode {m.get('mode')!r}; "
                               f"choose one of {[x.value for x in Mode]}.") from None

@@ -1,0 +1,118 @@
+"""`sharedcache ls` and `sharedcache inspect KEY`: look at the cache directory."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+from .cache import CacheDir, Entry
+from .errors import SharedCacheError
+from .manifest import Manifest, boot_id
+
+
+def _cache_dir(args: argparse.Namespace) -> str:
+    if args.dir:
+        return args.dir
+    from .conf import compose
+
+    return compose(args.overrides)["cache"]["dir"]
+
+
+def entry_state(entry: Entry, manifest: Manifest) -> str:
+    """live: owner running; orphaned: owner gone but the arena remains attachable; stale: not attachable."""
+    if entry.owner_alive():
+        return "live"
+    if manifest.owner.boot_id != boot_id():
+        return "stale"
+    from .backends import get_backend
+
+    try:
+        backend = get_backend(manifest.backend)
+    except SharedCacheError:
+        return "stale"
+    if not backend.survives_owner:
+        return "stale"
+    file = manifest.handle.get("file")
+    return "orphaned" if not file or (entry.dir / file).exists() else "stale"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    root = _cache_dir(args)
+    rows = []
+    for entry in CacheDir(root).entries():
+        if not entry.published():
+            continue
+        try:
+            m = entry.read()
+        except SharedCacheError as e:
+            rows.append((entry.key, "?", "?", "?", "?", "corrupt", str(e)[:60]))
+            continue
+        rows.append((entry.key, m.fingerprint.model, m.backend, f"{m.arena.size / 2**20:.1f} MiB",
+                     str(m.owner.pid), entry_state(entry, m),
+                     dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")))
+    if not rows:
+        print(f"no entries in {root}")
+        return 0
+    header = ("KEY", "MODEL", "BACKEND", "SIZE", "OWNER", "STATE", "CREATED")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    entry = CacheDir(_cache_dir(args)).entry(args.key)
+    m = entry.read()
+    if args.json:
+        print(json.dumps(m.to_json(), indent=2, sort_keys=True))
+        return 0
+    out: list[tuple[str, Any]] = [
+        ("key", m.key), ("state", entry_state(entry, m)),
+        ("owner", f"pid {m.owner.pid} on {m.owner.host}, uid {m.owner.uid}, boot {m.owner.boot_id[:8]}"),
+        ("created", dt.datetime.fromtimestamp(m.created).isoformat(timespec="seconds")),
+        ("backend", f"{m.backend}  handle {m.handle}"), ("device", m.device),
+        ("arena", f"{m.arena.size} bytes (granularity {m.arena.granularity}, alignment {m.arena.alignment}), "
+                  f"payload {m.payload_bytes} bytes"),
+        ("layout digest", m.arena.layout_digest), ("fingerprint", m.fingerprint.digest()),
+    ]
+    out += [(f"  {k}", v) for k, v in m.fingerprint.to_json().items() if k != "weights"]
+    out += [("  weights", f"{name} ({size} bytes)") for name, size, _ in m.fingerprint.weights]
+    out.append(("checksums", "yes" if m.checksums else "no"))
+    width = max(len(k) for k, _ in out)
+    for k, v in out:
+        print(f"{k.ljust(width)}  {v}")
+    shown = m.tensors if args.tensors < 0 else m.tensors[: args.tensors]
+    print(f"\ntensors ({len(m.tensors)}):")
+    print(f"  {'OFFSET':>12}  {'BYTES':>10}  {'DTYPE':<9} {'SHAPE':<16} NAME")
+    for t in shown:
+        alias = f"  -> {t.alias_of}" if t.alias_of else ""
+        kind = "" if t.kind == "param" else (" [buffer]" if t.persistent else " [buffer, non-persistent]")
+        print(f"  {t.offset:>12}  {t.nbytes:>10}  {t.dtype:<9} {str(list(t.shape)):<16} {t.name}{kind}{alias}")
+    if len(shown) < len(m.tensors):
+        print(f"  ... {len(m.tensors) - len(shown)} more (--tensors -1 shows all)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sharedcache", description="Inspect the shared weight cache.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("ls", "list cache entries"), ("inspect", "print one entry's manifest")):
+        sp = sub.add_parser(name, help=help_)
+        if name == "inspect":
+            sp.add_argument("key")
+            sp.add_argument("--tensors", type=int, default=20, help="how many tensors to list (-1: all)")
+            sp.add_argument("--json", action="store_true", help="print the raw manifest")
+        sp.add_argument("--dir", help="cache directory (default: cache.dir of the composed conf/)")
+        sp.add_argument("overrides", nargs="*", default=[], help="Hydra overrides, e.g. cache=... model=tiny")
+    args = p.parse_args(argv)
+    try:
+        return {"ls": cmd_ls, "inspect": cmd_inspect}[args.cmd](args)
+    except SharedCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

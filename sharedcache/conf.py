@@ -1,0 +1,37 @@
+"""Hydra/OmegaConf glue shared by launch.py and the CLI (imports omegaconf lazily)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+
+def conf_dir() -> Path:
+    """The project's conf/ (next to the package in a source or editable install)."""
+    return Path(os.environ.get("SHAREDCACHE_CONF", Path(__file__).resolve().parents[1] / "conf"))
+
+
+def entry_key(path: str | None, name: str) -> str:
+    """Cache key for a model: its directory's basename when a path is given, else its name."""
+    raw = os.path.basename(os.path.normpath(path)) if path else name
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw).lstrip(".-_")[:128] or "model"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("sc.key"):
+        OmegaConf.register_new_resolver("sc.key", entry_key)
+
+
+def compose(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The composed config as plain data, outside of @hydra.main (CLI, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    return OmegaConf.to_container(cfg, resolve=True)
