@@ -1,0 +1,99 @@
+"""Attach (or load) a model in a fresh process and report, from this process's own view, where its
+tensors live (/proc/self/maps) and how much anonymous memory it grew (/proc/self/smaps_rollup).
+
+    python tests/probe.py --role decode --cache-dir D --model default --home H [--wait-stdin]
+
+With --wait-stdin it prints {"attached": true} after binding and waits for a line on stdin
+before generating (so a test can kill the owner in between). The last stdout line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def anonymous_kb() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1])
+    raise RuntimeError("no Anonymous line in smaps_rollup")
+
+
+def file_mappings(fragment: str) -> list[tuple[int, int, str]]:
+    """(start, end, path) of every mapping whose path contains `fragment`."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and fragment in parts[5]:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[5]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--role", required=True)
+    ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--model", required=True, help="model config group (embedded model)")
+    ap.add_argument("--home", required=True, help="where the tests generated the embedded models")
+    ap.add_argument("--override", action="append", default=[])
+    ap.add_argument("--wait-stdin", action="store_true")
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from integrations import hf
+    from sharedcache import CacheSettings, Role
+    from sharedcache.conf import compose
+
+    cfg = compose([f"role={a.role}", f"cache.dir={a.cache_dir}", f"model={a.model}",
+                   f"model.embedded.dir={a.home}/models/{a.model}", *a.override])
+    path = cfg["model"]["embedded"]["dir"]
+    role = Role.from_mapping({k: v for k, v in cfg["role"].items() if k != "hold"})
+    settings = CacheSettings.from_mapping(cfg["cache"])
+    import transformers.generation  # noqa: F401 - imported before measuring: code is not weights
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    tok = AutoTokenizer.from_pretrained(path)
+    inputs = tok(cfg["prompt"], return_tensors="pt")
+    anon_before = anonymous_kb()
+    with hf.patched(role=role, cache=settings):
+        model = AutoModelForCausalLM.from_pretrained(path)
+    report = hf.instance_of(model).report
+    maps = file_mappings(str(Path(a.cache_dir).resolve()))
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    outside = [n for n, t in tensors
+               if not any(s <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= e for s, e, _ in maps)]
+    if a.wait_stdin:
+        print(json.dumps({"attached": True}), flush=True)
+        sys.stdin.readline()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=cfg["max_new_tokens"], do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+    anon_after = anonymous_kb()
+    print(json.dumps({
+        "report": report.to_json(),
+        "tensor_count": len(tensors),
+        "outside_mapping": outside,
+        "mapped_files": sorted({p for _, _, p in maps}),
+        "checkpoint_mapped": bool(file_mappings(".safetensors")),
+        "anon_growth_bytes": (anon_after - anon_before) * 1024,
+        "model_bytes": sum(t.numel() * t.element_size() for t in {id(t): t for _, t in tensors}.values()),
+        "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+        "any_requires_grad": any(t.requires_grad for _, t in tensors),
+        "training": model.training,
+        "any_meta": any(t.device.type == "meta" for _, t in tensors),
+        "logits_sha256": hashlib.sha256(logits.float().numpy().tobytes()).hexdigest(),
+        "tokens": tokens[0, inputs["input_ids"].shape[1]:].tolist(),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
