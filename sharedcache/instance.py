@@ -124,13 +124,14 @@ class Instance:
         except BaseException:
             self._abandon(s)
             raise
-        model = self.source.finish(s.model, attached=mode.attaches and fallback is None)
+        result = self.source.finish(s.model, attached=mode.attaches and fallback is None)
+        model = module_of(result)
         self.report = self._report(s, model, fallback, time.perf_counter() - start)
         if s.published:
             self._finalizer = weakref.finalize(model, _unpublish, s.entry, s.manifest, s.arena, s.claim_fd)
         elif s.claim_fd is not None:
             os.close(s.claim_fd)
-        return model
+        return result
 
     def close(self) -> None:
         """Unpublish (owner). Attached instances keep their mappings and keep working."""
@@ -208,6 +209,15 @@ class Instance:
             fallback=fallback,
             layout_digest=s.manifest.arena.layout_digest if s.manifest else None,
         )
+
+
+def module_of(result: Any) -> nn.Module:
+    """The model inside what a framework's load returned (some return (model, info) tuples)."""
+    if isinstance(result, nn.Module):
+        return result
+    if isinstance(result, tuple) and result and isinstance(result[0], nn.Module):
+        return result[0]
+    raise TypeError(f"the load returned {type(result).__name__}, not a torch module")
 
 
 def _compatible_live(entry: Entry, fp: Fingerprint) -> bool:

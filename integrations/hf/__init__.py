@@ -63,7 +63,7 @@ def _from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
     original = _installed["original"].__func__
     if _depth.get() > 0:
         return original(cls, pretrained_model_name_or_path, *args, **kwargs)
-    from sharedcache.instance import Instance
+    from sharedcache.instance import Instance, module_of
 
     from .source import HFSource
 
@@ -71,8 +71,8 @@ def _from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
     try:
         source = HFSource(cls, original, pretrained_model_name_or_path, args, kwargs)
         instance = Instance(_installed["role"], _installed["cache"], source)
-        model = instance.run()
+        result = instance.run()
     finally:
         _depth.reset(token)
-    _instances[model] = instance
-    return model
+    _instances[module_of(result)] = instance
+    return result

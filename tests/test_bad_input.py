@@ -1,0 +1,160 @@
+"""Broken entries and mismatched models: a clear error, no partially bound model, nothing left mapped."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import copy_entry, from_pretrained, mappings_of
+from integrations import hf
+from sharedcache import ArenaError, AttachTimeout, BindError, FingerprintMismatch, ManifestError
+
+
+@pytest.fixture(scope="module")
+def published(models, tmp_path_factory):
+    """The tiny model published by a real save in this process (key 'k'); the owner stays alive."""
+    src = tmp_path_factory.mktemp("published")
+    os.chmod(src, 0o700)
+    model = from_pretrained("prefill", src, models["tiny"])
+    yield src, model
+    hf.instance_of(model).close()
+
+
+def _entry(published, cache_dir, mutate_manifest=None, mutate_arena=None):
+    src, _ = published
+    dst = copy_entry(src, "k", cache_dir)
+    if mutate_manifest is not None:
+        path = dst / "manifest.json"
+        data = json.loads(path.read_text())
+        out = mutate_manifest(data)
+        path.write_bytes(out if isinstance(out, bytes) else json.dumps(data).encode())
+    if mutate_arena is not None:
+        mutate_arena(next(dst.glob("arena-*")))
+    return dst
+
+
+def _attach_fails(cache_dir, model_path, exc, *patterns, overrides=(), **kwargs):
+    before = len(hf._instances)
+    manifest = cache_dir / "k" / "manifest.json"
+    snapshot = manifest.read_bytes() if manifest.exists() else None
+    with pytest.raises(exc) as info:
+        from_pretrained("decode", cache_dir, model_path, "cache.wait_timeout_s=0.5", *overrides, **kwargs)
+    msg = str(info.value)
+    del info  # the traceback holds the frames; drop it so the mapping can go
+    for p in patterns:
+        assert p in msg, msg
+    assert len(hf._instances) == before, "no model may come out of a failed attach"
+    assert (manifest.read_bytes() if manifest.exists() else None) == snapshot, "a failed attach changes nothing"
+    assert mappings_of(cache_dir) == [], "a failed attach must not leave the arena mapped"
+    return msg
+
+
+def test_copy_of_a_good_entry_attaches(published, cache_dir, models):
+    _entry(published, cache_dir)
+    model = from_pretrained("decode", cache_dir, models["tiny"])
+    rep = hf.instance_of(model).report
+    assert rep.mode == "load" and rep.owner_alive is False and rep.weight_bytes_allocated == 0
+    owner = published[1]
+    ids = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, owner(ids).logits)
+    del model, owner, rep
+    assert mappings_of(cache_dir) == [], "the mapping goes when the last view goes"
+
+
+def test_manifest_missing_times_out(published, cache_dir, models):
+    dst = _entry(published, cache_dir)
+    (dst / "manifest.json").unlink()
+    _attach_fails(cache_dir, models["tiny"], AttachTimeout, "manifest.json", "no owner published it")
+
+
+def test_manifest_truncated(published, cache_dir, models):
+    _entry(published, cache_dir, lambda d: json.dumps(d).encode()[:500])
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "not valid JSON", "truncated")
+
+
+def test_manifest_not_json(published, cache_dir, models):
+    _entry(published, cache_dir, lambda d: b"\x00\xff this is no manifest")
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "not valid JSON")
+
+
+def test_manifest_unknown_schema_version(published, cache_dir, models):
+    _entry(published, cache_dir, lambda d: d.update(schema=99))
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "schema version 99 is not supported")
+
+
+def test_offset_out_of_bounds(published, cache_dir, models):
+    def mutate(d):
+        d["tensors"][0]["offset"] = d["arena"]["size"]
+    _entry(published, cache_dir, mutate)
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "lie outside", "model.embed_tokens.weight")
+
+
+def test_unknown_dtype(published, cache_dir, models):
+    _entry(published, cache_dir, lambda d: d["tensors"][1].update(dtype="complex32"))
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "dtype 'complex32' is not one of")
+
+
+def test_alias_to_missing_tensor(published, cache_dir, models):
+    def mutate(d):
+        tied = next(t for t in d["tensors"] if t["alias_of"])
+        tied["alias_of"] = "model.no_such.weight"
+    _entry(published, cache_dir, mutate)
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "alias_of 'model.no_such.weight' names no earlier")
+
+
+def test_edited_tensor_table_fails_the_layout_digest(published, cache_dir, models):
+    def mutate(d):  # a consistent-looking edit: swap two same-size tensors' offsets
+        a, b = (t for t in d["tensors"] if t["name"].endswith("input_layernorm.weight"))
+        a["offset"], b["offset"] = b["offset"], a["offset"]
+    _entry(published, cache_dir, mutate)
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "layout_digest does not match")
+
+
+def test_arena_file_shorter_than_manifest(published, cache_dir, models):
+    _entry(published, cache_dir, mutate_arena=lambda p: os.truncate(p, p.stat().st_size // 2))
+    _attach_fails(cache_dir, models["tiny"], ArenaError, "truncated", "manifest says")
+
+
+def test_arena_file_missing(published, cache_dir, models):
+    _entry(published, cache_dir, mutate_arena=lambda p: p.unlink())
+    _attach_fails(cache_dir, models["tiny"], ArenaError, "is gone", "Start the prefill")
+
+
+def test_fingerprint_mismatch_other_model_names_fields(published, cache_dir, models):
+    _entry(published, cache_dir)
+    msg = _attach_fails(cache_dir, models["default"], FingerprintMismatch, "model", "config_sha256", "weights")
+    assert "dtype" not in msg.split("differing fields:")[1].split(")")[0]
+
+
+def test_fingerprint_mismatch_other_dtype_names_dtype(published, cache_dir, models):
+    _entry(published, cache_dir)
+    msg = _attach_fails(cache_dir, models["tiny"], FingerprintMismatch, "differing fields: dtype)",
+                        dtype="bfloat16")
+    assert "ours='bfloat16' published='float32'" in msg
+
+
+def test_fingerprint_mismatch_with_fallback_loads_normally(published, cache_dir, models):
+    _entry(published, cache_dir)
+    model = from_pretrained("decode", cache_dir, models["tiny"], "cache.on_mismatch=fallback", dtype="bfloat16")
+    rep = hf.instance_of(model).report
+    assert rep.fallback and "dtype" in rep.fallback
+    assert rep.weight_bytes_allocated > 0 and rep.tensors == 0
+    assert model.dtype == torch.bfloat16
+    assert mappings_of(cache_dir) == []
+    plain = from_pretrained("plain", cache_dir, models["tiny"], dtype="bfloat16")
+    ids = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_skeleton_and_entry_disagree_on_a_shape(published, cache_dir, models, tmp_path):
+    """Same fingerprint fields cannot catch a config edited in place; binding checks every shape."""
+    _entry(published, cache_dir)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(models["tiny"])
+    cfg.intermediate_size = 96  # the decode's skeleton now expects other MLP shapes
+    _attach_fails(cache_dir, models["tiny"], BindError, "mlp", "model expects", config=cfg)

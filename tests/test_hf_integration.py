@@ -1,0 +1,90 @@
+"""The transformers adapter: patching, concrete classes, tied weights, unsupported requests."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedModel
+
+from helpers import from_pretrained, mappings_of
+from integrations import hf
+from sharedcache import UnsupportedModel
+
+
+@pytest.fixture
+def owner(models, cache_dir):
+    model = from_pretrained("prefill", cache_dir, models["tiny"], "role.phases=[intercept,align,verify,serialize]")
+    yield model
+    hf.instance_of(model).close()
+
+
+def test_install_uninstall_restores_from_pretrained(cache_dir, models):
+    original = PreTrainedModel.__dict__["from_pretrained"]
+    from_pretrained("plain", cache_dir, models["tiny"])
+    assert PreTrainedModel.__dict__["from_pretrained"] is original
+
+
+def test_owner_is_rebound_into_its_arena(owner, cache_dir):
+    rep = hf.instance_of(owner).report
+    assert rep.mode == "save" and rep.weight_bytes_allocated == rep.arena_bytes
+    assert owner.lm_head.weight is owner.model.embed_tokens.weight
+    maps = mappings_of(cache_dir)
+    start, end = (int(x, 16) for x in maps[0].split()[0].split("-"))
+    for name, t in list(owner.named_parameters()) + list(owner.named_buffers()):
+        assert start <= t.data_ptr() < end, name
+
+
+def test_concrete_class_attach_with_verify(owner, cache_dir, models):
+    model = from_pretrained("decode", cache_dir, models["tiny"], "role.phases=[intercept,serialize,align,verify]",
+                            cls=LlamaForCausalLM)
+    assert isinstance(model, LlamaForCausalLM)
+    rep = hf.instance_of(model).report
+    assert [p["name"] for p in rep.phases] == ["intercept", "serialize", "align", "verify"]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inv = model.model.rotary_emb.inv_freq
+    assert inv.data_ptr() != owner.model.rotary_emb.inv_freq.data_ptr()  # own mapping, same bytes
+    assert torch.equal(inv, owner.model.rotary_emb.inv_freq)
+    assert model.generation_config.eos_token_id == owner.generation_config.eos_token_id
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    ids = torch.tensor([[1, 70, 71, 72, 73]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, owner(ids).logits)
+
+
+def test_verify_catches_bytes_changed_after_publishing(owner, cache_dir, models):
+    from sharedcache import ArenaError
+
+    with torch.no_grad():
+        owner.model.norm.weight.add_(1.0)  # the owner scribbles over a published tensor
+    with pytest.raises(ArenaError, match="differ from the published checksums"):
+        from_pretrained("decode", cache_dir, models["tiny"], "role.phases=[intercept,serialize,align,verify]")
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"device_map": {"model": "cpu", "lm_head": "disk"}}, "several devices or offloads"),
+    ({"quantization_config": {"load_in_4bit": True, "quant_method": "bitsandbytes"}}, "bitsandbytes"),
+    ({"offload_folder": "/tmp/x"}, "offload"),
+])
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_unsupported_requests_fail_before_anything_loads(role, kwargs, words, cache_dir, models):
+    with pytest.raises(UnsupportedModel, match=words):
+        from_pretrained(role, cache_dir, models["tiny"], **kwargs)
+    assert not list(cache_dir.glob("*/manifest.json")) and mappings_of(cache_dir) == []
+
+
+def test_peft_adapter_dir_is_refused(cache_dir, models, tmp_path):
+    import shutil
+
+    peft = tmp_path / "peft"
+    shutil.copytree(models["tiny"], peft)
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(UnsupportedModel, match="PEFT"):
+        from_pretrained("decode", cache_dir, peft)
+
+
+def test_unsupported_with_fallback_takes_the_normal_path(cache_dir, models):
+    model, info = from_pretrained("prefill", cache_dir, models["tiny"], "cache.on_unsupported=fallback",
+                                  output_loading_info=True)
+    rep = hf.instance_of(model).report
+    assert rep.fallback and "output_loading_info" in rep.fallback and rep.mode == "off"
+    assert isinstance(info, dict) and "missing_keys" in info
+    assert not list(cache_dir.glob("*/manifest.json")), "a fallback publishes nothing"
