@@ -26,13 +26,13 @@ def entry_state(entry: Entry, manifest: Manifest) -> str:
         return "live"
     if manifest.owner.boot_id != boot_id():
         return "stale"
-    from .backends import get_backend
+    from .backends import backend_class
 
     try:
-        backend = get_backend(manifest.backend)
+        backend = backend_class(manifest.backend)
     except SharedCacheError:
         return "stale"
-    if not backend.survives_owner:
+    if backend.attach_needs_owner:
         return "stale"
     file = manifest.handle.get("file")
     return "orphaned" if not file or (entry.dir / file).exists() else "stale"

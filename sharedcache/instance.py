@@ -91,6 +91,7 @@ class Instance:
     def __init__(self, role: Role, settings: CacheSettings, source: ModelSource) -> None:
         self.role, self.settings, self.source = role, settings, source
         self.report: Report | None = None
+        self.arena_region: tuple[int, int] | None = None  # address range of the arena this model views
         self._finalizer: weakref.finalize | None = None
 
     # ---------------------------------------------------------------- public
@@ -127,6 +128,8 @@ class Instance:
         result = self.source.finish(s.model, attached=mode.attaches and fallback is None)
         model = module_of(result)
         self.report = self._report(s, model, fallback, time.perf_counter() - start)
+        if s.arena is not None and fallback is None:
+            self.arena_region = s.arena.region()
         if s.published:
             self._finalizer = weakref.finalize(model, _unpublish, s.entry, s.manifest, s.arena, s.claim_fd)
         elif s.claim_fd is not None:
@@ -260,7 +263,7 @@ def intercept_save(s: InstanceState) -> None:
             raise _Fallback(str(e)) from e
         raise
     device = s.refs[0].get().device if s.refs else torch.device("cpu")
-    s.backend = backends.resolve(s.settings.backend, device)
+    s.backend = backends.resolve(s.settings.backend, device, s.settings)
     s.fingerprint = s.source.fingerprint(s.model)
 
 
@@ -274,8 +277,10 @@ def align_save(s: InstanceState) -> None:
         by_root.setdefault(specs[ref.name].alias_of or ref.name, []).append(ref)
     # tensor by tensor: copy, rebind every ref of it, let the original go - peak stays near one copy
     for root, refs in by_root.items():
+        spec = specs[root]
+        s.arena.commit(spec.offset + spec.nbytes)
         src = refs[0].get()
-        view = view_of(s.arena.base, specs[root])
+        view = view_of(s.arena.base, spec)
         view.copy_(src)
         grad = src.requires_grad
         del src
@@ -283,6 +288,7 @@ def align_save(s: InstanceState) -> None:
 
 
 def serialize_save(s: InstanceState) -> None:
+    s.arena.sync()  # every byte lands before anyone can attach
     manifest = Manifest(
         key=s.settings.key, fingerprint=s.fingerprint, owner=Owner.current(), backend=s.backend.name,
         handle=s.arena.handle, device=s.arena.device,
@@ -343,11 +349,14 @@ def serialize_load(s: InstanceState) -> None:
         raise ConfigError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, "
                           f"but cache.backend={s.settings.backend!r}.",
                           hint="Use the same cache.backend on both sides, or 'auto'.")
-    backend = backends.get_backend(manifest.backend)
+    backend = backends.get_backend(manifest.backend, s.settings)
     s.owner_alive = s.entry.owner_alive()
-    if not s.owner_alive and not backend.survives_owner:
+    if not s.owner_alive and backend.attach_needs_owner:
+        why = ("its memory died with it" if not backend.survives_owner
+               else "only a live owner can hand over its memory handles")
         raise ArenaError(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
-                         f"backend {backend.name} does not outlive it.", hint="Start the prefill again.")
+                         f"backend {backend.name} cannot attach without it: {why}.",
+                         hint="Start the prefill again, then attach.")
     if not s.owner_alive:
         log.warning("[%s] owner pid %d of %s is gone; attaching to the arena it left", s.role.name,
                     manifest.owner.pid, s.settings.key)

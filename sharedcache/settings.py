@@ -19,6 +19,8 @@ class CacheSettings:
     on_mismatch: str  # "error" | "fallback"
     on_unsupported: str  # "error" | "fallback"
     alignment: int
+    vmm_chunk_mib: int  # cuda_vmm: physical chunk size; bounds the save's extra peak memory
+    handle_timeout_s: float  # how long an attacher waits for the owner to hand over its handles
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "CacheSettings":
@@ -44,6 +46,10 @@ class CacheSettings:
             raise ConfigError(f"unknown cache.backend {self.backend!r}; choose 'auto' or one of {known_backends()}.")
         if not isinstance(self.wait_timeout_s, (int, float)) or self.wait_timeout_s < 0:
             raise ConfigError(f"cache.wait_timeout_s must be a number >= 0, got {self.wait_timeout_s!r}.")
+        if not isinstance(self.vmm_chunk_mib, int) or self.vmm_chunk_mib < 2:
+            raise ConfigError(f"cache.vmm_chunk_mib must be an integer >= 2, got {self.vmm_chunk_mib!r}.")
+        if not isinstance(self.handle_timeout_s, (int, float)) or self.handle_timeout_s <= 0:
+            raise ConfigError(f"cache.handle_timeout_s must be a number > 0, got {self.handle_timeout_s!r}.")
         a = self.alignment
         if not isinstance(a, int) or a < 256 or a & (a - 1):
             raise ConfigError(f"cache.alignment must be a power of two >= 256 bytes, got {a!r}.")

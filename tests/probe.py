@@ -52,7 +52,7 @@ def main() -> None:
     from sharedcache import CacheSettings, Role
     from sharedcache.conf import compose
 
-    cfg = compose([f"role={a.role}", f"cache.dir={a.cache_dir}", f"model={a.model}",
+    cfg = compose([f"role={'plain' if a.role == 'bare' else a.role}", f"cache.dir={a.cache_dir}", f"model={a.model}",
                    f"model.embedded.dir={a.home}/models/{a.model}", *a.override])
     path = cfg["model"]["embedded"]["dir"]
     role = Role.from_mapping({k: v for k, v in cfg["role"].items() if k != "hold"})
@@ -61,16 +61,32 @@ def main() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     tok = AutoTokenizer.from_pretrained(path)
-    inputs = tok(cfg["prompt"], return_tensors="pt")
+    engine = cfg["engine"]
+    kwargs = {k: engine[k] for k in ("dtype", "device_map") if engine[k] is not None}
+    device = torch.device(engine["device_map"] or "cpu")
+    inputs = tok(cfg["prompt"], return_tensors="pt").to(device)
+    if a.role == "bare":  # the baseline: same imports, CUDA context and cuBLAS, no model
+        (torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum().item()
+        if a.wait_stdin:
+            print(json.dumps({"attached": True}), flush=True)
+            sys.stdin.readline()
+        print(json.dumps({"bare": True}))
+        return
     anon_before = anonymous_kb()
     with hf.patched(role=role, cache=settings):
-        model = AutoModelForCausalLM.from_pretrained(path)
-    report = hf.instance_of(model).report
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    instance = hf.instance_of(model)
+    report = instance.report
     maps = file_mappings(str(Path(a.cache_dir).resolve()))
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     outside = [n for n, t in tensors
                if not any(s <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= e for s, e, _ in maps)]
+    region = instance.arena_region
+    outside_region = [n for n, t in tensors if region is None or
+                      not region[0] <= t.data_ptr() <= t.data_ptr() + t.numel() * t.element_size() <= region[1]]
     if a.wait_stdin:
+        with torch.no_grad():
+            model(**inputs)  # so that activations and cuBLAS are part of what the test measures
         print(json.dumps({"attached": True}), flush=True)
         sys.stdin.readline()
     with torch.no_grad():
@@ -82,6 +98,7 @@ def main() -> None:
         "report": report.to_json(),
         "tensor_count": len(tensors),
         "outside_mapping": outside,
+        "outside_mapping_cuda": outside_region if device.type == "cuda" else None,
         "mapped_files": sorted({p for _, _, p in maps}),
         "checkpoint_mapped": bool(file_mappings(".safetensors")),
         "anon_growth_bytes": (anon_after - anon_before) * 1024,
@@ -90,7 +107,7 @@ def main() -> None:
         "any_requires_grad": any(t.requires_grad for _, t in tensors),
         "training": model.training,
         "any_meta": any(t.device.type == "meta" for _, t in tensors),
-        "logits_sha256": hashlib.sha256(logits.float().numpy().tobytes()).hexdigest(),
+        "logits_sha256": hashlib.sha256(logits.float().cpu().numpy().tobytes()).hexdigest(),
         "tokens": tokens[0, inputs["input_ids"].shape[1]:].tolist(),
     }), flush=True)
 

@@ -143,3 +143,28 @@ def test_attach_never_creates_or_grows_the_arena_file(cache_dir):
 
 def test_cuda_backends_are_not_offered_for_cpu_and_auto_picks_cpu_shm():
     assert resolve("auto", torch.device("cpu")).name == "cpu_shm"
+
+
+def test_cuda_backends_say_why_they_are_unavailable_without_a_gpu():
+    import sys
+
+    from sharedcache import BackendUnavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CUDA backends are available here")
+    for name in ("cuda_vmm", "cuda_ipc"):
+        with pytest.raises(BackendUnavailable) as info:
+            get_backend(name)
+        assert name in str(info.value) and ("cuda-bindings" in str(info.value) or "no CUDA device" in str(info.value))
+    assert "cuda.bindings" not in sys.modules or torch.cuda.is_available()
+
+
+def test_importing_the_core_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys, sharedcache, sharedcache.instance, sharedcache.backends; "
+            "bad = [m for m in ('transformers', 'cuda.bindings', 'hydra', 'omegaconf') if m in sys.modules]; "
+            "print(bad); assert not bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

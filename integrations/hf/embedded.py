@@ -134,7 +134,7 @@ def _fsync_tree(root: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _build_tokenizer(model_max_length: int) -> Any:
+def build_tokenizer(model_max_length: int) -> Any:
     """Byte-level BPE with no merges: one token per byte, so any UTF-8 text round-trips without training."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -165,7 +165,7 @@ def _generate(out: pathlib.Path, spec: EmbeddedSpec, target: pathlib.Path) -> No
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _build_tokenizer(spec.max_position_embeddings)
+    tokenizer = build_tokenizer(spec.max_position_embeddings)
     vocab_size = len(tokenizer)  # every id the model can emit decodes to a byte
     size_mb = _param_count(spec, vocab_size) * _DTYPE_BYTES[spec.dtype] / 1e6
     logger.info("generating embedded model %s (%.0f MB) ...", target, size_mb)

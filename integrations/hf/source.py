@@ -25,7 +25,7 @@ class HFSource:
         self.cls, self.original, self.path, self.args, self.kwargs = cls, original, path, args, dict(kwargs)
         self._config = None
         self._dir: Path | None = None
-        self.device = _single_device(kwargs.get("device_map"))
+        self.device = _normalize(_single_device(kwargs.get("device_map")))
 
     # -------------------------------------------------------------- ModelSource
     def check(self) -> None:
@@ -163,7 +163,15 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def _normalize(device: torch.device | None) -> torch.device | None:
+    """A bare "cuda" means the current device; the fingerprint needs its index."""
+    if device is not None and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _device_id(device: torch.device) -> str:
-    if device.type == "cpu":
-        return "cpu"
-    return str(device)  # CUDA UUIDs arrive with the CUDA backends
+    """Which physical device: the same index can name another GPU in another process."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_properties(device.index).uuid}"
+    return device.type

@@ -9,7 +9,7 @@ import torch
 from ..errors import BackendUnavailable, ConfigError
 
 _REGISTRY: dict[str, type] = {}
-_MODULES = {"cpu_shm": "cpu_shm"}  # backend name -> module that registers it
+_MODULES = {"cpu_shm": "cpu_shm", "cuda_vmm": "cuda_vmm", "cuda_ipc": "cuda_ipc"}  # name -> module
 
 
 def register_backend(cls: type) -> type:
@@ -21,24 +21,37 @@ def known_backends() -> list[str]:
     return sorted(_MODULES)
 
 
-def get_backend(name: str):
+def backend_class(name: str) -> type:
     if name not in _MODULES:
         raise ConfigError(f"unknown cache.backend {name!r}; choose 'auto' or one of {known_backends()}.")
     if name not in _REGISTRY:
         importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def get_backend(name: str, settings=None):
+    cls = backend_class(name)
     reason = cls.unavailable_reason()
     if reason:
-        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}")
-    return cls()
+        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}",
+                                 hint="Pick another cache.backend (or 'auto').")
+    return cls(settings)
 
 
-def resolve(name: str, device: torch.device):
-    """`auto` picks by the model's device; a named backend must suit it."""
+def resolve(name: str, device: torch.device, settings=None):
+    """`auto`: cpu_shm for CPU models; cuda_vmm for CUDA models where the driver supports it,
+    else cuda_ipc. A named backend must suit the device."""
     if name == "auto":
         if device.type == "cpu":
-            return get_backend("cpu_shm")
-        raise BackendUnavailable(f"no memory backend of this build holds tensors on {device} "
-                                 f"(available: {known_backends()}).",
-                                 hint="Load the model on the CPU, or set cache mode off for this device.")
-    return get_backend(name)
+            return get_backend("cpu_shm", settings)
+        if device.type == "cuda":
+            vmm_reason = backend_class("cuda_vmm").unavailable_reason()
+            return get_backend("cuda_vmm" if vmm_reason is None else "cuda_ipc", settings)
+        raise BackendUnavailable(f"no memory backend holds tensors on {device} (available: {known_backends()}).",
+                                 hint="Load the model on the CPU or a CUDA device, or set the role's mode to off.")
+    backend = get_backend(name, settings)
+    wanted = "cpu" if name == "cpu_shm" else "cuda"
+    if device.type != wanted:
+        raise ConfigError(f"cache.backend={name} holds {wanted} tensors, but the model is on {device}.",
+                          hint="Use cache.backend=auto.")
+    return backend

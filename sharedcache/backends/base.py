@@ -8,11 +8,14 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
 from ..manifest import Manifest
+
+if TYPE_CHECKING:
+    from ..settings import CacheSettings
 
 
 @dataclass
@@ -25,6 +28,8 @@ class Arena:
     device: dict[str, Any]
     owned: bool
     _release: Callable[[], None] | None = field(default=None, repr=False)
+    _commit: Callable[[int], None] | None = field(default=None, repr=False)
+    _sync: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -33,6 +38,17 @@ class Arena:
     def region(self) -> tuple[int, int]:
         start = self.base.data_ptr()
         return start, start + self.size
+
+    def commit(self, upto: int) -> None:
+        """Owner: make bytes [0, upto) writable. Backends that back the arena lazily (cuda_vmm maps
+        physical chunks as the originals are freed) do the work here; others have nothing to do."""
+        if self._commit is not None:
+            self._commit(upto)
+
+    def sync(self) -> None:
+        """Owner: wait until every write into the arena has landed, before publishing it."""
+        if self._sync is not None:
+            self._sync()
 
     def release(self) -> None:
         """Drop this process's claim on the backing memory (owner: unpublish it). Views stay valid."""
@@ -43,7 +59,11 @@ class Arena:
 
 class Backend(abc.ABC):
     name: ClassVar[str]
-    survives_owner: ClassVar[bool]
+    survives_owner: ClassVar[bool]  # do attached instances keep working after the owner dies?
+    attach_needs_owner: ClassVar[bool]  # can a new instance attach only while the owner lives?
+
+    def __init__(self, settings: "CacheSettings | None" = None) -> None:
+        self.settings = settings  # None: attach/discard only, never create
 
     @classmethod
     @abc.abstractmethod

@@ -25,6 +25,7 @@ _FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.bin$")
 class CpuShmBackend(Backend):
     name = "cpu_shm"
     survives_owner = True  # the file outlives its creator until unlinked
+    attach_needs_owner = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

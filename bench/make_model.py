@@ -1,0 +1,61 @@
+"""Generate a Llama-3-8B-shaped checkpoint with random bf16 weights on the GPU (no download).
+
+    python bench/make_model.py --out /tmp/llama8b [--layers 32]
+
+Weights are drawn on the GPU (seeded), saved as safetensors shards with the project's
+byte-level tokenizer. A `.complete` marker makes a second call a no-op.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    a = ap.parse_args()
+    out = Path(a.out)
+    spec = {"layers": a.layers, "shape": "llama-3-8b", "dtype": "bfloat16", "seed": 0}
+    marker = out / ".complete"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        print(f"{out} already complete")
+        return
+
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from integrations.hf.embedded import build_tokenizer
+
+    t0 = time.perf_counter()
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for _, p in sorted(model.named_parameters()):
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    torch.cuda.synchronize()
+    print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params in {time.perf_counter() - t0:.1f}s")
+    model.save_pretrained(out, max_shard_size="5GB")
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=False).save_pretrained(out)
+    build_tokenizer(8192).save_pretrained(out)
+    marker.write_text(json.dumps(spec))
+    print(f"saved {out} in {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

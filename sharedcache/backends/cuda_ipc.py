@@ -1,0 +1,56 @@
+"""cuda_ipc (fallback): one cuMemAlloc allocation shared through a legacy CUDA IPC handle
+(hex in the manifest). The memory belongs to the owner: importers must not outlive it,
+so a dead owner's entry is refused."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import ArenaError
+from ..manifest import Manifest
+from . import cuda_driver as cu
+from . import register_backend
+from .base import Arena, Backend
+from .cuda_vmm import _local_index, _quietly, cuda_index, device_record
+
+_HEX = re.compile(r"^[0-9a-f]{128}$")
+
+
+@register_backend
+class CudaIpcBackend(Backend):
+    name = "cuda_ipc"
+    survives_owner = False  # the owner's cuMemFree (or death) frees it under the importers
+    attach_needs_owner = True
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return cu.unavailable_reason()
+
+    def granularity(self, device: torch.device) -> int:
+        return cu.granularity(cuda_index(device))
+
+    def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
+        index = cuda_index(device)
+        cu.use_device(index)
+        ptr = cu.mem_alloc(size)
+        try:
+            raw = cu.ipc_handle(ptr)
+        except BaseException:
+            cu.mem_free(ptr)
+            raise
+        rng = cu.DeviceRange(ptr, size, index, on_release=lambda: _quietly(cu.mem_free, ptr))
+        return Arena(rng.as_tensor(), {"ipc": raw.hex()}, device_record(index), owned=True,
+                     _sync=lambda: torch.cuda.synchronize(index))
+
+    def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
+        h = manifest.handle
+        if set(h) != {"ipc"} or not isinstance(h["ipc"], str) or not _HEX.match(h["ipc"]):
+            raise ArenaError(f"manifest handle {h!r} is not a 64-byte CUDA IPC handle in hex.",
+                             hint="Remove the entry and re-publish it.")
+        index = _local_index(manifest)
+        cu.use_device(index)
+        ptr = cu.ipc_open(bytes.fromhex(h["ipc"]))
+        rng = cu.DeviceRange(ptr, manifest.arena.size, index, on_release=lambda: _quietly(cu.ipc_close, ptr))
+        return Arena(rng.as_tensor(), dict(h), device_record(index), owned=False)

@@ -1,0 +1,210 @@
+"""cuda_vmm: the arena is CUDA VMM physical memory (cuMemCreate, POSIX fd handles) mapped
+into one reserved virtual range. The owner serves the fds over a Unix socket; an
+attacher imports and maps them. Imported memory outlives the owner: it is freed only
+when the last process unmaps it.
+
+Save path: the virtual range is reserved at once, but physical chunks are created and
+mapped only as the packing reaches them, after the originals already moved have been
+given back to the driver, so the save's peak stays near one copy of the model."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ArenaError
+from ..layout import align_up
+from ..manifest import Manifest
+from . import cuda_driver as cu
+from . import register_backend
+from .base import Arena, Backend
+from .fdpass import FdServer, receive_fds
+
+log = logging.getLogger(__name__)
+_SOCKET = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.sock$")
+_HANDLE_KEYS = {"socket", "chunks", "chunk_bytes"}
+
+
+def device_record(index: int) -> dict:
+    return {"type": "cuda", "index": index, "uuid": cu.device_uuid(index)}
+
+
+def cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@dataclass
+class _OwnerChunks:
+    """The owner's side of a VMM arena: what is mapped so far and the fds that export it."""
+
+    ptr: int
+    size: int
+    index: int
+    chunk: int
+    handle: dict
+    sizes: list[int] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def mapped(self) -> int:
+        return sum(self.sizes)
+
+    def commit(self, upto: int) -> None:
+        while self.mapped < min(upto, self.size):
+            size = min(self.chunk, self.size - self.mapped)
+            torch.cuda.empty_cache()  # hand the originals already moved back to the driver first
+            handle = cu.mem_create(size, self.index)
+            try:
+                cu.mem_map(self.ptr + self.mapped, size, handle)
+                try:
+                    cu.set_access(self.ptr + self.mapped, size, self.index)
+                    fd = cu.export_fd(handle)
+                except BaseException:
+                    cu.mem_unmap(self.ptr + self.mapped, size)
+                    raise
+            finally:
+                cu.mem_release(handle)  # the mapping and the exported fd keep the memory alive
+            self.sizes.append(size)
+            self.fds.append(fd)
+            self.handle["chunks"] = len(self.sizes)
+
+    def unmap(self) -> None:
+        offset = 0
+        for size in self.sizes:
+            _quietly(cu.mem_unmap, self.ptr + offset, size)
+            offset += size
+        _quietly(cu.address_free, self.ptr, self.size)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _quietly(fn, *args) -> None:
+    """Releases run from finalizers, possibly at interpreter exit: log, never raise."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - a finalizer must not raise; the failure is logged
+        log.warning("CUDA release %s failed: %s", fn.__name__, e)
+
+
+@register_backend
+class CudaVmmBackend(Backend):
+    name = "cuda_vmm"
+    survives_owner = True
+    attach_needs_owner = True  # the fds come from the owner's socket
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        reason = cu.unavailable_reason()
+        if reason:
+            return reason
+        for attr in ("CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED",
+                     "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED"):
+            if not cu.attribute(torch.cuda.current_device(), attr):
+                return f"the driver reports {attr} = 0 for this GPU."
+        return None
+
+    def granularity(self, device: torch.device) -> int:
+        return cu.granularity(cuda_index(device))
+
+    def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
+        if self.settings is None:
+            raise ArenaError("cuda_vmm.create needs the cache settings.")
+        index = cuda_index(device)
+        cu.use_device(index)
+        gran = cu.granularity(index)
+        if size % gran:
+            raise ArenaError(f"arena size {size} is not a multiple of the granularity {gran}.")
+        chunk = align_up(self.settings.vmm_chunk_mib << 20, gran)
+        name = f"arena-{os.getpid()}-{secrets.token_hex(6)}.sock"
+        handle = {"socket": name, "chunks": 0, "chunk_bytes": chunk}
+        ptr = cu.address_reserve(size, gran)
+        state = _OwnerChunks(ptr, size, index, chunk, handle)
+        rng = cu.DeviceRange(ptr, size, index, on_release=state.unmap)
+        server = FdServer(entry_dir / name, lambda: ({"sizes": list(state.sizes)}, list(state.fds)))
+
+        def release() -> None:
+            server.close()
+            state.close_fds()
+
+        return Arena(rng.as_tensor(), handle, device_record(index), owned=True, _release=release,
+                     _commit=state.commit, _sync=lambda: torch.cuda.synchronize(index))
+
+    def discard(self, entry_dir: Path, manifest: Manifest) -> None:
+        name = manifest.handle.get("socket")
+        if isinstance(name, str) and _SOCKET.match(name):
+            (entry_dir / name).unlink(missing_ok=True)  # a dead owner's socket; its memory went with it
+
+    def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
+        h = manifest.handle
+        if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.match(h["socket"]):
+            raise ArenaError(f"manifest handle {h!r} does not name an owner socket inside the entry.",
+                             hint="Remove the entry and re-publish it.")
+        index = _local_index(manifest)
+        cu.use_device(index)
+        header, fds = receive_fds(entry_dir / h["socket"], self.settings.handle_timeout_s if self.settings else 10)
+        sizes = header.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) != len(fds) or len(fds) != h["chunks"] \
+                or sum(sizes) != manifest.arena.size:
+            for fd in fds:
+                os.close(fd)
+            raise ArenaError(f"the owner sent {len(fds)} chunks of {sizes!r} bytes; the manifest describes "
+                             f"{h['chunks']} chunks, {manifest.arena.size} bytes in all.")
+        return _import(fds, sizes, manifest, index)
+
+
+def _local_index(manifest: Manifest) -> int:
+    uuid = manifest.device.get("uuid")
+    index = cu.device_index_of(uuid) if isinstance(uuid, str) else None
+    if index is None:
+        raise ArenaError(f"entry {manifest.key!r} lives on GPU {uuid!r}, which this process cannot see.",
+                         hint="Attach from a process on the same GPU (check CUDA_VISIBLE_DEVICES).")
+    return index
+
+
+def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) -> Arena:
+    """Import every handle first, then reserve and map; on any failure undo it all."""
+    handles, mapped, ptr = [], 0, None
+    try:
+        for i, fd in enumerate(fds):
+            fds[i] = -1
+            handles.append(cu.import_fd_close_fd(fd))
+        ptr = cu.address_reserve(manifest.arena.size, manifest.arena.granularity)
+        for handle, size in zip(handles, sizes):
+            cu.mem_map(ptr + mapped, size, handle)
+            mapped += size
+        cu.set_access(ptr, manifest.arena.size, index)
+    except BaseException:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        if ptr is not None:
+            offset = 0
+            for size in sizes:
+                if offset >= mapped:
+                    break
+                _quietly(cu.mem_unmap, ptr + offset, size)
+                offset += size
+            _quietly(cu.address_free, ptr, manifest.arena.size)
+        for handle in handles:
+            _quietly(cu.mem_release, handle)
+        raise
+    for handle in handles:
+        cu.mem_release(handle)  # the mapping keeps the memory
+
+    def unmap() -> None:
+        offset = 0
+        for size in sizes:
+            _quietly(cu.mem_unmap, ptr + offset, size)
+            offset += size
+        _quietly(cu.address_free, ptr, manifest.arena.size)
+
+    rng = cu.DeviceRange(ptr, manifest.arena.size, index, on_release=unmap)
+    return Arena(rng.as_tensor(), dict(manifest.handle), device_record(index), owned=False)

@@ -1,0 +1,114 @@
+"""Handing file descriptors to attachers over a Unix socket (SCM_RIGHTS), same uid only.
+
+The owner runs a small server thread on a 0600 socket in the 0700 entry directory;
+each peer's uid is checked with SO_PEERCRED before any fd leaves the process.
+Messages are JSON; fds go in batches below the kernel's per-message limit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ArenaError
+
+log = logging.getLogger(__name__)
+PROTOCOL = 1
+_BATCH = 200  # SCM_MAX_FD is 253
+_MSG = 65536
+
+
+def peer_uid(conn: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return uid
+
+
+def uid_allowed(uid: int) -> bool:
+    """Only the owner's own user may receive its memory."""
+    return uid == os.getuid()
+
+
+class FdServer:
+    def __init__(self, path: Path, payload: Callable[[], tuple[dict[str, Any], list[int]]]) -> None:
+        self.path, self._payload = path, payload
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            self._sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self._thread = threading.Thread(target=self._serve, name=f"sharedcache-fd-{path.name}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                try:
+                    self._answer(conn)
+                except OSError as e:  # a peer that hung up early harms nobody else
+                    log.debug("fd peer went away: %s", e)
+
+    def _answer(self, conn: socket.socket) -> None:
+        uid = peer_uid(conn)
+        if not uid_allowed(uid):
+            log.warning("refused a peer of uid %d on %s", uid, self.path)
+            conn.send(json.dumps({"v": PROTOCOL, "ok": False,
+                                  "error": f"peer uid {uid} is not the owner's uid {os.getuid()}"}).encode())
+            return
+        header, fds = self._payload()
+        batches = [fds[i:i + _BATCH] for i in range(0, len(fds), _BATCH)] or [[]]
+        for i, batch in enumerate(batches):
+            meta = {"v": PROTOCOL, "ok": True, "fds": len(fds), **(header if i == 0 else {})}
+            socket.send_fds(conn, [json.dumps(meta).encode()], batch)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def receive_fds(path: Path, timeout_s: float) -> tuple[dict[str, Any], list[int]]:
+    """Ask the owner at `path` for its fds. The caller owns (and must close) what comes back."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(timeout_s)
+    fds: list[int] = []
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise ArenaError(f"no owner answers at {path} ({e.strerror}); its memory can no longer be imported.",
+                             hint="Start the prefill (or a holder) again, then attach.") from e
+        header: dict[str, Any] | None = None
+        while header is None or len(fds) < header["fds"]:
+            msg, got, _flags, _addr = socket.recv_fds(sock, _MSG, _BATCH)
+            fds.extend(got)
+            if not msg:
+                raise ArenaError(f"the owner at {path} hung up after {len(fds)} handles.")
+            meta = json.loads(msg)
+            if meta.get("v") != PROTOCOL:
+                raise ArenaError(f"the owner at {path} speaks protocol {meta.get('v')!r}, we speak {PROTOCOL}.",
+                                 hint="Run the same sharedcache version on both sides.")
+            if not meta.get("ok"):
+                raise ArenaError(f"the owner at {path} refused us: {meta.get('error')}.")
+            header = header or meta
+        return header, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        sock.close()

@@ -1,0 +1,131 @@
+"""GPU scenarios (pytest -m gpu): every instance is its own process through launch.py or probe.py,
+so no GPU state leaks between tests."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.gpu
+CUDA = ("engine.device_map=cuda",)
+
+
+def gpu_used_mib() -> int:
+    """Device-wide used memory from nvidia-smi: this test process holds no CUDA context."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+def hold_probe(*args: str) -> subprocess.Popen:
+    """probe.py that stops after attaching (or after its bare start) until told to go on."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "probe.py"), *args, "--wait-stdin"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(proc.stderr.read())
+    assert json.loads(line)["attached"] is True
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate("go\n", timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", ["cuda_vmm", "cuda_ipc"])
+def test_two_processes_on_one_gpu_bit_identical(launcher, backend):
+    prefill = launcher.start("prefill", *CUDA, f"cache.backend={backend}", model="default")
+    pre = prefill.wait_report()
+    dec = launcher.run("decode", *CUDA, model="default")
+    assert dec.popen.returncode == 0, dec.output()
+    plain = launcher.run("plain", *CUDA, model="default")
+    d, p = dec.report(), plain.report()
+    assert pre["backend"] == d["backend"] == backend
+    assert d["logits_sha256"] == pre["logits_sha256"] == p["logits_sha256"]
+    assert d["generated_tokens"] == pre["generated_tokens"] == p["generated_tokens"]
+    assert d["weight_bytes_allocated"] == 0 and d["tensors"] == pre["tensors"]
+    assert prefill.stop() == 0
+
+
+def test_decode_gpu_memory_grows_by_no_more_than_its_context(launcher, cache_dir, sc_home):
+    launcher.start("prefill", *CUDA, model="default").wait_report()
+    common = ("--cache-dir", str(cache_dir), "--model", "default", "--home", str(sc_home), "--override",
+              "engine.device_map=cuda")
+    time.sleep(1)
+    base = gpu_used_mib()
+    bare = hold_probe("--role", "bare", *common)  # same imports, CUDA context and cuBLAS, no model
+    bare_growth = gpu_used_mib() - base
+    finish(bare)
+    time.sleep(1)
+    base = gpu_used_mib()
+    dec = hold_probe("--role", "decode", *common)
+    dec_growth = gpu_used_mib() - base
+    result = finish(dec)
+    model_mib = result["model_bytes"] / 2**20
+    assert result["outside_mapping_cuda"] == [] and result["report"]["backend"] == "cuda_vmm"
+    assert dec_growth <= bare_growth + 0.25 * model_mib, (dec_growth, bare_growth, model_mib)
+
+
+def test_vmm_decode_survives_owner_sigkill(launcher, cache_dir, sc_home):
+    prefill = launcher.start("prefill", *CUDA, model="default")
+    pre = prefill.wait_report()
+    dec = hold_probe("--role", "decode", "--cache-dir", str(cache_dir), "--model", "default", "--home",
+                     str(sc_home), "--override", "engine.device_map=cuda")
+    prefill.stop(signal.SIGKILL)
+    result = finish(dec)
+    assert result["tokens"] == pre["generated_tokens"] and result["logits_sha256"] == pre["logits_sha256"]
+    # a new attach cannot get the handles any more: refused with its reason, not a crash
+    late = launcher.run("decode", *CUDA, "cache.wait_timeout_s=5", model="default")
+    assert late.popen.returncode == 2 and "is dead" in late.output()
+
+
+def test_cuda_ipc_dead_owner_is_refused(launcher):
+    prefill = launcher.start("prefill", *CUDA, "cache.backend=cuda_ipc")
+    prefill.wait_report()
+    prefill.stop(signal.SIGKILL)
+    dec = launcher.run("decode", *CUDA, "cache.wait_timeout_s=5")
+    assert dec.popen.returncode == 2
+    assert "is dead" in dec.output() and "cuda_ipc" in dec.output() and "memory died with it" in dec.output()
+
+
+def _mutations(m: dict):
+    yield "not JSON", b"{ not json", "not valid JSON"
+    yield "schema", {**m, "schema": 7}, "schema version 7"
+    t = [dict(x) for x in m["tensors"]]
+    t[0]["offset"] = m["arena"]["size"]
+    yield "offset", {**m, "tensors": t}, "lie outside"
+    t = [dict(x) for x in m["tensors"]]
+    t[1]["dtype"] = "complex32"
+    yield "dtype", {**m, "tensors": t}, "dtype 'complex32'"
+    t = [dict(x) for x in m["tensors"]]
+    next(x for x in t if x["alias_of"])["alias_of"] = "nope.weight"
+    yield "alias", {**m, "tensors": t}, "names no earlier"
+    yield "chunks", {**m, "handle": {**m["handle"], "chunks": m["handle"]["chunks"] + 1}}, "the manifest describes"
+    yield "socket", {**m, "handle": {**m["handle"], "socket": "../../x.sock"}}, "does not name an owner socket"
+
+
+def test_bad_input_on_cuda_is_refused_cleanly(launcher, cache_dir):
+    launcher.start("prefill", *CUDA).wait_report()
+    path = next(cache_dir.glob("*/manifest.json"))
+    good = path.read_bytes()
+    manifest = json.loads(good)
+    try:
+        for name, bad, words in _mutations(manifest):
+            path.write_bytes(bad if isinstance(bad, bytes) else json.dumps(bad).encode())
+            dec = launcher.run("decode", *CUDA, "cache.wait_timeout_s=2", name=f"bad-{name}")
+            assert dec.popen.returncode == 2, (name, dec.output())
+            assert words in dec.output(), (name, dec.output())
+    finally:
+        path.write_bytes(good)
+    dec = launcher.run("decode", *CUDA, "engine.dtype=bfloat16", name="bad-dtype-fp")
+    assert dec.popen.returncode == 2 and "differing fields: dtype" in dec.output()
+    ok = launcher.run("decode", *CUDA, name="good-after")
+    assert ok.popen.returncode == 0, ok.output()
