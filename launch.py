@@ -61,6 +61,10 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = cfg["engine"]
     kwargs = {k: engine[k] for k in ("dtype", "device_map") if engine[k] is not None}
+    if str(engine["device_map"] or "cpu").startswith("cuda"):
+        # a server brings its CUDA context up at start; it is not part of loading or attaching
+        torch.cuda.init()
+        torch.empty(1, device=engine["device_map"])
     hf.install(role=role, cache=settings)
     try:
         model = getattr(transformers, engine["auto_class"]).from_pretrained(path, **kwargs)
@@ -71,7 +75,8 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     with torch.no_grad():
         logits = model(**inputs).logits
         first_token_age = process_age()
-        tokens = model.generate(**inputs, max_new_tokens=cfg["max_new_tokens"], do_sample=False,
+        tokens = model.generate(**inputs, max_new_tokens=cfg["max_new_tokens"],
+                                min_new_tokens=cfg["min_new_tokens"], do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
     new = tokens[0, inputs["input_ids"].shape[1]:]
     report = instance.report
@@ -112,9 +117,18 @@ def _write_report(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    """SIGTERM before the prefill starts holding: exit through Python, so the owner's
+    finalizers unpublish whatever it already made."""
+    raise SystemExit(128 + signum)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = OmegaConf.to_container(dcfg, resolve=True)
+    if cfg["engine"].get("cuda_alloc_conf"):
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", cfg["engine"]["cuda_alloc_conf"])
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         # both checked before anything loads: a wrong role or cache config costs nothing

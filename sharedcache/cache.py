@@ -12,6 +12,7 @@ import fcntl
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,7 @@ from typing import Iterator
 from .errors import ConfigError, EntryOwned
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 
+_CLAIM_RETRY_S = 0.5
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -71,21 +73,27 @@ class Entry:
             os.close(fd)
 
     def claim(self) -> int:
-        """Become this entry's owner: an fd whose exclusive flock lives as long as the owner does."""
+        """Become this entry's owner: an fd whose exclusive flock lives as long as the owner does.
+        Liveness probes hold the lock shared for microseconds, so a refusal is retried briefly."""
         self.ensure()
         fd = _open_lock(self.dir / "owner.lock")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + _CLAIM_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
             os.close(fd)
             raise EntryOwned(f"entry {self.key!r} in {self.root} is owned by another live instance"
                              f"{self._owner_hint()}.",
                              hint="Start this instance with a load role (role=decode) or cache mode auto "
                                   "to attach to it, or use another cache.key.") from None
-        return fd
 
-    def owner_alive(self) -> bool:
-        """True while some process holds the owner lock; a dead owner's flock is gone with it."""
+    def claimed(self) -> bool:
+        """True while some process holds the owner lock (an owner, or a saver still loading)."""
         path = self.dir / "owner.lock"
         if not path.exists():
             return False
@@ -97,6 +105,10 @@ class Entry:
             return True
         finally:
             os.close(fd)
+
+    def owner_alive(self, manifest: Manifest) -> bool:
+        """The process that published `manifest` is running and still holds the entry."""
+        return manifest.owner.running() and self.claimed()
 
     def _owner_hint(self) -> str:
         try:

@@ -22,7 +22,7 @@ def _cache_dir(args: argparse.Namespace) -> str:
 
 def entry_state(entry: Entry, manifest: Manifest) -> str:
     """live: owner running; orphaned: owner gone but the arena remains attachable; stale: not attachable."""
-    if entry.owner_alive():
+    if entry.owner_alive(manifest):
         return "live"
     if manifest.owner.boot_id != boot_id():
         return "stale"

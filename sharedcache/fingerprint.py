@@ -10,8 +10,7 @@ from typing import Any
 
 from .layout import LAYOUT_VERSION
 
-# Files whose bytes are weights; their names, sizes and mtimes identify a checkpoint
-# without reading it (the decode must not read the checkpoint).
+# files whose bytes are weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -60,14 +59,12 @@ class Fingerprint:
         ]
 
 
-def checkpoint_identity(model_dir: str | os.PathLike) -> tuple[str, tuple[tuple[str, int, int], ...]]:
-    """sha256 of config.json and (name, size, mtime_ns) of every weight file, read without opening weights."""
-    root = Path(model_dir)
-    config = root / "config.json"
-    config_sha = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else ""
+def weight_files(model_dir: str | os.PathLike) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of every weight file: identifies a checkpoint without reading it
+    (the decode must not read the checkpoint)."""
     weights = []
-    for entry in sorted(root.iterdir()):
+    for entry in sorted(Path(model_dir).iterdir()):
         if entry.is_file() and (entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name in _WEIGHT_INDEXES):
             st = entry.stat()
             weights.append((entry.name, st.st_size, st.st_mtime_ns))
-    return config_sha, tuple(weights)
+    return tuple(weights)

@@ -7,6 +7,7 @@ handles or arenas itself.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -66,8 +67,8 @@ class InstanceState:
     mode: Mode
     settings: CacheSettings
     source: ModelSource
-    entry: Entry
-    fingerprint: Fingerprint
+    entry: Entry | None
+    fingerprint: Fingerprint | None
     backend: Backend | None = None
     model: nn.Module | None = None
     refs: list[TensorRef] = field(default_factory=list)
@@ -82,6 +83,7 @@ class InstanceState:
     owner_alive: bool | None = None
     timings: list[dict[str, Any]] = field(default_factory=list)
     load_seconds: float | None = None
+    fallback: str | None = None
 
 
 class Instance:
@@ -107,25 +109,13 @@ class Instance:
                     raise
                 fallback, mode = str(e), Mode.OFF
                 log.warning("[%s] not sharing: %s; loading normally", self.role.name, fallback)
-        fingerprint = self.source.fingerprint(None)
-        entry = CacheDir(self.settings.dir).entry(self.settings.key)
-        mode, claim_fd = self._resolve_mode(entry, fingerprint, mode)
-        s = InstanceState(self.role, mode, self.settings, self.source, entry, fingerprint, claim_fd=claim_fd)
-        try:
-            if mode is Mode.OFF:
-                s.model = self._timed_load(s)
-            else:
-                self._run_phases(s)
-        except _Fallback as why:
-            fallback = str(why)
-            log.warning("[%s] not sharing: %s; loading normally", self.role.name, fallback)
-            self._abandon(s)
-            if s.model is None or mode.attaches:
-                s.model = self._timed_load(s)
-        except BaseException:
-            self._abandon(s)
-            raise
-        result = self.source.finish(s.model, attached=mode.attaches and fallback is None)
+        if mode is Mode.OFF:  # the framework's own path: no fingerprint, no cache directory
+            s = InstanceState(self.role, mode, self.settings, self.source, None, None)
+            s.model = self._timed_load(s)
+        else:
+            s = self._run_shared(mode)
+            fallback = s.fallback
+        result = self.source.finish(s.model, attached=s.mode.attaches and fallback is None)
         model = module_of(result)
         self.report = self._report(s, model, fallback, time.perf_counter() - start)
         if s.arena is not None and fallback is None:
@@ -142,6 +132,24 @@ class Instance:
             self._finalizer()
 
     # ---------------------------------------------------------------- internals
+    def _run_shared(self, mode: Mode) -> "InstanceState":
+        fingerprint = self.source.fingerprint(None)
+        entry = CacheDir(self.settings.dir).entry(self.settings.key)
+        mode, claim_fd = self._resolve_mode(entry, fingerprint, mode)
+        s = InstanceState(self.role, mode, self.settings, self.source, entry, fingerprint, claim_fd=claim_fd)
+        try:
+            self._run_phases(s)
+        except _Fallback as why:
+            s.fallback = str(why)
+            log.warning("[%s] not sharing: %s; loading normally", self.role.name, s.fallback)
+            self._abandon(s)
+            if s.model is None or mode.attaches:
+                s.model = self._timed_load(s)
+        except BaseException:
+            self._abandon(s)
+            raise
+        return s
+
     def _resolve_mode(self, entry: Entry, fp: Fingerprint, mode: Mode) -> tuple[Mode, int | None]:
         if mode is Mode.AUTO:
             mode = Mode.LOAD if _compatible_live(entry, fp) else Mode.SAVE
@@ -196,8 +204,9 @@ class Instance:
         return Report(
             role=self.role.name, mode=s.mode.value, engine=self.source.engine,
             backend=s.backend.name if (shared and s.backend) else None,
-            model=s.fingerprint.model, key=self.settings.key, cache_dir=self.settings.dir,
-            fingerprint=s.fingerprint.digest(),
+            model=s.fingerprint.model if s.fingerprint else str(getattr(self.source, "path", "")),
+            key=self.settings.key, cache_dir=self.settings.dir,
+            fingerprint=s.fingerprint.digest() if s.fingerprint else None,
             tensors=len(s.refs) if shared else 0,
             bytes_shared=(s.layout.payload_bytes if s.layout else s.manifest.payload_bytes) if shared and
             (s.layout or s.manifest) else 0,
@@ -224,12 +233,13 @@ def module_of(result: Any) -> nn.Module:
 
 
 def _compatible_live(entry: Entry, fp: Fingerprint) -> bool:
-    if not entry.published() or not entry.owner_alive():
+    if not entry.published():
         return False
     try:
-        return not fp.diff(entry.read().fingerprint)
+        manifest = entry.read()
     except ManifestError:
         return False
+    return entry.owner_alive(manifest) and not fp.diff(manifest.fingerprint)
 
 
 def _unpublish(entry: Entry, manifest: Manifest | None, arena: Arena | None, claim_fd: int | None) -> None:
@@ -267,9 +277,11 @@ def intercept_save(s: InstanceState) -> None:
     s.fingerprint = s.source.fingerprint(s.model)
 
 
+@torch.no_grad()
 def align_save(s: InstanceState) -> None:
     device = s.refs[0].get().device
-    s.layout = plan(s.slots, alignment=s.settings.alignment, granularity=s.backend.granularity(device))
+    granularity = math.lcm(s.backend.granularity(device), s.settings.alignment)
+    s.layout = plan(s.slots, alignment=s.settings.alignment, granularity=granularity)
     s.arena = s.backend.create(s.entry.dir, s.layout.size, device)
     specs = s.layout.by_name()
     by_root: dict[str, list[TensorRef]] = {}
@@ -295,20 +307,21 @@ def serialize_save(s: InstanceState) -> None:
         arena=ArenaInfo(s.layout.size, s.layout.granularity, s.layout.alignment, s.layout.digest()),
         tensors=s.layout.tensors, created=time.time(), checksums=s.checksums)
     with s.entry.write_lock():
-        try:
-            previous = s.entry.read()
-        except ManifestError:
-            previous = None
         write_manifest(s.entry.manifest_path, manifest)
         s.manifest, s.published = manifest, True
-        if previous is not None and previous.handle != manifest.handle:
-            # we hold the owner lock, so the previous owner is dead: free what it left
-            try:
-                backends.get_backend(previous.backend).discard(s.entry.dir, previous)
-            except SharedCacheError as e:
-                log.warning("[%s] could not free the previous owner's arena: %s", s.role.name, e)
+        _sweep(s.entry, manifest)
     log.info("[%s] published %s: %d tensors, %d bytes", s.role.name, s.settings.key,
              len(manifest.tensors), manifest.payload_bytes)
+
+
+def _sweep(entry: Entry, ours: Manifest) -> None:
+    """We hold the owner lock, so earlier owners are dead: remove the arena files and sockets they
+    left (also those of an owner that died before publishing). Attached instances keep their mappings."""
+    keep = {v for v in ours.handle.values() if isinstance(v, str)}
+    for path in entry.dir.glob("arena-*"):
+        if path.name not in keep:
+            log.info("removing %s, left by a dead owner", path)
+            path.unlink(missing_ok=True)
 
 
 def verify_save(s: InstanceState) -> None:
@@ -338,7 +351,33 @@ def intercept_load(s: InstanceState) -> None:
 
 
 def serialize_load(s: InstanceState) -> None:
-    manifest = wait_for_manifest(s.entry, s.settings.wait_timeout_s, s.role.name)
+    deadline = time.monotonic() + s.settings.wait_timeout_s
+    while True:
+        manifest = wait_for_manifest(s.entry, max(0.0, deadline - time.monotonic()), s.role.name)
+        _check_compatible(s, manifest)
+        backend = backends.get_backend(manifest.backend, s.settings)
+        s.owner_alive = s.entry.owner_alive(manifest)
+        if not s.owner_alive and backend.attach_needs_owner:
+            why = ("its memory died with it" if not backend.survives_owner
+                   else "only a live owner can hand over its memory handles")
+            raise ArenaError(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
+                             f"backend {backend.name} cannot attach without it: {why}.",
+                             hint="Start the prefill again, then attach.")
+        try:
+            s.arena = backend.attach(s.entry.dir, manifest)
+        except ArenaError:
+            if _republished(s.entry, manifest) and time.monotonic() < deadline:
+                log.info("[%s] the owner changed while attaching; trying the new entry", s.role.name)
+                continue
+            raise
+        break
+    if not s.owner_alive:
+        log.warning("[%s] owner pid %d of %s is gone; attaching to the arena it left", s.role.name,
+                    manifest.owner.pid, s.settings.key)
+    s.backend, s.manifest = backend, manifest
+
+
+def _check_compatible(s: InstanceState, manifest: Manifest) -> None:
     differences = s.fingerprint.diff(manifest.fingerprint)
     if differences:
         err = FingerprintMismatch(s.settings.key, differences)
@@ -349,19 +388,14 @@ def serialize_load(s: InstanceState) -> None:
         raise ConfigError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, "
                           f"but cache.backend={s.settings.backend!r}.",
                           hint="Use the same cache.backend on both sides, or 'auto'.")
-    backend = backends.get_backend(manifest.backend, s.settings)
-    s.owner_alive = s.entry.owner_alive()
-    if not s.owner_alive and backend.attach_needs_owner:
-        why = ("its memory died with it" if not backend.survives_owner
-               else "only a live owner can hand over its memory handles")
-        raise ArenaError(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
-                         f"backend {backend.name} cannot attach without it: {why}.",
-                         hint="Start the prefill again, then attach.")
-    if not s.owner_alive:
-        log.warning("[%s] owner pid %d of %s is gone; attaching to the arena it left", s.role.name,
-                    manifest.owner.pid, s.settings.key)
-    s.backend, s.manifest = backend, manifest
-    s.arena = backend.attach(s.entry.dir, manifest)
+
+
+def _republished(entry: Entry, manifest: Manifest) -> bool:
+    """Has the entry been removed or replaced since `manifest` was read?"""
+    try:
+        return entry.read().handle != manifest.handle
+    except ManifestError:
+        return True
 
 
 def align_load(s: InstanceState) -> None:
@@ -397,25 +431,31 @@ def wait_for_manifest(entry: Entry, timeout_s: float, role: str) -> Manifest:
     """Poll until the entry is published; a present but invalid manifest fails at once."""
     start = time.monotonic()
     last_print = -1.0
+    state = "no owner has published it yet"
     while True:
         if entry.published():
             try:
-                return entry.read()
+                manifest = entry.read()
             except ManifestError as e:
                 if entry.published():  # not a race with the owner removing it
                     raise
                 log.debug("manifest vanished while reading: %s", e)
+            else:
+                # a dead owner's manifest while someone else holds the claim: a new owner is loading
+                if manifest.owner.running() or not entry.claimed():
+                    return manifest
+                state = f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
         waited = time.monotonic() - start
         if waited >= timeout_s:
             if last_print >= 0:
                 sys.stderr.write("\n")
             raise AttachTimeout(
-                f"waited {timeout_s:.0f}s for entry {entry.key!r} to be published at {entry.manifest_path}; "
-                "no owner published it.",
+                f"waited {timeout_s:g}s for entry {entry.key!r} to be published at {entry.manifest_path}; "
+                f"{state}.",
                 hint="Start the prefill role with the same cache.dir and cache.key, or raise cache.wait_timeout_s.")
         if waited - last_print >= 1.0:
             sys.stderr.write(f"\r[{role}] waiting for an owner to publish {entry.key!r} in {entry.root} "
-                             f"... {waited:4.0f}s / {timeout_s:.0f}s")
+                             f"({state}) ... {waited:4.0f}s / {timeout_s:.0f}s")
             sys.stderr.flush()
             last_print = waited
         time.sleep(0.05)

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ import torch
 
 from .errors import ManifestError
 from .fingerprint import Fingerprint
-from .layout import DTYPES, TensorSpec, layout_digest
+from .layout import DTYPES, TensorSpec, contiguous_stride, layout_digest
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _TENSOR_KEYS = {"name", "kind", "persistent", "dtype", "shape", "stride", "offset", "nbytes", "alias_of"}
 _TOP_KEYS = {"schema", "key", "fingerprint", "fingerprint_digest", "owner", "backend", "handle", "device",
@@ -35,10 +37,24 @@ class Owner:
     host: str
     boot_id: str
     uid: int
+    start_ticks: int  # the process's start time since boot: with boot_id, pid reuse cannot fool us
 
     @classmethod
     def current(cls) -> "Owner":
-        return cls(os.getpid(), os.uname().nodename, boot_id(), os.getuid())
+        return cls(os.getpid(), os.uname().nodename, boot_id(), os.getuid(), process_start_ticks(os.getpid()))
+
+    def running(self) -> bool:
+        """Is the very process that wrote this manifest still running (on this boot)?"""
+        return self.boot_id == boot_id() and process_start_ticks(self.pid) == self.start_ticks
+
+
+def process_start_ticks(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot); -1 if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,7 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
 def read_manifest(path: Path) -> Manifest:
     """Read and strictly validate; every problem is a ManifestError naming the field."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ManifestError(f"no manifest at {path}.",
                             hint="Start the prefill (owner) instance first, or check cache.dir and cache.key.") from None
@@ -128,11 +144,20 @@ def read_manifest(path: Path) -> Manifest:
             raise ManifestError(f"manifest {path} is a symbolic link; refusing to follow it.",
                                 hint="Remove it and re-publish.") from e
         raise ManifestError(f"cannot open manifest {path}: {e.strerror}.") from e
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read()
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise ManifestError(f"{path} is not a regular file of yours; refusing to read it.",
+                                hint="Remove it and re-publish.")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest {path} is {st.st_size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit.",
+                                hint="Remove it and re-publish.")
+        raw = os.read(fd, MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
         raise ManifestError(f"manifest {path} is not valid JSON ({e}); it may be truncated or corrupt.",
                             hint="Remove the entry (or run its prefill again) to re-publish it.") from e
     try:
@@ -172,9 +197,11 @@ def parse_manifest(data: Any) -> Manifest:
         raise ManifestError(f"invalid manifest: fingerprint: {e}.") from e
     _need(data["fingerprint_digest"] == fp.digest(), "fingerprint_digest does not match the fingerprint")
     o = data["owner"]
-    _need(isinstance(o, dict) and set(o) == {"pid", "host", "boot_id", "uid"}, "owner must have pid, host, boot_id, uid")
+    _need(isinstance(o, dict) and set(o) == {"pid", "host", "boot_id", "uid", "start_ticks"},
+          "owner must have pid, host, boot_id, uid, start_ticks")
     owner = Owner(_int(o["pid"], "owner.pid", minimum=1), _str(o["host"], "owner.host"),
-                  _str(o["boot_id"], "owner.boot_id"), _int(o["uid"], "owner.uid"))
+                  _str(o["boot_id"], "owner.boot_id"), _int(o["uid"], "owner.uid"),
+                  _int(o["start_ticks"], "owner.start_ticks"))
     a = data["arena"]
     _need(isinstance(a, dict) and set(a) == {"size", "granularity", "alignment", "layout_digest"},
           "arena must have size, granularity, alignment, layout_digest")
@@ -183,7 +210,8 @@ def parse_manifest(data: Any) -> Manifest:
     _need(arena.size % arena.granularity == 0, "arena.size must be a multiple of arena.granularity")
     _need(isinstance(data["handle"], dict), "handle must be an object")
     _need(isinstance(data["device"], dict), "device must be an object")
-    _need(isinstance(data["created"], (int, float)) and not isinstance(data["created"], bool), "created must be a number")
+    _need(isinstance(data["created"], (int, float)) and not isinstance(data["created"], bool)
+          and 0 <= data["created"] < 1e11, "created must be a time in seconds since the epoch")
     tensors = _parse_tensors(data["tensors"], arena.size)
     _need(layout_digest(tensors, arena.size, arena.alignment) == arena.layout_digest,
           "arena.layout_digest does not match the tensor table (edited or corrupt)")
@@ -222,9 +250,8 @@ def _parse_tensors(raw: Any, arena_size: int) -> tuple[TensorSpec, ...]:
         itemsize = torch.empty((), dtype=DTYPES[t["dtype"]]).element_size()
         numel = math.prod(shape)
         _need(nbytes == numel * itemsize, f"{name}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
-        if numel:
-            extent = (sum((d - 1) * s for d, s in zip(shape, stride)) + 1) * itemsize
-            _need(extent <= nbytes, f"{name}: shape {list(shape)} with stride {list(stride)} reaches past its nbytes")
+        _need(stride == contiguous_stride(shape), f"{name}: stride {list(stride)} is not the contiguous stride "
+                                                  f"{list(contiguous_stride(shape))} that layout v1 writes")
         _need(offset % itemsize == 0, f"{name}: offset {offset} is not aligned to its {itemsize}-byte elements")
         _need(offset + nbytes <= arena_size, f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the "
                                              f"{arena_size}-byte arena")

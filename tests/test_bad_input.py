@@ -36,6 +36,7 @@ def _entry(published, cache_dir, mutate_manifest=None, mutate_arena=None):
 
 
 def _attach_fails(cache_dir, model_path, exc, *patterns, overrides=(), **kwargs):
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     before = len(hf._instances)
     manifest = cache_dir / "k" / "manifest.json"
     snapshot = manifest.read_bytes() if manifest.exists() else None
@@ -67,7 +68,7 @@ def test_copy_of_a_good_entry_attaches(published, cache_dir, models):
 def test_manifest_missing_times_out(published, cache_dir, models):
     dst = _entry(published, cache_dir)
     (dst / "manifest.json").unlink()
-    _attach_fails(cache_dir, models["tiny"], AttachTimeout, "manifest.json", "no owner published it")
+    _attach_fails(cache_dir, models["tiny"], AttachTimeout, "manifest.json", "no owner has published it yet")
 
 
 def test_manifest_truncated(published, cache_dir, models):
@@ -150,11 +151,55 @@ def test_fingerprint_mismatch_with_fallback_loads_normally(published, cache_dir,
         assert torch.equal(model(ids).logits, plain(ids).logits)
 
 
-def test_skeleton_and_entry_disagree_on_a_shape(published, cache_dir, models, tmp_path):
-    """Same fingerprint fields cannot catch a config edited in place; binding checks every shape."""
+def test_config_edited_for_the_decode_is_a_fingerprint_mismatch(published, cache_dir, models):
+    """The effective config (with the call's overrides) is fingerprinted, not only config.json."""
     _entry(published, cache_dir)
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(models["tiny"])
-    cfg.intermediate_size = 96  # the decode's skeleton now expects other MLP shapes
-    _attach_fails(cache_dir, models["tiny"], BindError, "mlp", "model expects", config=cfg)
+    cfg.intermediate_size = 96
+    _attach_fails(cache_dir, models["tiny"], FingerprintMismatch, "differing fields: config_sha256)", config=cfg)
+    _attach_fails(cache_dir, models["tiny"], FingerprintMismatch, "config_sha256", cls=None,
+                  rms_norm_eps=1e-3)  # a config override passed as a keyword
+
+
+def test_skeleton_and_entry_disagree_on_tensor_names(published, cache_dir, models):
+    """A self-consistent manifest (digest recomputed) that names other tensors: binding refuses it."""
+    from sharedcache.layout import TensorSpec, layout_digest
+
+    def mutate(d):
+        t = next(x for x in d["tensors"] if x["name"] == "model.norm.weight")
+        t["name"] = "model.final_norm.weight"
+        specs = [TensorSpec(**{**x, "shape": tuple(x["shape"]), "stride": tuple(x["stride"])}) for x in d["tensors"]]
+        d["arena"]["layout_digest"] = layout_digest(specs, d["arena"]["size"], d["arena"]["alignment"])
+    _entry(published, cache_dir, mutate)
+    _attach_fails(cache_dir, models["tiny"], BindError, "missing from the entry ['model.norm.weight']",
+                  "model.final_norm.weight")
+
+
+def test_non_contiguous_stride_is_refused(published, cache_dir, models):
+    def mutate(d):
+        t = next(x for x in d["tensors"] if len(x["shape"]) == 2 and not x["alias_of"])
+        t["stride"] = [0, 1]
+    _entry(published, cache_dir, mutate)
+    _attach_fails(cache_dir, models["tiny"], ManifestError, "is not the contiguous stride")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "deep", "huge-int", "far-future"])
+def test_odd_manifest_files_are_refused_without_hanging(published, cache_dir, models, kind):
+    dst = _entry(published, cache_dir)
+    path = dst / "manifest.json"
+    data = json.loads(path.read_text())
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "directory":
+        path.mkdir(mode=0o700)
+    elif kind == "deep":
+        path.write_text("[" * 100_000)
+    elif kind == "huge-int":
+        path.write_text(json.dumps({**data, "created": 0}).replace('"created": 0', '"created": ' + "9" * 5000))
+    else:
+        path.write_text(json.dumps({**data, "created": 1e300}))
+    with pytest.raises(ManifestError):
+        from_pretrained("decode", cache_dir, models["tiny"], "cache.wait_timeout_s=0.5")

@@ -1,6 +1,8 @@
 """How transformers loads, fingerprints and skeletons a model, for the sharedcache core."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -9,12 +11,20 @@ import torch
 from torch import nn
 
 from sharedcache import Fingerprint, UnsupportedModel
-from sharedcache.fingerprint import checkpoint_identity
+from sharedcache.fingerprint import weight_files
 from sharedcache.layout import dtype_name
 
 # from_pretrained options that only matter for fetching files; safe to forward to config loading
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
                "trust_remote_code")
+# options that steer how weights load, not what the config says; every other keyword is a config
+# override (rope_parameters=..., num_hidden_layers=...) and becomes part of the fingerprint
+_LOAD_KWARGS = set(_HUB_KWARGS) | {
+    "config", "dtype", "torch_dtype", "device_map", "attn_implementation", "low_cpu_mem_usage", "use_safetensors",
+    "weights_only", "variant", "adapter_kwargs", "adapter_name", "output_loading_info", "offload_folder",
+    "offload_state_dict", "offload_buffers", "quantization_config", "state_dict", "gguf_file", "max_memory",
+    "key_mapping", "proxies", "_from_auto", "_from_pipeline", "tqdm_class", "generation_config", "use_kernels",
+    "disable_mmap", "fusion_config", "ignore_mismatched_sizes"}
 
 
 class HFSource:
@@ -25,6 +35,7 @@ class HFSource:
         self.cls, self.original, self.path, self.args, self.kwargs = cls, original, path, args, dict(kwargs)
         self._config = None
         self._dir: Path | None = None
+        self._identity: tuple[str, tuple] | None = None
         self.device = _normalize(_single_device(kwargs.get("device_map")))
 
     # -------------------------------------------------------------- ModelSource
@@ -44,6 +55,7 @@ class HFSource:
         if k.get("offload_folder") or k.get("offload_state_dict"):
             raise UnsupportedModel("offloaded weights (offload_folder) cannot be shared.",
                                    hint="Load without offload, or set cache.on_unsupported=fallback.")
+        self.config()  # unknown options surface here, before anything loads
         quant = self.quantization()
         if quant and "bitsandbytes" in quant:
             raise UnsupportedModel(f"{quant} parameters keep state outside plain bytes and cannot be shared.",
@@ -56,7 +68,11 @@ class HFSource:
     def fingerprint(self, model: nn.Module | None) -> Fingerprint:
         import transformers
 
-        config_sha, weights = checkpoint_identity(self.model_dir())
+        if self._identity is None:  # taken from the request, before the load mutates the config
+            weights = weight_files(self.model_dir())
+            config_sha = _config_digest(self.config())
+            self._identity = (config_sha, weights)
+        config_sha, weights = self._identity
         return Fingerprint(
             engine=self.engine, engine_version=transformers.__version__, model=str(self.model_dir()),
             revision=self.kwargs.get("revision"), config_sha256=config_sha, weights=weights,
@@ -68,6 +84,8 @@ class HFSource:
 
     def skeleton(self) -> nn.Module:
         extra = {k: self.kwargs[k] for k in ("attn_implementation",) if k in self.kwargs}
+        if self.args:
+            raise UnsupportedModel("positional model arguments cannot be reproduced on attach.")
         with torch.device("meta"):
             return self.cls._from_config(self.config(), dtype=self.requested_dtype(), **extra)
 
@@ -102,6 +120,7 @@ class HFSource:
         return self._dir
 
     def config(self):
+        """The effective config: the one given, or the checkpoint's with the call's overrides applied."""
         if self._config is None:
             given = self.kwargs.get("config")
             if given is not None and not isinstance(given, (str, os.PathLike)):
@@ -110,7 +129,14 @@ class HFSource:
                 from transformers import AutoConfig
 
                 hub = {k: self.kwargs[k] for k in _HUB_KWARGS if k in self.kwargs and k != "subfolder"}
-                self._config = AutoConfig.from_pretrained(given or self.model_dir(), **hub)
+                overrides = {k: v for k, v in self.kwargs.items() if k not in _LOAD_KWARGS}
+                config, unused = AutoConfig.from_pretrained(given or self.model_dir(), return_unused_kwargs=True,
+                                                            **hub, **overrides)
+                if unused:
+                    raise UnsupportedModel(f"from_pretrained options {sorted(unused)} are neither loading options "
+                                           "nor config fields; they cannot be reproduced on attach.",
+                                           hint="Drop them, or set cache.on_unsupported=fallback.")
+                self._config = config
         return self._config
 
     def requested_dtype(self) -> torch.dtype:
@@ -132,6 +158,12 @@ class HFSource:
                 getattr(q, "load_in_4bit", False) or getattr(q, "load_in_8bit", False):
             return f"bitsandbytes ({method})"
         return str(method)
+
+
+def _config_digest(config) -> str:
+    """Digest of the effective config; its dtype is left out (the fingerprint has its own field)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _single_device(device_map: Any) -> torch.device | None:

@@ -78,6 +78,3 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena: ...
-
-    def discard(self, entry_dir: Path, manifest: Manifest) -> None:
-        """Free what a dead owner's manifest left behind (called by the next owner). Default: nothing."""

@@ -55,9 +55,6 @@ class CpuShmBackend(Backend):
         return Arena(base, {"file": name}, {"type": "cpu", "index": None, "uuid": None}, owned=True,
                      _release=lambda: path.unlink(missing_ok=True))
 
-    def discard(self, entry_dir: Path, manifest: Manifest) -> None:
-        _arena_path(entry_dir, manifest).unlink(missing_ok=True)
-
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         path = _arena_path(entry_dir, manifest)
         try:

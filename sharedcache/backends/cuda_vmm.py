@@ -137,11 +137,6 @@ class CudaVmmBackend(Backend):
         return Arena(rng.as_tensor(), handle, device_record(index), owned=True, _release=release,
                      _commit=state.commit, _sync=lambda: torch.cuda.synchronize(index))
 
-    def discard(self, entry_dir: Path, manifest: Manifest) -> None:
-        name = manifest.handle.get("socket")
-        if isinstance(name, str) and _SOCKET.match(name):
-            (entry_dir / name).unlink(missing_ok=True)  # a dead owner's socket; its memory went with it
-
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         h = manifest.handle
         if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.match(h["socket"]):

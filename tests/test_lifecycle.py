@@ -1,0 +1,62 @@
+"""Owners coming and going: dead owners, new owners still loading, signals, leftovers."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from sharedcache.cache import CacheDir
+
+
+def test_decode_waits_for_a_new_owner_rather_than_a_dead_ones_arena(launcher, cache_dir):
+    first = launcher.start("prefill", name="first")
+    first.wait_report()
+    first.stop(signal.SIGKILL)
+    entry = CacheDir(cache_dir).entry("sc-llama-tiny")
+    claim = entry.claim()  # a new owner has claimed the key and is still loading
+    try:
+        decode = launcher.start("decode", "cache.wait_timeout_s=120")
+        time.sleep(8)
+        assert decode.popen.poll() is None, decode.output()
+        assert "is gone and a new owner is loading" in decode.output()
+    finally:
+        os.close(claim)  # the new owner gives up: the orphaned arena is all there is
+    assert decode.wait(120) == 0, decode.output()
+    rep = decode.report()
+    assert rep["mode"] == "load" and rep["owner_alive"] is False
+
+
+def test_next_owner_sweeps_arenas_left_by_dead_owners(launcher, cache_dir):
+    first = launcher.start("prefill", name="first")
+    first.wait_report()
+    first.stop(signal.SIGKILL)
+    entry = cache_dir / "sc-llama-tiny"
+    orphan = entry / "arena-1-deadbeef.bin"  # an owner that died between align and serialize
+    orphan.write_bytes(b"\0" * 4096)
+    old = {p.name for p in entry.glob("arena-*")}
+    second = launcher.start("prefill", name="second")
+    second.wait_report()
+    now = {p.name for p in entry.glob("arena-*")}
+    assert len(now) == 1 and not now & old, (old, now)
+    assert second.stop() == 0
+    assert not list(entry.glob("arena-*")) and not (entry / "manifest.json").exists()
+
+
+def test_sigterm_while_the_prefill_is_still_busy_unpublishes(launcher, cache_dir):
+    prefill = launcher.start("prefill", "max_new_tokens=100000", "min_new_tokens=100000", model="default")
+    manifest = cache_dir / "sc-llama-100m" / "manifest.json"
+    deadline = time.monotonic() + 120
+    while not manifest.exists() and time.monotonic() < deadline:
+        assert prefill.popen.poll() is None, prefill.output()
+        time.sleep(0.05)
+    assert manifest.exists() and not prefill.report_path.exists()  # published, still generating
+    assert prefill.stop(signal.SIGTERM) != 0
+    assert not manifest.exists()
+    assert not list(manifest.parent.glob("arena-*"))
+
+
+def test_plain_role_never_touches_the_cache(launcher, tmp_path):
+    missing = tmp_path / "never-created"
+    plain = launcher.run("plain", f"cache.dir={missing}")
+    assert plain.popen.returncode == 0, plain.output()
+    assert plain.report()["mode"] == "off" and not missing.exists()
