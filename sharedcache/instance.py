@@ -353,7 +353,7 @@ def intercept_load(s: InstanceState) -> None:
 def serialize_load(s: InstanceState) -> None:
     deadline = time.monotonic() + s.settings.wait_timeout_s
     while True:
-        manifest = wait_for_manifest(s.entry, max(0.0, deadline - time.monotonic()), s.role.name)
+        manifest = wait_for_manifest(s.entry, deadline, s.settings.wait_timeout_s, s.role.name)
         _check_compatible(s, manifest)
         backend = backends.get_backend(manifest.backend, s.settings)
         s.owner_alive = s.entry.owner_alive(manifest)
@@ -427,9 +427,10 @@ def _checksums(base: torch.Tensor, specs) -> dict[str, str]:
     return out
 
 
-def wait_for_manifest(entry: Entry, timeout_s: float, role: str) -> Manifest:
-    """Poll until the entry is published; a present but invalid manifest fails at once."""
-    start = time.monotonic()
+def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str) -> Manifest:
+    """Poll until the entry is published (by a live owner, or orphaned with nobody replacing it),
+    until the monotonic `deadline`; a present but invalid manifest fails at once."""
+    start = deadline - timeout_s
     last_print = -1.0
     state = "no owner has published it yet"
     while True:
@@ -446,7 +447,7 @@ def wait_for_manifest(entry: Entry, timeout_s: float, role: str) -> Manifest:
                     return manifest
                 state = f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
         waited = time.monotonic() - start
-        if waited >= timeout_s:
+        if time.monotonic() >= deadline:
             if last_print >= 0:
                 sys.stderr.write("\n")
             raise AttachTimeout(
