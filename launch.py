@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sharedcache import CacheSettings, Role, SharedCacheError
+from sharedcache import CacheSettings, Role, SharedCacheError, backends
 from sharedcache.conf import register_resolvers
 
 log = logging.getLogger("sharedcache.launch")
@@ -65,6 +65,7 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
         # a server brings its CUDA context up at start; it is not part of loading or attaching
         torch.cuda.init()
         torch.empty(1, device=engine["device_map"])
+        backends.prepare(torch.device(engine["device_map"]))
     hf.install(role=role, cache=settings)
     try:
         model = getattr(transformers, engine["auto_class"]).from_pretrained(path, **kwargs)

@@ -44,11 +44,14 @@ class GpuMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._samples.append((time.monotonic(), self.used()))
+            self._samples.append((time.time(), self.used()))
             time.sleep(0.002)
 
     def peak_since(self, t0: float) -> int:
         return max(u for t, u in self._samples if t >= t0)
+
+    def peak_between(self, t0: float, t1: float) -> int:
+        return max(u for t, u in self._samples if t0 <= t <= t1)
 
     def settle(self, seconds: float = 1.0) -> int:
         time.sleep(seconds)
@@ -145,7 +148,7 @@ def main() -> None:
 
     # (a) plain load
     base = mem.settle()
-    t0 = time.monotonic()
+    t0 = time.time()
     plain = r.run("plain", "a-plain")
     res["a_plain"] = {"load_seconds": plain["load_seconds"], "process_to_first_token_seconds":
                       plain["process_to_first_token_seconds"], "peak_gpu_bytes": mem.peak_since(t0) - base,
@@ -153,25 +156,33 @@ def main() -> None:
 
     # (b) prefill with save, held
     base = mem.settle()
-    t0 = time.monotonic()
+    t0 = time.time()
     pre_proc, pre_dir = r.start("prefill", "b-prefill")
     pre = r.report(pre_proc, pre_dir)
     peak = mem.peak_since(t0) - base
     owner_steady = mem.settle() - base
-    phase = {p["name"]: p["seconds"] for p in pre["phases"]}
+    phase = {p["name"]: p for p in pre["phases"]}
+    save_start = phase["align"]["start"]
+    save_end = phase["serialize"]["start"] + phase["serialize"]["seconds"]
+    save_peak = mem.peak_between(save_start, save_end + 0.01) - base
+    load_peak = mem.peak_between(t0, save_start) - base
     added = pre["total_seconds"] - pre["load_seconds"]
     res["b_prefill"] = {"total_seconds": pre["total_seconds"], "load_seconds": pre["load_seconds"],
                         "phases": pre["phases"], "seconds_added": added,
                         "seconds_added_pct_of_plain_load": 100 * added / plain["load_seconds"],
-                        "peak_gpu_bytes": peak, "peak_minus_context_bytes": peak - ctx,
-                        "peak_over_model": (peak - ctx) / model_bytes, "steady_gpu_bytes": owner_steady,
+                        "peak_gpu_bytes_whole_process": peak, "peak_gpu_bytes_during_load": load_peak,
+                        "peak_gpu_bytes_during_save": save_peak,
+                        "save_peak_minus_context_bytes": save_peak - ctx,
+                        "peak_over_model": (save_peak - ctx) / model_bytes, "steady_gpu_bytes": owner_steady,
+                        "steady_minus_context_over_model": (owner_steady - ctx) / model_bytes,
                         "backend": pre["backend"], "arena_bytes": pre["arena_bytes"]}
 
     # (c) one decode
     base = mem.settle()
-    t0 = time.monotonic()
+    t0 = time.time()
     dec = r.run("decode", "c-decode")
     res["c_decode"] = {"phases": dec["phases"], "attach_seconds": dec["attach_seconds"],
+                       "backend_timings": dec["backend_timings"],
                        "process_to_first_token_seconds": dec["process_to_first_token_seconds"],
                        "weight_bytes_allocated": dec["weight_bytes_allocated"],
                        "weight_bytes_allocated_pct_of_model": 100 * dec["weight_bytes_allocated"] / model_bytes,
@@ -186,7 +197,7 @@ def main() -> None:
 
     # (e) N decodes at once
     base = mem.settle()
-    t0 = time.monotonic()
+    t0 = time.time()
     procs = [r.start("decode", f"e-decode-{i}") for i in range(a.instances)]
     reps = [r.report(p, d) for p, d in procs]
     for p, _ in procs:
@@ -195,6 +206,7 @@ def main() -> None:
     per_instance = peak_n / a.instances
     slowest = max(x["attach_seconds"] for x in reps)
     res["e_concurrent"] = {"instances": a.instances, "attach_seconds": [x["attach_seconds"] for x in reps],
+                           "phases": [x["phases"] for x in reps], "backend_timings": [x["backend_timings"] for x in reps],
                            "slowest_attach_seconds": slowest, "slowest_over_single": slowest / dec["attach_seconds"],
                            "all_parity": all(x["logits_sha256"] == pre["logits_sha256"] for x in reps),
                            "peak_gpu_bytes_all": peak_n, "per_instance_gpu_bytes": per_instance,
@@ -235,8 +247,10 @@ def markdown(r: dict) -> str:
                                                      f"start to first token {a['process_to_first_token_seconds']:.1f} s"),
         ("(b) prefill with save", f"{b['total_seconds']:.2f} s total, +{b['seconds_added']:.3f} s "
                                   f"({b['seconds_added_pct_of_plain_load']:.1f}% of (a)); {phases(b['phases'])}"),
-        ("(b) save peak GPU", f"{gb(b['peak_gpu_bytes'])} incl. {gb(r['bare_process_gpu_bytes'])} context = "
-                              f"{b['peak_over_model']:.3f} x model bytes (backend {b['backend']})"),
+        ("(b) GPU memory during the save (align+serialize)", f"peak {gb(b['peak_gpu_bytes_during_save'])} incl. "
+                              f"{gb(r['bare_process_gpu_bytes'])} context: {b['peak_over_model']:.3f} x model bytes "
+                              f"(backend {b['backend']}); during the normal load before it: "
+                              f"{gb(b['peak_gpu_bytes_during_load'])}; held afterwards: {gb(b['steady_gpu_bytes'])}"),
         ("(c) decode attach", f"{c['attach_seconds'] * 1e3:.1f} ms ({phases(c['phases'])}); "
                               f"{c['attach_speedup_over_plain_load']:.0f}x faster than (a)"),
         ("(c) decode process start to first token", f"{c['process_to_first_token_seconds']:.1f} s"),

@@ -170,9 +170,9 @@ class Instance:
         for name in self.role.phases_for(s.mode):
             step = PHASES[name].steps[s.mode.plan_key]
             fn = getattr(steps, step.run) if isinstance(step.run, str) else step.run
-            t0 = time.perf_counter()
+            wall, t0 = time.time(), time.perf_counter()
             fn(s)
-            s.timings.append({"name": name, "seconds": round(time.perf_counter() - t0, 6)})
+            s.timings.append({"name": name, "seconds": round(time.perf_counter() - t0, 6), "start": wall})
             log.debug("[%s] phase %s done in %.3fs", self.role.name, name, s.timings[-1]["seconds"])
 
     def _timed_load(self, s: InstanceState) -> nn.Module:
@@ -220,6 +220,7 @@ class Instance:
             owner_alive=s.owner_alive,
             fallback=fallback,
             layout_digest=s.manifest.arena.layout_digest if s.manifest else None,
+            backend_timings={k: round(v, 6) for k, v in arena.timings.items()} if arena is not None else {},
         )
 
 

@@ -21,7 +21,7 @@ class Report:
     bytes_shared: int  # tensor bytes in the arena
     arena_bytes: int
     weight_bytes_allocated: int  # weight bytes this process allocated itself (0 when attached)
-    phases: list[dict[str, Any]]
+    phases: list[dict[str, Any]]  # {name, seconds, start (epoch seconds)} in the order run
     attach_seconds: float | None
     load_seconds: float | None
     total_seconds: float
@@ -29,6 +29,7 @@ class Report:
     owner_alive: bool | None
     fallback: str | None
     layout_digest: str | None
+    backend_timings: dict[str, float]  # the backend's own steps inside the phases (seconds)
     extra: dict[str, Any] = field(default_factory=dict)  # filled by the launcher (generated text, ...)
 
     def to_json(self) -> dict[str, Any]:

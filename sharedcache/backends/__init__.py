@@ -55,3 +55,14 @@ def resolve(name: str, device: torch.device, settings=None):
         raise ConfigError(f"cache.backend={name} holds {wanted} tensors, but the model is on {device}.",
                           hint="Use cache.backend=auto.")
     return backend
+
+
+def prepare(device: torch.device) -> None:
+    """Process start-up work for a device's backends (importing the driver bindings, making the
+    device's context current), so that the timed phases measure attaching, not importing."""
+    if device.type == "cuda":
+        from . import cuda_driver
+
+        if cuda_driver.unavailable_reason() is None:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda_driver.use_device(index)

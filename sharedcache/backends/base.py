@@ -30,6 +30,7 @@ class Arena:
     _release: Callable[[], None] | None = field(default=None, repr=False)
     _commit: Callable[[int], None] | None = field(default=None, repr=False)
     _sync: Callable[[], None] | None = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of the backend's own steps
 
     @property
     def size(self) -> int:

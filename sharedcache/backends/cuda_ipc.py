@@ -13,7 +13,7 @@ from ..manifest import Manifest
 from . import cuda_driver as cu
 from . import register_backend
 from .base import Arena, Backend
-from .cuda_vmm import _local_index, _quietly, cuda_index, device_record
+from .cuda_vmm import _local_index, _quietly, cuda_index, device_record, settle
 
 _HEX = re.compile(r"^[0-9a-f]{128}$")
 
@@ -42,7 +42,7 @@ class CudaIpcBackend(Backend):
             raise
         rng = cu.DeviceRange(ptr, size, index, on_release=lambda: _quietly(cu.mem_free, ptr))
         return Arena(rng.as_tensor(), {"ipc": raw.hex()}, device_record(index), owned=True,
-                     _sync=lambda: torch.cuda.synchronize(index))
+                     _sync=lambda: settle(index))
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         h = manifest.handle

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,12 @@ _HANDLE_KEYS = {"socket", "chunks", "chunk_bytes"}
 
 def device_record(index: int) -> dict:
     return {"type": "cuda", "index": index, "uuid": cu.device_uuid(index)}
+
+
+def settle(index: int) -> None:
+    """Owner, before publishing: all copies landed, and the last originals go back to the driver."""
+    torch.cuda.synchronize(index)
+    torch.cuda.empty_cache()
 
 
 def cuda_index(device: torch.device) -> int:
@@ -135,7 +142,7 @@ class CudaVmmBackend(Backend):
             state.close_fds()
 
         return Arena(rng.as_tensor(), handle, device_record(index), owned=True, _release=release,
-                     _commit=state.commit, _sync=lambda: torch.cuda.synchronize(index))
+                     _commit=state.commit, _sync=lambda: settle(index))
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         h = manifest.handle
@@ -144,7 +151,9 @@ class CudaVmmBackend(Backend):
                              hint="Remove the entry and re-publish it.")
         index = _local_index(manifest)
         cu.use_device(index)
+        t0 = time.perf_counter()
         header, fds = receive_fds(entry_dir / h["socket"], self.settings.handle_timeout_s if self.settings else 10)
+        received = time.perf_counter() - t0
         sizes = header.get("sizes")
         if not isinstance(sizes, list) or len(sizes) != len(fds) or len(fds) != h["chunks"] \
                 or sum(sizes) != manifest.arena.size:
@@ -152,7 +161,9 @@ class CudaVmmBackend(Backend):
                 os.close(fd)
             raise ArenaError(f"the owner sent {len(fds)} chunks of {sizes!r} bytes; the manifest describes "
                              f"{h['chunks']} chunks, {manifest.arena.size} bytes in all.")
-        return _import(fds, sizes, manifest, index)
+        arena = _import(fds, sizes, manifest, index)
+        arena.timings = {"receive_handles": received, "import_and_map": time.perf_counter() - t0 - received}
+        return arena
 
 
 def _local_index(manifest: Manifest) -> int:
