@@ -162,7 +162,8 @@ class CudaVmmBackend(Backend):
             raise ArenaError(f"the owner sent {len(fds)} chunks of {sizes!r} bytes; the manifest describes "
                              f"{h['chunks']} chunks, {manifest.arena.size} bytes in all.")
         arena = _import(fds, sizes, manifest, index)
-        arena.timings = {"receive_handles": received, "import_and_map": time.perf_counter() - t0 - received}
+        arena.timings = {"receive_handles": received, "import_and_map": time.perf_counter() - t0 - received,
+                         "connect": header.get("connect_s", 0.0), "owner_answer": header.get("answered_in_s", 0.0)}
         return arena
 
 

@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,11 +58,11 @@ class FdServer:
                 continue
             with conn:
                 try:
-                    self._answer(conn)
+                    self._answer(conn, time.perf_counter())
                 except OSError as e:  # a peer that hung up early harms nobody else
                     log.debug("fd peer went away: %s", e)
 
-    def _answer(self, conn: socket.socket) -> None:
+    def _answer(self, conn: socket.socket, accepted: float) -> None:
         uid = peer_uid(conn)
         if not uid_allowed(uid):
             log.warning("refused a peer of uid %d on %s", uid, self.path)
@@ -69,6 +70,7 @@ class FdServer:
                                   "error": f"peer uid {uid} is not the owner's uid {os.getuid()}"}).encode())
             return
         header, fds = self._payload()
+        header = {**header, "answered_in_s": time.perf_counter() - accepted}
         batches = [fds[i:i + _BATCH] for i in range(0, len(fds), _BATCH)] or [[]]
         for i, batch in enumerate(batches):
             meta = {"v": PROTOCOL, "ok": True, "fds": len(fds), **(header if i == 0 else {})}
@@ -86,12 +88,14 @@ def receive_fds(path: Path, timeout_s: float) -> tuple[dict[str, Any], list[int]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout_s)
     fds: list[int] = []
+    t0 = time.perf_counter()
     try:
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise ArenaError(f"no owner answers at {path} ({e.strerror}); its memory can no longer be imported.",
                              hint="Start the prefill (or a holder) again, then attach.") from e
+        connected = time.perf_counter()
         header: dict[str, Any] | None = None
         while header is None or len(fds) < header["fds"]:
             msg, got, _flags, _addr = socket.recv_fds(sock, _MSG, _BATCH)
@@ -105,6 +109,7 @@ def receive_fds(path: Path, timeout_s: float) -> tuple[dict[str, Any], list[int]
             if not meta.get("ok"):
                 raise ArenaError(f"the owner at {path} refused us: {meta.get('error')}.")
             header = header or meta
+        header["connect_s"] = connected - t0
         return header, fds
     except BaseException:
         for fd in fds:
