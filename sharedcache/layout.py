@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -31,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float8_e5m2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -67,9 +68,9 @@ class TensorSpec:
     alias_of: str | None = None  # tied weights: same bytes as another spec, no storage of their own
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["shape"], d["stride"] = list(self.shape), list(self.stride)
-        return d
+        return {"name": self.name, "kind": self.kind, "persistent": self.persistent, "dtype": self.dtype,
+                "shape": list(self.shape), "stride": list(self.stride), "offset": self.offset,
+                "nbytes": self.nbytes, "alias_of": self.alias_of}
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def plan(slots: Iterable[TensorSlot], *, alignment: int, granularity: int) -> Ar
         if slot.name in placed:
             raise ValueError(f"tensor name {slot.name!r} appears twice")
         shape = tuple(int(d) for d in slot.shape)
-        itemsize = torch.empty((), dtype=slot.dtype).element_size()
+        itemsize = slot.dtype.itemsize
         nbytes = math.prod(shape) * itemsize
         if slot.alias_of is not None:
             target = placed[slot.alias_of]

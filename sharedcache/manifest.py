@@ -14,13 +14,11 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, NoReturn
 
 from .errors import ManifestError
 from .fingerprint import Fingerprint
-from .layout import DTYPES, TensorSpec, contiguous_stride, layout_digest
+from .layout import DTYPES, ITEMSIZE, TensorSpec, contiguous_stride, layout_digest
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -166,9 +164,17 @@ def read_manifest(path: Path) -> Manifest:
         raise ManifestError(f"manifest {path}: {str(e).split('] ', 1)[-1]}") from e
 
 
+def _fail(what: str) -> NoReturn:
+    raise ManifestError(f"invalid manifest: {what}.", hint="Remove the entry and re-publish it.")
+
+
 def _need(cond: bool, what: str) -> None:
     if not cond:
-        raise ManifestError(f"invalid manifest: {what}.", hint="Remove the entry and re-publish it.")
+        _fail(what)
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
 
 
 def _int(v: Any, what: str, *, minimum: int = 0) -> int:
@@ -231,38 +237,46 @@ def _parse_tensors(raw: Any, arena_size: int) -> tuple[TensorSpec, ...]:
     specs: list[TensorSpec] = []
     seen: dict[str, TensorSpec] = {}
     for i, t in enumerate(raw):
-        _need(isinstance(t, dict) and set(t) == _TENSOR_KEYS, f"tensors[{i}] must have exactly {sorted(_TENSOR_KEYS)}")
+        # checks written as `if not ...: _fail(...)`: messages are only built for bad input (hot path)
+        if not (isinstance(t, dict) and t.keys() == _TENSOR_KEYS):
+            _fail(f"tensors[{i}] must have exactly {sorted(_TENSOR_KEYS)}")
         name = t["name"]
-        _need(isinstance(name, str) and _NAME.match(name) is not None
-              and not any(part.startswith("__") for part in name.split(".")),
-              f"tensors[{i}].name {name!r} is not a dotted module path")
-        _need(name not in seen, f"tensor name {name!r} appears twice")
-        _need(t["kind"] in ("param", "buffer"), f"{name}: kind must be 'param' or 'buffer'")
-        _need(isinstance(t["persistent"], bool), f"{name}: persistent must be a boolean")
-        _need(isinstance(t["dtype"], str) and t["dtype"] in DTYPES,
-              f"{name}: dtype {t['dtype']!r} is not one of {sorted(DTYPES)}")
-        shape, stride = t["shape"], t["stride"]
-        _need(isinstance(shape, list) and len(shape) <= 16, f"{name}: shape must be a list of at most 16 dims")
-        _need(isinstance(stride, list) and len(stride) == len(shape), f"{name}: stride must have one entry per dim")
-        shape = tuple(_int(d, f"{name}: shape") for d in shape)
-        stride = tuple(_int(s, f"{name}: stride") for s in stride)
-        offset, nbytes = _int(t["offset"], f"{name}: offset"), _int(t["nbytes"], f"{name}: nbytes")
-        itemsize = torch.empty((), dtype=DTYPES[t["dtype"]]).element_size()
+        if not (isinstance(name, str) and _NAME.match(name) and not any(p.startswith("__") for p in name.split("."))):
+            _fail(f"tensors[{i}].name {name!r} is not a dotted module path")
+        if name in seen:
+            _fail(f"tensor name {name!r} appears twice")
+        kind, persistent, dtype, shape, stride = t["kind"], t["persistent"], t["dtype"], t["shape"], t["stride"]
+        if kind not in ("param", "buffer"):
+            _fail(f"{name}: kind must be 'param' or 'buffer'")
+        if not isinstance(persistent, bool):
+            _fail(f"{name}: persistent must be a boolean")
+        if not (isinstance(dtype, str) and dtype in DTYPES):
+            _fail(f"{name}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= 16 and all(_is_count(d) for d in shape)):
+            _fail(f"{name}: shape must be a list of at most 16 non-negative integers, got {shape!r}")
+        shape = tuple(shape)
+        if not (isinstance(stride, list) and tuple(stride) == contiguous_stride(shape)):
+            _fail(f"{name}: stride {stride!r} is not the contiguous stride {list(contiguous_stride(shape))} "
+                  "that layout v1 writes")
+        offset, nbytes = t["offset"], t["nbytes"]
+        if not (_is_count(offset) and _is_count(nbytes)):
+            _fail(f"{name}: offset and nbytes must be non-negative integers, got {offset!r}, {nbytes!r}")
+        itemsize = ITEMSIZE[dtype]
         numel = math.prod(shape)
-        _need(nbytes == numel * itemsize, f"{name}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
-        _need(stride == contiguous_stride(shape), f"{name}: stride {list(stride)} is not the contiguous stride "
-                                                  f"{list(contiguous_stride(shape))} that layout v1 writes")
-        _need(offset % itemsize == 0, f"{name}: offset {offset} is not aligned to its {itemsize}-byte elements")
-        _need(offset + nbytes <= arena_size, f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the "
-                                             f"{arena_size}-byte arena")
+        if nbytes != numel * itemsize:
+            _fail(f"{name}: nbytes {nbytes} != {numel} elements x {itemsize} bytes")
+        if offset % itemsize:
+            _fail(f"{name}: offset {offset} is not aligned to its {itemsize}-byte elements")
+        if offset + nbytes > arena_size:
+            _fail(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the {arena_size}-byte arena")
         alias = t["alias_of"]
         if alias is not None:
-            _need(isinstance(alias, str) and alias in seen and seen[alias].alias_of is None,
-                  f"{name}: alias_of {alias!r} names no earlier stored tensor")
+            if not (isinstance(alias, str) and alias in seen and seen[alias].alias_of is None):
+                _fail(f"{name}: alias_of {alias!r} names no earlier stored tensor")
             target = seen[alias]
-            _need((target.offset, target.nbytes, target.dtype, target.shape) == (offset, nbytes, t["dtype"], shape),
-                  f"{name}: alias of {alias!r} must have the same offset, size, dtype and shape")
-        spec = TensorSpec(name, t["kind"], t["persistent"], t["dtype"], shape, stride, offset, nbytes, alias)
+            if (target.offset, target.nbytes, target.dtype, target.shape) != (offset, nbytes, dtype, shape):
+                _fail(f"{name}: alias of {alias!r} must have the same offset, size, dtype and shape")
+        spec = TensorSpec(name, kind, persistent, dtype, shape, tuple(stride), offset, nbytes, alias)
         seen[name] = spec
         specs.append(spec)
     stored = sorted((s for s in specs if s.alias_of is None and s.nbytes), key=lambda s: s.offset)

@@ -1,6 +1,7 @@
 """How transformers loads, fingerprints and skeletons a model, for the sharedcache core."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,7 +87,7 @@ class HFSource:
         extra = {k: self.kwargs[k] for k in ("attn_implementation",) if k in self.kwargs}
         if self.args:
             raise UnsupportedModel("positional model arguments cannot be reproduced on attach.")
-        with torch.device("meta"):
+        with torch.device("meta"), _no_init():
             return self.cls._from_config(self.config(), dtype=self.requested_dtype(), **extra)
 
     def finish(self, model: nn.Module, *, attached: bool) -> nn.Module:
@@ -158,6 +159,15 @@ class HFSource:
                 getattr(q, "load_in_4bit", False) or getattr(q, "load_in_8bit", False):
             return f"bitsandbytes ({method})"
         return str(method)
+
+
+def _no_init():
+    """transformers' own switch that skips weight initialisation: a skeleton's values are never read."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older 5.x: initialising meta tensors is only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _config_digest(config) -> str:
