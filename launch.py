@@ -21,12 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sharedcache import CacheSettings, Role, SharedCacheError, backends
-from sharedcache.conf import register_resolvers
+from sharedcache.conf import register_resolvers, role_of
 
 log = logging.getLogger("sharedcache.launch")
 register_resolvers()
 
-_LAUNCHER_ROLE_KEYS = ("hold",)  # role keys for the launcher, not the core
 
 
 def process_age() -> float:
@@ -72,6 +71,25 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     finally:
         hf.uninstall()
     instance = hf.instance_of(model)
+    report = instance.report
+    report.extra.update(pid=os.getpid(), run_dir=str(out),
+                        versions={"torch": torch.__version__, "transformers": transformers.__version__})
+    if cfg["role"]["generate"]:
+        report.extra.update(_generate(cfg, model, tokenizer))
+    _write_report(out / cfg["report_file"], report.to_json())
+    print(report.summary())
+    if "generated" in report.extra:
+        print(f"  generated: {report.extra['generated']!r}  (tokens {report.extra['generated_tokens']})")
+    print(f"  report: {out / cfg['report_file']}", flush=True)
+    if cfg["role"]["hold"] and report.mode == "save" and report.fallback is None:
+        _hold(instance, settings)
+    return report.to_json()
+
+
+def _generate(cfg: dict[str, Any], model, tokenizer) -> dict[str, Any]:
+    """Greedy generation from `prompt`: the logits digest and tokens are what parity checks compare."""
+    import torch
+
     inputs = tokenizer(cfg["prompt"], return_tensors="pt").to(model.device)
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -80,22 +98,13 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
                                 min_new_tokens=cfg["min_new_tokens"], do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
     new = tokens[0, inputs["input_ids"].shape[1]:]
-    report = instance.report
-    report.extra.update(
-        generated=tokenizer.decode(new, skip_special_tokens=True),
-        generated_tokens=new.tolist(),
-        logits_sha256=hashlib.sha256(logits.float().cpu().numpy().tobytes()).hexdigest(),
-        prompt=cfg["prompt"], pid=os.getpid(), run_dir=str(out),
-        process_to_first_token_seconds=round(first_token_age, 3),
-        versions={"torch": torch.__version__, "transformers": transformers.__version__},
-    )
-    _write_report(out / cfg["report_file"], report.to_json())
-    print(report.summary())
-    print(f"  generated: {report.extra['generated']!r}  (tokens {report.extra['generated_tokens']})")
-    print(f"  report: {out / cfg['report_file']}", flush=True)
-    if cfg["role"]["hold"] and report.mode == "save" and report.fallback is None:
-        _hold(instance, settings)
-    return report.to_json()
+    return {
+        "generated": tokenizer.decode(new, skip_special_tokens=True),
+        "generated_tokens": new.tolist(),
+        "logits_sha256": hashlib.sha256(logits.float().cpu().numpy().tobytes()).hexdigest(),
+        "prompt": cfg["prompt"],
+        "process_to_first_token_seconds": round(first_token_age, 3),
+    }
 
 
 def _hold(instance, settings: CacheSettings) -> None:
@@ -133,7 +142,7 @@ def main(dcfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         # both checked before anything loads: a wrong role or cache config costs nothing
-        role = Role.from_mapping({k: v for k, v in cfg["role"].items() if k not in _LAUNCHER_ROLE_KEYS})
+        role = role_of(cfg)
         settings = CacheSettings.from_mapping(cfg["cache"])
         if cfg["engine"]["name"] != "hf":
             raise SystemExit(f"[launch] engine {cfg['engine']['name']!r} is not supported by this build (hf).")

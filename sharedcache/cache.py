@@ -110,6 +110,24 @@ class Entry:
         """The process that published `manifest` is running and still holds the entry."""
         return manifest.owner.running() and self.claimed()
 
+    def mapped_by(self, manifest: Manifest) -> list[int] | None:
+        """Pids of the processes that map this entry's arena file (cpu_shm); None where the
+        backend leaves no trace in /proc (GPU memory)."""
+        name = manifest.handle.get("file")
+        if not isinstance(name, str):
+            return None
+        path = str(self.dir / name)
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if path in (proc / "maps").read_text():
+                    pids.append(int(proc.name))
+            except OSError:  # the process ended, or is not ours to read
+                continue
+        return sorted(pids)
+
     def _owner_hint(self) -> str:
         try:
             return f" (pid {self.read().owner.pid})"

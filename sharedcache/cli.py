@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from typing import Any
 
 from .cache import CacheDir, Entry
+from .conf import conf_dir
 from .errors import SharedCacheError
 from .manifest import Manifest, boot_id
 
@@ -21,11 +23,14 @@ def _cache_dir(args: argparse.Namespace) -> str:
 
 
 def entry_state(entry: Entry, manifest: Manifest) -> str:
-    """live: owner running; orphaned: owner gone but the arena remains attachable; stale: not attachable."""
+    """live: its owner runs; replacing: owner gone, a new owner is loading; orphaned: owner gone,
+    arena still attachable; stale: nothing can attach to it any more."""
     if entry.owner_alive(manifest):
         return "live"
     if manifest.owner.boot_id != boot_id():
         return "stale"
+    if entry.claimed():
+        return "replacing"
     from .backends import backend_class
 
     try:
@@ -35,7 +40,19 @@ def entry_state(entry: Entry, manifest: Manifest) -> str:
     if backend.attach_needs_owner:
         return "stale"
     file = manifest.handle.get("file")
-    return "orphaned" if not file or (entry.dir / file).exists() else "stale"
+    return "orphaned" if isinstance(file, str) and (entry.dir / file).exists() else "stale"
+
+
+def _holders(entry: Entry, m: Manifest) -> str:
+    pids = entry.mapped_by(m)
+    return "n/a" if pids is None else (",".join(map(str, pids)) or "-")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`launch.py role=holder` with the given overrides: the process becomes the holder."""
+    launch = conf_dir().parent / "launch.py"
+    extra = [f"cache.dir={args.dir}"] if args.dir else []
+    os.execv(sys.executable, [sys.executable, str(launch), "role=holder", *extra, *args.overrides])
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -47,15 +64,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         try:
             m = entry.read()
         except SharedCacheError as e:
-            rows.append((entry.key, "?", "?", "?", "?", "corrupt", str(e)[:60]))
+            rows.append((entry.key, "?", "?", "?", "?", "corrupt", "?", str(e)[:60]))
             continue
         rows.append((entry.key, m.fingerprint.model, m.backend, f"{m.arena.size / 2**20:.1f} MiB",
-                     str(m.owner.pid), entry_state(entry, m),
+                     str(m.owner.pid), entry_state(entry, m), _holders(entry, m),
                      dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")))
     if not rows:
         print(f"no entries in {root}")
         return 0
-    header = ("KEY", "MODEL", "BACKEND", "SIZE", "OWNER", "STATE", "CREATED")
+    header = ("KEY", "MODEL", "BACKEND", "SIZE", "OWNER", "STATE", "MAPPED BY", "CREATED")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -71,6 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out: list[tuple[str, Any]] = [
         ("key", m.key), ("state", entry_state(entry, m)),
         ("owner", f"pid {m.owner.pid} on {m.owner.host}, uid {m.owner.uid}, boot {m.owner.boot_id[:8]}"),
+        ("mapped by", _holders(entry, m)),
         ("created", dt.datetime.fromtimestamp(m.created).isoformat(timespec="seconds")),
         ("backend", f"{m.backend}  handle {m.handle}"), ("device", m.device),
         ("arena", f"{m.arena.size} bytes (granularity {m.arena.granularity}, alignment {m.arena.alignment}), "
@@ -95,10 +113,58 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove entries nothing can use: dead owner and not mapped, other boot, missing arena. An entry
+    whose owner lives, that a new owner is claiming, or that some process maps is never touched."""
+    removed = kept = 0
+    for entry in CacheDir(_cache_dir(args)).entries():
+        try:
+            claim = entry.claim()
+        except SharedCacheError:
+            kept += 1  # a live owner, or one still saving
+            continue
+        try:
+            why = _collectable(entry)
+            if why is None:
+                kept += 1
+                continue
+            with entry.write_lock():
+                entry.manifest_path.unlink(missing_ok=True)
+                for path in entry.dir.glob("arena-*"):
+                    path.unlink(missing_ok=True)
+            removed += 1
+            print(f"removed {entry.key}: {why}")
+        finally:
+            os.close(claim)
+    print(f"gc: {removed} removed, {kept} kept")
+    return 0
+
+
+def _collectable(entry: Entry) -> str | None:
+    """Why the entry can go, or None to keep it. Called while holding its owner lock."""
+    leftovers = list(entry.dir.glob("arena-*"))
+    if not entry.published():
+        return "arena files left by an owner that never published" if leftovers else None
+    try:
+        m = entry.read()
+    except SharedCacheError as e:
+        return f"unreadable manifest ({e})"
+    if m.owner.running():
+        return None  # cannot happen while we hold the lock, but never remove a live owner's entry
+    if entry.mapped_by(m):
+        return None
+    if m.owner.boot_id != boot_id():
+        return "published before the last reboot"
+    state = entry_state(entry, m)
+    return f"owner pid {m.owner.pid} is gone ({state})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sharedcache", description="Inspect the shared weight cache.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("ls", "list cache entries"), ("inspect", "print one entry's manifest")):
+    for name, help_ in (("ls", "list cache entries"), ("inspect", "print one entry's manifest"),
+                        ("gc", "remove entries nothing can use"),
+                        ("serve", "hold a model's weights for others to attach (launch.py role=holder)")):
         sp = sub.add_parser(name, help=help_)
         if name == "inspect":
             sp.add_argument("key")
@@ -108,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("overrides", nargs="*", default=[], help="Hydra overrides, e.g. cache=... model=tiny")
     args = p.parse_args(argv)
     try:
-        return {"ls": cmd_ls, "inspect": cmd_inspect}[args.cmd](args)
+        return {"ls": cmd_ls, "inspect": cmd_inspect, "gc": cmd_gc, "serve": cmd_serve}[args.cmd](args)
     except SharedCacheError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

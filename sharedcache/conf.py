@@ -35,3 +35,13 @@ def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides or [])
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+LAUNCHER_ROLE_KEYS = ("hold", "generate")  # role keys for launch.py, not for the core
+
+
+def role_of(cfg: dict[str, Any]):
+    """The core Role of a composed config (launcher-only keys left out)."""
+    from .roles import Role
+
+    return Role.from_mapping({k: v for k, v in cfg["role"].items() if k not in LAUNCHER_ROLE_KEYS})

@@ -289,6 +289,7 @@ def align_save(s: InstanceState) -> None:
     for ref in s.refs:
         by_root.setdefault(specs[ref.name].alias_of or ref.name, []).append(ref)
     # tensor by tensor: copy, rebind every ref of it, let the original go - peak stays near one copy
+    progress = _Progress(f"[{s.role.name}] packing into the arena", s.layout.payload_bytes)
     for root, refs in by_root.items():
         spec = specs[root]
         s.arena.commit(spec.offset + spec.nbytes)
@@ -298,6 +299,30 @@ def align_save(s: InstanceState) -> None:
         grad = src.requires_grad
         del src
         bind(refs, {root: view}, specs, requires_grad={root: grad})
+        progress.advance(spec.nbytes)
+    progress.close()
+
+
+class _Progress:
+    """A progress line on stderr for a step that turns out to take more than a second."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.done = what, max(total, 1), 0
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.start >= 1.0 and now - self.last >= 0.5:
+            self.last, self.shown = now, True
+            sys.stderr.write(f"\r{self.what}: {100 * self.done / self.total:5.1f}% "
+                             f"({self.done / 2**30:.2f} / {self.total / 2**30:.2f} GiB)")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write(f"\r{self.what}: done in {time.monotonic() - self.start:.1f}s{' ' * 20}\n")
 
 
 def serialize_save(s: InstanceState) -> None:

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 from sharedcache import CacheSettings, Role
-from sharedcache.conf import compose
+from sharedcache.conf import compose, role_of
 
 
 def role_and_settings(role: str, cache_dir: Path, *overrides: str) -> tuple[Role, CacheSettings, dict]:
     cfg = compose([f"role={role}", f"cache.dir={cache_dir}", *overrides])
-    r = Role.from_mapping({k: v for k, v in cfg["role"].items() if k != "hold"})
+    r = role_of(cfg)
     return r, CacheSettings.from_mapping(cfg["cache"]), cfg
 
 

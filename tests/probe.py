@@ -50,12 +50,12 @@ def main() -> None:
 
     from integrations import hf
     from sharedcache import CacheSettings, Role
-    from sharedcache.conf import compose
+    from sharedcache.conf import compose, role_of
 
     cfg = compose([f"role={'plain' if a.role == 'bare' else a.role}", f"cache.dir={a.cache_dir}", f"model={a.model}",
                    f"model.embedded.dir={a.home}/models/{a.model}", *a.override])
     path = cfg["model"]["embedded"]["dir"]
-    role = Role.from_mapping({k: v for k, v in cfg["role"].items() if k != "hold"})
+    role = role_of(cfg)
     settings = CacheSettings.from_mapping(cfg["cache"])
     import transformers.generation  # noqa: F401 - imported before measuring: code is not weights
     import transformers.models.llama.modeling_llama  # noqa: F401

@@ -5,13 +5,13 @@ import pytest
 
 from conftest import REPO
 from sharedcache import CacheSettings, ConfigError, Mode, Role
-from sharedcache.conf import compose
+from sharedcache.conf import compose, role_of
 
 ROLES = sorted(p.stem for p in (REPO / "conf" / "role").glob("*.yaml"))
 
 
 def _role(cfg) -> Role:
-    return Role.from_mapping({k: v for k, v in cfg["role"].items() if k != "hold"})
+    return role_of(cfg)
 
 
 @pytest.mark.parametrize("role", ROLES)

@@ -95,6 +95,9 @@ def receive_fds(path: Path, timeout_s: float) -> tuple[dict[str, Any], list[int]
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise ArenaError(f"no owner answers at {path} ({e.strerror}); its memory can no longer be imported.",
                              hint="Start the prefill (or a holder) again, then attach.") from e
+        except OSError as e:
+            raise ArenaError(f"cannot reach the owner at {path}: {e.strerror}.",
+                             hint="Attach as the same user as the owner, with access to cache.dir.") from e
         connected = time.perf_counter()
         header: dict[str, Any] | None = None
         while header is None or len(fds) < header["fds"]:
