@@ -144,7 +144,7 @@ class CacheDir:
         self.root = Path(root)
 
     def entry(self, key: str) -> Entry:
-        if not isinstance(key, str) or not _KEY.match(key):
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise ConfigError(f"cache key {key!r} is not a plain name (letters, digits, '_', '.', '-'; "
                               "at most 128 characters).", hint="Set cache.key to such a name.")
         ensure_private_dir(self.root)
@@ -154,4 +154,4 @@ class CacheDir:
         if not self.root.is_dir():
             return []
         return [Entry(self.root, p.name) for p in sorted(self.root.iterdir())
-                if p.is_dir() and not p.is_symlink() and _KEY.match(p.name)]
+                if p.is_dir() and not p.is_symlink() and _KEY.fullmatch(p.name)]

@@ -41,10 +41,14 @@ class Fingerprint:
         if not isinstance(data, dict) or set(data) != names:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"fingerprint must have exactly the fields {sorted(names)}, got {got}")
-        weights = tuple(tuple(w) for w in data["weights"])
-        if not all(len(w) == 3 for w in weights):
+        for f in fields(cls):
+            if f.name != "weights" and not _is_a(data[f.name], _TYPES[f.name]):
+                raise ValueError(f"fingerprint.{f.name} must be {_TYPES[f.name]}, got {type(data[f.name]).__name__}")
+        raw = data["weights"]
+        if not (isinstance(raw, list) and all(isinstance(w, list) and len(w) == 3 and isinstance(w[0], str)
+                                              and type(w[1]) is int and type(w[2]) is int for w in raw)):
             raise ValueError("fingerprint.weights must be [name, size, mtime_ns] triples")
-        return cls(**{**data, "weights": weights})
+        return cls(**{**data, "weights": tuple(tuple(w) for w in raw)})
 
     def digest(self) -> str:
         body = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
@@ -57,6 +61,17 @@ class Fingerprint:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+_TYPES = {"engine": "str", "engine_version": "str", "model": "str", "revision": "str|None",
+          "config_sha256": "str", "dtype": "str", "quantization": "str|None", "device": "str",
+          "tp_rank": "int", "tp_size": "int", "layout_version": "int"}
+
+
+def _is_a(value: Any, kind: str) -> bool:
+    if value is None:
+        return kind.endswith("|None")
+    return type(value) is (str if kind.startswith("str") else int)
 
 
 def weight_files(model_dir: str | os.PathLike) -> tuple[tuple[str, int, int], ...]:

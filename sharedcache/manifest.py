@@ -190,7 +190,7 @@ def _str(v: Any, what: str) -> str:
 def parse_manifest(data: Any) -> Manifest:
     _need(isinstance(data, dict), "top level must be a JSON object")
     schema = data.get("schema")
-    if schema != SCHEMA_VERSION:
+    if type(schema) is not int or schema != SCHEMA_VERSION:
         raise ManifestError(
             f"manifest schema version {schema!r} is not supported (this sharedcache reads version {SCHEMA_VERSION}).",
             hint="Use the same sharedcache version for owner and attacher, or re-publish the entry.")
@@ -199,9 +199,10 @@ def parse_manifest(data: Any) -> Manifest:
     _need(not unknown, f"unknown fields {sorted(unknown)}")
     try:
         fp = Fingerprint.from_json(data["fingerprint"])
-    except (TypeError, ValueError) as e:
+        digest = fp.digest()
+    except (TypeError, ValueError, RecursionError) as e:
         raise ManifestError(f"invalid manifest: fingerprint: {e}.") from e
-    _need(data["fingerprint_digest"] == fp.digest(), "fingerprint_digest does not match the fingerprint")
+    _need(data["fingerprint_digest"] == digest, "fingerprint_digest does not match the fingerprint")
     o = data["owner"]
     _need(isinstance(o, dict) and set(o) == {"pid", "host", "boot_id", "uid", "start_ticks"},
           "owner must have pid, host, boot_id, uid, start_ticks")
@@ -241,7 +242,8 @@ def _parse_tensors(raw: Any, arena_size: int) -> tuple[TensorSpec, ...]:
         if not (isinstance(t, dict) and t.keys() == _TENSOR_KEYS):
             _fail(f"tensors[{i}] must have exactly {sorted(_TENSOR_KEYS)}")
         name = t["name"]
-        if not (isinstance(name, str) and _NAME.match(name) and not any(p.startswith("__") for p in name.split("."))):
+        if not (isinstance(name, str) and _NAME.fullmatch(name)
+                and not any(part.startswith("__") for part in name.split("."))):
             _fail(f"tensors[{i}].name {name!r} is not a dotted module path")
         if name in seen:
             _fail(f"tensor name {name!r} appears twice")
@@ -255,7 +257,10 @@ def _parse_tensors(raw: Any, arena_size: int) -> tuple[TensorSpec, ...]:
         if not (isinstance(shape, list) and len(shape) <= 16 and all(_is_count(d) for d in shape)):
             _fail(f"{name}: shape must be a list of at most 16 non-negative integers, got {shape!r}")
         shape = tuple(shape)
-        if not (isinstance(stride, list) and tuple(stride) == contiguous_stride(shape)):
+        if math.prod(max(d, 1) for d in shape) > arena_size:  # zero-size tensors may not hide huge dims
+            _fail(f"{name}: shape {list(shape)} cannot lie in a {arena_size}-byte arena")
+        if not (isinstance(stride, list) and all(type(x) is int for x in stride)
+                and tuple(stride) == contiguous_stride(shape)):
             _fail(f"{name}: stride {stride!r} is not the contiguous stride {list(contiguous_stride(shape))} "
                   "that layout v1 writes")
         offset, nbytes = t["offset"], t["nbytes"]

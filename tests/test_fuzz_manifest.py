@@ -37,6 +37,9 @@ from sharedcache.fingerprint import Fingerprint
 from sharedcache.layout import DTYPES, ITEMSIZE, TensorSlot, TensorSpec, contiguous_stride, layout_digest, plan
 from sharedcache.manifest import ArenaInfo, Manifest, Owner, read_manifest, write_manifest
 
+# hypothesis's shrinker may repr the (large) JSON-value strategy while inverting a value; harmless
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning")
+
 # ---------------------------------------------------------------- the published entry
 
 SLOTS = [
@@ -208,6 +211,11 @@ def _itemsize(t: dict) -> int:
     return ITEMSIZE.get(t.get("dtype"), 1) if isinstance(t.get("dtype"), str) else 1
 
 
+def _pick(draw, seq: list) -> Any:
+    """draw(st.sampled_from(seq)), without `seq` in a strategy's repr (it may hold huge values)."""
+    return seq[draw(st.integers(0, len(seq) - 1))]
+
+
 # ---------------------------------------------------------------- mutations
 # Each takes (draw, doc), mutates doc in place and returns a description for the report.
 
@@ -221,7 +229,7 @@ def m_replace_any(draw, doc) -> str:
         doc.clear()
         doc["__root__"] = value  # marker: the serializer writes `value` as the whole document
         return f"root := {value!r}"
-    path = draw(st.sampled_from(paths))
+    path = _pick(draw, paths)
     value = draw(json_values)
     _get(doc, path[:-1])[path[-1]] = value
     return f"{path} := {value!r}"
@@ -231,7 +239,7 @@ def m_delete_any(draw, doc) -> str:
     paths = _child_paths(doc)
     if not paths:
         return "nothing to delete"
-    path = draw(st.sampled_from(paths))
+    path = _pick(draw, paths)
     parent = _get(doc, path[:-1])
     del parent[path[-1]]
     return f"del {path}"
@@ -239,7 +247,7 @@ def m_delete_any(draw, doc) -> str:
 
 def m_add_key(draw, doc) -> str:
     dicts = [p for p in [()] + _child_paths(doc) if isinstance(_get(doc, p), dict)]
-    path = draw(st.sampled_from(dicts))
+    path = _pick(draw, dicts)
     key = draw(st.sampled_from(KNOWN_KEYS) | st.text(max_size=6))
     value = draw(json_values)
     _get(doc, path)[key] = value
@@ -250,7 +258,7 @@ def m_duplicate_item(draw, doc) -> str:
     lists = [p for p in _child_paths(doc) if isinstance(_get(doc, p), list) and _get(doc, p)]
     if not lists:
         return "no list to duplicate into"
-    path = draw(st.sampled_from(lists))
+    path = _pick(draw, lists)
     lst = _get(doc, path)
     i = draw(st.integers(0, len(lst) - 1))
     lst.insert(draw(st.integers(0, len(lst))), copy.deepcopy(lst[i]))
@@ -287,7 +295,7 @@ def _tensor_field_values(doc: Any, tensors: list[dict], t: dict, key: str):
 
 def _draw_value(draw, targeted: list):
     """Three times in four a value aimed at the field, else any JSON value."""
-    return draw(st.sampled_from(targeted)) if draw(st.integers(0, 3)) else draw(json_values)
+    return _pick(draw, targeted) if draw(st.integers(0, 3)) else draw(json_values)
 
 
 def m_tensor_field(draw, doc) -> str:
@@ -296,7 +304,7 @@ def m_tensor_field(draw, doc) -> str:
         return "no tensor table"
     i = draw(st.integers(0, len(tensors) - 1))
     t = tensors[i]
-    key = draw(st.sampled_from(sorted(t) or ["name"]))
+    key = _pick(draw, sorted(t) or ["name"])
     value = _draw_value(draw, _tensor_field_values(doc, tensors, t, key))
     t[key] = value
     return f"tensors[{i}].{key} := {value!r}"
@@ -316,7 +324,8 @@ def m_reshape(draw, doc) -> str:
         huge = draw(st.lists(st.sampled_from([3, 2**31, 2**32, 2**62, 2**63, 2**64, 2**70]), min_size=1, max_size=3))
         shape = draw(st.permutations([0] + huge))
     else:
-        dim = st.sampled_from([0, 1, 2, 3, 7, 64, 1024, 2**31, 2**32, 2**62, 2**63, 2**64, 2**70, -1]) | st.integers(0, 9)
+        dim = (st.sampled_from([0, 1, 2, 3, 7, 64, 1024, 2**31, 2**32, 2**62, 2**63, 2**64, 2**70, -1])
+               | st.integers(0, 9))
         shape = draw(st.lists(dim, max_size=draw(st.sampled_from([2, 4, 16, 18]))))
     t["shape"] = shape
     t["stride"] = list(contiguous_stride(tuple(shape)))
@@ -363,7 +372,8 @@ def m_move(draw, doc) -> str:
     choices = [size - nbytes, size - nbytes + itemsize, size, size + itemsize, size * 2, 2**63 - itemsize,
                2**64, 2**70, 0, -itemsize, -(2**70)]
     choices += [x["offset"] for x in tensors if type(x.get("offset")) is int]
-    offset = draw(st.sampled_from(choices) | st.integers(-(2**66), 2**66).map(lambda o: o - o % itemsize))
+    offset = _pick(draw, choices) if draw(st.integers(0, 3)) else draw(st.integers(-(2**66), 2**66))
+    offset -= offset % itemsize if draw(st.booleans()) else 0
     t["offset"] = offset
     return f"tensors[{i}].offset := {offset}"
 
@@ -436,10 +446,11 @@ def m_names(draw, doc) -> str:
     i = draw(st.integers(0, len(tensors) - 1))
     j = draw(st.integers(0, len(tensors) - 1))
     old = tensors[i].get("name")
-    new = draw(st.sampled_from(NASTY_STRINGS + [tensors[j].get("name"), "a.b/c", "x.__globals__", "__", "_._",
-                                                "a.weight.__class__"])
-               | st.builds(lambda n: "a" * n, st.sampled_from([64, 10_000]))
-               | st.text(alphabet="ab_./\\\x00\n_.", min_size=0, max_size=12))
+    if draw(st.integers(0, 2)):
+        new = _pick(draw, NASTY_STRINGS + [tensors[j].get("name"), "a.b/c", "x.__globals__", "__", "_._",
+                                          "a.weight.__class__", "a" * 64, "a" * 10_000])
+    else:
+        new = draw(st.text(alphabet="ab_./\\\x00\n_.", min_size=0, max_size=12))
     tensors[i]["name"] = new
     if draw(st.booleans()):
         for t in tensors:
@@ -455,7 +466,7 @@ def m_table(draw, doc) -> str:
         return "no tensor table"
     op = draw(st.sampled_from(["shuffle", "drop", "dup", "clear", "reverse"]))
     if op == "shuffle":
-        doc["tensors"] = draw(st.permutations(tensors))
+        doc["tensors"] = [tensors[k] for k in draw(st.permutations(range(len(tensors))))]
     elif op == "reverse":
         tensors.reverse()
     elif op == "drop":
@@ -488,11 +499,12 @@ def m_handle(draw, doc, real_file: str) -> str:
         {"file": "../../etc/passwd"}, {"file": "/etc/passwd"}, {"file": "arena-x.bin/../../y"},
         {"file": "../outside.bin"}, {"file": "arena-../../outside.bin"}, {"file": "arena-..bin"},
         {"file": real_file, "extra": 1}, {"file": real_file, "offset": 4096}, {"File": real_file},
-        {"file": real_file + "\n"}, {"file": real_file + "/"}, {"file": "./" + real_file}, {"file": "arena-missing.bin"},
+        {"file": real_file + "\n"}, {"file": real_file + "/"}, {"file": "./" + real_file},
+        {"file": "arena-missing.bin"},
         {"file": None}, {"file": 1}, {"file": [real_file]}, {"file": ""}, {}, {"file": "manifest.json"},
         {"file": "arena-" + "x" * 65 + ".bin"}, {"file": "arena-x.bin\x00"},
     ] + [{"file": name} for name in DECOYS]
-    value = draw(st.sampled_from(choices) | json_values)
+    value = _pick(draw, choices) if draw(st.integers(0, 3)) else draw(json_values)
     doc["handle"] = value
     return f"handle := {value!r}"
 
@@ -502,7 +514,7 @@ def m_fingerprint(draw, doc) -> str:
     fp = doc.get("fingerprint") if isinstance(doc, dict) else None
     if not isinstance(fp, dict) or not fp:
         return "no fingerprint"
-    key = draw(st.sampled_from(sorted(fp)))
+    key = _pick(draw, sorted(fp))
     fp[key] = draw(st.sampled_from([None, "", [], {}, ["x", 1, 2], [["x", 1]], "abc", ["abc"], 2**70]) | json_values)
     _refingerprint(doc)
     return f"fingerprint.{key} := {fp[key]!r} (re-signed)"
@@ -513,8 +525,9 @@ def m_top(draw, doc) -> str:
     if not isinstance(doc, dict):
         return "no document"
     key = draw(st.sampled_from(["schema", "created", "key", "backend", "checksums", "owner", "device"]))
-    names = [t.get("name") for t in (_tensors(doc) or []) if isinstance(t.get("name"), str)]
-    stored = [t.get("name") for t in (_tensors(doc) or []) if t.get("alias_of") is None and isinstance(t.get("name"), str)]
+    table = [t for t in (_tensors(doc) or []) if isinstance(t.get("name"), str)]
+    names = [t["name"] for t in table]
+    stored = [t["name"] for t in table if t.get("alias_of") is None]
     targeted = {
         "schema": [0, 2, True, 1.0, "1", None, -1, 2**70],
         "created": [math.nan, math.inf, -math.inf, -1, 1e11, 1e300, True, "1.0", 2**70, None],
@@ -528,7 +541,7 @@ def m_top(draw, doc) -> str:
                   {"pid": True, "host": 1, "boot_id": None, "uid": 1.0, "start_ticks": "0"}],
         "device": [None, [], {"type": "cuda", "index": 0, "uuid": "x"}, "cpu"],
     }
-    doc[key] = draw(st.sampled_from(targeted[key]) | json_values)
+    doc[key] = _pick(draw, targeted[key]) if draw(st.integers(0, 3)) else draw(json_values)
     return f"{key} := {doc[key]!r}"
 
 
@@ -545,10 +558,11 @@ class Case:
     body: bytes
 
     def __repr__(self) -> str:
-        body = re.sub(rb'(\[|\]|\{"a":|\})\1{15,}', lambda r: r.group(1) * 3 + b"<x%d>" % (len(r.group(0)) // len(r.group(1))),
-                      self.body)  # deep nesting, abridged
+        body = re.sub(rb'(\[|\]|\{"a":|\})\1{15,}',  # deep nesting, abridged
+                      lambda r: r.group(1) * 3 + b"<x%d>" % (len(r.group(0)) // len(r.group(1))), self.body)
         body = body if len(body) <= 4000 else body[:4000] + b"...(%d bytes)" % len(body)
-        return "Case(\n  steps=[\n" + "".join(f"    {s!r},\n" for s in self.steps) + f"  ],\n  body={body!r})"
+        steps = [s if len(s) <= 300 else s[:300] + f"...({len(s)} chars)" for s in self.steps]
+        return "Case(\n  steps=[\n" + "".join(f"    {s!r},\n" for s in steps) + f"  ],\n  body={body!r})"
 
 
 def _serialize(draw, doc) -> bytes:
@@ -688,7 +702,8 @@ def _check_views(arena, m: Manifest, views: list[torch.Tensor], file_size: int) 
     base_ptr = base.data_ptr()
     for spec, v in zip(m.tensors, views, strict=True):
         assert v.dtype == DTYPES[spec.dtype] and tuple(v.shape) == spec.shape, (spec, v.dtype, v.shape)
-        assert v.untyped_storage().data_ptr() == base.untyped_storage().data_ptr(), f"{spec.name}: not a view of the arena"
+        assert v.untyped_storage().data_ptr() == base.untyped_storage().data_ptr(), \
+            f"{spec.name}: not a view of the arena"
         # byte offset from the storage (data_ptr() of an empty tensor is 0 in torch, so not used there)
         start = v.storage_offset() * v.element_size() - base.storage_offset()
         if v.numel() == 0:
@@ -777,10 +792,10 @@ FUZZ = settings(
                            HealthCheck.large_base_example],
 )
 
-# The four property tests below run 900 + 700 + 300 + 350 = 2,250 cases per run.
+# The four property tests below run 1,500 + 1,200 + 500 + 800 = 4,000 cases per run (at least 2,000 required).
 
 
-@settings(FUZZ, max_examples=900)
+@settings(FUZZ, max_examples=1500)
 @given(data=st.data())
 def test_mutated_tensor_table_ends_in_a_sharedcache_error(published, data):
     """Overlaps, offsets past the arena, huge/negative/zero-sized shapes, bad strides, alias cycles,
@@ -788,7 +803,7 @@ def test_mutated_tensor_table_ends_in_a_sharedcache_error(published, data):
     _exercise(published, data.draw(doc_cases(published.good, TABLE, redigest_p=9), label="case"))
 
 
-@settings(FUZZ, max_examples=700)
+@settings(FUZZ, max_examples=1200)
 @given(data=st.data())
 def test_mutated_fields_at_any_depth_end_in_a_sharedcache_error(published, data):
     """Keys deleted, added or replaced with any JSON value (deep nesting included), mixed with
@@ -798,7 +813,7 @@ def test_mutated_fields_at_any_depth_end_in_a_sharedcache_error(published, data)
     _exercise(published, case)
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=500)
 @given(data=st.data())
 def test_bad_arena_handles_and_sizes_end_in_a_sharedcache_error(published, data):
     """Handles naming files outside the entry, decoys (short, empty, directory, symlink, FIFO) or
@@ -808,7 +823,7 @@ def test_bad_arena_handles_and_sizes_end_in_a_sharedcache_error(published, data)
     _exercise(published, case)
 
 
-@settings(FUZZ, max_examples=350)
+@settings(FUZZ, max_examples=800)
 @given(data=st.data())
 def test_corrupted_bytes_end_in_a_sharedcache_error(published, data):
     """Truncated at any point, bit flips, inserted/removed bytes, other encodings, random bytes."""

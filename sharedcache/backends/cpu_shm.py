@@ -82,7 +82,7 @@ class CpuShmBackend(Backend):
 def _arena_path(entry_dir: Path, manifest: Manifest) -> Path:
     """The arena file named by the manifest; a name that could leave the entry directory is refused."""
     name = manifest.handle.get("file")
-    if set(manifest.handle) != {"file"} or not isinstance(name, str) or not _FILE.match(name):
+    if set(manifest.handle) != {"file"} or not isinstance(name, str) or not _FILE.fullmatch(name):
         raise ArenaError(f"manifest handle {manifest.handle!r} does not name an arena file inside the entry.",
                          hint="Remove the entry and re-publish it.")
     return entry_dir / name

@@ -46,7 +46,7 @@ class CudaIpcBackend(Backend):
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         h = manifest.handle
-        if set(h) != {"ipc"} or not isinstance(h["ipc"], str) or not _HEX.match(h["ipc"]):
+        if set(h) != {"ipc"} or not isinstance(h["ipc"], str) or not _HEX.fullmatch(h["ipc"]):
             raise ArenaError(f"manifest handle {h!r} is not a 64-byte CUDA IPC handle in hex.",
                              hint="Remove the entry and re-publish it.")
         index = _local_index(manifest)

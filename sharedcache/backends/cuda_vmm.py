@@ -146,7 +146,7 @@ class CudaVmmBackend(Backend):
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         h = manifest.handle
-        if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.match(h["socket"]):
+        if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.fullmatch(h["socket"]):
             raise ArenaError(f"manifest handle {h!r} does not name an owner socket inside the entry.",
                              hint="Remove the entry and re-publish it.")
         index = _local_index(manifest)
