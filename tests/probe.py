@@ -49,7 +49,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from integrations import hf
-    from sharedcache import CacheSettings, Role
+    from sharedcache import CacheSettings
     from sharedcache.conf import compose, role_of
 
     cfg = compose([f"role={'plain' if a.role == 'bare' else a.role}", f"cache.dir={a.cache_dir}", f"model={a.model}",
