@@ -165,11 +165,9 @@ class Instance:
         return mode, None
 
     def _run_phases(self, s: InstanceState) -> None:
-        from . import instance as steps
-
         for name in self.role.phases_for(s.mode):
             step = PHASES[name].steps[s.mode.plan_key]
-            fn = getattr(steps, step.run) if isinstance(step.run, str) else step.run
+            fn = globals()[step.run] if isinstance(step.run, str) else step.run  # built-ins live below
             wall, t0 = time.time(), time.perf_counter()
             fn(s)
             s.timings.append({"name": name, "seconds": round(time.perf_counter() - t0, 6), "start": wall})
