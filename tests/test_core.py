@@ -168,3 +168,13 @@ def test_importing_the_core_imports_nothing_heavy():
             "print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_socket_paths_too_long_for_unix_sockets_are_a_clear_error(tmp_path):
+    from sharedcache.backends.fdpass import FdServer, receive_fds
+
+    long = tmp_path / ("k" * 120) / "arena-1.sock"
+    with pytest.raises(ArenaError, match="shorter cache.dir or cache.key"):
+        FdServer(long, lambda: ({}, []))
+    with pytest.raises(ArenaError, match="shorter cache.dir or cache.key"):
+        receive_fds(long, 1)

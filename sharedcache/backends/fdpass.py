@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 PROTOCOL = 1
 _BATCH = 200  # SCM_MAX_FD is 253
 _MSG = 65536
+_MAX_PATH = 107  # sun_path holds 108 bytes with its terminating NUL
+
+
+def _check_path(path: Path) -> None:
+    if len(os.fsencode(path)) > _MAX_PATH:
+        raise ArenaError(f"socket path {path} is longer than the {_MAX_PATH} bytes a Unix socket address holds.",
+                         hint="Use a shorter cache.dir or cache.key.")
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -36,6 +43,7 @@ def uid_allowed(uid: int) -> bool:
 
 class FdServer:
     def __init__(self, path: Path, payload: Callable[[], tuple[dict[str, Any], list[int]]]) -> None:
+        _check_path(path)
         self.path, self._payload = path, payload
         self._stop = threading.Event()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -85,6 +93,7 @@ class FdServer:
 
 def receive_fds(path: Path, timeout_s: float) -> tuple[dict[str, Any], list[int]]:
     """Ask the owner at `path` for its fds. The caller owns (and must close) what comes back."""
+    _check_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout_s)
     fds: list[int] = []
