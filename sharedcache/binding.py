@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .errors import BindError, UnsupportedModel
-from .layout import DTYPES, TensorSlot, TensorSpec
+from .layout import ITEMSIZE, TensorSlot, TensorSpec, dtype_name, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _check_shareable(ref: TensorRef, t: torch.Tensor) -> None:
         raise UnsupportedModel(f"parameter {ref.name!r} is a {type(t).__module__}.{type(t).__name__} "
                                "(quantized, e.g. bitsandbytes); its state cannot be shared as plain bytes.",
                                hint="Use an unquantized or pre-quantized checkpoint, or set cache.on_unsupported=fallback.")
-    if t.dtype not in DTYPES.values():
+    if str(t.dtype).removeprefix("torch.") not in ITEMSIZE:
         raise UnsupportedModel(f"tensor {ref.name!r} has dtype {t.dtype}, which the arena does not hold.")
 
 
@@ -86,7 +86,7 @@ def stray_meta_tensors(model: nn.Module) -> list[str]:
 def view_of(base: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     """A typed view of `spec`'s bytes inside the uint8 arena tensor `base`."""
     raw = base.narrow(0, spec.offset, spec.nbytes)
-    return raw.view(DTYPES[spec.dtype]).as_strided(spec.shape, spec.stride)
+    return raw.view(torch_dtype(spec.dtype)).as_strided(spec.shape, spec.stride)
 
 
 def check_against(refs: list[TensorRef], expected: dict[str, TensorSlot], specs: dict[str, TensorSpec]) -> None:
@@ -101,7 +101,7 @@ def check_against(refs: list[TensorRef], expected: dict[str, TensorSlot], specs:
                         hint="The prefill loaded another model or architecture; start both with the same model.")
     for ref in refs:
         slot, spec = expected[ref.name], specs[ref.name]
-        if (ref.kind, tuple(slot.shape), slot.dtype) != (spec.kind, spec.shape, DTYPES[spec.dtype]):
+        if (ref.kind, tuple(slot.shape), dtype_name(slot.dtype)) != (spec.kind, spec.shape, spec.dtype):
             raise BindError(f"tensor {ref.name!r}: model expects {ref.kind} {tuple(slot.shape)} {slot.dtype}, "
                             f"entry holds {spec.kind} {spec.shape} {spec.dtype}.",
                             hint="Start prefill and decode with the same model, dtype and config.")

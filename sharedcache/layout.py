@@ -9,36 +9,34 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LAYOUT_VERSION = 1
 
-# dtypes a manifest may name; anything else is refused before a byte is mapped.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
+# dtypes a manifest may name, with their sizes; anything else is refused before a byte is mapped.
+# Plain names, so that reading manifests (the CLI) needs no torch.
+ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1,
 }
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} cannot be placed in a shared arena") from None
+def torch_dtype(name: str):
+    """The torch dtype of an allowed name (imports torch on first use)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in ITEMSIZE:
+        raise ValueError(f"dtype {dtype} cannot be placed in a shared arena")
+    return name
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -125,7 +123,7 @@ def plan(slots: Iterable[TensorSlot], *, alignment: int, granularity: int) -> Ar
         if slot.name in placed:
             raise ValueError(f"tensor name {slot.name!r} appears twice")
         shape = tuple(int(d) for d in slot.shape)
-        itemsize = slot.dtype.itemsize
+        itemsize = ITEMSIZE[dtype_name(slot.dtype)]
         nbytes = math.prod(shape) * itemsize
         if slot.alias_of is not None:
             target = placed[slot.alias_of]

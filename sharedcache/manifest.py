@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .errors import ManifestError
 from .fingerprint import Fingerprint
-from .layout import DTYPES, ITEMSIZE, TensorSpec, contiguous_stride, layout_digest
+from .layout import ITEMSIZE, TensorSpec, contiguous_stride, layout_digest
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -252,8 +252,8 @@ def _parse_tensors(raw: Any, arena_size: int) -> tuple[TensorSpec, ...]:
             _fail(f"{name}: kind must be 'param' or 'buffer'")
         if not isinstance(persistent, bool):
             _fail(f"{name}: persistent must be a boolean")
-        if not (isinstance(dtype, str) and dtype in DTYPES):
-            _fail(f"{name}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if not (isinstance(dtype, str) and dtype in ITEMSIZE):
+            _fail(f"{name}: dtype {dtype!r} is not one of {sorted(ITEMSIZE)}")
         if not (isinstance(shape, list) and len(shape) <= 16 and all(_is_count(d) for d in shape)):
             _fail(f"{name}: shape must be a list of at most 16 non-negative integers, got {shape!r}")
         shape = tuple(shape)

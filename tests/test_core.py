@@ -168,6 +168,11 @@ def test_importing_the_core_imports_nothing_heavy():
             "print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+    # reading the cache (the CLI, manifests) needs no torch at all
+    code = ("import sys, sharedcache, sharedcache.cli, sharedcache.manifest, sharedcache.cache; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_socket_paths_too_long_for_unix_sockets_are_a_clear_error(tmp_path):

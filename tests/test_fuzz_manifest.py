@@ -34,7 +34,7 @@ from sharedcache.binding import view_of
 from sharedcache.cache import CacheDir
 from sharedcache.errors import ManifestError, SharedCacheError
 from sharedcache.fingerprint import Fingerprint
-from sharedcache.layout import DTYPES, ITEMSIZE, TensorSlot, TensorSpec, contiguous_stride, layout_digest, plan
+from sharedcache.layout import ITEMSIZE, TensorSlot, TensorSpec, contiguous_stride, layout_digest, plan
 from sharedcache.manifest import ArenaInfo, Manifest, Owner, read_manifest, write_manifest
 
 # hypothesis's shrinker may repr the (large) JSON-value strategy while inverting a value; harmless
@@ -284,7 +284,7 @@ def _tensor_field_values(doc: Any, tensors: list[dict], t: dict, key: str):
                    [float(s) for s in contiguous_stride(tuple(d for d in shape if type(d) is int))],
                    [bool(s) for s in contiguous_stride(tuple(d for d in shape if type(d) is int))],
                    [0] * len(shape), [-1] * len(shape), [2**63] * len(shape), [1] * (len(shape) + 1), [], None],
-        "dtype": sorted(DTYPES) + ["float", "torch.float32", "complex64", "FLOAT32", "object", "", 5, None],
+        "dtype": sorted(ITEMSIZE) + ["float", "torch.float32", "complex64", "FLOAT32", "object", "", 5, None],
         "name": NASTY_STRINGS + names,
         "alias_of": names + [t.get("name"), "missing.weight", "", 0, ["a.weight"]],
         "kind": ["parameter", "buffers", "", "PARAM", None, 0, ["param"]],
@@ -319,7 +319,7 @@ def m_reshape(draw, doc) -> str:
     i = draw(st.integers(0, len(tensors) - 1))
     t = tensors[i]
     if draw(st.booleans()):
-        t["dtype"] = draw(st.sampled_from(sorted(DTYPES)))
+        t["dtype"] = draw(st.sampled_from(sorted(ITEMSIZE)))
     if draw(st.booleans()):  # zero-sized: nbytes is 0 whatever the other dims are
         huge = draw(st.lists(st.sampled_from([3, 2**31, 2**32, 2**62, 2**63, 2**64, 2**70]), min_size=1, max_size=3))
         shape = draw(st.permutations([0] + huge))
@@ -678,7 +678,7 @@ def _check_accepted(m: Manifest) -> None:
         assert all(parts) and not any(p.startswith("__") for p in parts), f"accepted a dunder/empty name {t.name!r}"
         assert not set(t.name) & {"/", "\\", "\x00"}, f"accepted a name with a path separator {t.name!r}"
         assert t.name not in seen, f"accepted a duplicate name {t.name!r}"
-        assert t.dtype in DTYPES, t
+        assert t.dtype in ITEMSIZE, t
         assert all(type(d) is int and d >= 0 for d in t.shape), t
         assert t.nbytes == math.prod(t.shape) * ITEMSIZE[t.dtype], t
         assert type(t.offset) is int and 0 <= t.offset and t.offset + t.nbytes <= size, f"outside the arena: {t}"
@@ -701,7 +701,7 @@ def _check_views(arena, m: Manifest, views: list[torch.Tensor], file_size: int) 
     assert size == m.arena.size and size <= file_size
     base_ptr = base.data_ptr()
     for spec, v in zip(m.tensors, views, strict=True):
-        assert v.dtype == DTYPES[spec.dtype] and tuple(v.shape) == spec.shape, (spec, v.dtype, v.shape)
+        assert v.dtype == getattr(torch, spec.dtype) and tuple(v.shape) == spec.shape, (spec, v.dtype, v.shape)
         assert v.untyped_storage().data_ptr() == base.untyped_storage().data_ptr(), \
             f"{spec.name}: not a view of the arena"
         # byte offset from the storage (data_ptr() of an empty tensor is 0 in torch, so not used there)

@@ -3,10 +3,12 @@ package costs no CUDA initialisation."""
 from __future__ import annotations
 
 import importlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import BackendUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _REGISTRY: dict[str, type] = {}
 _MODULES = {"cpu_shm": "cpu_shm", "cuda_vmm": "cuda_vmm", "cuda_ipc": "cuda_ipc"}  # name -> module
@@ -61,6 +63,8 @@ def prepare(device: torch.device) -> None:
     """Process start-up work for a device's backends (importing the driver bindings, making the
     device's context current), so that the timed phases measure attaching, not importing."""
     if device.type == "cuda":
+        import torch
+
         from . import cuda_driver
 
         if cuda_driver.unavailable_reason() is None:
