@@ -72,12 +72,12 @@ class Entry:
         finally:
             os.close(fd)
 
-    def claim(self) -> int:
+    def claim(self, retry_s: float = _CLAIM_RETRY_S) -> int:
         """Become this entry's owner: an fd whose exclusive flock lives as long as the owner does.
         Liveness probes hold the lock shared for microseconds, so a refusal is retried briefly."""
         self.ensure()
         fd = _open_lock(self.dir / "owner.lock")
-        deadline = time.monotonic() + _CLAIM_RETRY_S
+        deadline = time.monotonic() + retry_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,7 +116,7 @@ class Entry:
         name = manifest.handle.get("file")
         if not isinstance(name, str):
             return None
-        path = str(self.dir / name)
+        path = os.path.realpath(self.dir / name)  # /proc/<pid>/maps shows resolved paths
         pids = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():

@@ -51,6 +51,10 @@ def _holders(entry: Entry, m: Manifest) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     """`launch.py role=holder` with the given overrides: the process becomes the holder."""
     launch = conf_dir().parent / "launch.py"
+    if not launch.is_file():
+        print(f"error: {launch} not found; `sharedcache serve` needs a source checkout (pip install -e .).",
+              file=sys.stderr)
+        return 2
     extra = [f"cache.dir={args.dir}"] if args.dir else []
     os.execv(sys.executable, [sys.executable, str(launch), "role=holder", *extra, *args.overrides])
 
@@ -115,17 +119,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove entries nothing can use: dead owner and not mapped, other boot, missing arena. An entry
-    whose owner lives, that a new owner is claiming, or that some process maps is never touched."""
+    whose owner lives, that a new owner is claiming, or that some process maps is never touched.
+    The slow checks run first; the owner lock is then taken without waiting (a starting prefill
+    wins) and the entry removed only if it did not change meanwhile."""
     removed = kept = 0
     for entry in CacheDir(_cache_dir(args)).entries():
-        try:
-            claim = entry.claim()
-        except SharedCacheError:
-            kept += 1  # a live owner, or one still saving
+        before = _snapshot(entry)
+        why = _collectable(entry)
+        if why is None:
+            kept += 1
             continue
         try:
-            why = _collectable(entry)
-            if why is None:
+            claim = entry.claim(retry_s=0)
+        except SharedCacheError:
+            kept += 1  # someone became the owner meanwhile
+            continue
+        try:
+            if _snapshot(entry) != before:
                 kept += 1
                 continue
             with entry.write_lock():
@@ -140,8 +150,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot(entry: Entry) -> tuple:
+    """What gc decided on: the manifest's bytes and the arena files present."""
+    try:
+        manifest = entry.manifest_path.read_bytes()
+    except OSError:
+        manifest = None
+    return manifest, sorted(p.name for p in entry.dir.glob("arena-*"))
+
+
 def _collectable(entry: Entry) -> str | None:
-    """Why the entry can go, or None to keep it. Called while holding its owner lock."""
+    """Why the entry can go, or None to keep it."""
+    if entry.claimed():
+        return None  # a live owner, or one still loading
     leftovers = list(entry.dir.glob("arena-*"))
     if not entry.published():
         return "arena files left by an owner that never published" if leftovers else None
@@ -149,14 +170,11 @@ def _collectable(entry: Entry) -> str | None:
         m = entry.read()
     except SharedCacheError as e:
         return f"unreadable manifest ({e})"
-    if m.owner.running():
-        return None  # cannot happen while we hold the lock, but never remove a live owner's entry
-    if entry.mapped_by(m):
+    if m.owner.running() or entry.mapped_by(m):
         return None
     if m.owner.boot_id != boot_id():
         return "published before the last reboot"
-    state = entry_state(entry, m)
-    return f"owner pid {m.owner.pid} is gone ({state})"
+    return f"owner pid {m.owner.pid} is gone ({entry_state(entry, m)})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,7 +242,10 @@ def _compatible_live(entry: Entry, fp: Fingerprint) -> bool:
 
 
 def _unpublish(entry: Entry, manifest: Manifest | None, arena: Arena | None, claim_fd: int | None) -> None:
-    """Owner going away: remove the manifest if it is still ours, then the arena's backing, then the claim."""
+    """Owner going away: remove the manifest if it is still ours, then the arena's backing, then the
+    claim; each step runs even if the one before failed (say, the entry directory was removed)."""
+    if manifest is not None and manifest.owner.pid != os.getpid():
+        return  # a forked child running its parent's finalizer: not ours to undo
     try:
         with entry.write_lock():
             try:
@@ -252,11 +255,15 @@ def _unpublish(entry: Entry, manifest: Manifest | None, arena: Arena | None, cla
             if current is not None and manifest is not None and current.owner.pid == os.getpid() \
                     and current.handle == manifest.handle:
                 entry.manifest_path.unlink(missing_ok=True)
-        if arena is not None:
-            arena.release()
+    except OSError as e:
+        log.warning("could not remove the manifest of %s: %s", entry.key, e)
     finally:
-        if claim_fd is not None:
-            os.close(claim_fd)
+        try:
+            if arena is not None:
+                arena.release()
+        finally:
+            if claim_fd is not None:
+                os.close(claim_fd)
 
 
 # ---------------------------------------------------------------- phase steps (save)

@@ -44,13 +44,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
+_PRIMARY: dict[int, Any] = {}  # device index -> its primary context, retained once per process
+
+
 def use_device(index: int) -> None:
-    """Make the device's primary context (the one torch uses) current on this thread."""
+    """Make the device's primary context (the one torch uses) current on this thread; release
+    callbacks call it too, as they may run on any thread."""
     drv = driver()
-    torch.cuda.init()
-    dev = check(drv.cuDeviceGet(index), "cuDeviceGet")
-    ctx = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-    check(drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    if index not in _PRIMARY:
+        torch.cuda.init()
+        dev = check(drv.cuDeviceGet(index), "cuDeviceGet")
+        _PRIMARY[index] = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+    check(drv.cuCtxSetCurrent(_PRIMARY[index]), "cuCtxSetCurrent")
 
 
 def device_uuid(index: int) -> str:
@@ -96,11 +101,13 @@ def mem_release(handle) -> None:
 
 
 def export_fd(handle) -> int:
+    """An fd for the allocation, close-on-exec so that children started by the owner do not pin it."""
     drv = driver()
-    fd = check(drv.cuMemExportToShareableHandle(
+    fd = int(check(drv.cuMemExportToShareableHandle(
         handle, drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-        "cuMemExportToShareableHandle")
-    return int(fd)
+        "cuMemExportToShareableHandle"))
+    os.set_inheritable(fd, False)
+    return fd
 
 
 def import_fd_close_fd(fd: int):
@@ -170,6 +177,12 @@ def ipc_close(ptr: int) -> None:
     check(driver().cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")
 
 
+def address_range(ptr: int) -> tuple[int, int]:
+    """(base, size) of the allocation that holds `ptr`."""
+    base, size = check(driver().cuMemGetAddressRange(ptr), "cuMemGetAddressRange")
+    return int(base), int(size)
+
+
 # ---------------------------------------------------------------- device memory as a torch tensor
 
 class DeviceRange:
@@ -184,6 +197,13 @@ class DeviceRange:
             "stream": None,
         }
         self._finalizer = weakref.finalize(self, on_release)
+        # at interpreter exit the driver frees everything anyway; unmapping earlier could pull
+        # memory from under kernels still queued or threads still running
+        self._finalizer.atexit = False
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.as_tensor(self, device=torch.device("cuda", self.index))
+        t = torch.as_tensor(self, device=torch.device("cuda", self.index))
+        if t.data_ptr() != self.ptr or t.numel() != self.size:  # a copy would silently unshare
+            raise ArenaError("torch copied the shared range instead of viewing it; this torch is not supported.",
+                             hint="Use torch >= 2.4 with numpy installed.")
+        return t

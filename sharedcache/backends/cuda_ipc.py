@@ -16,6 +16,13 @@ from .base import Arena, Backend
 from .cuda_vmm import _local_index, _quietly, cuda_index, device_record, settle
 
 _HEX = re.compile(r"^[0-9a-f]{128}$")
+_GRANULARITY = 2 << 20
+
+
+def _release_on(index: int, fn, ptr: int) -> None:
+    """Finalizers run on whatever thread drops the last view: make the device current first."""
+    _quietly(cu.use_device, index)
+    _quietly(fn, ptr)
 
 
 @register_backend
@@ -29,7 +36,7 @@ class CudaIpcBackend(Backend):
         return cu.unavailable_reason()
 
     def granularity(self, device: torch.device) -> int:
-        return cu.granularity(cuda_index(device))
+        return _GRANULARITY  # no VMM query: this backend is the fallback where VMM is missing
 
     def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
         index = cuda_index(device)
@@ -40,7 +47,7 @@ class CudaIpcBackend(Backend):
         except BaseException:
             cu.mem_free(ptr)
             raise
-        rng = cu.DeviceRange(ptr, size, index, on_release=lambda: _quietly(cu.mem_free, ptr))
+        rng = cu.DeviceRange(ptr, size, index, on_release=lambda: _release_on(index, cu.mem_free, ptr))
         return Arena(rng.as_tensor(), {"ipc": raw.hex()}, device_record(index), owned=True,
                      _sync=lambda: settle(index))
 
@@ -52,5 +59,10 @@ class CudaIpcBackend(Backend):
         index = _local_index(manifest)
         cu.use_device(index)
         ptr = cu.ipc_open(bytes.fromhex(h["ipc"]))
-        rng = cu.DeviceRange(ptr, manifest.arena.size, index, on_release=lambda: _quietly(cu.ipc_close, ptr))
+        base, size = cu.address_range(ptr)
+        if base != ptr or size < manifest.arena.size:
+            cu.ipc_close(ptr)
+            raise ArenaError(f"the shared allocation holds {size} bytes but the manifest says {manifest.arena.size}.",
+                             hint="Remove the entry and re-publish it.")
+        rng = cu.DeviceRange(ptr, manifest.arena.size, index, on_release=lambda: _release_on(index, cu.ipc_close, ptr))
         return Arena(rng.as_tensor(), dict(h), device_record(index), owned=False)

@@ -29,6 +29,7 @@ from .fdpass import FdServer, receive_fds
 log = logging.getLogger(__name__)
 _SOCKET = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.sock$")
 _HANDLE_KEYS = {"socket", "chunks", "chunk_bytes"}
+_MAX_CHUNKS = 4096  # each chunk is an fd held by the owner and, briefly, by every attacher
 
 
 def device_record(index: int) -> dict:
@@ -63,6 +64,9 @@ class _OwnerChunks:
 
     def commit(self, upto: int) -> None:
         while self.mapped < min(upto, self.size):
+            if len(self.sizes) >= _MAX_CHUNKS:
+                raise ArenaError(f"the arena needs more than {_MAX_CHUNKS} chunks of {self.chunk} bytes.",
+                                 hint="Raise cache.vmm_chunk_mib.")
             size = min(self.chunk, self.size - self.mapped)
             torch.cuda.empty_cache()  # hand the originals already moved back to the driver first
             handle = cu.mem_create(size, self.index)
@@ -81,6 +85,7 @@ class _OwnerChunks:
             self.handle["chunks"] = len(self.sizes)
 
     def unmap(self) -> None:
+        _quietly(cu.use_device, self.index)
         offset = 0
         for size in self.sizes:
             _quietly(cu.mem_unmap, self.ptr + offset, size)
@@ -135,13 +140,20 @@ class CudaVmmBackend(Backend):
         ptr = cu.address_reserve(size, gran)
         state = _OwnerChunks(ptr, size, index, chunk, handle)
         rng = cu.DeviceRange(ptr, size, index, on_release=state.unmap)
+        state.commit(1)  # torch views mapped memory only
+        base = rng.as_tensor()
         server = FdServer(entry_dir / name, lambda: ({"sizes": list(state.sizes)}, list(state.fds)))
+        owner_pid = os.getpid()
 
         def release() -> None:
-            server.close()
-            state.close_fds()
+            if os.getpid() != owner_pid:  # a forked child must not tear down its parent's arena
+                return
+            try:
+                server.close()
+            finally:
+                state.close_fds()
 
-        return Arena(rng.as_tensor(), handle, device_record(index), owned=True, _release=release,
+        return Arena(base, handle, device_record(index), owned=True, _release=release,
                      _commit=state.commit, _sync=lambda: settle(index))
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
@@ -155,8 +167,8 @@ class CudaVmmBackend(Backend):
         header, fds = receive_fds(entry_dir / h["socket"], self.settings.handle_timeout_s if self.settings else 10)
         received = time.perf_counter() - t0
         sizes = header.get("sizes")
-        if not isinstance(sizes, list) or len(sizes) != len(fds) or len(fds) != h["chunks"] \
-                or sum(sizes) != manifest.arena.size:
+        if not (isinstance(sizes, list) and all(type(x) is int and x > 0 for x in sizes)
+                and len(sizes) == len(fds) == h["chunks"] and sum(sizes) == manifest.arena.size):
             for fd in fds:
                 os.close(fd)
             raise ArenaError(f"the owner sent {len(fds)} chunks of {sizes!r} bytes; the manifest describes "
@@ -169,7 +181,10 @@ class CudaVmmBackend(Backend):
 
 def _local_index(manifest: Manifest) -> int:
     uuid = manifest.device.get("uuid")
-    index = cu.device_index_of(uuid) if isinstance(uuid, str) else None
+    if not isinstance(uuid, str) or manifest.fingerprint.device != f"cuda:{uuid}":
+        raise ArenaError(f"entry {manifest.key!r}: its device record {manifest.device!r} does not match its "
+                         f"fingerprint's device {manifest.fingerprint.device!r}.", hint="Re-publish the entry.")
+    index = cu.device_index_of(uuid)
     if index is None:
         raise ArenaError(f"entry {manifest.key!r} lives on GPU {uuid!r}, which this process cannot see.",
                          hint="Attach from a process on the same GPU (check CUDA_VISIBLE_DEVICES).")
@@ -207,6 +222,7 @@ def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) ->
         cu.mem_release(handle)  # the mapping keeps the memory
 
     def unmap() -> None:
+        _quietly(cu.use_device, index)
         offset = 0
         for size in sizes:
             _quietly(cu.mem_unmap, ptr + offset, size)

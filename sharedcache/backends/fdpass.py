@@ -32,7 +32,7 @@ def _check_path(path: Path) -> None:
 
 
 def peer_uid(conn: socket.socket) -> int:
-    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    _pid, uid, _gid = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return uid
 
 
@@ -42,10 +42,13 @@ def uid_allowed(uid: int) -> bool:
 
 
 class FdServer:
+    """Serves `payload()` (a JSON header and fds) to each same-uid peer, one at a time."""
+
     def __init__(self, path: Path, payload: Callable[[], tuple[dict[str, Any], list[int]]]) -> None:
         _check_path(path)
         self.path, self._payload = path, payload
         self._stop = threading.Event()
+        self._busy = threading.Lock()  # held while answering: close() never pulls fds from under a send
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)
         try:
@@ -62,67 +65,96 @@ class FdServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
+            except socket.timeout:
                 continue
-            with conn:
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.warning("fd server on %s cannot accept: %s", self.path, e)
+                self._stop.wait(0.2)
+                continue
+            with conn, self._busy:
+                if self._stop.is_set():
+                    return
                 try:
+                    conn.settimeout(5)
                     self._answer(conn, time.perf_counter())
-                except OSError as e:  # a peer that hung up early harms nobody else
-                    log.debug("fd peer went away: %s", e)
+                except Exception as e:  # noqa: BLE001 - one bad peer must not stop the server; logged
+                    log.warning("fd server on %s: a peer failed: %s", self.path, e)
 
     def _answer(self, conn: socket.socket, accepted: float) -> None:
         uid = peer_uid(conn)
         if not uid_allowed(uid):
             log.warning("refused a peer of uid %d on %s", uid, self.path)
             conn.send(json.dumps({"v": PROTOCOL, "ok": False,
-                                  "error": f"peer uid {uid} is not the owner's uid {os.getuid()}"}).encode())
+                                  "error": f"peer uid {uid} is not the owner's uid {os.getuid()}"}).encode(),
+                      socket.MSG_NOSIGNAL)
             return
         header, fds = self._payload()
         header = {**header, "answered_in_s": time.perf_counter() - accepted}
         batches = [fds[i:i + _BATCH] for i in range(0, len(fds), _BATCH)] or [[]]
         for i, batch in enumerate(batches):
             meta = {"v": PROTOCOL, "ok": True, "fds": len(fds), **(header if i == 0 else {})}
-            socket.send_fds(conn, [json.dumps(meta).encode()], batch)
+            socket.send_fds(conn, [json.dumps(meta).encode()], batch, socket.MSG_NOSIGNAL)
 
     def close(self) -> None:
+        """Stop answering; when this returns no answer is in flight. Safe from any thread."""
         self._stop.set()
-        self._thread.join(timeout=5)
-        self._sock.close()
-        self.path.unlink(missing_ok=True)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+        with self._busy:
+            self._sock.close()
+            self.path.unlink(missing_ok=True)
 
 
 def receive_fds(path: Path, timeout_s: float) -> tuple[dict[str, Any], list[int]]:
-    """Ask the owner at `path` for its fds. The caller owns (and must close) what comes back."""
+    """Ask the owner at `path` for its fds, within `timeout_s` in all. The caller owns (and must
+    close) what comes back; on any failure every received fd is closed and ArenaError raised."""
     _check_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.settimeout(timeout_s)
+    deadline = time.monotonic() + timeout_s
     fds: list[int] = []
     t0 = time.perf_counter()
     try:
+        sock.settimeout(timeout_s)
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise ArenaError(f"no owner answers at {path} ({e.strerror}); its memory can no longer be imported.",
                              hint="Start the prefill (or a holder) again, then attach.") from e
         except OSError as e:
-            raise ArenaError(f"cannot reach the owner at {path}: {e.strerror}.",
+            raise ArenaError(f"cannot reach the owner at {path}: {e.strerror or e}.",
                              hint="Attach as the same user as the owner, with access to cache.dir.") from e
         connected = time.perf_counter()
         header: dict[str, Any] | None = None
         while header is None or len(fds) < header["fds"]:
-            msg, got, _flags, _addr = socket.recv_fds(sock, _MSG, _BATCH)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ArenaError(f"the owner at {path} did not hand over its handles within {timeout_s:g}s.",
+                                 hint="Check that the owner is not stopped, or raise cache.handle_timeout_s.")
+            sock.settimeout(remaining)
+            msg, got, flags, _addr = socket.recv_fds(sock, _MSG, _BATCH)
             fds.extend(got)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ArenaError(f"a message from the owner at {path} was truncated.")
             if not msg:
                 raise ArenaError(f"the owner at {path} hung up after {len(fds)} handles.")
             meta = json.loads(msg)
-            if meta.get("v") != PROTOCOL:
-                raise ArenaError(f"the owner at {path} speaks protocol {meta.get('v')!r}, we speak {PROTOCOL}.",
-                                 hint="Run the same sharedcache version on both sides.")
+            if not isinstance(meta, dict) or meta.get("v") != PROTOCOL:
+                raise ArenaError(f"the owner at {path} speaks another protocol ({str(meta)[:80]}); we speak "
+                                 f"{PROTOCOL}.", hint="Run the same sharedcache version on both sides.")
             if not meta.get("ok"):
                 raise ArenaError(f"the owner at {path} refused us: {meta.get('error')}.")
-            header = header or meta
+            if header is None:
+                if type(meta.get("fds")) is not int or meta["fds"] < 0:
+                    raise ArenaError(f"the owner at {path} sent a malformed header.")
+                header = meta
+            if len(fds) > header["fds"]:
+                raise ArenaError(f"the owner at {path} sent more handles than it announced.")
         header["connect_s"] = connected - t0
         return header, fds
+    except (OSError, ValueError, RecursionError) as e:  # timeouts, bad JSON: the owner's fault, not ours
+        for fd in fds:
+            os.close(fd)
+        raise ArenaError(f"receiving handles from the owner at {path} failed: {e}.") from e
     except BaseException:
         for fd in fds:
             os.close(fd)
