@@ -61,6 +61,14 @@ class _Fallback(Exception):
     """Internal: give up sharing and load normally, for the reason given."""
 
 
+class _Reclaim(Exception):
+    """Internal: an auto instance waiting for an owner found the key free again; it owns it now."""
+
+    def __init__(self, claim_fd: int) -> None:
+        super().__init__("the key was given up; this auto instance takes it over")
+        self.claim_fd = claim_fd
+
+
 @dataclass
 class InstanceState:
     role: Role
@@ -138,7 +146,14 @@ class Instance:
         mode, claim_fd = self._resolve_mode(entry, fingerprint, mode)
         s = InstanceState(self.role, mode, self.settings, self.source, entry, fingerprint, claim_fd=claim_fd)
         try:
-            self._run_phases(s)
+            try:
+                self._run_phases(s)
+            except _Reclaim as r:  # the would-be owner gave up before publishing: save instead
+                log.info("[%s] %s", self.role.name, r)
+                self._abandon(s)
+                s = InstanceState(self.role, Mode.SAVE, self.settings, self.source, entry, fingerprint,
+                                  claim_fd=r.claim_fd)
+                self._run_phases(s)
         except _Fallback as why:
             s.fallback = str(why)
             log.warning("[%s] not sharing: %s; loading normally", self.role.name, s.fallback)
@@ -383,8 +398,9 @@ def intercept_load(s: InstanceState) -> None:
 
 def serialize_load(s: InstanceState) -> None:
     deadline = time.monotonic() + s.settings.wait_timeout_s
+    reclaim = s.role.mode is Mode.AUTO
     while True:
-        manifest = wait_for_manifest(s.entry, deadline, s.settings.wait_timeout_s, s.role.name)
+        manifest = wait_for_manifest(s.entry, deadline, s.settings.wait_timeout_s, s.role.name, reclaim=reclaim)
         _check_compatible(s, manifest)
         backend = backends.get_backend(manifest.backend, s.settings)
         s.owner_alive = s.entry.owner_alive(manifest)
@@ -458,9 +474,11 @@ def _checksums(base: torch.Tensor, specs) -> dict[str, str]:
     return out
 
 
-def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str) -> Manifest:
+def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str, *,
+                      reclaim: bool = False) -> Manifest:
     """Poll until the entry is published (by a live owner, or orphaned with nobody replacing it),
-    until the monotonic `deadline`; a present but invalid manifest fails at once."""
+    until the monotonic `deadline`; a present but invalid manifest fails at once. With `reclaim`
+    (auto mode), a key that nobody publishes or claims any more is claimed (raises _Reclaim)."""
     start = deadline - timeout_s
     last_print = -1.0
     state = "no owner has published it yet"
@@ -477,6 +495,15 @@ def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str
                 if manifest.owner.running() or not entry.claimed():
                     return manifest
                 state = f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
+        elif reclaim and not entry.claimed():
+            try:
+                claim = entry.claim(retry_s=0)
+            except SharedCacheError:
+                pass  # someone else took it: keep waiting for their manifest
+            else:
+                if last_print >= 0:
+                    sys.stderr.write("\n")
+                raise _Reclaim(claim)
         waited = time.monotonic() - start
         if time.monotonic() >= deadline:
             if last_print >= 0:

@@ -60,3 +60,18 @@ def test_plain_role_never_touches_the_cache(launcher, tmp_path):
     plain = launcher.run("plain", f"cache.dir={missing}")
     assert plain.popen.returncode == 0, plain.output()
     assert plain.report()["mode"] == "off" and not missing.exists()
+
+
+def test_auto_waiting_for_a_saver_that_gives_up_takes_the_key_over(launcher, cache_dir):
+    entry = CacheDir(cache_dir).entry("sc-llama-tiny")
+    claim = entry.claim()  # another saver has the key and is loading...
+    try:
+        auto = launcher.start("auto", "cache.wait_timeout_s=120")
+        time.sleep(8)
+        assert auto.popen.poll() is None, auto.output()  # ...so the auto instance waits to attach
+    finally:
+        os.close(claim)  # ...and then dies before publishing
+    rep = auto.wait_report(120)
+    assert rep["mode"] == "save" and rep["fallback"] is None, auto.output()
+    assert (cache_dir / "sc-llama-tiny" / "manifest.json").exists()
+    assert auto.stop() == 0
