@@ -46,9 +46,9 @@ def resolve(name: str, device: torch.device, settings=None):
     if name == "auto":
         if device.type == "cpu":
             return get_backend("cpu_shm", settings)
-        if device.type == "cuda":
-            vmm_reason = backend_class("cuda_vmm").unavailable_reason()
-            return get_backend("cuda_vmm" if vmm_reason is None else "cuda_ipc", settings)
+        if device.type == "cuda":  # one availability probe: get_backend would repeat it
+            vmm = backend_class("cuda_vmm")
+            return vmm(settings) if vmm.unavailable_reason() is None else get_backend("cuda_ipc", settings)
         raise BackendUnavailable(f"no memory backend holds tensors on {device} (available: {known_backends()}).",
                                  hint="Load the model on the CPU or a CUDA device, or set the role's mode to off.")
     backend = get_backend(name, settings)

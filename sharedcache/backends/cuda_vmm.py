@@ -85,17 +85,22 @@ class _OwnerChunks:
             self.handle["chunks"] = len(self.sizes)
 
     def unmap(self) -> None:
-        _quietly(cu.use_device, self.index)
-        offset = 0
-        for size in self.sizes:
-            _quietly(cu.mem_unmap, self.ptr + offset, size)
-            offset += size
-        _quietly(cu.address_free, self.ptr, self.size)
+        _unmap_chunks(self.index, self.ptr, self.sizes, self.size)
 
     def close_fds(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _unmap_chunks(index: int, ptr: int, sizes: list[int], reserved: int) -> None:
+    """Unmap each mapped chunk (an unmap must cover whole mappings), then free the reserved range."""
+    _quietly(cu.use_device, index)
+    offset = 0
+    for size in sizes:
+        _quietly(cu.mem_unmap, ptr + offset, size)
+        offset += size
+    _quietly(cu.address_free, ptr, reserved)
 
 
 def _quietly(fn, *args) -> None:
@@ -193,41 +198,29 @@ def _local_index(manifest: Manifest) -> int:
 
 def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) -> Arena:
     """Import every handle first, then reserve and map; on any failure undo it all."""
-    handles, mapped, ptr = [], 0, None
+    handles, mapped, offset, ptr = [], [], 0, None
     try:
         for i, fd in enumerate(fds):
             fds[i] = -1
             handles.append(cu.import_fd_close_fd(fd))
         ptr = cu.address_reserve(manifest.arena.size, manifest.arena.granularity)
         for handle, size in zip(handles, sizes):
-            cu.mem_map(ptr + mapped, size, handle)
-            mapped += size
+            cu.mem_map(ptr + offset, size, handle)
+            mapped.append(size)
+            offset += size
         cu.set_access(ptr, manifest.arena.size, index)
     except BaseException:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
         if ptr is not None:
-            offset = 0
-            for size in sizes:
-                if offset >= mapped:
-                    break
-                _quietly(cu.mem_unmap, ptr + offset, size)
-                offset += size
-            _quietly(cu.address_free, ptr, manifest.arena.size)
+            _unmap_chunks(index, ptr, mapped, manifest.arena.size)
         for handle in handles:
             _quietly(cu.mem_release, handle)
         raise
     for handle in handles:
         cu.mem_release(handle)  # the mapping keeps the memory
 
-    def unmap() -> None:
-        _quietly(cu.use_device, index)
-        offset = 0
-        for size in sizes:
-            _quietly(cu.mem_unmap, ptr + offset, size)
-            offset += size
-        _quietly(cu.address_free, ptr, manifest.arena.size)
-
-    rng = cu.DeviceRange(ptr, manifest.arena.size, index, on_release=unmap)
+    rng = cu.DeviceRange(ptr, manifest.arena.size, index,
+                         on_release=lambda: _unmap_chunks(index, ptr, sizes, manifest.arena.size))
     return Arena(rng.as_tensor(), dict(manifest.handle), device_record(index), owned=False)
