@@ -214,6 +214,7 @@ class Instance:
         if arena is not None and arena.owned:
             allocated += arena.size
         attaches = shared and s.mode.attaches
+        published = s.layout or s.manifest  # what was packed here, or attached to
         return Report(
             role=self.role.name, mode=s.mode.value, engine=self.source.engine,
             backend=s.backend.name if (shared and s.backend) else None,
@@ -221,8 +222,7 @@ class Instance:
             key=self.settings.key, cache_dir=self.settings.dir,
             fingerprint=s.fingerprint.digest() if s.fingerprint else None,
             tensors=len(s.refs) if shared else 0,
-            bytes_shared=(s.layout.payload_bytes if s.layout else s.manifest.payload_bytes) if shared and
-            (s.layout or s.manifest) else 0,
+            bytes_shared=published.payload_bytes if shared and published else 0,
             arena_bytes=arena.size if arena is not None else 0,
             weight_bytes_allocated=allocated,
             phases=list(s.timings),

@@ -222,6 +222,15 @@ def _pick(draw, seq: list) -> Any:
 Mutation = Callable[[Callable, Any], str]
 
 
+def _draw_tensor(draw, doc) -> tuple[int, dict] | None:
+    """One tensor entry of the manifest (and its index), or None if there is no tensor table."""
+    tensors = _tensors(doc)
+    if tensors is None:
+        return None
+    i = draw(st.integers(0, len(tensors) - 1))
+    return i, tensors[i]
+
+
 def m_replace_any(draw, doc) -> str:
     paths = _child_paths(doc)
     if not paths or draw(st.integers(0, 30)) == 0:
@@ -299,13 +308,12 @@ def _draw_value(draw, targeted: list):
 
 
 def m_tensor_field(draw, doc) -> str:
-    tensors = _tensors(doc)
-    if tensors is None:
+    picked = _draw_tensor(draw, doc)
+    if picked is None:
         return "no tensor table"
-    i = draw(st.integers(0, len(tensors) - 1))
-    t = tensors[i]
+    i, t = picked
     key = _pick(draw, sorted(t) or ["name"])
-    value = _draw_value(draw, _tensor_field_values(doc, tensors, t, key))
+    value = _draw_value(draw, _tensor_field_values(doc, _tensors(doc), t, key))
     t[key] = value
     return f"tensors[{i}].{key} := {value!r}"
 
@@ -313,11 +321,10 @@ def m_tensor_field(draw, doc) -> str:
 def m_reshape(draw, doc) -> str:
     """A new shape (possibly huge, negative, >16 dims or zero-sized with huge dims) with a matching
     stride and nbytes, so only the shape itself is on trial."""
-    tensors = _tensors(doc)
-    if tensors is None:
+    picked = _draw_tensor(draw, doc)
+    if picked is None:
         return "no tensor table"
-    i = draw(st.integers(0, len(tensors) - 1))
-    t = tensors[i]
+    i, t = picked
     if draw(st.booleans()):
         t["dtype"] = draw(st.sampled_from(sorted(ITEMSIZE)))
     if draw(st.booleans()):  # zero-sized: nbytes is 0 whatever the other dims are
@@ -335,11 +342,10 @@ def m_reshape(draw, doc) -> str:
 
 def m_stride(draw, doc) -> str:
     """Strides that are not the contiguous int stride but may compare equal to it."""
-    tensors = _tensors(doc)
-    if tensors is None:
+    picked = _draw_tensor(draw, doc)
+    if picked is None:
         return "no tensor table"
-    i = draw(st.integers(0, len(tensors) - 1))
-    t = tensors[i]
+    i, t = picked
     shape = t.get("shape") if isinstance(t.get("shape"), list) else []
     cs = list(contiguous_stride(tuple(d for d in shape if type(d) is int)))
     variants = {
@@ -362,16 +368,15 @@ def m_stride(draw, doc) -> str:
 
 
 def m_move(draw, doc) -> str:
-    tensors = _tensors(doc)
-    if tensors is None:
+    picked = _draw_tensor(draw, doc)
+    if picked is None:
         return "no tensor table"
-    i = draw(st.integers(0, len(tensors) - 1))
-    t = tensors[i]
+    i, t = picked
     size, itemsize = _arena_size(doc), _itemsize(t)
     nbytes = t.get("nbytes") if type(t.get("nbytes")) is int else 0
     choices = [size - nbytes, size - nbytes + itemsize, size, size + itemsize, size * 2, 2**63 - itemsize,
                2**64, 2**70, 0, -itemsize, -(2**70)]
-    choices += [x["offset"] for x in tensors if type(x.get("offset")) is int]
+    choices += [x["offset"] for x in _tensors(doc) if type(x.get("offset")) is int]
     offset = _pick(draw, choices) if draw(st.integers(0, 3)) else draw(st.integers(-(2**66), 2**66))
     offset -= offset % itemsize if draw(st.booleans()) else 0
     t["offset"] = offset
