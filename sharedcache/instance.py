@@ -91,6 +91,7 @@ class InstanceState:
     owner_alive: bool | None = None
     timings: list[dict[str, Any]] = field(default_factory=list)
     load_seconds: float | None = None
+    wait_seconds: float = 0.0  # load mode: time spent waiting for an owner to publish (not attach work)
     fallback: str | None = None
 
 
@@ -226,7 +227,8 @@ class Instance:
             arena_bytes=arena.size if arena is not None else 0,
             weight_bytes_allocated=allocated,
             phases=list(s.timings),
-            attach_seconds=round(sum(p["seconds"] for p in s.timings), 6) if attaches else None,
+            attach_seconds=round(sum(p["seconds"] for p in s.timings) - s.wait_seconds, 6) if attaches else None,
+            wait_seconds=round(s.wait_seconds, 6),
             load_seconds=round(s.load_seconds, 6) if s.load_seconds is not None else None,
             total_seconds=round(total, 6),
             owner_pid=s.manifest.owner.pid if s.manifest else None,
@@ -400,7 +402,11 @@ def serialize_load(s: InstanceState) -> None:
     deadline = time.monotonic() + s.settings.wait_timeout_s
     reclaim = s.role.mode is Mode.AUTO
     while True:
-        manifest = wait_for_manifest(s.entry, deadline, s.settings.wait_timeout_s, s.role.name, reclaim=reclaim)
+        t0 = time.perf_counter()
+        try:
+            manifest = wait_for_manifest(s.entry, deadline, s.settings.wait_timeout_s, s.role.name, reclaim=reclaim)
+        finally:
+            s.wait_seconds += time.perf_counter() - t0
         _check_compatible(s, manifest)
         backend = backends.get_backend(manifest.backend, s.settings)
         s.owner_alive = s.entry.owner_alive(manifest)

@@ -22,7 +22,8 @@ class Report:
     arena_bytes: int
     weight_bytes_allocated: int  # weight bytes this process allocated itself (0 when attached)
     phases: list[dict[str, Any]]  # {name, seconds, start (epoch seconds)} in the order run
-    attach_seconds: float | None
+    attach_seconds: float | None  # the attach phases' work, waiting for an owner excluded
+    wait_seconds: float  # waiting for an owner to publish (load mode)
     load_seconds: float | None
     total_seconds: float
     owner_pid: int | None
@@ -47,7 +48,8 @@ class Report:
         ]
         if self.attach_seconds is not None:
             lines.append(f"  attach: {self.attach_seconds * 1e3:.1f} ms (owner pid {self.owner_pid}, "
-                         f"{'alive' if self.owner_alive else 'gone'})")
+                         f"{'alive' if self.owner_alive else 'gone'})"
+                         + (f"; waited {self.wait_seconds:.2f} s for it to publish" if self.wait_seconds >= 0.01 else ""))
         if self.load_seconds is not None:
             lines.append(f"  normal load: {self.load_seconds:.2f} s")
         if self.fallback:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, run_probe
 
 
@@ -100,8 +102,14 @@ def test_decode_started_before_prefill_waits_then_attaches(launcher):
     prefill = launcher.start("prefill")
     assert decode.wait(300) == 0, decode.output()
     assert "waiting for an owner to publish" in decode.output()
-    assert decode.report()["mode"] == "load"
-    assert decode.report()["logits_sha256"] == prefill.wait_report()["logits_sha256"]
+    rep = decode.report()
+    assert rep["mode"] == "load"
+    assert rep["logits_sha256"] == prefill.wait_report()["logits_sha256"]
+    # the wait is reported apart from the attach work, which it would otherwise swamp
+    assert rep["wait_seconds"] >= 1.0
+    assert rep["attach_seconds"] == pytest.approx(sum(p["seconds"] for p in rep["phases"]) - rep["wait_seconds"],
+                                                  abs=1e-5)
+    assert rep["attach_seconds"] < rep["wait_seconds"]
 
 
 def test_decode_without_prefill_times_out_with_its_message(launcher, cache_dir):
