@@ -5,7 +5,10 @@
 Sends the exported fds of `--chunks` VMM allocations over a Unix socket pair with
 SCM_RIGHTS, as the owner does, and times sending, receiving, importing and closing them;
 the same with as many memfds, so the kernel's cost of passing an fd is separated from the
-driver's. Writes fd_handover.json.
+driver's. Then the real path across processes: an owner process serves the fds with the backend's
+FdServer and this process takes them with `receive_fds`, with and without a busy Python
+thread on either side (a thread that holds the GIL delays each wake-up by up to the
+interpreter's switch interval). Writes fd_handover.json.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +49,59 @@ def handover(fds: list[int], rounds: int) -> dict:
             "receive_per_fd_ms": 1e3 * med(recv) / len(fds)}
 
 
+def _busy(stop: threading.Event | None = None) -> None:
+    while stop is None or not stop.is_set():
+        pass
+
+
+def serve(chunks: int, busy: bool) -> None:
+    """The owner's side: export `chunks` allocations, serve them until stdin closes."""
+    import torch
+
+    from sharedcache.backends import cuda_driver as cu
+    from sharedcache.backends.fdpass import FdServer
+
+    torch.cuda.init()
+    cu.use_device(0)
+    handles = [cu.mem_create(2 << 20, 0) for _ in range(chunks)]
+    fds = [cu.export_fd(h) for h in handles]
+    path = Path(sys.argv[2])
+    server = FdServer(path, lambda: ({"sizes": [2 << 20] * chunks}, list(fds)))
+    if busy:
+        threading.Thread(target=_busy, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    server.close()
+
+
+def across_processes(chunks: int, rounds: int, owner_busy: bool, receiver_busy: bool) -> dict:
+    from sharedcache.backends.fdpass import receive_fds
+
+    path = Path(f"/tmp/sc-fd-diag-{os.getpid()}.sock")
+    owner = subprocess.Popen([sys.executable, __file__, "--serve", str(path), str(chunks), str(int(owner_busy))],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "ready"
+    stop = threading.Event()
+    if receiver_busy:
+        threading.Thread(target=_busy, args=(stop,), daemon=True).start()
+    times = []
+    try:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            _header, fds = receive_fds(path, 10)
+            times.append(time.perf_counter() - t0)
+            for fd in fds:
+                os.close(fd)
+    finally:
+        stop.set()
+        owner.communicate("\n", timeout=30)
+    return {"owner_busy": owner_busy, "receiver_busy": receiver_busy, "median_s": statistics.median(times),
+            "max_s": max(times)}
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:
+        return serve(int(sys.argv[3]), sys.argv[4] == "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--chunks", type=int, default=60)
@@ -79,6 +136,8 @@ def main() -> None:
     res["memfd"] = handover(memfds, a.rounds)
     for fd in memfds:
         os.close(fd)
+    res["across_processes"] = [across_processes(a.chunks, a.rounds, ob, rb)
+                               for ob, rb in ((False, False), (True, False), (False, True))]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fd_handover.json").write_text(json.dumps(res, indent=2))
