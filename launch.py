@@ -1,8 +1,11 @@
 """Start one instance of a role:  python launch.py role=prefill | role=decode [overrides...]
 
-The prefill (save) loads the model, publishes it and holds it until SIGINT/SIGTERM;
-a decode (load) attaches zero-copy, generates greedily from `prompt` and writes
-report.json into its Hydra run directory.
+engine=hf (default): the prefill (save) loads the model, publishes it and holds it until
+SIGINT/SIGTERM; a decode (load) attaches zero-copy, generates greedily from `prompt` and
+writes report.json into its Hydra run directory.
+engine=sglang: starts an SGLang server for the role (the sharedcache plugin loads or attaches
+the weights in each TP rank), writes the gathered report, serves until SIGINT/SIGTERM;
+role=router starts sglang-router's PD router in front of the prefill and decode servers.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sharedcache import CacheSettings, Role, SharedCacheError, backends
-from sharedcache.conf import register_resolvers, role_of
+from sharedcache.conf import LAUNCHER_ROLE_KEYS, register_resolvers, role_of
 
 log = logging.getLogger("sharedcache.launch")
 register_resolvers()
@@ -121,6 +124,43 @@ def _hold(instance, settings: CacheSettings) -> None:
     print(f"removed entry {settings.key!r}; attached instances keep their mapping.", flush=True)
 
 
+def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
+    """Start SGLang (or its PD router) for the role, gather the ranks' reports, serve until SIGTERM."""
+    from integrations.sglang import server as sgl
+
+    if role.name == "holder":
+        raise SystemExit("[launch] role=holder runs with engine=hf; an SGLang prefill holds its weights itself.")
+    if role.name == "router":
+        plan = sgl.plan_router(cfg)
+    else:
+        core = {k: v for k, v in cfg["role"].items() if k not in LAUNCHER_ROLE_KEYS}
+        plan = sgl.plan_server(cfg, model_dir(cfg["model"]), core, out)
+    if cfg["engine"]["dry_run"]:
+        print(" ".join(plan.argv))
+        for k, v in plan.env.items():
+            print(f"  {k}={v}")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = sgl.Server(plan)
+    try:
+        reports = server.wait_ready(cfg["engine"]["ready_timeout_s"])
+        report = sgl.gather(reports)
+        report.update(role=role.name, engine="sglang", launcher_pid=os.getpid(), server_pid=server.proc.pid,
+                      url=plan.url, pd_mode=plan.pd_mode, run_dir=str(out))
+        if cfg["role"]["generate"] and plan.url and not plan.pd_mode:  # PD servers answer through the router
+            report.update(server.generate(cfg["prompt"], cfg["max_new_tokens"]))
+        _write_report(out / cfg["report_file"], report)
+        print(f"[launch] {role.name}: SGLang serving at {plan.url or 'the router port'} (pid {server.proc.pid}); "
+              f"report: {out / cfg['report_file']}. Stop with Ctrl-C or SIGTERM.", flush=True)
+        while not stop.wait(0.5):
+            if server.proc.poll() is not None:
+                raise sgl.ServerFailed(f"the SGLang server exited with code {server.proc.returncode}.")
+    finally:
+        server.stop()
+
+
 def _write_report(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -144,9 +184,14 @@ def main(dcfg: DictConfig) -> None:
         # both checked before anything loads: a wrong role or cache config costs nothing
         role = role_of(cfg)
         settings = CacheSettings.from_mapping(cfg["cache"])
-        if cfg["engine"]["name"] != "hf":
-            raise SystemExit(f"[launch] engine {cfg['engine']['name']!r} is not supported by this build (hf).")
-        run_hf(cfg, role, settings, out)
+        if cfg["engine"]["name"] == "sglang":
+            run_sglang(cfg, role, out)
+        elif cfg["engine"]["name"] == "hf":
+            if role.name == "router":
+                raise SystemExit("[launch] role=router needs engine=sglang.")
+            run_hf(cfg, role, settings, out)
+        else:
+            raise SystemExit(f"[launch] unknown engine {cfg['engine']['name']!r} (hf, sglang).")
     except SharedCacheError as e:
         log.error("%s", e)  # Hydra's logging shows it on the console and keeps it in the run dir's log
         sys.exit(2)

@@ -74,6 +74,17 @@ def _is_a(value: Any, kind: str) -> bool:
     return type(value) is (str if kind.startswith("str") else int)
 
 
+def device_id(device) -> str:
+    """Which physical device a torch.device names: the same index can be another GPU in another
+    process (CUDA_VISIBLE_DEVICES), so CUDA devices are named by UUID."""
+    if device.type == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{torch.cuda.get_device_properties(index).uuid}"
+    return device.type
+
+
 def weight_files(model_dir: str | os.PathLike) -> tuple[tuple[str, int, int], ...]:
     """(name, size, mtime_ns) of every weight file: identifies a checkpoint without reading it
     (the decode must not read the checkpoint)."""

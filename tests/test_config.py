@@ -83,3 +83,52 @@ def test_wrong_order_is_rejected_by_launch_before_loading(launcher, sc_home, cac
     assert "phase 'align' needs ['serialize'] before it" in out
     assert not proc.report_path.exists()
     assert list(cache_dir.iterdir()) == [], "nothing may be created before the config is accepted"
+
+
+def _dry_run(launcher, model: str, *overrides: str) -> str:
+    proc = launcher.run(*overrides, "engine=sglang", "engine.dry_run=true", f"model.path={model}")
+    assert proc.popen.returncode == 0, proc.output()
+    return proc.output()
+
+
+def test_sglang_servers_by_role_from_config(launcher, models):
+    out = _dry_run(launcher, models["tiny"], "decode", "engine.tp_size=2", "engine.base_gpu_id.decode=1",
+                   "engine.mem_fraction_static.decode=0.3", "engine.port.decode=31001",
+                   "+engine.extra_args.max_running_requests=8", "+engine.extra_args.enable_metrics=true")
+    command = out.splitlines()[0]
+    assert "-m sglang.launch_server --model-path " + str(models["tiny"]) in command
+    for flags in ("--port 31001", "--tp-size 2", "--base-gpu-id 1", "--mem-fraction-static 0.3",
+                  "--disaggregation-mode decode", "--disaggregation-transfer-backend mooncake",
+                  "--disaggregation-bootstrap-port 8998", "--max-running-requests 8", "--enable-metrics"):
+        assert f" {flags}" in command, (flags, command)
+    assert "SGLANG_PLUGINS=sharedcache" in out
+    plugin = next(line for line in out.splitlines() if "SHAREDCACHE_SGLANG=" in line).split("=", 1)[1]
+    from integrations.sglang import load_plugin_config
+
+    cfg = load_plugin_config(plugin)  # what the plugin will read inside SGLang's scheduler processes
+    assert cfg.role.mode is Mode.LOAD and cfg.role.name == "decode" and cfg.settings.key == models["tiny"].name
+    prefill = _dry_run(launcher, models["tiny"], "prefill").splitlines()[0]
+    assert "--disaggregation-mode prefill" in prefill and "--port 30000" in prefill
+
+
+def test_sglang_router_points_at_the_configured_servers(launcher, models):
+    command = _dry_run(launcher, models["tiny"], "router", "engine.port.prefill=31000", "engine.router.port=9000")
+    assert ("-m sglang_router.launch_router --pd-disaggregation --prefill http://127.0.0.1:31000 8998 "
+            "--decode http://127.0.0.1:30001 --host 127.0.0.1 --port 9000 --mini-lb") in command
+
+
+def test_sglang_plugin_config_that_is_not_ours_is_a_config_error():
+    from integrations.sglang import load_plugin_config
+
+    for raw, words in (("{not json", "not the plugin's JSON"), ('{"role": {}}', "expected the keys"),
+                       ('{"role": {"name": "x", "mode": "sideways", "phases": []}, "cache": {}, "report_dir": "/t"}',
+                        "sideways")):
+        with pytest.raises(ConfigError, match=words):
+            load_plugin_config(raw)
+
+
+def test_sglang_holder_and_hf_router_are_refused_with_what_to_do(launcher, models):
+    holder = launcher.run("holder", "engine=sglang", f"model.path={models['tiny']}")
+    assert holder.popen.returncode != 0 and "role=holder runs with engine=hf" in holder.output()
+    router = launcher.run("router")
+    assert router.popen.returncode != 0 and "role=router needs engine=sglang" in router.output()

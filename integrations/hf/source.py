@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sharedcache import Fingerprint, UnsupportedModel
-from sharedcache.fingerprint import weight_files
+from sharedcache.fingerprint import device_id, weight_files
 from sharedcache.layout import dtype_name
 
 # from_pretrained options that only matter for fetching files; safe to forward to config loading
@@ -78,7 +78,7 @@ class HFSource:
             engine=self.engine, engine_version=transformers.__version__, model=str(self.model_dir()),
             revision=self.kwargs.get("revision"), config_sha256=config_sha, weights=weights,
             dtype=dtype_name(_model_dtype(model) if model is not None else self.requested_dtype()),
-            quantization=self.quantization(), device=_device_id(self.device), tp_rank=0, tp_size=1)
+            quantization=self.quantization(), device=device_id(self.device), tp_rank=0, tp_size=1)
 
     def load(self) -> nn.Module:
         return self.original(self.cls, self.path, *self.args, **self.kwargs)
@@ -210,10 +210,3 @@ def _normalize(device: torch.device | None) -> torch.device | None:
     if device is not None and device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _device_id(device: torch.device) -> str:
-    """Which physical device: the same index can name another GPU in another process."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_properties(device.index).uuid}"
-    return device.type

@@ -1,0 +1,182 @@
+"""Starting SGLang by role from the composed config (used by `launch.py engine=sglang`).
+
+Builds the `sglang.launch_server` (or sglang-router) command line and environment, waits for the
+server's ranks to report through the plugin, and gathers their reports. Imports no SGLang: the
+server runs in its own processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sharedcache import ConfigError, SharedCacheError
+
+from . import plugin_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerFailed(SharedCacheError):
+    """The SGLang server exited or did not come up."""
+
+
+@dataclass
+class ServerPlan:
+    argv: list[str]
+    env: dict[str, str]  # only what launch.py adds to its own environment
+    url: str | None  # the HTTP endpoint once it is up (None for the router)
+    report_dir: Path | None
+    tp_size: int
+    pd_mode: str | None
+
+
+def _per_role(engine: dict[str, Any], key: str, role: str) -> Any:
+    table = engine[key]
+    if role not in table:
+        raise ConfigError(f"engine.{key} has no entry for role {role!r} (it has {sorted(table)}).",
+                          hint=f"Add one: engine.{key}.{role}=VALUE")
+    return table[role]
+
+
+def _flags(extra: dict[str, Any]) -> list[str]:
+    """{name: value} to CLI flags: True -> --name, False/None -> nothing, lists repeat the values."""
+    out: list[str] = []
+    for name, value in extra.items():
+        flag = "--" + str(name).replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def plan_server(cfg: dict[str, Any], model_path: Path, role_core: dict[str, Any], out: Path) -> ServerPlan:
+    """The SGLang server for a cache role (prefill, decode, auto, plain)."""
+    engine, role = cfg["engine"], cfg["role"]["name"]
+    port = _per_role(engine, "port", role)
+    pd_mode = engine["disaggregation"]["mode"].get(role)
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+            "--host", engine["host"], "--port", str(port), "--tp-size", str(engine["tp_size"]),
+            "--dtype", str(engine["dtype"]),
+            "--mem-fraction-static", str(_per_role(engine, "mem_fraction_static", role)),
+            "--base-gpu-id", str(_per_role(engine, "base_gpu_id", role))]
+    if engine["device"]:
+        argv += ["--device", engine["device"]]
+    if pd_mode:
+        dis = engine["disaggregation"]
+        argv += ["--disaggregation-mode", pd_mode, "--disaggregation-transfer-backend", dis["transfer_backend"],
+                 "--disaggregation-bootstrap-port", str(dis["bootstrap_port"])]
+    argv += _flags(engine["extra_args"])
+    env = {k: str(v) for k, v in engine["env"].items()}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    report_dir = None
+    if role_core["mode"] != "off":
+        report_dir = out / "ranks"
+        env.update(plugin_env(role=role_core, cache=dict(cfg["cache"]), report_dir=str(report_dir)))
+    return ServerPlan(argv, env, f"http://{engine['host']}:{port}", report_dir, int(engine["tp_size"]), pd_mode)
+
+
+def plan_router(cfg: dict[str, Any]) -> ServerPlan:
+    """sglang-router's PD router in front of the prefill and decode servers of this config."""
+    engine = cfg["engine"]
+    router, dis, host = engine["router"], engine["disaggregation"], engine["host"]
+    argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+            "--prefill", f"http://{host}:{_per_role(engine, 'port', 'prefill')}", str(dis["bootstrap_port"]),
+            "--decode", f"http://{host}:{_per_role(engine, 'port', 'decode')}",
+            "--host", router["host"], "--port", str(router["port"])]
+    if router["mini_lb"]:
+        argv.append("--mini-lb")
+    argv += _flags(router["extra_args"])
+    return ServerPlan(argv, {}, None, None, 0, None)
+
+
+class Server:
+    """A running server process group: started, awaited, stopped as a whole."""
+
+    def __init__(self, plan: ServerPlan) -> None:
+        self.plan = plan
+        self.proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Until every rank reported (cache roles) and the HTTP endpoint answers; the rank reports."""
+        deadline = time.monotonic() + timeout_s
+        reports: list[dict[str, Any]] = []
+        while True:
+            self._check_alive()
+            if self.plan.report_dir is not None and not reports:
+                paths = sorted(self.plan.report_dir.glob("report-tp*.json"))
+                if len(paths) == self.plan.tp_size:
+                    reports = [json.loads(p.read_text()) for p in paths]
+            if (self.plan.report_dir is None or reports) and self._healthy():
+                return reports
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerFailed(f"the SGLang server did not come up within {timeout_s:g}s ({self.plan.url}).",
+                                   hint="Read its log above; raise engine.ready_timeout_s for a slow start.")
+            time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        if self.plan.url is None:
+            return True
+        try:
+            with urllib.request.urlopen(self.plan.url + "/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise ServerFailed(f"the SGLang server exited with code {code} before it was ready.",
+                               hint="Its log above says why.")
+
+    def generate(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+        """Greedy generation through the server's own HTTP API."""
+        body = json.dumps({"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens,
+                                                               "temperature": 0.0}}).encode()
+        req = urllib.request.Request(self.plan.url + "/generate", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            out = json.loads(r.read())
+        return {"generated": out.get("text"), "generated_tokens": out.get("output_ids"), "prompt": prompt}
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM to the whole group (SGLang spawns its schedulers), SIGKILL after `timeout_s`."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+        return self.proc.returncode
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def gather(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report with the transformers path's keys (rank 0's), every rank's under `ranks`."""
+    first = dict(reports[0]) if reports else {}
+    first["ranks"] = reports
+    return first
