@@ -145,7 +145,9 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
         signal.signal(sig, lambda *_: stop.set())
     server = sgl.Server(plan)
     try:
-        reports = server.wait_ready(cfg["engine"]["ready_timeout_s"])
+        reports = server.wait_ready(cfg["engine"]["ready_timeout_s"], stop)
+        if reports is None:  # stopped while starting
+            return
         report = sgl.gather(reports)
         report.update(role=role.name, engine="sglang", launcher_pid=os.getpid(), server_pid=server.proc.pid,
                       url=plan.url, pd_mode=plan.pd_mode, run_dir=str(out))

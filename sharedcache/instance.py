@@ -22,7 +22,7 @@ from . import backends
 from .backends.base import Arena, Backend
 from .binding import TensorRef, bind, capture, check_against, stray_meta_tensors, tensor_refs, view_of
 from .cache import CacheDir, Entry
-from .errors import (ArenaError, AttachTimeout, BindError, ConfigError, FingerprintMismatch, ManifestError,
+from .errors import (ArenaError, AttachTimeout, ConfigError, FingerprintMismatch, ManifestError,
                      SharedCacheError, UnsupportedModel)
 from .fingerprint import Fingerprint
 from .layout import ArenaLayout, TensorSlot, plan
@@ -381,11 +381,17 @@ def verify_save(s: InstanceState) -> None:
 # ---------------------------------------------------------------- phase steps (load)
 
 def intercept_load(s: InstanceState) -> None:
-    model = s.source.skeleton()
-    stray = stray_meta_tensors(model)
-    if stray:
-        raise BindError(f"the skeleton keeps tensors outside its parameters and buffers, which binding cannot "
-                        f"reach: {stray[:5]}.", hint="This model cannot be attached; use mode save/off for it.")
+    try:
+        model = s.source.skeleton()
+        stray = stray_meta_tensors(model)
+        if stray:
+            raise UnsupportedModel(f"the skeleton keeps tensors outside its parameters and buffers, which binding "
+                                   f"cannot reach: {stray[:5]}.", hint="This model cannot be attached; use mode "
+                                   "save/off for it, or set cache.on_unsupported=fallback.")
+    except UnsupportedModel as e:  # a model that cannot be attached loads normally where the user allows it
+        if s.settings.on_unsupported == "fallback":
+            raise _Fallback(str(e)) from e
+        raise
     s.refs = tensor_refs(model)
     s.expected = {r.name: TensorSlot(r.name, r.kind, r.persistent, r.get().dtype, tuple(r.get().shape))
                   for r in s.refs}

@@ -88,3 +88,22 @@ def test_unsupported_with_fallback_takes_the_normal_path(cache_dir, models):
     assert rep.fallback and "output_loading_info" in rep.fallback and rep.mode == "off"
     assert isinstance(info, dict) and "missing_keys" in info
     assert not list(cache_dir.glob("*/manifest.json")), "a fallback publishes nothing"
+
+
+class LlamaWithLooseTensor(LlamaForCausalLM):
+    """Keeps a tensor outside its parameters and buffers, as some custom layers do: binding cannot reach it."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.loose = torch.ones(4)
+
+
+def test_model_binding_cannot_fully_reach_is_refused_or_falls_back(owner, cache_dir, models):
+    with pytest.raises(UnsupportedModel, match="outside its parameters and buffers"):
+        from_pretrained("decode", cache_dir, models["tiny"], cls=LlamaWithLooseTensor)
+    model = from_pretrained("decode", cache_dir, models["tiny"], "cache.on_unsupported=fallback",
+                            cls=LlamaWithLooseTensor)
+    rep = hf.instance_of(model).report
+    assert "outside its parameters and buffers" in rep.fallback
+    assert rep.backend is None and rep.weight_bytes_allocated > 0  # loaded normally, nothing half-bound
+    assert not any(t.is_meta for t in model.parameters())

@@ -10,6 +10,7 @@ Entries are keyed per TP rank; SGLang is told the bytes it did not allocate so i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -28,10 +29,9 @@ from sharedcache.layout import dtype_name
 
 from . import PluginConfig
 
-# load formats whose weights are not the checkpoint's bytes, or that bring their own sharing
-_UNSHARED_FORMATS = {"dummy", "bitsandbytes", "gguf", "layered", "remote", "remote_instance", "ipc_cache",
-                     "sharded_state", "private", "flash_rl", "jax", "rdma"}
 _instances: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_shared_in_process = False  # one shared model per scheduler process: the target, never its draft
+log = logging.getLogger(__name__)
 
 
 def instance_of(model: nn.Module):
@@ -55,30 +55,54 @@ class SharedCacheLoader(BaseModelLoader):
         self.inner.download_model(model_config)
 
     def load_model(self, *, model_config, device_config) -> nn.Module:
-        from sglang.srt.distributed.parallel_state import (get_tensor_model_parallel_rank,
-                                                          get_tensor_model_parallel_world_size)
-
         from sharedcache.instance import Instance
 
-        rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        settings = replace(self.config.settings, key=f"{self.config.settings.key}-tp{rank}")
-        source = SGLangSource(self.inner, self.load_config, model_config, device_config, rank, size)
+        global _shared_in_process
+        if _shared_in_process:  # a speculative-decoding draft, loaded after the target in the same process
+            log.warning("sharedcache: a second model in this process (%s) loads unshared; only the first model "
+                        "of a scheduler process is shared", model_config.model_path)
+            model = self.inner.load_model(model_config=model_config, device_config=device_config)
+            self.preloaded_weights_bytes = self.inner.preloaded_weights_bytes
+            return model
+        _shared_in_process = True
+        ranks = _ranks()
+        settings = replace(self.config.settings, key=f"{self.config.settings.key}-{_rank_tag(ranks)}")
+        source = SGLangSource(self.inner, self.load_config, model_config, device_config, ranks)
         instance = Instance(self.config.role, settings, source)
         model = instance.run()
         _instances[model] = instance
         report = instance.report
-        if report.mode in ("load", "placeholder") and report.fallback is None:
-            # resident before SGLang sampled its baseline: charge it as if this rank had loaded it
-            self.preloaded_weights_bytes = report.bytes_shared
+        attached = report.mode in ("load", "placeholder") and report.fallback is None
+        # what this rank maps but did not allocate: SGLang adds it to its pre-load baseline so that the
+        # KV pool is sized from memory actually free (only attached ranks; an owner allocated its arena)
+        self.preloaded_weights_bytes = report.arena_bytes if attached else self.inner.preloaded_weights_bytes
         if report.mode == "save" and report.fallback is None:
             _unpublish_on_sigterm(instance)
-        _write_report(self.config.report_dir, rank, size, report, model)
+        _write_report(self.config.report_dir, ranks, report, model, self.preloaded_weights_bytes)
         return model
 
 
+def _ranks() -> dict[str, int]:
+    """This process's place in the server: TP rank and size, PP rank and size."""
+    from sglang.srt.distributed.parallel_state import (get_pipeline_model_parallel_rank,
+                                                      get_pipeline_model_parallel_world_size,
+                                                      get_tensor_model_parallel_rank,
+                                                      get_tensor_model_parallel_world_size)
+
+    return {"tp_rank": get_tensor_model_parallel_rank(), "tp_size": get_tensor_model_parallel_world_size(),
+            "pp_rank": get_pipeline_model_parallel_rank(), "pp_size": get_pipeline_model_parallel_world_size()}
+
+
+def _rank_tag(ranks: dict[str, int]) -> str:
+    """Entry key and report suffix: `tp<r>`, or `pp<p>-tp<r>` with pipeline parallelism."""
+    tp = f"tp{ranks['tp_rank']}"
+    return f"pp{ranks['pp_rank']}-{tp}" if ranks["pp_size"] > 1 else tp
+
+
 def _unpublish_on_sigterm(instance) -> None:
-    """SGLang's scheduler process dies of SIGTERM without running Python's exit path: unpublish first,
-    so that stopping a prefill server leaves no orphaned entry behind. Left alone if SGLang set its own."""
+    """SGLang's scheduler process dies of SIGTERM without running Python's exit path: unpublish first.
+    Best effort: a SIGKILL (SGLang's parent-death signal, a stop that times out) still leaves the entry
+    orphaned, which `sharedcache ls` shows and the next owner sweeps. Left alone if SGLang set its own."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
             signal.SIG_DFL, None):
         return
@@ -98,26 +122,33 @@ class SGLangSource:
 
     engine = "sglang"
 
-    def __init__(self, inner, load_config, model_config, device_config, rank: int, size: int) -> None:
+    def __init__(self, inner, load_config, model_config, device_config, ranks: dict[str, int]) -> None:
         self.inner, self.load_config = inner, load_config
         self.model_config, self.device_config = model_config, device_config
-        self.tp_rank, self.tp_size = rank, size
+        self.tp_rank, self.tp_size, self.pp_rank = ranks["tp_rank"], ranks["tp_size"], ranks["pp_rank"]
         self.device = _device(device_config)
         self._identity: tuple[str, tuple] | None = None
 
     def check(self) -> None:
-        fmt = getattr(self.load_config.load_format, "value", self.load_config.load_format)
-        if str(fmt) in _UNSHARED_FORMATS:
-            raise UnsupportedModel(f"SGLang load_format={fmt} does not load the checkpoint's bytes in a way the "
-                                   "cache can reproduce.", hint="Use load_format=auto or safetensors, or set "
-                                                                "cache.on_unsupported=fallback.")
-        if getattr(self.model_config, "modelopt_quant", None):
-            raise UnsupportedModel("ModelOpt quantization on load is not shared.",
-                                   hint="Serve a pre-quantized checkpoint, or set cache.on_unsupported=fallback.")
+        from sglang.srt.model_loader.loader import DefaultModelLoader
+
+        if type(self.inner) is not DefaultModelLoader:  # its subclasses and the others bring their own ways
+            raise UnsupportedModel(f"SGLang chose {type(self.inner).__name__} for this model (load_format, "
+                                   "quantization); only its DefaultModelLoader's result is shared.",
+                                   hint="Use load_format=auto or safetensors, or set cache.on_unsupported=fallback.")
+        if self.model_config.hf_config.architectures and hasattr(self._model_class(), "post_load_weights"):
+            raise UnsupportedModel(f"{self._model_class().__name__} builds state in post_load_weights that is not "
+                                   "a parameter or buffer, which an attached model would lack.",
+                                   hint="Set cache.on_unsupported=fallback to load this model normally.")
         if not self.model_dir().is_dir():
             raise UnsupportedModel(f"model path {self.model_config.model_path!r} is not a local directory, so its "
                                    "weight files cannot be fingerprinted.", hint="Download the model and pass its "
                                                                                  "directory as model.path.")
+
+    def _model_class(self) -> type:
+        from sglang.srt.model_loader.utils import get_model_architecture
+
+        return get_model_architecture(self.model_config)[0]
 
     def fingerprint(self, model: nn.Module | None) -> Fingerprint:
         import sglang
@@ -129,7 +160,7 @@ class SGLangSource:
             engine=self.engine, engine_version=sglang.__version__, model=str(self.model_dir()),
             revision=getattr(self.model_config, "revision", None), config_sha256=config_sha, weights=weights,
             dtype=dtype_name(self.model_config.dtype), quantization=self.model_config.quantization,
-            device=device_id(self.device), tp_rank=self.tp_rank, tp_size=self.tp_size)
+            device=device_id(self.device), tp_rank=self.tp_rank, tp_size=self.tp_size)  # PP rank: in the key
 
     def load(self) -> nn.Module:
         return self.inner.load_model(model_config=self.model_config, device_config=self.device_config)
@@ -177,16 +208,16 @@ def _config_digest(model_config) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _write_report(report_dir, rank: int, size: int, report, model: nn.Module) -> None:
+def _write_report(report_dir: Path, ranks: dict[str, int], report, model: nn.Module, preloaded: int) -> None:
     """Each rank's report, written atomically by the process that loaded the model; launch.py gathers them."""
     import sglang
 
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    data = {**report.to_json(), "pid": os.getpid(), "tp_rank": rank, "tp_size": size,
+    data = {**report.to_json(), **ranks, "pid": os.getpid(), "preloaded_weights_bytes": preloaded,
             "meta_tensors": [n for n, t in tensors if t.device.type == "meta"],
             "versions": {"torch": torch.__version__, "sglang": sglang.__version__}}
     report_dir.mkdir(parents=True, exist_ok=True)
-    path = report_dir / f"report-tp{rank}.json"
+    path = report_dir / f"report-{_rank_tag(ranks)}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +36,7 @@ class ServerPlan:
     env: dict[str, str]  # only what launch.py adds to its own environment
     url: str | None  # the HTTP endpoint once it is up (None for the router)
     report_dir: Path | None
-    tp_size: int
+    ranks: int  # model-loading processes that report (TP x PP)
     pd_mode: str | None
 
 
@@ -86,7 +87,8 @@ def plan_server(cfg: dict[str, Any], model_path: Path, role_core: dict[str, Any]
     if role_core["mode"] != "off":
         report_dir = out / "ranks"
         env.update(plugin_env(role=role_core, cache=dict(cfg["cache"]), report_dir=str(report_dir)))
-    return ServerPlan(argv, env, f"http://{engine['host']}:{port}", report_dir, int(engine["tp_size"]), pd_mode)
+    ranks = int(engine["tp_size"]) * int(engine["extra_args"].get("pp_size", 1))
+    return ServerPlan(argv, env, f"http://{engine['host']}:{port}", report_dir, ranks, pd_mode)
 
 
 def plan_router(cfg: dict[str, Any]) -> ServerPlan:
@@ -103,30 +105,49 @@ def plan_router(cfg: dict[str, Any]) -> ServerPlan:
     return ServerPlan(argv, {}, None, None, 0, None)
 
 
+_UNREPORTED_GRACE_S = 30  # a server that answers /health while its ranks never reported lacks the plugin
+
+
 class Server:
-    """A running server process group: started, awaited, stopped as a whole."""
+    """A running server process group: started, awaited, stopped as a whole. The group gets SIGTERM
+    when the launcher dies, so a killed launch.py leaves no server behind."""
 
     def __init__(self, plan: ServerPlan) -> None:
         self.plan = plan
-        self.proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, start_new_session=True)
+        if plan.report_dir is not None:  # reports of an earlier run in the same run dir must not count
+            for old in plan.report_dir.glob("report-*.json"):
+                old.unlink()
+        self.proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, start_new_session=True,
+                                     preexec_fn=_term_with_parent)
 
-    def wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Until every rank reported (cache roles) and the HTTP endpoint answers; the rank reports."""
+    def wait_ready(self, timeout_s: float, stop: threading.Event) -> list[dict[str, Any]] | None:
+        """Until every rank reported (cache roles) and the HTTP endpoint answers: the rank reports;
+        None when `stop` was set first (Ctrl-C, SIGTERM)."""
         deadline = time.monotonic() + timeout_s
         reports: list[dict[str, Any]] = []
-        while True:
+        healthy_since = None
+        while not stop.is_set():
             self._check_alive()
             if self.plan.report_dir is not None and not reports:
-                paths = sorted(self.plan.report_dir.glob("report-tp*.json"))
-                if len(paths) == self.plan.tp_size:
+                paths = sorted(self.plan.report_dir.glob("report-*.json"))
+                if len(paths) == self.plan.ranks:
                     reports = [json.loads(p.read_text()) for p in paths]
-            if (self.plan.report_dir is None or reports) and self._healthy():
+            healthy = self._healthy()
+            if healthy and (self.plan.report_dir is None or reports):
                 return reports
+            healthy_since = (healthy_since or time.monotonic()) if healthy else None
+            if healthy_since is not None and time.monotonic() - healthy_since > _UNREPORTED_GRACE_S:
+                self.stop()
+                raise ServerFailed(f"the SGLang server is up but {self.plan.ranks - len(reports)} of its "
+                                   f"{self.plan.ranks} ranks never reported: the sharedcache plugin did not run.",
+                                   hint="Install this project in the server's Python (pip install -e .) so that "
+                                        "SGLang finds its entry point, and keep 'sharedcache' in SGLANG_PLUGINS.")
             if time.monotonic() > deadline:
                 self.stop()
                 raise ServerFailed(f"the SGLang server did not come up within {timeout_s:g}s ({self.plan.url}).",
                                    hint="Read its log above; raise engine.ready_timeout_s for a slow start.")
             time.sleep(0.5)
+        return None
 
     def _healthy(self) -> bool:
         if self.plan.url is None:
@@ -164,8 +185,26 @@ class Server:
             except subprocess.TimeoutExpired:
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        deadline = time.monotonic() + timeout_s  # the ranks finish their own exit (an owner unpublishes)
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
         return self.proc.returncode
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _signal_group(pid: int, sig: int) -> None:
