@@ -204,8 +204,30 @@ def _config_digest(model_config) -> str:
     hf = {k: v for k, v in model_config.hf_config.to_dict().items()
           if k not in ("dtype", "torch_dtype", "transformers_version")}
     extra = {k: getattr(model_config, k, None) for k in ("context_len", "is_generation", "model_impl")}
+    extra.update(_layout_options())
     body = json.dumps({"hf_config": hf, "sglang": extra}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _layout_options() -> dict[str, str]:
+    """Server options that change the post-processed bytes or their split without changing the model
+    config: MoE runner backend (weights shuffled for it) and the expert/attention parallel widths."""
+    from sglang.srt.runtime_context import get_parallel
+
+    out: dict[str, str] = {}
+    try:
+        from sglang.srt.layers.moe.utils import get_moe_runner_backend
+
+        out["moe_runner_backend"] = str(get_moe_runner_backend())
+    except Exception as e:  # noqa: BLE001 - not initialised for dense models in some versions: record why
+        out["moe_runner_backend"] = f"unavailable: {type(e).__name__}"
+    parallel = get_parallel()
+    for name in ("moe_ep_size", "moe_dp_size", "attn_dp_size", "attn_cp_size"):
+        try:
+            out[name] = str(getattr(parallel, name))
+        except Exception as e:  # noqa: BLE001 - a width this SGLang version does not publish
+            out[name] = f"unavailable: {type(e).__name__}"
+    return out
 
 
 def _write_report(report_dir: Path, ranks: dict[str, int], report, model: nn.Module, preloaded: int) -> None:
@@ -214,6 +236,7 @@ def _write_report(report_dir: Path, ranks: dict[str, int], report, model: nn.Mod
 
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     data = {**report.to_json(), **ranks, "pid": os.getpid(), "preloaded_weights_bytes": preloaded,
+            "layout_options": _layout_options(),
             "meta_tensors": [n for n, t in tensors if t.device.type == "meta"],
             "versions": {"torch": torch.__version__, "sglang": sglang.__version__}}
     report_dir.mkdir(parents=True, exist_ok=True)

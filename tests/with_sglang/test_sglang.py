@@ -161,6 +161,7 @@ def test_prefill_publishes_and_decode_attaches_with_transformers_tokens(models, 
         # SGLang was told what the decode maps but did not allocate; the owner allocated its arena itself
         assert dec["ranks"][0]["preloaded_weights_bytes"] == dec["arena_bytes"] > 0
         assert pre["ranks"][0]["preloaded_weights_bytes"] == 0
+        assert dec["ranks"][0]["layout_options"] == pre["ranks"][0]["layout_options"]
 
         prefill.terminate()  # the prefill server stops and unpublishes; the decode keeps serving
         assert prefill.wait(120) == 0, sgl.log("prefill")
