@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sharedcache import CacheSettings, Role, SharedCacheError, backends
-from sharedcache.conf import LAUNCHER_ROLE_KEYS, register_resolvers, role_of
+from sharedcache.conf import core_role, register_resolvers, role_of
 
 log = logging.getLogger("sharedcache.launch")
 register_resolvers()
@@ -133,8 +133,7 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
     if role.name == "router":
         plan = sgl.plan_router(cfg)
     else:
-        core = {k: v for k, v in cfg["role"].items() if k not in LAUNCHER_ROLE_KEYS}
-        plan = sgl.plan_server(cfg, model_dir(cfg["model"]), core, out)
+        plan = sgl.plan_server(cfg, model_dir(cfg["model"]), core_role(cfg), out)
     if cfg["engine"]["dry_run"]:
         print(" ".join(plan.argv))
         for k, v in plan.env.items():

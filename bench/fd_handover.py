@@ -54,7 +54,7 @@ def _busy(stop: threading.Event | None = None) -> None:
         pass
 
 
-def serve(chunks: int, busy: bool) -> None:
+def serve(path: Path, chunks: int, busy: bool) -> None:
     """The owner's side: export `chunks` allocations, serve them until stdin closes."""
     import torch
 
@@ -65,7 +65,6 @@ def serve(chunks: int, busy: bool) -> None:
     cu.use_device(0)
     handles = [cu.mem_create(2 << 20, 0) for _ in range(chunks)]
     fds = [cu.export_fd(h) for h in handles]
-    path = Path(sys.argv[2])
     server = FdServer(path, lambda: ({"sizes": [2 << 20] * chunks}, list(fds)))
     if busy:
         threading.Thread(target=_busy, daemon=True).start()
@@ -101,7 +100,7 @@ def across_processes(chunks: int, rounds: int, owner_busy: bool, receiver_busy: 
 
 def main() -> None:
     if sys.argv[1:2] == ["--serve"]:
-        return serve(int(sys.argv[3]), sys.argv[4] == "1")
+        return serve(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--chunks", type=int, default=60)

@@ -40,8 +40,13 @@ def compose(overrides: list[str] | None = None) -> dict[str, Any]:
 LAUNCHER_ROLE_KEYS = ("hold", "generate")  # role keys for launch.py, not for the core
 
 
+def core_role(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The composed role group as the core reads it: launcher-only keys left out."""
+    return {k: v for k, v in cfg["role"].items() if k not in LAUNCHER_ROLE_KEYS}
+
+
 def role_of(cfg: dict[str, Any]):
-    """The core Role of a composed config (launcher-only keys left out)."""
+    """The core Role of a composed config."""
     from .roles import Role
 
-    return Role.from_mapping({k: v for k, v in cfg["role"].items() if k not in LAUNCHER_ROLE_KEYS})
+    return Role.from_mapping(core_role(cfg))

@@ -74,6 +74,15 @@ def _is_a(value: Any, kind: str) -> bool:
     return type(value) is (str if kind.startswith("str") else int)
 
 
+def config_digest(config: dict[str, Any], **engine_options: Any) -> str:
+    """Digest of a model's effective Hugging Face config (its `to_dict()`) and any engine options that
+    change the bytes; dtype and the writer's version are left out (dtype has its own field)."""
+    data: dict[str, Any] = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version")}
+    if engine_options:
+        data = {"hf_config": data, "engine": engine_options}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def device_id(device) -> str:
     """Which physical device a torch.device names: the same index can be another GPU in another
     process (CUDA_VISIBLE_DEVICES), so CUDA devices are named by UUID."""

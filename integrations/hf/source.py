@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +10,7 @@ import torch
 from torch import nn
 
 from sharedcache import Fingerprint, UnsupportedModel
-from sharedcache.fingerprint import device_id, weight_files
+from sharedcache.fingerprint import config_digest, device_id, weight_files
 from sharedcache.layout import dtype_name
 
 # from_pretrained options that only matter for fetching files; safe to forward to config loading
@@ -71,7 +69,7 @@ class HFSource:
 
         if self._identity is None:  # taken from the request, before the load mutates the config
             weights = weight_files(self.model_dir())
-            config_sha = _config_digest(self.config())
+            config_sha = config_digest(self.config().to_dict())
             self._identity = (config_sha, weights)
         config_sha, weights = self._identity
         return Fingerprint(
@@ -168,12 +166,6 @@ def _no_init():
     except ImportError:  # older 5.x: initialising meta tensors is only slower
         return contextlib.nullcontext()
     return no_init_weights()
-
-
-def _config_digest(config) -> str:
-    """Digest of the effective config; its dtype is left out (the fingerprint has its own field)."""
-    data = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _single_device(device_map: Any) -> torch.device | None:

@@ -24,7 +24,7 @@ from sglang.srt.model_loader.loader import BaseModelLoader
 from torch import nn
 
 from sharedcache import Fingerprint, UnsupportedModel
-from sharedcache.fingerprint import device_id, weight_files
+from sharedcache.fingerprint import config_digest, device_id, weight_files
 from sharedcache.layout import dtype_name
 
 from . import PluginConfig
@@ -131,24 +131,21 @@ class SGLangSource:
 
     def check(self) -> None:
         from sglang.srt.model_loader.loader import DefaultModelLoader
+        from sglang.srt.model_loader.utils import get_model_architecture
 
         if type(self.inner) is not DefaultModelLoader:  # its subclasses and the others bring their own ways
             raise UnsupportedModel(f"SGLang chose {type(self.inner).__name__} for this model (load_format, "
                                    "quantization); only its DefaultModelLoader's result is shared.",
                                    hint="Use load_format=auto or safetensors, or set cache.on_unsupported=fallback.")
-        if self.model_config.hf_config.architectures and hasattr(self._model_class(), "post_load_weights"):
-            raise UnsupportedModel(f"{self._model_class().__name__} builds state in post_load_weights that is not "
+        model_class = get_model_architecture(self.model_config)[0]
+        if hasattr(model_class, "post_load_weights"):
+            raise UnsupportedModel(f"{model_class.__name__} builds state in post_load_weights that is not "
                                    "a parameter or buffer, which an attached model would lack.",
                                    hint="Set cache.on_unsupported=fallback to load this model normally.")
         if not self.model_dir().is_dir():
             raise UnsupportedModel(f"model path {self.model_config.model_path!r} is not a local directory, so its "
                                    "weight files cannot be fingerprinted.", hint="Download the model and pass its "
                                                                                  "directory as model.path.")
-
-    def _model_class(self) -> type:
-        from sglang.srt.model_loader.utils import get_model_architecture
-
-        return get_model_architecture(self.model_config)[0]
 
     def fingerprint(self, model: nn.Module | None) -> Fingerprint:
         import sglang
@@ -198,15 +195,9 @@ def _device(device_config) -> torch.device:
 
 
 def _config_digest(model_config) -> str:
-    """The effective model config as SGLang resolved it (dtype has its own fingerprint field)."""
-    import hashlib
-
-    hf = {k: v for k, v in model_config.hf_config.to_dict().items()
-          if k not in ("dtype", "torch_dtype", "transformers_version")}
+    """The effective model config as SGLang resolved it, with the options that shape its bytes."""
     extra = {k: getattr(model_config, k, None) for k in ("context_len", "is_generation", "model_impl")}
-    extra.update(_layout_options())
-    body = json.dumps({"hf_config": hf, "sglang": extra}, sort_keys=True, default=str)
-    return hashlib.sha256(body.encode()).hexdigest()
+    return config_digest(model_config.hf_config.to_dict(), **extra, **_layout_options())
 
 
 def _layout_options() -> dict[str, str]:
