@@ -12,6 +12,7 @@ from .cache import CacheDir, Entry
 from .conf import conf_dir
 from .errors import SharedCacheError
 from .manifest import Manifest, boot_id
+from .settle import clear_settled
 
 
 def _cache_dir(args: argparse.Namespace) -> str:
@@ -140,6 +141,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 continue
             with entry.write_lock():
                 entry.manifest_path.unlink(missing_ok=True)
+                clear_settled(entry)
                 for path in entry.dir.glob("arena-*"):
                     path.unlink(missing_ok=True)
             removed += 1

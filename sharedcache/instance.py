@@ -31,6 +31,7 @@ from .phases import PHASES
 from .report import Report, weight_bytes_outside
 from .roles import Mode, Role
 from .settings import CacheSettings
+from .settle import clear_settled
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Instance:
         self.report: Report | None = None
         self.arena_region: tuple[int, int] | None = None  # address range of the arena this model views
         self._finalizer: weakref.finalize | None = None
+        self._published: tuple[Entry, Manifest] | None = None  # what this owner published, until close()
 
     # ---------------------------------------------------------------- public
     def run(self) -> nn.Module:
@@ -131,6 +133,7 @@ class Instance:
             self.arena_region = s.arena.region()
         if s.published:
             self._finalizer = weakref.finalize(model, _unpublish, s.entry, s.manifest, s.arena, s.claim_fd)
+            self._published = (s.entry, s.manifest)
         elif s.claim_fd is not None:
             os.close(s.claim_fd)
         return result
@@ -139,6 +142,16 @@ class Instance:
         """Unpublish (owner). Attached instances keep their mappings and keep working."""
         if self._finalizer is not None:
             self._finalizer()
+        self._published = None
+
+    def mark_settled(self) -> None:
+        """Owner: the engine has allocated all the memory it keeps beside the arena (pools, graphs),
+        so attachers waiting to size their own memory may measure now (see sharedcache.settle)."""
+        if self._published is None:
+            raise ConfigError("mark_settled() is for an instance that published an entry and still owns it.")
+        from .settle import mark_settled
+
+        mark_settled(*self._published)
 
     # ---------------------------------------------------------------- internals
     def _run_shared(self, mode: Mode) -> "InstanceState":
@@ -272,6 +285,7 @@ def _unpublish(entry: Entry, manifest: Manifest | None, arena: Arena | None, cla
             if current is not None and manifest is not None and current.owner.pid == os.getpid() \
                     and current.handle == manifest.handle:
                 entry.manifest_path.unlink(missing_ok=True)
+                clear_settled(entry)
     except OSError as e:
         log.warning("could not remove the manifest of %s: %s", entry.key, e)
     finally:

@@ -4,12 +4,15 @@ SGLang discovers this plugin through the `sglang.srt.plugins` entry point (pypro
 process it spawns, and calls `register()`. The plugin does nothing unless `launch.py` (or the user)
 set SHAREDCACHE_SGLANG to the JSON that `plugin_env()` builds: the role, the cache settings and where
 to write each rank's report. Then it wraps SGLang's `get_model_loader` through SGLang's hook
-registry, so the loader SGLang would have used becomes the "normal load" of a sharedcache Instance.
-No SGLang file is changed.
+registry, so the loader SGLang would have used becomes the "normal load" of a sharedcache Instance,
+and hooks the model runner so that the KV pool is sized once the owner settled (see hooks.py).
+No SGLang file is changed; every SGLang internal used goes through compat.py.
 """
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ from sharedcache import CacheSettings, ConfigError, Role
 
 ENV = "SHAREDCACHE_SGLANG"
 PLUGIN_NAME = "sharedcache"  # the entry point's name, which SGLANG_PLUGINS allow-lists
-_TARGET = "sglang.srt.model_loader.loader.get_model_loader"
+log = logging.getLogger(__name__)
 
 
 def plugin_env(*, role: dict[str, Any], cache: dict[str, Any], report_dir: str) -> dict[str, str]:
@@ -52,17 +55,26 @@ def load_plugin_config(raw: str) -> PluginConfig:
 
 
 def register() -> None:
-    """SGLang's plugin entry point: hook the model loader when a role was configured."""
+    """SGLang's plugin entry point, run in every SGLang process that loads plugins.
+
+    Inert without SHAREDCACHE_SGLANG. With it: an SGLang outside the supported range or a malformed
+    value stops the process with one line (a server asked to share must not serve unshared). The
+    server's launcher process loads no model, so hooks go only into its spawned scheduler processes."""
     if not os.environ.get(ENV):
         return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from . import compat
 
-    HookRegistry.register(_TARGET, _around_get_model_loader, HookType.AROUND)
+    why = compat.unsupported_reason(compat.installed_version())
+    if why is not None:
+        raise SystemExit(f"[sharedcache.sglang] {why}. Install a supported SGLang, or unset {ENV} to serve "
+                         "without sharing.")
+    try:
+        config = load_plugin_config(os.environ[ENV])
+    except ConfigError as e:
+        raise SystemExit(str(e)) from e
+    if multiprocessing.parent_process() is None:
+        log.debug("sharedcache: SGLang's launcher process loads no model; the plugin hooks its scheduler processes")
+        return
+    from .hooks import install
 
-
-def _around_get_model_loader(original, *args, **kwargs):
-    from .loader import SharedCacheLoader
-
-    inner = original(*args, **kwargs)
-    load_config = kwargs.get("load_config", args[0] if args else None)
-    return SharedCacheLoader(inner, load_config, load_plugin_config(os.environ[ENV]))
+    install(config)

@@ -5,11 +5,10 @@ save:  SGLang's loader loads and post-processes the weights (`process_weights_af
        then the core moves every parameter and buffer into the arena and publishes it;
 load:  the model is built on the meta device (quantization post-processing mirrored there), every
        tensor is bound to the published arena, and no checkpoint file is read.
-Entries are keyed per TP rank; SGLang is told the bytes it did not allocate so it sizes its KV pool.
+Entries are keyed per TP rank. SGLang internals are reached through compat.py only.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -20,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sglang.srt.model_loader.loader import BaseModelLoader
 from torch import nn
 
 from sharedcache import Fingerprint, UnsupportedModel
 from sharedcache.fingerprint import config_digest, device_id, weight_files
 from sharedcache.layout import dtype_name
 
-from . import PluginConfig
+from . import compat
+from .hooks import RankState
 
+BaseModelLoader, DefaultModelLoader = compat.loader_classes()
 _instances: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 _shared_in_process = False  # one shared model per scheduler process: the target, never its draft
 log = logging.getLogger(__name__)
@@ -42,9 +42,10 @@ def instance_of(model: nn.Module):
 class SharedCacheLoader(BaseModelLoader):
     """Wraps the loader SGLang chose; everything but `load_model` is the inner loader's."""
 
-    def __init__(self, inner: BaseModelLoader, load_config, config: PluginConfig) -> None:
+    def __init__(self, inner: BaseModelLoader, load_config, state: RankState) -> None:
         super().__init__(load_config)
-        self.inner, self.config = inner, config
+        self.inner, self.state = inner, state
+        self.preloaded_weights_bytes = compat.inner_preloaded_bytes(inner)
 
     def __getattr__(self, name: str):  # only reached for attributes this wrapper lacks
         if name == "inner":
@@ -55,48 +56,35 @@ class SharedCacheLoader(BaseModelLoader):
         self.inner.download_model(model_config)
 
     def load_model(self, *, model_config, device_config) -> nn.Module:
-        from sharedcache.instance import Instance
+        from sharedcache import Instance
 
         global _shared_in_process
         if _shared_in_process:  # a speculative-decoding draft, loaded after the target in the same process
             log.warning("sharedcache: a second model in this process (%s) loads unshared; only the first model "
                         "of a scheduler process is shared", model_config.model_path)
             model = self.inner.load_model(model_config=model_config, device_config=device_config)
-            self.preloaded_weights_bytes = self.inner.preloaded_weights_bytes
+            self.preloaded_weights_bytes = compat.inner_preloaded_bytes(self.inner)
             return model
         _shared_in_process = True
-        ranks = _ranks()
-        settings = replace(self.config.settings, key=f"{self.config.settings.key}-{_rank_tag(ranks)}")
-        source = SGLangSource(self.inner, self.load_config, model_config, device_config, ranks)
-        instance = Instance(self.config.role, settings, source)
+        state = self.state
+        if state.ranks is None:  # the model runner's hook sets them; a loader called on its own has none
+            state.ranks = compat.ranks()
+        settings = replace(state.config.settings, key=state.key)
+        source = SGLangSource(self.inner, self.load_config, model_config, device_config, state.ranks)
+        instance = Instance(state.config.role, settings, source)
         model = instance.run()
         _instances[model] = instance
         report = instance.report
+        # An attached rank maps memory that its owner allocated before this rank measured its baseline,
+        # so it is already missing from "free": reporting it as preloaded (0.5.23's term) would hold back
+        # slack for weights this rank does not hold. An owner (or a fallback) reports what its loader did.
         attached = report.mode in ("load", "placeholder") and report.fallback is None
-        # what this rank maps but did not allocate: SGLang adds it to its pre-load baseline so that the
-        # KV pool is sized from memory actually free (only attached ranks; an owner allocated its arena)
-        self.preloaded_weights_bytes = report.arena_bytes if attached else self.inner.preloaded_weights_bytes
+        self.preloaded_weights_bytes = 0 if attached else compat.inner_preloaded_bytes(self.inner)
         if report.mode == "save" and report.fallback is None:
             _unpublish_on_sigterm(instance)
-        _write_report(self.config.report_dir, ranks, report, model, self.preloaded_weights_bytes)
+        state.instance = instance
+        state.report = _rank_report(state.ranks, report, model, self.preloaded_weights_bytes)
         return model
-
-
-def _ranks() -> dict[str, int]:
-    """This process's place in the server: TP rank and size, PP rank and size."""
-    from sglang.srt.distributed.parallel_state import (get_pipeline_model_parallel_rank,
-                                                      get_pipeline_model_parallel_world_size,
-                                                      get_tensor_model_parallel_rank,
-                                                      get_tensor_model_parallel_world_size)
-
-    return {"tp_rank": get_tensor_model_parallel_rank(), "tp_size": get_tensor_model_parallel_world_size(),
-            "pp_rank": get_pipeline_model_parallel_rank(), "pp_size": get_pipeline_model_parallel_world_size()}
-
-
-def _rank_tag(ranks: dict[str, int]) -> str:
-    """Entry key and report suffix: `tp<r>`, or `pp<p>-tp<r>` with pipeline parallelism."""
-    tp = f"tp{ranks['tp_rank']}"
-    return f"pp{ranks['pp_rank']}-{tp}" if ranks["pp_size"] > 1 else tp
 
 
 def _unpublish_on_sigterm(instance) -> None:
@@ -130,14 +118,11 @@ class SGLangSource:
         self._identity: tuple[str, tuple] | None = None
 
     def check(self) -> None:
-        from sglang.srt.model_loader.loader import DefaultModelLoader
-        from sglang.srt.model_loader.utils import get_model_architecture
-
         if type(self.inner) is not DefaultModelLoader:  # its subclasses and the others bring their own ways
             raise UnsupportedModel(f"SGLang chose {type(self.inner).__name__} for this model (load_format, "
                                    "quantization); only its DefaultModelLoader's result is shared.",
                                    hint="Use load_format=auto or safetensors, or set cache.on_unsupported=fallback.")
-        model_class = get_model_architecture(self.model_config)[0]
+        model_class = compat.model_class(self.model_config)
         if hasattr(model_class, "post_load_weights"):
             raise UnsupportedModel(f"{model_class.__name__} builds state in post_load_weights that is not "
                                    "a parameter or buffer, which an attached model would lack.",
@@ -163,14 +148,9 @@ class SGLangSource:
         return self.inner.load_model(model_config=self.model_config, device_config=self.device_config)
 
     def skeleton(self) -> nn.Module:
-        from sglang.srt.model_loader.loader import (_get_quantization_config, _initialize_model,
-                                                    _modules_with_quant_method)
-        from sglang.srt.model_loader.utils import set_default_torch_dtype
-
-        quant = _get_quantization_config(self.model_config, self.load_config)
-        with set_default_torch_dtype(self.model_config.dtype), torch.device("meta"):
-            model = _initialize_model(self.model_config, self.load_config, quant)
-            for module, method in _modules_with_quant_method(model):
+        with compat.default_dtype(self.model_config.dtype), torch.device("meta"):
+            model = compat.build_model(self.model_config, self.load_config)
+            for module, method in compat.modules_with_quant_method(model):
                 try:  # post-processing may re-register tensors (scales, repacked weights): mirror it on meta
                     method.process_weights_after_loading(module)
                 except Exception as e:  # noqa: BLE001 - any failure means the skeleton cannot mirror the owner
@@ -197,41 +177,15 @@ def _device(device_config) -> torch.device:
 def _config_digest(model_config) -> str:
     """The effective model config as SGLang resolved it, with the options that shape its bytes."""
     extra = {k: getattr(model_config, k, None) for k in ("context_len", "is_generation", "model_impl")}
-    return config_digest(model_config.hf_config.to_dict(), **extra, **_layout_options())
+    return config_digest(model_config.hf_config.to_dict(), **extra, **compat.layout_options())
 
 
-def _layout_options() -> dict[str, str]:
-    """Server options that change the post-processed bytes or their split without changing the model
-    config: MoE runner backend (weights shuffled for it) and the expert/attention parallel widths."""
-    from sglang.srt.runtime_context import get_parallel
-
-    out: dict[str, str] = {}
-    try:
-        from sglang.srt.layers.moe.utils import get_moe_runner_backend
-
-        out["moe_runner_backend"] = str(get_moe_runner_backend())
-    except Exception as e:  # noqa: BLE001 - not initialised for dense models in some versions: record why
-        out["moe_runner_backend"] = f"unavailable: {type(e).__name__}"
-    parallel = get_parallel()
-    for name in ("moe_ep_size", "moe_dp_size", "attn_dp_size", "attn_cp_size"):
-        try:
-            out[name] = str(getattr(parallel, name))
-        except Exception as e:  # noqa: BLE001 - a width this SGLang version does not publish
-            out[name] = f"unavailable: {type(e).__name__}"
-    return out
-
-
-def _write_report(report_dir: Path, ranks: dict[str, int], report, model: nn.Module, preloaded: int) -> None:
-    """Each rank's report, written atomically by the process that loaded the model; launch.py gathers them."""
+def _rank_report(ranks: dict[str, int], report, model: nn.Module, preloaded: int) -> dict[str, Any]:
+    """This rank's part of the report; hooks.py completes it with the KV pool and writes it."""
     import sglang
 
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    data = {**report.to_json(), **ranks, "pid": os.getpid(), "preloaded_weights_bytes": preloaded,
-            "layout_options": _layout_options(),
+    return {**report.to_json(), **ranks, "pid": os.getpid(), "preloaded_weights_bytes": preloaded,
+            "layout_options": compat.layout_options(),
             "meta_tensors": [n for n, t in tensors if t.device.type == "meta"],
             "versions": {"torch": torch.__version__, "sglang": sglang.__version__}}
-    report_dir.mkdir(parents=True, exist_ok=True)
-    path = report_dir / f"report-{_rank_tag(ranks)}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)

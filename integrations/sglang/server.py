@@ -114,6 +114,13 @@ class Server:
 
     def __init__(self, plan: ServerPlan) -> None:
         self.plan = plan
+        if plan.report_dir is not None:  # the plugin would stop the server with the same line; say it first
+            from .compat import SUPPORTED, installed_version, unsupported_reason
+
+            why = unsupported_reason(installed_version())
+            if why is not None:
+                raise ConfigError(f"{why}.", hint=f"Install SGLang {SUPPORTED[0]} to {SUPPORTED[1]} into this "
+                                                  "Python, or run the role with engine=hf.")
         if plan.report_dir is not None:  # reports of an earlier run in the same run dir must not count
             for old in plan.report_dir.glob("report-*.json"):
                 old.unlink()

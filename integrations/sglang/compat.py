@@ -1,0 +1,173 @@
+"""Every SGLang internal the plugin touches, in one place, for the supported range of versions.
+
+SGLang has no stable loader API, so each private name the plugin needs is reached through a function
+here, with the version that introduced a difference named next to its fallback. A version outside
+SUPPORTED fails at registration (one line) instead of somewhere deep in a scheduler process.
+
+Tested: 0.5.17 on a GPU (H100, CUDA graphs on) and on SGLang's CPU engine; 0.5.23 on the CPU engine.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from typing import Any, Iterator
+
+SUPPORTED = ("0.5.17", "0.5.23")  # inclusive: oldest and newest release the plugin was run against
+
+# Hook targets (dotted paths for SGLang's HookRegistry); identical across the supported range.
+GET_MODEL_LOADER = "sglang.srt.model_loader.loader.get_model_loader"
+RUNNER_LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
+SCHEDULER_INIT_MODEL_WORKER = "sglang.srt.managers.scheduler.Scheduler.init_model_worker"
+UPDATE_WEIGHTS_FROM_DISK = ("sglang.srt.model_executor.model_runner_components.weight_updater."
+                            "WeightUpdater.update_weights_from_disk")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """'0.5.23', '0.5.23.post1', '0.5.18rc0' -> (0, 5, 23); pre-releases count as their release."""
+    m = re.match(r"^(\d+)\.(\d+)\.(\d+)", version)
+    if m is None:
+        raise ValueError(version)
+    return tuple(int(x) for x in m.groups())
+
+
+def installed_version() -> str | None:
+    """The installed sglang's version from its metadata (imports nothing of sglang)."""
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def unsupported_reason(version: str | None) -> str | None:
+    """None when `version` is inside SUPPORTED, else the one-line reason."""
+    lo, hi = SUPPORTED
+    if version is None:
+        return "sglang is not installed in this Python environment"
+    try:
+        inside = _release(lo) <= _release(version) <= _release(hi)
+    except ValueError:
+        inside = False
+    if inside:
+        return None
+    return f"SGLang {version} is outside the range the sharedcache plugin supports ({lo} to {hi})"
+
+
+def at_least(version: str) -> bool:
+    return _release(installed_version() or "0.0.0") >= _release(version)
+
+
+# ---------------------------------------------------------------- model loader internals
+
+def loader_classes() -> tuple[type, type]:
+    """(BaseModelLoader, DefaultModelLoader)."""
+    from sglang.srt.model_loader.loader import BaseModelLoader, DefaultModelLoader
+
+    return BaseModelLoader, DefaultModelLoader
+
+
+def inner_preloaded_bytes(loader: Any) -> int:
+    """What the inner loader reports as weight memory already resident before SGLang's pre-load
+    measurement. 0.5.23 added `BaseModelLoader.preloaded_weights_bytes`; before it, nothing is read."""
+    return int(getattr(loader, "preloaded_weights_bytes", 0))
+
+
+def build_model(model_config: Any, load_config: Any) -> Any:
+    """The model as SGLang's DefaultModelLoader constructs it, before weights (call under a device
+    context): quantization config resolved, model class initialised."""
+    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
+
+    quant = _get_quantization_config(model_config, load_config)
+    return _initialize_model(model_config, load_config, quant)
+
+
+def default_dtype(dtype: Any):
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+
+    return set_default_torch_dtype(dtype)
+
+
+def model_class(model_config: Any) -> type:
+    from sglang.srt.model_loader.utils import get_model_architecture
+
+    return get_model_architecture(model_config)[0]
+
+
+def modules_with_quant_method(model: Any) -> Iterator[tuple[Any, Any]]:
+    """(module, quant_method) pairs whose post-processing SGLang runs after loading.
+    0.5.23 has `_modules_with_quant_method`, which skips LoRA wrappers (they forward quant_method
+    but own no packed params); 0.5.17 loops over named_modules inline, without that skip."""
+    from sglang.srt.model_loader import loader
+
+    helper = getattr(loader, "_modules_with_quant_method", None)
+    if helper is not None:
+        yield from helper(model)
+        return
+    for _, module in model.named_modules():  # 0.5.17
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            yield module, method
+
+
+# ---------------------------------------------------------------- process and parallel state
+
+def ranks() -> dict[str, int]:
+    """This process's TP rank and size, PP rank and size."""
+    from sglang.srt.distributed.parallel_state import (get_pipeline_model_parallel_rank,
+                                                      get_pipeline_model_parallel_world_size,
+                                                      get_tensor_model_parallel_rank,
+                                                      get_tensor_model_parallel_world_size)
+
+    return {"tp_rank": get_tensor_model_parallel_rank(), "tp_size": get_tensor_model_parallel_world_size(),
+            "pp_rank": get_pipeline_model_parallel_rank(), "pp_size": get_pipeline_model_parallel_world_size()}
+
+
+def layout_options() -> dict[str, str]:
+    """Server options that change the post-processed bytes or their split without changing the model
+    config: MoE runner backend (weights shuffled for it) and the expert/attention parallel widths."""
+    from sglang.srt.runtime_context import get_parallel
+
+    out: dict[str, str] = {}
+    try:
+        from sglang.srt.layers.moe.utils import get_moe_runner_backend
+
+        out["moe_runner_backend"] = str(get_moe_runner_backend())
+    except Exception as e:  # noqa: BLE001 - not initialised for dense models in some versions: record why
+        out["moe_runner_backend"] = f"unavailable: {type(e).__name__}"
+    parallel = get_parallel()
+    for name in ("moe_ep_size", "moe_dp_size", "attn_dp_size", "attn_cp_size"):
+        try:
+            out[name] = str(getattr(parallel, name))
+        except Exception as e:  # noqa: BLE001 - a width this SGLang version does not publish
+            out[name] = f"unavailable: {type(e).__name__}"
+    return out
+
+
+# ---------------------------------------------------------------- the model runner's memory accounting
+
+def is_draft_runner(runner: Any) -> bool:
+    return bool(getattr(runner, "is_draft_worker", False))
+
+
+def free_memory_gib(runner: Any) -> float:
+    """Free device memory as SGLang measures it for its pre-load baseline (GiB; the minimum over the
+    world's ranks when there are several, so every rank calls it together)."""
+    from sglang.srt.distributed.parallel_state import get_world_group
+    from sglang.srt.utils.common import get_available_gpu_memory
+
+    world = get_world_group()
+    return get_available_gpu_memory(runner.device, runner.gpu_id, distributed=world.world_size > 1,
+                                    cpu_group=world.cpu_group)
+
+
+def baseline_gib(runner: Any) -> float:
+    return float(runner.pre_model_load_memory)
+
+
+def set_baseline_gib(runner: Any, gib: float) -> None:
+    """SGLang sizes the KV pool as free memory after loading less baseline x (1 - mem_fraction_static)
+    (both versions; 0.5.23 first adds `preloaded_weights_bytes` to the baseline)."""
+    runner.pre_model_load_memory = gib
+
+
+def kv_pool_tokens(scheduler: Any) -> int | None:
+    return getattr(scheduler, "max_total_num_tokens", None)
