@@ -1,0 +1,23 @@
+# Source on the GPU machine (the `device` tool's machine: no network, no sglang, no hydra), from the
+# repo root, in a call that carries .gpubundle (../shared/sglang-gpu-bundle.sh) and .whl
+# (../shared/prepare-gpu-wheels.sh). Idempotent: a warm machine keeps /tmp/site between calls.
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# NVLink multicast stays off on shared machines (the device tool's KINDS.md says why)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ ! -f /tmp/site/.sharedcache-ready ]; then
+  mkdir -p /tmp/site
+  tar -xJf .gpubundle/sglang-site.tar.xz -C /tmp/site || return 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+  touch /tmp/site/.sharedcache-ready
+fi
+# the checkpoint is generated with the image's own transformers, before the bundle's shadows it
+python3 bench/make_model.py --out /tmp/llama8b || return 1
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+python3 - <<'PY' || return 1
+import importlib.metadata as m, torch
+assert any(e.name == "sharedcache" for e in m.entry_points(group="sglang.srt.plugins")), "plugin entry point missing"
+print("sglang", m.version("sglang"), "torch", torch.__version__, "gpu", torch.cuda.get_device_name(0))
+PY
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -1,0 +1,279 @@
+"""Serving benchmark: two SGLang servers on one GPU sharing one copy of the weights, against two servers
+that each load their own copy, under the same memory split; SGLang's own bench_serving as the client.
+
+    python bench/sglang_serving.py --model /tmp/llama8b --out $OUT [--setups shared,unshared]
+
+Each setup starts two servers through `launch.py engine=sglang` (the first with mem_fraction_static
+--first-mem of the free card, the second, once the first is serving, with --second-mem of what is then
+free, so both setups split the card the same way), then drives both servers at once with one
+`bench_serving` client each (random token ids, fixed lengths, fixed seed: the load a round-robin router
+would give two replicas) for each workload and concurrency, and records per setup: KV pool tokens
+per server and in total, max running requests, output tokens/s, TTFT and ITL p50/p99 over both
+servers' requests, each server's start-to-ready time and per-process GPU memory (NVML).
+Results are written after every step to <out>/sglang-serving.json, so a run cut short keeps what it did.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE = REPO / "bench" / "offline"  # stand-ins for imports bench_serving makes but never uses here
+SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton +engine.extra_args.sampling_backend=pytorch "
+                "+engine.extra_args.grammar_backend=none")
+WORKLOADS = {"random-1k": (1024, 256), "long-8k": (8192, 512)}  # (input, output) tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, role: str, name: str, args, mem: float, cache_dir: Path, work: Path) -> None:
+        self.role, self.name, self.port = role, name, free_port()
+        self.run_dir, self.log = work / name, work / f"{name}.log"
+        cmd = [sys.executable, str(REPO / "launch.py"), f"role={role}", "engine=sglang", f"model.path={args.model}",
+               f"cache.dir={cache_dir}", "cache.key=bench", "cache.wait_timeout_s=900", f"hydra.run.dir={self.run_dir}",
+               f"engine.port.{role}={self.port}", f"engine.mem_fraction_static.{role}={mem}",
+               "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null",
+               *args.server_flags.split()]
+        if args.graph_max_bs:
+            cmd.append(f"+engine.extra_args.cuda_graph_max_bs_decode={args.graph_max_bs}")
+        self.t0 = time.monotonic()
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.ready_s: float | None = None
+
+    def wait_ready(self, timeout: float) -> dict:
+        report = self.run_dir / "report.json"
+        deadline = time.monotonic() + timeout
+        while not report.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not come up:\n" + self.log.read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+        self.ready_s = time.monotonic() - self.t0
+        return json.loads(report.read_text())
+
+    def info(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/server_info", timeout=60) as r:
+            data = json.loads(r.read())
+        state = (data.get("internal_states") or [{}])[0]
+        return {"kv_pool_tokens": data.get("max_total_num_tokens"),
+                "max_running_requests": state.get("effective_max_running_requests_per_dp"),
+                "memory_usage_gb": state.get("memory_usage")}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def nvidia_smi(*query: str) -> str:
+    try:
+        return subprocess.run(["nvidia-smi", *query], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:  # a CPU smoke run
+        return ""
+
+
+def process_gpu_mib() -> dict[str, int]:
+    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+    return {p: int(m) for p, m in (line.split(", ") for line in out.strip().splitlines() if line)}
+
+
+def server_gpu_mib(server: Server, used: dict[str, int]) -> int:
+    """GPU memory of the processes in this server's process tree."""
+    import psutil
+
+    tree = [server.proc.pid] + [c.pid for c in psutil.Process(server.proc.pid).children(recursive=True)]
+    return sum(used.get(str(p), 0) for p in tree)
+
+
+def bench_client(server: Server, args, inp: int, out: int, conc: int, prompts: int, dest: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1",
+           "--port", str(server.port), "--model", str(args.model), "--tokenizer", str(args.model),
+           "--dataset-name", "random-ids", "--tokenize-prompt", "--random-input-len", str(inp),
+           "--random-output-len", str(out), "--random-range-ratio", "1", "--num-prompts", str(prompts),
+           "--max-concurrency", str(conc), "--seed", str(args.seed), "--output-file", str(dest),
+           "--output-details", "--disable-tqdm", "--ready-check-timeout-sec", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(OFFLINE), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def run_load(servers: list[Server], args, work: Path, wl: str, conc: int) -> dict:
+    inp, out = WORKLOADS[wl]
+    prompts = max(conc * args.waves, args.min_prompts)
+    files = [work / f"{wl}-c{conc}-{s.name}.jsonl" for s in servers]
+    for f in files:
+        f.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    clients = [bench_client(s, args, inp, out, conc, prompts, f) for s, f in zip(servers, files)]
+    logs = [c.communicate(timeout=args.client_timeout)[0] for c in clients]
+    wall = time.monotonic() - t0
+    per = []
+    for s, f, log in zip(servers, files, logs):
+        if not f.exists():
+            raise RuntimeError(f"bench_serving against {s.name} wrote nothing:\n{log[-3000:]}")
+        per.append(json.loads(f.read_text().strip().splitlines()[-1]))
+    ttfts = [t for r in per for t in r.get("ttfts", []) if t]
+    itls = [x for r in per for row in r.get("itls", []) for x in row]
+    keep = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "completed",
+            "duration", "max_concurrent_requests")
+    return {"workload": wl, "input_len": inp, "output_len": out, "concurrency_per_server": conc,
+            "prompts_per_server": prompts, "wall_seconds": round(wall, 2),
+            "output_throughput": round(sum(r["output_throughput"] for r in per), 1),
+            "ttft_ms_p50": pct(ttfts, 50) and round(pct(ttfts, 50) * 1000, 1),
+            "ttft_ms_p99": pct(ttfts, 99) and round(pct(ttfts, 99) * 1000, 1),
+            "itl_ms_p50": pct(itls, 50) and round(pct(itls, 50) * 1000, 2),
+            "itl_ms_p99": pct(itls, 99) and round(pct(itls, 99) * 1000, 2),
+            "per_server": {s.name: {k: r.get(k) for k in keep} for s, r in zip(servers, per)}}
+
+
+def run_setup(setup: str, args, results: dict, save) -> None:
+    work = Path(args.out) / f"work-{setup}"
+    work.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/dev/shm"))
+    os.chmod(cache_dir, 0o700)
+    roles = ("prefill", "decode") if setup == "shared" else ("plain", "plain")
+    entry = results["setups"].setdefault(setup, {"servers": {}, "runs": []})
+    first = Server(roles[0], f"{setup}-1", args, args.first_mem, cache_dir, work)
+    servers = [first]
+    try:
+        if setup == "shared":  # the decode may start at once: it sizes its pool once the owner settled
+            servers.append(Server(roles[1], f"{setup}-2", args, args.second_mem, cache_dir, work))
+            reports = [s.wait_ready(args.ready_timeout) for s in servers]
+        else:  # two plain servers must start one after the other, or each sizes from the other's leftovers
+            reports = [first.wait_ready(args.ready_timeout)]
+            servers.append(Server(roles[1], f"{setup}-2", args, args.second_mem, cache_dir, work))
+            reports.append(servers[1].wait_ready(args.ready_timeout))
+        used = process_gpu_mib()
+        for s, rep in zip(servers, reports):
+            rank = (rep.get("ranks") or [{}])[0]
+            entry["servers"][s.name] = {
+                "role": s.role, "mem_fraction_static": args.first_mem if s is first else args.second_mem,
+                "start_to_ready_seconds": round(s.ready_s, 1), "gpu_memory_mib": server_gpu_mib(s, used),
+                "weight_bytes_allocated": rank.get("weight_bytes_allocated"),
+                "attach_seconds": rank.get("attach_seconds"), "baseline_gib": rank.get("baseline_gib"), **s.info()}
+        entry["total_kv_pool_tokens"] = sum(v["kv_pool_tokens"] for v in entry["servers"].values())
+        save()
+        for wl, concs in (("random-1k", args.random_conc), ("long-8k", args.long_conc)):
+            for conc in concs:
+                if time.monotonic() > args.deadline:
+                    entry.setdefault("skipped", []).append(f"{wl} c{conc}: out of time")
+                    continue
+                entry["runs"].append(run_load(servers, args, work, wl, conc))
+                save()
+    finally:
+        for s in reversed(servers):
+            s.stop()
+        subprocess.run(["rm", "-rf", str(cache_dir)])
+
+
+def ratios(results: dict) -> None:
+    a, b = results["setups"].get("shared"), results["setups"].get("unshared")
+    if not (a and b and "total_kv_pool_tokens" in a and "total_kv_pool_tokens" in b):
+        return
+    results["total_kv_ratio"] = round(a["total_kv_pool_tokens"] / b["total_kv_pool_tokens"], 3)
+
+    def best(entry, wl):
+        runs = [r["output_throughput"] for r in entry["runs"] if r["workload"] == wl]
+        return max(runs) if runs else None
+
+    for wl in WORKLOADS:
+        if best(a, wl) and best(b, wl):
+            results[f"output_throughput_ratio_{wl}"] = round(best(a, wl) / best(b, wl), 3)
+    if "output_throughput_ratio_long-8k" in results:  # the target's workload: where KV capacity binds
+        results["output_throughput_ratio"] = results["output_throughput_ratio_long-8k"]
+
+
+def environment() -> dict:
+    import torch
+
+    smi = nvidia_smi("--query-gpu=name,driver_version,memory.total", "--format=csv,noheader")
+    versions = {}
+    for pkg in ("sglang", "transformers", "flashinfer-python", "sglang-kernel"):
+        try:
+            import importlib.metadata as m
+
+            versions[pkg] = m.version(pkg)
+        except Exception:  # noqa: BLE001 - a package this environment lacks
+            versions[pkg] = None
+    return {"gpu": smi, "torch": torch.__version__, "cuda": torch.version.cuda, **versions,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--setups", default="shared,unshared")
+    ap.add_argument("--first-mem", type=float, default=0.45, help="mem_fraction_static of the first server")
+    ap.add_argument("--second-mem", type=float, default=0.80, help="of the second (of what the first left free)")
+    ap.add_argument("--random-conc", default="32,128", help="concurrency per server, random-1k workload")
+    ap.add_argument("--long-conc", default="16,48", help="concurrency per server, long-8k workload")
+    ap.add_argument("--waves", type=int, default=2, help="prompts per server = concurrency x waves")
+    ap.add_argument("--min-prompts", type=int, default=32)
+    ap.add_argument("--graph-max-bs", type=int, default=128, help="largest decode batch captured (0: SGLang's)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--server-flags", default=SERVER_FLAGS, help="launch.py overrides for every server")
+    ap.add_argument("--lengths", default="", help="override workload lengths, e.g. random-1k=64:8,long-8k=128:8")
+    ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--client-timeout", type=float, default=600)
+    ap.add_argument("--budget-s", type=float, default=3600, help="stop starting new load runs after this")
+    args = ap.parse_args()
+    args.random_conc = [int(x) for x in args.random_conc.split(",") if x]
+    args.long_conc = [int(x) for x in args.long_conc.split(",") if x]
+    args.deadline = time.monotonic() + args.budget_s
+    for item in filter(None, args.lengths.split(",")):
+        name, lens = item.split("=")
+        WORKLOADS[name] = tuple(int(x) for x in lens.split(":"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "deadline"},
+               "setups": {}}
+    path = out / "sglang-serving.json"
+
+    def save() -> None:
+        ratios(results)
+        path.write_text(json.dumps(results, indent=2, sort_keys=True))
+
+    for setup in args.setups.split(","):
+        try:
+            run_setup(setup, args, results, save)
+        except Exception as e:  # noqa: BLE001 - keep the other setup's numbers; the error goes in the JSON
+            results["setups"].setdefault(setup, {})["error"] = f"{type(e).__name__}: {e}"[-4000:]
+        save()
+    print(json.dumps({k: v for k, v in results.items() if k != "setups"}, indent=2))
+    for name, entry in results["setups"].items():
+        print(name, "KV total", entry.get("total_kv_pool_tokens"), "error" if "error" in entry else "")
+        for r in entry.get("runs", []):
+            print(f"  {r['workload']:9s} c{r['concurrency_per_server']:<4d} out {r['output_throughput']:8.1f} tok/s  "
+                  f"ttft p50 {r['ttft_ms_p50']} p99 {r['ttft_ms_p99']}  itl p50 {r['itl_ms_p50']} p99 {r['itl_ms_p99']}")
+
+
+if __name__ == "__main__":
+    main()

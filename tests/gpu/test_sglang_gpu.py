@@ -1,0 +1,178 @@
+"""SGLang on a real GPU (pytest -m gpu, with sglang installed: ../shared/sglang-gpu-bundle.sh on the GPU machine).
+
+Real `launch.py engine=sglang` servers with CUDA graphs on, on a Llama-3-8B-shaped bf16 checkpoint
+(bench/make_model.py; generated on the machine, nothing downloaded). The tests run in order and share
+the servers of the module: a decode started before its prefill, one started after it, a mismatched
+one, the prefill stopped while a decode serves, and a plain server for the tokens.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Launcher
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
+                       reason="sglang is not installed here; on the GPU machine unpack the bundle of "
+                              "../shared/sglang-gpu-bundle.sh and put it on PYTHONPATH"),
+]
+MODEL = Path(os.environ.get("SHAREDCACHE_GPU_MODEL", "/tmp/llama8b"))
+KEY = "llama8b"
+IDS = [1, 400, 1200, 33, 7000, 15, 298, 4096, 61, 2]
+N_TOKENS = 16
+MEM = {"prefill": 0.40, "decode": 0.40, "plain": 0.60}
+SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton", "+engine.extra_args.sampling_backend=pytorch",
+                "+engine.extra_args.grammar_backend=none", "+engine.extra_args.cuda_graph_max_bs=16",
+                # every request takes the same kernel path (a radix-cache hit would extend a cached prefix,
+                # which rounds differently, and random weights make near-ties that shows in greedy tokens)
+                "+engine.extra_args.disable_radix_cache=true",
+                # one GPU, no KV transfer engine here: the servers run as replicas (PD: bench/, README)
+                "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Servers:
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self.ports: dict[str, int] = {}
+
+    def start(self, role: str, name: str, *overrides: str):
+        self.ports[name] = port = free_port()
+        return self.launcher.start(
+            role, "engine=sglang", f"model.path={MODEL}", f"cache.key={KEY}", "cache.wait_timeout_s=600",
+            f"engine.port.{role}={port}", f"engine.mem_fraction_static.{role}={MEM[role]}",
+            f"max_new_tokens={N_TOKENS}", *SERVER_FLAGS, *overrides, name=name)
+
+    def post(self, name: str, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[name]}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # SGLang answers a refused update with 400 and its message
+            return json.loads(e.read())
+
+    def tokens(self, name: str) -> list[int]:
+        out = self.post(name, "/generate", {"input_ids": IDS, "sampling_params": {
+            "max_new_tokens": N_TOKENS, "temperature": 0.0, "ignore_eos": True}})
+        return out["output_ids"]
+
+    def server_info(self, name: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/server_info", timeout=30) as r:
+            return json.loads(r.read())
+
+
+def process_gpu_mib() -> dict[int, int]:
+    """Per-process GPU memory from NVML (nvidia-smi): pid -> MiB."""
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(p): int(m) for p, m in (line.split(", ") for line in out.strip().splitlines() if line)}
+
+
+def kv_bytes_per_token() -> int:
+    cfg = json.loads((MODEL / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2  # K and V, bf16
+
+
+@pytest.fixture(scope="module")
+def servers(sc_home, models):
+    subprocess.run([sys.executable, str(REPO / "bench" / "make_model.py"), "--out", str(MODEL)], check=True)
+    cache_dir = Path(tempfile.mkdtemp(prefix="sc-sgl-gpu-", dir="/dev/shm"))
+    os.chmod(cache_dir, 0o700)
+    work = Path(os.environ.get("SHAREDCACHE_GPU_LOGS") or tempfile.mkdtemp(prefix="sc-sgl-gpu-logs-"))
+    work.mkdir(parents=True, exist_ok=True)
+    launcher = Launcher(sc_home, cache_dir, work)
+    s = Servers(launcher)
+    s.state = {}
+    yield s
+    for p in launcher.procs:
+        if p.popen.poll() is None:
+            p.stop(timeout=120)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def test_decode_started_before_its_prefill_attaches_once_it_settled(servers):
+    first = servers.start("decode", "decode-first")  # waits for an owner that does not exist yet
+    time.sleep(3)
+    prefill = servers.start("prefill", "prefill")
+    pre, dec = prefill.wait_report(900), first.wait_report(900)
+    assert pre["mode"] == "save" and pre["backend"] == "cuda_vmm" and pre["fallback"] is None, pre
+    assert dec["mode"] == "load" and dec["fallback"] is None and dec["weight_bytes_allocated"] == 0, dec
+    rank = dec["ranks"][0]
+    assert rank["settle_wait_seconds"] > 0 and rank["meta_tensors"] == [] and rank["preloaded_weights_bytes"] == 0
+    # the decode sized its pool from what was free once the prefill had allocated everything it keeps
+    assert rank["baseline_gib"] < rank["baseline_gib_at_start"] - 15, rank
+    tokens = servers.tokens("prefill")
+    assert servers.tokens("decode-first") == tokens
+    used = process_gpu_mib()
+    kv = {"decode": rank["kv_pool_tokens"] * kv_bytes_per_token() / 2**20,
+          "prefill": pre["ranks"][0]["kv_pool_tokens"] * kv_bytes_per_token() / 2**20}
+    weights = pre["arena_bytes"] / 2**20
+    dec_extra = used[rank["pid"]] - kv["decode"]  # context, CUDA graphs, activations: no weights
+    pre_extra = used[pre["ranks"][0]["pid"]] - kv["prefill"]
+    assert dec_extra < 4096 and pre_extra > weights, (used, kv, weights)
+    servers.state.update(first=dec, prefill=pre, prefill_proc=prefill, tokens=tokens,
+                         memory={"decode_first_mib": used[rank["pid"]], "prefill_mib": used[pre["ranks"][0]["pid"]],
+                                 "decode_first_kv_mib": kv["decode"], "weights_mib": weights})
+    assert first.stop(timeout=120) == 0, first.output()
+
+
+def test_decode_started_after_the_prefill_gets_the_same_kv_pool(servers):
+    late = servers.start("decode", "decode-after")
+    dec = late.wait_report(900)
+    first = servers.state["first"]
+    tokens, first_tokens = dec["ranks"][0]["kv_pool_tokens"], first["ranks"][0]["kv_pool_tokens"]
+    assert abs(tokens - first_tokens) <= 0.01 * first_tokens, (tokens, first_tokens)
+    assert dec["weight_bytes_allocated"] == 0 and servers.tokens("decode-after") == servers.state["tokens"]
+    servers.state.update(after=dec, after_proc=late)
+
+
+def test_decode_of_another_dtype_is_refused_naming_the_field(servers):
+    other = servers.start("decode", "decode-fp16", "engine.dtype=float16", "engine.ready_timeout_s=300")
+    assert other.wait(600) != 0
+    out = other.output()
+    assert "differing fields: dtype" in out, out[-4000:]
+
+
+def test_update_weights_from_disk_on_a_decode_is_refused(servers):
+    out = servers.post("decode-after", "/update_weights_from_disk", {"model_path": str(MODEL)})
+    assert out.get("success") is False and "sharedcache" in out["message"] and "refused" in out["message"], out
+    assert servers.tokens("decode-after") == servers.state["tokens"]  # still the same weights
+
+
+def test_decode_keeps_answering_after_the_prefill_stops(servers):
+    assert servers.state["prefill_proc"].stop(timeout=120) == 0
+    assert servers.tokens("decode-after") == servers.state["tokens"]
+
+
+def test_plain_server_generates_the_same_tokens(servers):
+    plain = servers.start("plain", "plain")
+    report = plain.wait_report(900)
+    assert report["role"] == "plain" and "ranks" in report
+    assert servers.tokens("plain") == servers.state["tokens"]
+    info = servers.server_info("plain")
+    summary = {"first": servers.state["first"]["ranks"][0], "after": servers.state["after"]["ranks"][0],
+               "prefill": servers.state["prefill"]["ranks"][0], "plain_kv_pool_tokens": info["max_total_num_tokens"],
+               "memory": servers.state["memory"], "tokens": servers.state["tokens"]}
+    out = os.environ.get("SHAREDCACHE_GPU_SUMMARY")
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2, sort_keys=True))
