@@ -132,3 +132,27 @@ def test_sglang_holder_and_hf_router_are_refused_with_what_to_do(launcher, model
     assert holder.popen.returncode != 0 and "role=holder runs with engine=hf" in holder.output()
     router = launcher.run("router")
     assert router.popen.returncode != 0 and "role=router needs engine=sglang" in router.output()
+
+
+def test_sglang_versions_outside_the_tested_range_are_named_in_one_line():
+    from integrations.sglang.compat import SUPPORTED, unsupported_reason
+
+    lo, hi = SUPPORTED
+    for inside in (lo, hi, "0.5.20", f"{hi}.post1"):
+        assert unsupported_reason(inside) is None, inside
+    for outside in ("0.5.16", "0.5.24", "0.6.0", "1.0.0rc1", "garbage"):
+        why = unsupported_reason(outside)
+        assert why is not None and outside in why and lo in why and hi in why and "\n" not in why
+    assert "not installed" in unsupported_reason(None)
+
+
+def test_sglang_server_refuses_to_start_without_a_supported_sglang(launcher, models):
+    """This environment has no sglang: launch.py says so in one line before starting anything."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed in this environment; the refusal is for one without it")
+    proc = launcher.run("decode", "engine=sglang", f"model.path={models['tiny']}")
+    out = proc.output()
+    assert proc.popen.returncode == 2 and "sglang is not installed in this Python environment" in out, out
+    assert "Traceback" not in out

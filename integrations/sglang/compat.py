@@ -169,5 +169,7 @@ def set_baseline_gib(runner: Any, gib: float) -> None:
     runner.pre_model_load_memory = gib
 
 
-def kv_pool_tokens(scheduler: Any) -> int | None:
-    return getattr(scheduler, "max_total_num_tokens", None)
+def pool_sizes(scheduler: Any) -> dict[str, int | None]:
+    """What the scheduler sized once its model worker is up: KV pool tokens, max running requests."""
+    return {"kv_pool_tokens": getattr(scheduler, "max_total_num_tokens", None),
+            "max_running_requests": getattr(scheduler, "max_running_requests", None)}

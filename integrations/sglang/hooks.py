@@ -106,7 +106,7 @@ def _around_runner_load_model(original, runner, *args, **kwargs):
     at_start = compat.baseline_gib(runner)
     now = compat.free_memory_gib(runner)
     compat.set_baseline_gib(runner, now)
-    STATE.sizing = {"baseline_gib_at_start": round(at_start, 3), "baseline_gib": round(now, 3),
+    STATE.sizing = {"baseline_gib_at_start": round(at_start, 3), "baseline_gib": round(now, 3), "sized_at": time.time(),
                     "settle_wait_seconds": round(settle_wait, 3), "turn_wait_seconds": round(turn_wait, 3)}
     log.info("sharedcache: %s sizes its memory from %.2f GiB free (%.2f GiB when the server started; waited "
              "%.1fs for the entry to settle, %.1fs for the device's turn)", STATE.key, now, at_start, settle_wait,
@@ -140,8 +140,8 @@ def _around_update_weights_from_disk(original, updater, *args, **kwargs):
 
 def _write_report(scheduler) -> None:
     """The rank's report, written atomically once its pools exist; launch.py gathers the ranks'."""
-    data = {**STATE.report, **STATE.sizing, "kv_pool_tokens": getattr(scheduler, "max_total_num_tokens", None),
-            "max_running_requests": getattr(scheduler, "max_running_requests", None)}
+    data = {**STATE.report, **STATE.sizing, "settled_at": time.time(),
+            **compat.pool_sizes(scheduler)}
     report_dir = STATE.config.report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     path = Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json"

@@ -13,6 +13,8 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -146,3 +148,54 @@ def test_prefill_publishes_and_decode_attaches_with_transformers_tokens(launcher
     plain.wait_report(600)  # up and serving
     assert sgl.generate("plain", ids) != expected
     assert plain.stop(timeout=120) == 0, plain.output()
+
+
+def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_at_a_time(launcher, models, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUB), os.environ.get("PYTHONPATH", "")]))
+    ports = {"decode-a": free_port(), "decode-b": free_port(), "prefill": free_port()}
+    sgl = SGLangServers(launcher, models["default"])
+
+    def start(role: str, name: str):
+        sgl.ports[name] = ports[name]
+        return launcher.start(
+            role, "engine=sglang", "engine.device=cpu", "engine.dtype=float32", f"model.path={models['default']}",
+            "cache.key=sgl-order", "cache.wait_timeout_s=600", f"engine.port.{role}={ports[name]}",
+            "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null",
+            "+engine.env.SGLANG_USE_CPU_ENGINE=1", "+engine.extra_args.attention_backend=torch_native",
+            "+engine.extra_args.max_total_tokens=2048", "+engine.extra_args.disable_cuda_graph=true", name=name)
+
+    decodes = [start("decode", "decode-a"), start("decode", "decode-b")]  # both before any owner exists
+    time.sleep(5)
+    prefill = start("prefill", "prefill")
+    pre = prefill.wait_report(600)
+    reports = [d.wait_report(600)["ranks"][0] for d in decodes]
+    owner = pre["ranks"][0]
+    for r in reports:
+        assert r["mode"] == "load" and r["fallback"] is None and r["weight_bytes_allocated"] == 0, r
+        assert r["settle_wait_seconds"] > 0, r  # it waited for the owner's pools, not only for its manifest
+        assert r["sized_at"] >= owner["settled_at"], (r, owner)  # measured only once the owner had settled
+    # one instance at a time measured free memory and allocated its pools on this device
+    first, second = sorted(reports + [owner], key=lambda r: r["sized_at"])[1:]
+    assert first["settled_at"] <= second["sized_at"], (first, second)
+
+    ids = [5, 17, 33, 80, 101, 2, 64, 9]
+    tokens = sgl.generate("prefill", ids)
+    assert sgl.generate("decode-a", ids) == tokens == sgl.generate("decode-b", ids)
+    refused = update_weights_from_disk(ports["decode-a"], models["default"])
+    assert refused["success"] is False and "update_weights_from_disk refused" in refused["message"], refused
+    assert "sgl-order-tp0" in refused["message"]
+    assert sgl.generate("decode-a", ids) == tokens  # nothing was written into the shared weights
+    for proc in (*decodes, prefill):
+        assert proc.stop(timeout=120) == 0, proc.output()
+
+
+def update_weights_from_disk(port: int, model: Path) -> dict:
+    body = json.dumps({"model_path": str(model)}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/update_weights_from_disk", body,
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # SGLang answers a failed update with 400 and the message
+        return json.loads(e.read())
