@@ -4,6 +4,7 @@ Every value comes from conf/; this module only checks them, it supplies no defau
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -44,8 +45,9 @@ class CacheSettings:
                 raise ConfigError(f"cache.{opt} must be 'error' or 'fallback', got {getattr(self, opt)!r}.")
         if self.backend != "auto" and self.backend not in known_backends():
             raise ConfigError(f"unknown cache.backend {self.backend!r}; choose 'auto' or one of {known_backends()}.")
-        if not isinstance(self.wait_timeout_s, (int, float)) or self.wait_timeout_s < 0:
-            raise ConfigError(f"cache.wait_timeout_s must be a number >= 0, got {self.wait_timeout_s!r}.")
+        if not isinstance(self.wait_timeout_s, (int, float)) or not math.isfinite(self.wait_timeout_s) \
+                or self.wait_timeout_s < 0:
+            raise ConfigError(f"cache.wait_timeout_s must be a finite number >= 0 (seconds), got {self.wait_timeout_s!r}.")
         if not isinstance(self.vmm_chunk_mib, int) or self.vmm_chunk_mib < 2:
             raise ConfigError(f"cache.vmm_chunk_mib must be an integer >= 2, got {self.vmm_chunk_mib!r}.")
         if not isinstance(self.handle_timeout_s, (int, float)) or self.handle_timeout_s <= 0:

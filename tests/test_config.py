@@ -156,3 +156,10 @@ def test_sglang_server_refuses_to_start_without_a_supported_sglang(launcher, mod
     out = proc.output()
     assert proc.popen.returncode == 2 and "sglang is not installed in this Python environment" in out, out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1])
+def test_a_wait_that_could_never_end_or_start_is_refused(value):
+    cache = compose(["cache.dir=/tmp/x"])["cache"]
+    with pytest.raises(ConfigError, match="wait_timeout_s must be a finite number"):
+        CacheSettings.from_mapping({**cache, "wait_timeout_s": value})

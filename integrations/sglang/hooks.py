@@ -84,8 +84,8 @@ def _around_get_model_loader(original, *args, **kwargs):
 
 
 def _around_runner_load_model(original, runner, *args, **kwargs):
-    if compat.is_draft_runner(runner) or STATE.ranks is not None:  # a draft model, or a reload
-        return original(runner, *args, **kwargs)
+    if compat.is_draft_runner(runner) or STATE.ranks is not None or STATE.config.role.mode is Mode.OFF:
+        return original(runner, *args, **kwargs)  # a draft model, a reload, or a role that shares nothing
     STATE.ranks = compat.ranks()
     settings, mode = STATE.config.settings, STATE.config.role.mode
     role = STATE.config.role.name

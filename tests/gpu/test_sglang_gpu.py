@@ -35,7 +35,7 @@ IDS = [1, 400, 1200, 33, 7000, 15, 298, 4096, 61, 2]
 N_TOKENS = 16
 MEM = {"prefill": 0.40, "decode": 0.40, "plain": 0.60}
 SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton", "+engine.extra_args.sampling_backend=pytorch",
-                "+engine.extra_args.grammar_backend=none", "+engine.extra_args.cuda_graph_max_bs=16",
+                "+engine.extra_args.grammar_backend=none", "+engine.extra_args.cuda_graph_max_bs_decode=16",
                 # every request takes the same kernel path (a radix-cache hit would extend a cached prefix,
                 # which rounds differently, and random weights make near-ties that shows in greedy tokens)
                 "+engine.extra_args.disable_radix_cache=true",
