@@ -3,7 +3,8 @@
     python bench/make_model.py --out /tmp/llama8b [--layers 32]
 
 Weights are drawn on the GPU (seeded), saved as safetensors shards with the project's
-byte-level tokenizer. A `.complete` marker makes a second call a no-op.
+byte-level tokenizer, filled up to the model's 128,256 ids so that every id it emits decodes to text
+(serving clients time tokens by the text they stream). A `.complete` marker makes a second call a no-op.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     a = ap.parse_args()
     out = Path(a.out)
-    spec = {"layers": a.layers, "shape": "llama-3-8b", "dtype": "bfloat16", "seed": 0}
+    spec = {"layers": a.layers, "shape": "llama-3-8b", "dtype": "bfloat16", "seed": 0, "tokenizer": "bytes+filler"}
     marker = out / ".complete"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         print(f"{out} already complete")
@@ -52,7 +53,7 @@ def main() -> None:
     print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params in {time.perf_counter() - t0:.1f}s")
     model.save_pretrained(out, max_shard_size="5GB")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=False).save_pretrained(out)
-    build_tokenizer(8192).save_pretrained(out)
+    build_tokenizer(8192, vocab_size=cfg.vocab_size).save_pretrained(out)  # every id decodes to text
     marker.write_text(json.dumps(spec))
     print(f"saved {out} in {time.perf_counter() - t0:.1f}s")
 

@@ -1,15 +1,16 @@
 """Serving benchmark: two SGLang servers on one GPU sharing one copy of the weights, against two servers
 that each load their own copy, under the same memory split; SGLang's own bench_serving as the client.
 
-    python bench/sglang_serving.py --model /tmp/llama8b --out $OUT [--setups shared,unshared]
+    python bench/sglang_serving.py --model /tmp/llama8b --out $OUT [--mode pd|replicas] [--setups shared,unshared]
 
 Each setup starts two servers through `launch.py engine=sglang` (the first with mem_fraction_static
 --first-mem of the free card, the second, once the first is serving, with --second-mem of what is then
-free, so both setups split the card the same way), then drives both servers at once with one
-`bench_serving` client each (random token ids, fixed lengths, fixed seed: the load a round-robin router
-would give two replicas) for each workload and concurrency, and records per setup: KV pool tokens
-per server and in total, max running requests, output tokens/s, TTFT and ITL p50/p99 over both
-servers' requests, each server's start-to-ready time and per-process GPU memory (NVML).
+free, so both setups split the card the same way). --mode pd (default): a prefill and a decode server in
+PD mode (KV over --transfer-backend) behind sglang-router's PD router, driven by one `bench_serving`
+client; --mode replicas: two servers without PD, one client each at the same concurrency (the load a
+round-robin router would give them). Random token ids, fixed lengths, fixed seed. Recorded per setup:
+KV pool tokens per server and in total, max running requests, output tokens/s, TTFT and ITL p50/p99,
+each server's start-to-ready time and per-process GPU memory (NVML).
 Results are written after every step to <out>/sglang-serving.json, so a run cut short keeps what it did.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 OFFLINE = REPO / "bench" / "offline"  # stand-ins for imports bench_serving makes but never uses here
 SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton +engine.extra_args.sampling_backend=pytorch "
                 "+engine.extra_args.grammar_backend=none")
-WORKLOADS = {"random-1k": (1024, 256), "long-8k": (8192, 512)}  # (input, output) tokens
+# (input, output) tokens; "long-8k" fills the 8,192-token context of Llama-3-8B (and of bench/make_model.py)
+WORKLOADS = {"random-1k": (1024, 256), "long-8k": (7680, 512)}
 
 
 def free_port() -> int:
@@ -41,16 +43,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, role: str, name: str, args, mem: float, cache_dir: Path, work: Path) -> None:
-        self.role, self.name, self.port = role, name, free_port()
+    """One `launch.py engine=sglang role=<role>` process (an SGLang server, or the PD router)."""
+
+    def __init__(self, role: str, name: str, args, cache_dir: Path, work: Path, *overrides: str,
+                 port: int | None = None) -> None:
+        self.role, self.name, self.port = role, name, port or free_port()
         self.run_dir, self.log = work / name, work / f"{name}.log"
         cmd = [sys.executable, str(REPO / "launch.py"), f"role={role}", "engine=sglang", f"model.path={args.model}",
                f"cache.dir={cache_dir}", "cache.key=bench", "cache.wait_timeout_s=900", f"hydra.run.dir={self.run_dir}",
-               f"engine.port.{role}={self.port}", f"engine.mem_fraction_static.{role}={mem}",
-               "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null",
-               *args.server_flags.split()]
-        if args.graph_max_bs:
-            cmd.append(f"+engine.extra_args.cuda_graph_max_bs_decode={args.graph_max_bs}")
+               *args.server_flags.split(), *overrides]
+        if role != "router":
+            cmd.append(f"engine.port.{role}={self.port}")
+            if args.graph_max_bs:
+                cmd.append(f"+engine.extra_args.cuda_graph_max_bs_decode={args.graph_max_bs}")
         self.t0 = time.monotonic()
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
@@ -125,6 +130,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def run_load(servers: list[Server], args, work: Path, wl: str, conc: int) -> dict:
+    """`servers`: what the clients drive, one client each (both replicas, or the PD router)."""
     inp, out = WORKLOADS[wl]
     prompts = max(conc * args.waves, args.min_prompts)
     files = [work / f"{wl}-c{conc}-{s.name}.jsonl" for s in servers]
@@ -143,8 +149,8 @@ def run_load(servers: list[Server], args, work: Path, wl: str, conc: int) -> dic
     itls = [x for r in per for row in r.get("itls", []) for x in row]
     keep = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "completed",
             "duration", "max_concurrent_requests")
-    return {"workload": wl, "input_len": inp, "output_len": out, "concurrency_per_server": conc,
-            "prompts_per_server": prompts, "wall_seconds": round(wall, 2),
+    return {"workload": wl, "input_len": inp, "output_len": out, "concurrency_per_client": conc,
+            "clients": len(servers), "prompts_per_client": prompts, "wall_seconds": round(wall, 2),
             "output_throughput": round(sum(r["output_throughput"] for r in per), 1),
             "ttft_ms_p50": pct(ttfts, 50) and round(pct(ttfts, 50) * 1000, 1),
             "ttft_ms_p99": pct(ttfts, 99) and round(pct(ttfts, 99) * 1000, 1),
@@ -153,39 +159,88 @@ def run_load(servers: list[Server], args, work: Path, wl: str, conc: int) -> dic
             "per_server": {s.name: {k: r.get(k) for k in keep} for s, r in zip(servers, per)}}
 
 
+def start_servers(setup: str, args, cache_dir: Path, work: Path) -> tuple[list[Server], list[dict]]:
+    """The setup's two servers, ready. shared: prefill owns the weights, decode attaches (it may start
+    at once: it sizes its pool once the owner settled); unshared: both load their own copy, one after
+    the other (a plain server sizes from whatever the other has allocated by then)."""
+    pd = args.mode == "pd"
+    own = () if setup == "shared" else ("role.mode=off", "role.phases=[]")  # the roles' servers, no cache
+    roles = ("prefill", "decode") if (pd or setup == "shared") else ("plain", "plain")
+    mode = ((f"engine.disaggregation.transfer_backend={args.transfer_backend}",) if pd else
+            ("engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null"))
+
+    def server(i: int) -> Server:
+        mem = args.first_mem if i == 0 else args.second_mem
+        return Server(roles[i], f"{setup}-{i + 1}", args, cache_dir, work, *mode, *own,
+                      f"engine.mem_fraction_static.{roles[i]}={mem}")
+
+    first = server(0)
+    servers = [first]
+    try:
+        if setup == "shared":
+            servers.append(server(1))
+            return servers, [s.wait_ready(args.ready_timeout) for s in servers]
+        reports = [first.wait_ready(args.ready_timeout)]
+        servers.append(server(1))
+        reports.append(servers[1].wait_ready(args.ready_timeout))
+        return servers, reports
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+
+
+def start_router(setup: str, args, servers: list[Server], cache_dir: Path, work: Path) -> Server:
+    """sglang-router's PD router in front of the setup's prefill and decode servers, once it answers."""
+    port = free_port()
+    router = Server("router", f"{setup}-router", args, cache_dir, work,
+                    f"engine.disaggregation.transfer_backend={args.transfer_backend}",
+                    f"engine.port.prefill={servers[0].port}", f"engine.port.decode={servers[1].port}",
+                    f"engine.router.port={port}", port=port)
+    router.wait_ready(args.ready_timeout)  # launch.py reports as soon as the router process runs
+    deadline = time.monotonic() + args.ready_timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return router
+        except OSError:
+            pass
+        if router.proc.poll() is not None or time.monotonic() > deadline:
+            router.stop()
+            raise RuntimeError("the PD router did not come up:\n" + router.log.read_text(errors="replace")[-3000:])
+        time.sleep(0.5)
+
+
 def run_setup(setup: str, args, results: dict, save) -> None:
     work = Path(args.out) / f"work-{setup}"
     work.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/dev/shm"))
     os.chmod(cache_dir, 0o700)
-    roles = ("prefill", "decode") if setup == "shared" else ("plain", "plain")
     entry = results["setups"].setdefault(setup, {"servers": {}, "runs": []})
-    first = Server(roles[0], f"{setup}-1", args, args.first_mem, cache_dir, work)
-    servers = [first]
+    servers: list[Server] = []
     try:
-        if setup == "shared":  # the decode may start at once: it sizes its pool once the owner settled
-            servers.append(Server(roles[1], f"{setup}-2", args, args.second_mem, cache_dir, work))
-            reports = [s.wait_ready(args.ready_timeout) for s in servers]
-        else:  # two plain servers must start one after the other, or each sizes from the other's leftovers
-            reports = [first.wait_ready(args.ready_timeout)]
-            servers.append(Server(roles[1], f"{setup}-2", args, args.second_mem, cache_dir, work))
-            reports.append(servers[1].wait_ready(args.ready_timeout))
+        servers, reports = start_servers(setup, args, cache_dir, work)
         used = process_gpu_mib()
-        for s, rep in zip(servers, reports):
+        for i, (s, rep) in enumerate(zip(servers, reports)):
             rank = (rep.get("ranks") or [{}])[0]
             entry["servers"][s.name] = {
-                "role": s.role, "mem_fraction_static": args.first_mem if s is first else args.second_mem,
+                "role": s.role, "mem_fraction_static": args.first_mem if i == 0 else args.second_mem,
                 "start_to_ready_seconds": round(s.ready_s, 1), "gpu_memory_mib": server_gpu_mib(s, used),
                 "weight_bytes_allocated": rank.get("weight_bytes_allocated"),
                 "attach_seconds": rank.get("attach_seconds"), "baseline_gib": rank.get("baseline_gib"), **s.info()}
         entry["total_kv_pool_tokens"] = sum(v["kv_pool_tokens"] for v in entry["servers"].values())
         save()
+        targets = servers
+        if args.mode == "pd":
+            servers.append(start_router(setup, args, servers, cache_dir, work))
+            targets = [servers[-1]]
         for wl, concs in (("random-1k", args.random_conc), ("long-8k", args.long_conc)):
             for conc in concs:
                 if time.monotonic() > args.deadline:
                     entry.setdefault("skipped", []).append(f"{wl} c{conc}: out of time")
                     continue
-                entry["runs"].append(run_load(servers, args, work, wl, conc))
+                entry["runs"].append(run_load(targets, args, work, wl, conc))
                 save()
     finally:
         for s in reversed(servers):
@@ -231,10 +286,15 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--setups", default="shared,unshared")
+    ap.add_argument("--mode", choices=("pd", "replicas"), default="pd",
+                    help="pd: prefill + decode servers in PD mode behind sglang-router's PD router (one client); "
+                         "replicas: two servers without PD, one client each")
+    ap.add_argument("--transfer-backend", default="mooncake_tcp", help="PD KV transfer (mooncake_tcp: no RDMA)")
     ap.add_argument("--first-mem", type=float, default=0.45, help="mem_fraction_static of the first server")
     ap.add_argument("--second-mem", type=float, default=0.80, help="of the second (of what the first left free)")
-    ap.add_argument("--random-conc", default="32,128", help="concurrency per server, random-1k workload")
-    ap.add_argument("--long-conc", default="16,48", help="concurrency per server, long-8k workload")
+    ap.add_argument("--random-conc", default="32,128", help="concurrency per client, random-1k workload")
+    ap.add_argument("--long-conc", default="16,32,48", help="concurrency per client, long-8k workload (past "
+                    "what the unshared decode's KV pool holds, about 17 such requests on an H100)")
     ap.add_argument("--waves", type=int, default=2, help="prompts per server = concurrency x waves")
     ap.add_argument("--min-prompts", type=int, default=32)
     ap.add_argument("--graph-max-bs", type=int, default=128, help="largest decode batch captured (0: SGLang's)")
@@ -251,6 +311,11 @@ def main() -> None:
     for item in filter(None, args.lengths.split(",")):
         name, lens = item.split("=")
         WORKLOADS[name] = tuple(int(x) for x in lens.split(":"))
+    context = json.loads((Path(args.model) / "config.json").read_text()).get("max_position_embeddings")
+    for name, (inp, outp) in WORKLOADS.items():
+        if context and inp + outp > context:
+            raise SystemExit(f"[bench] workload {name} asks {inp} + {outp} tokens of a model whose context is "
+                             f"{context}: the server would reject every request. Use --lengths {name}=IN:OUT.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "deadline"},
@@ -271,7 +336,7 @@ def main() -> None:
     for name, entry in results["setups"].items():
         print(name, "KV total", entry.get("total_kv_pool_tokens"), "error" if "error" in entry else "")
         for r in entry.get("runs", []):
-            print(f"  {r['workload']:9s} c{r['concurrency_per_server']:<4d} out {r['output_throughput']:8.1f} tok/s  "
+            print(f"  {r['workload']:9s} c{r['concurrency_per_client']:<4d} out {r['output_throughput']:8.1f} tok/s  "
                   f"ttft p50 {r['ttft_ms_p50']} p99 {r['ttft_ms_p99']}  itl p50 {r['itl_ms_p50']} p99 {r['itl_ms_p99']}")
 
 

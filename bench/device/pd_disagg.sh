@@ -3,8 +3,6 @@
 # Mooncake over TCP, requests through sglang-router's PD router. Carry .pdbundle (mooncake-transfer-engine-
 # cuda13 and sglang-router, unpacked, as tar.xz) on a machine where bench/device/setup.sh already ran.
 source bench/device/setup.sh || exit 1
-mkdir -p /tmp/pdsite && tar -xJf .pdbundle/pd.tar.xz -C /tmp/pdsite || exit 1
-export PYTHONPATH=/tmp/site:/tmp/pdsite
 python3 -c "import importlib.metadata as m; from mooncake.engine import TransferEngine; import sglang_router; \
 print('mooncake', m.version('mooncake-transfer-engine-cuda13'), 'sglang-router', m.version('sglang-router'))" || exit 1
 C="engine=sglang model.path=/tmp/llama8b cache.key=pd8b cache.dir=/dev/shm/sc-pd cache.wait_timeout_s=600

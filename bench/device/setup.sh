@@ -1,6 +1,9 @@
 # Source on the GPU machine (the `device` tool's machine: no network, no sglang, no hydra), from the
 # repo root, in a call that carries .gpubundle (../shared/sglang-gpu-bundle.sh) and .whl
 # (../shared/prepare-gpu-wheels.sh). Idempotent: a warm machine keeps /tmp/site between calls.
+# PD needs a KV transfer engine and the router too, which do not fit beside SGLang in one call's 64 MiB:
+# a later call on the warm machine carries .pdbundle/pd.tar.xz (mooncake-transfer-engine-cuda13 0.3.14
+# and sglang-router 0.3.2 wheels unpacked into one folder, tar | xz -9e: 47 MB), unpacked to /tmp/pdsite.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # NVLink multicast stays off on shared machines (the device tool's KINDS.md says why)
@@ -14,6 +17,10 @@ fi
 # the checkpoint is generated with the image's own transformers, before the bundle's shadows it
 python3 bench/make_model.py --out /tmp/llama8b || return 1
 export PYTHONPATH=/tmp/site
+if [ -f .pdbundle/pd.tar.xz ] && [ ! -f /tmp/pdsite/.ready ]; then
+  mkdir -p /tmp/pdsite && tar -xJf .pdbundle/pd.tar.xz -C /tmp/pdsite && touch /tmp/pdsite/.ready || return 1
+fi
+[ -f /tmp/pdsite/.ready ] && export PYTHONPATH=/tmp/site:/tmp/pdsite
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 python3 - <<'PY' || return 1
 import importlib.metadata as m, torch

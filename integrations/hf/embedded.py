@@ -134,13 +134,18 @@ def _fsync_tree(root: pathlib.Path) -> None:
         os.close(fd)
 
 
-def build_tokenizer(model_max_length: int) -> Any:
-    """Byte-level BPE with no merges: one token per byte, so any UTF-8 text round-trips without training."""
+def build_tokenizer(model_max_length: int, vocab_size: int | None = None) -> Any:
+    """Byte-level BPE with no merges: one token per byte, so any UTF-8 text round-trips without training.
+
+    With `vocab_size` (a model whose vocabulary is larger, e.g. Llama-3's 128,256), the ids past the
+    bytes are filler tokens `~<id>`: no merge reaches them, so encoding stays byte-level, but each
+    decodes to visible text, so a server streams text for every id such a model emits."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS + tuple(symbols))}
+    symbols = _SPECIAL_TOKENS + tuple(sorted(pre_tokenizers.ByteLevel.alphabet()))
+    filler = tuple(f"~{i}" for i in range(len(symbols), vocab_size or 0))
+    vocab = {tok: i for i, tok in enumerate(symbols + filler)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
