@@ -41,6 +41,10 @@ class ModelSource(Protocol):
 
     engine: str
     device: torch.device
+    # Optional, False when absent: the engine allocates memory after loading that it sizes from what is free
+    # (SGLang's KV pool). Its owner marks the entry settled once done (Instance.mark_settled), and an attacher
+    # waits for that before attaching, so that it measures free memory only then (sharedcache.settle).
+    settles: bool
 
     def check(self) -> None:
         """Raise UnsupportedModel before anything loads if the request cannot be shared."""
@@ -428,6 +432,8 @@ def serialize_load(s: InstanceState) -> None:
         finally:
             s.wait_seconds += time.perf_counter() - t0
         _check_compatible(s, manifest)
+        if getattr(s.source, "settles", False) and not _wait_settled(s, manifest):
+            continue  # the owner changed while settling: check the new one
         backend = backends.get_backend(manifest.backend, s.settings)
         s.owner_alive = s.entry.owner_alive(manifest)
         if not s.owner_alive and backend.attach_needs_owner:
@@ -461,6 +467,19 @@ def _check_compatible(s: InstanceState, manifest: Manifest) -> None:
         raise ConfigError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, "
                           f"but cache.backend={s.settings.backend!r}.",
                           hint="Use the same cache.backend on both sides, or 'auto'.")
+
+
+def _wait_settled(s: InstanceState, manifest: Manifest) -> bool:
+    """Wait (counted as waiting, not attach work) until the owner of `manifest` settled; False when
+    another manifest stands in the entry by then."""
+    from .settle import wait_settled
+
+    t0 = time.perf_counter()
+    try:
+        settled = wait_settled(s.entry, timeout_s=s.settings.settle_timeout_s, until_published=True, role=s.role.name)
+    finally:
+        s.wait_seconds += time.perf_counter() - t0
+    return settled is not None and settled.handle == manifest.handle
 
 
 def _republished(entry: Entry, manifest: Manifest) -> bool:

@@ -17,6 +17,7 @@ class CacheSettings:
     key: str
     backend: str  # "auto" or a registered backend name
     wait_timeout_s: float
+    settle_timeout_s: float  # waiting for an owner to settle, and for a device's sizing turn (sharedcache.settle)
     on_mismatch: str  # "error" | "fallback"
     on_unsupported: str  # "error" | "fallback"
     alignment: int
@@ -45,9 +46,10 @@ class CacheSettings:
                 raise ConfigError(f"cache.{opt} must be 'error' or 'fallback', got {getattr(self, opt)!r}.")
         if self.backend != "auto" and self.backend not in known_backends():
             raise ConfigError(f"unknown cache.backend {self.backend!r}; choose 'auto' or one of {known_backends()}.")
-        if not isinstance(self.wait_timeout_s, (int, float)) or not math.isfinite(self.wait_timeout_s) \
-                or self.wait_timeout_s < 0:
-            raise ConfigError(f"cache.wait_timeout_s must be a finite number >= 0 (seconds), got {self.wait_timeout_s!r}.")
+        for opt in ("wait_timeout_s", "settle_timeout_s"):
+            value = getattr(self, opt)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"cache.{opt} must be a finite number >= 0 (seconds), got {value!r}.")
         if not isinstance(self.vmm_chunk_mib, int) or self.vmm_chunk_mib < 2:
             raise ConfigError(f"cache.vmm_chunk_mib must be an integer >= 2, got {self.vmm_chunk_mib!r}.")
         if not isinstance(self.handle_timeout_s, (int, float)) or self.handle_timeout_s <= 0:

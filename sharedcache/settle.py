@@ -11,7 +11,7 @@ weights. Two mechanisms, both generic:
   device in the cache root), from their measurement until their own pools are allocated, so two
   decodes starting together do not count each other's pools.
 
-<dir>/<key>/settled.json   {"pid", "start_ticks"} of the owner that published the manifest
+<dir>/<key>/settled.json   {"pid", "start_ticks", "boot_id"} of the owner that published the manifest
 <dir>/turn-<device>.lock   flock held by whichever instance is sizing on that device
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 def mark_settled(entry: Entry, manifest: Manifest) -> None:
     """The owner's engine has allocated all it keeps: attachers may measure free memory now."""
-    data = {"pid": manifest.owner.pid, "start_ticks": manifest.owner.start_ticks, "at": time.time()}
+    owner = manifest.owner
+    data = {"pid": owner.pid, "start_ticks": owner.start_ticks, "boot_id": owner.boot_id, "at": time.time()}
     path = entry.dir / SETTLED_NAME
     tmp = path.with_name(f".{SETTLED_NAME}.{os.getpid()}.tmp")
     with entry.write_lock():
@@ -61,8 +62,9 @@ def is_settled(entry: Entry, manifest: Manifest) -> bool:
         data = json.loads((entry.dir / SETTLED_NAME).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("pid") == manifest.owner.pid \
-        and data.get("start_ticks") == manifest.owner.start_ticks
+    owner = manifest.owner
+    return isinstance(data, dict) and (data.get("pid"), data.get("start_ticks"), data.get("boot_id")) == \
+        (owner.pid, owner.start_ticks, owner.boot_id)
 
 
 def wait_settled(entry: Entry, *, timeout_s: float, until_published: bool, role: str) -> Manifest | None:

@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,9 @@ def register() -> None:
         config = load_plugin_config(os.environ[ENV])
     except ConfigError as e:
         raise SystemExit(str(e)) from e
-    if multiprocessing.parent_process() is None:
-        log.debug("sharedcache: SGLang's launcher process loads no model; the plugin hooks its scheduler processes")
+    if multiprocessing.parent_process() is None or "sglang.srt.managers.scheduler" not in sys.modules:
+        # the launcher, detokenizer or data-parallel controller: no model is loaded there
+        log.debug("sharedcache: this SGLang process loads no model; the plugin hooks its scheduler processes")
         return
     from .hooks import install
 

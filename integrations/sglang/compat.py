@@ -18,8 +18,34 @@ SUPPORTED = ("0.5.17", "0.5.23")  # inclusive: oldest and newest release the plu
 GET_MODEL_LOADER = "sglang.srt.model_loader.loader.get_model_loader"
 RUNNER_LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 SCHEDULER_INIT_MODEL_WORKER = "sglang.srt.managers.scheduler.Scheduler.init_model_worker"
-UPDATE_WEIGHTS_FROM_DISK = ("sglang.srt.model_executor.model_runner_components.weight_updater."
-                            "WeightUpdater.update_weights_from_disk")
+_UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater"
+# In-place weight updates, each returning (success, message). 0.5.23 replaced
+# update_weights_from_distributed with load_weights_from_distributed (the scheduler brackets it).
+_WEIGHT_UPDATES = ("update_weights_from_disk", "update_weights_from_tensor", "update_weights_from_ipc",
+                   "update_weights_from_distributed", "load_weights_from_distributed")
+
+
+def weight_update_targets() -> dict[str, str]:
+    """{operation: hook target} for the in-place weight updates this SGLang has."""
+    import importlib
+
+    updater = importlib.import_module(_UPDATER).WeightUpdater
+    return {op: f"{_UPDATER}.WeightUpdater.{op}" for op in _WEIGHT_UPDATES if hasattr(updater, op)}
+
+
+def register_around(hooks: dict[str, Any]) -> None:
+    """Register {target: hook} as AROUND hooks; SGLang applies them when its plugins are loaded."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, hook in hooks.items():
+        HookRegistry.register(target, hook, HookType.AROUND)
+
+
+def unapplied_hooks(targets) -> list[str]:
+    """Targets SGLang failed to patch (it logs the failure and goes on)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    return sorted(t for t in targets if t not in HookRegistry._patched)
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -50,10 +76,6 @@ def unsupported_reason(version: str | None) -> str | None:
     if inside:
         return None
     return f"SGLang {version} is outside the range the sharedcache plugin supports ({lo} to {hi})"
-
-
-def at_least(version: str) -> bool:
-    return _release(installed_version() or "0.0.0") >= _release(version)
 
 
 # ---------------------------------------------------------------- model loader internals
@@ -161,6 +183,11 @@ def free_memory_gib(runner: Any) -> float:
 
 def baseline_gib(runner: Any) -> float:
     return float(runner.pre_model_load_memory)
+
+
+def set_weight_load_gib(runner: Any, gib: float) -> None:
+    """What SGLang reports as this rank's weight memory (server info, load metrics)."""
+    runner.weight_load_mem_usage = gib
 
 
 def set_baseline_gib(runner: Any, gib: float) -> None:

@@ -1,12 +1,14 @@
 """What the plugin installs in one SGLang scheduler process (one TP/PP rank), through SGLang's hooks.
 
 - `get_model_loader`: SGLang's loader becomes the normal load of a sharedcache Instance (loader.py).
-- `ModelRunner.load_model`: before the weights, wait until the entry settled (an attacher), take
-  this device's sizing turn, and re-measure SGLang's pre-load baseline, so the KV pool is sized
-  from memory actually free once the owner finished allocating, whatever the start order.
+- `ModelRunner.load_model`: take this device's sizing turn and re-measure SGLang's pre-load baseline:
+  an owner before it loads, an attacher once the core waited for its owner to settle and it attached
+  (attaching allocates nothing), so the KV pool is sized from memory actually free once the owner
+  finished allocating, whatever the start order.
 - `Scheduler.init_model_worker`: once the KV pool and CUDA graphs exist, an owner marks its entry
   settled, the sizing turn is released, and the rank's report is written.
-- `WeightUpdater.update_weights_from_disk`: refused while this rank's weights are shared.
+- `WeightUpdater.update_weights_from_{disk,tensor,distributed,ipc}`: refused while this rank's weights are
+  shared (they write in place, into memory other servers map).
 
 Why re-measure: SGLang gives its KV pool `free after loading - baseline x (1 - mem_fraction_static)`
 with the baseline measured before loading. A decode that waits for its prefill measured its baseline
@@ -23,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharedcache import Mode
-from sharedcache.cache import CacheDir
+from sharedcache import ConfigError, Mode
 from sharedcache.fingerprint import device_id
-from sharedcache.settle import SizingTurn, wait_settled
+from sharedcache.settle import SizingTurn
 
 from . import PluginConfig, compat
 
@@ -43,6 +44,7 @@ class RankState:
     instance: Any = None  # the Instance whose model this rank serves, once the loader ran
     report: dict[str, Any] | None = None  # written by the loader, completed at settle
     sizing: dict[str, Any] = field(default_factory=dict)
+    hooks: dict[str, Any] = field(default_factory=dict)  # {SGLang target: hook} registered in this process
 
     @property
     def key(self) -> str:
@@ -60,13 +62,19 @@ STATE: RankState | None = None
 
 def install(config: PluginConfig) -> None:
     global STATE
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
     STATE = RankState(config)
-    HookRegistry.register(compat.GET_MODEL_LOADER, _around_get_model_loader, HookType.AROUND)
-    HookRegistry.register(compat.RUNNER_LOAD_MODEL, _around_runner_load_model, HookType.AROUND)
-    HookRegistry.register(compat.SCHEDULER_INIT_MODEL_WORKER, _around_init_model_worker, HookType.AROUND)
-    HookRegistry.register(compat.UPDATE_WEIGHTS_FROM_DISK, _around_update_weights_from_disk, HookType.AROUND)
+    STATE.hooks = hooks()
+    compat.register_around(STATE.hooks)
+
+
+def _around_get_model_loader(original, *args, **kwargs):
+    from .loader import SharedCacheLoader
+
+    inner = original(*args, **kwargs)
+    if STATE.instance is not None:  # the model is loaded; a later call (a weight update, a draft) is SGLang's own
+        return inner
+    load_config = kwargs.get("load_config", args[0] if args else None)
+    return SharedCacheLoader(inner, load_config, STATE)
 
 
 def rank_tag(ranks: dict[str, int]) -> str:
@@ -75,43 +83,49 @@ def rank_tag(ranks: dict[str, int]) -> str:
     return f"pp{ranks['pp_rank']}-{tp}" if ranks["pp_size"] > 1 else tp
 
 
-def _around_get_model_loader(original, *args, **kwargs):
-    from .loader import SharedCacheLoader
-
-    inner = original(*args, **kwargs)
-    load_config = kwargs.get("load_config", args[0] if args else None)
-    return SharedCacheLoader(inner, load_config, STATE)
-
-
 def _around_runner_load_model(original, runner, *args, **kwargs):
-    if compat.is_draft_runner(runner) or STATE.ranks is not None or STATE.config.role.mode is Mode.OFF:
+    mode = STATE.config.role.mode
+    if compat.is_draft_runner(runner) or STATE.ranks is not None or mode is Mode.OFF:
         return original(runner, *args, **kwargs)  # a draft model, a reload, or a role that shares nothing
     STATE.ranks = compat.ranks()
-    settings, mode = STATE.config.settings, STATE.config.role.mode
-    role = STATE.config.role.name
-    t0 = time.monotonic()
-    if mode is not Mode.SAVE:  # load, placeholder, auto: size only once nobody allocates for the entry
-        entry = CacheDir(settings.dir).entry(STATE.key)
-        wait_settled(entry, timeout_s=settings.wait_timeout_s, until_published=mode is not Mode.AUTO, role=role)
-    settle_wait = time.monotonic() - t0
+    missing = compat.unapplied_hooks(STATE.hooks)
+    if missing:  # SGLang logs a hook it could not apply and goes on; sharing without them would misbehave
+        raise ConfigError(f"SGLang did not apply the sharedcache hooks on {missing} (its log above says why).",
+                          hint="Use a supported SGLang (integrations/sglang/compat.py), or unset SHAREDCACHE_SGLANG.")
+    at_start = compat.baseline_gib(runner)
+    if mode is Mode.SAVE:  # the owner measures in its turn, before it loads
+        _size_from_now(runner, at_start)
+        return original(runner, *args, **kwargs)
+    # load, placeholder, auto: the core waits for the owner to publish and settle, then attaches (or falls
+    # back, or an auto instance becomes the owner). Attaching allocates nothing, so free memory measured
+    # afterwards is what this rank may size from; a rank that loaded weights keeps SGLang's own baseline.
+    model = original(runner, *args, **kwargs)
+    report = STATE.report or {}
+    if STATE.shared and report.get("mode") in ("load", "placeholder"):
+        compat.set_weight_load_gib(runner, report["weight_bytes_allocated"] / 2**30)
+        _size_from_now(runner, at_start)
+    return model
+
+
+def _size_from_now(runner, at_start: float) -> None:
+    """Take this device's sizing turn (one rank, one device), then re-measure SGLang's pre-load baseline."""
+    settings, role = STATE.config.settings, STATE.config.role.name
     turn_wait = 0.0
     if STATE.ranks["tp_size"] * STATE.ranks["pp_size"] == 1:
-        # one rank, one device: take turns with other instances sizing on it. With several ranks a
-        # turn per device could deadlock two servers over the same GPUs (each holding one device).
+        # With several ranks a turn per device could deadlock two servers over the same GPUs (each
+        # holding one of them); those servers size without turns.
         import torch
 
-        STATE.turn = SizingTurn(settings.dir, device_id(torch.device(runner.device, runner.gpu_id)
-                                                        if runner.device == "cuda" else torch.device(runner.device)))
-        turn_wait = STATE.turn.acquire(timeout_s=settings.wait_timeout_s, role=role)
-    at_start = compat.baseline_gib(runner)
+        device = torch.device(runner.device, runner.gpu_id) if runner.device == "cuda" else torch.device(runner.device)
+        STATE.turn = SizingTurn(settings.dir, device_id(device))
+        turn_wait = STATE.turn.acquire(timeout_s=settings.settle_timeout_s, role=role)
     now = compat.free_memory_gib(runner)
     compat.set_baseline_gib(runner, now)
+    waited = (STATE.report or {}).get("wait_seconds", 0.0)
     STATE.sizing = {"baseline_gib_at_start": round(at_start, 3), "baseline_gib": round(now, 3), "sized_at": time.time(),
-                    "settle_wait_seconds": round(settle_wait, 3), "turn_wait_seconds": round(turn_wait, 3)}
-    log.info("sharedcache: %s sizes its memory from %.2f GiB free (%.2f GiB when the server started; waited "
-             "%.1fs for the entry to settle, %.1fs for the device's turn)", STATE.key, now, at_start, settle_wait,
-             turn_wait)
-    return original(runner, *args, **kwargs)
+                    "turn_wait_seconds": round(turn_wait, 3)}
+    log.info("sharedcache: %s sizes its memory from %.2f GiB free (%.2f GiB when the server started; waited %.1fs "
+             "for the owner, %.1fs for the device's turn)", STATE.key, now, at_start, waited, turn_wait)
 
 
 def _around_init_model_worker(original, scheduler, *args, **kwargs):
@@ -127,11 +141,20 @@ def _around_init_model_worker(original, scheduler, *args, **kwargs):
             STATE.turn.release()
 
 
-def _around_update_weights_from_disk(original, updater, *args, **kwargs):
-    if not STATE.shared:
-        return original(updater, *args, **kwargs)
+def _refuse_weight_update(op: str):
+    """An AROUND hook for one of SGLang's in-place weight updates: refused while the weights are shared."""
+
+    def hook(original, updater, *args, **kwargs):
+        if not STATE.shared:
+            return original(updater, *args, **kwargs)
+        return _refusal(op)
+
+    return hook
+
+
+def _refusal(op: str) -> tuple[bool, str]:
     role = "owns" if STATE.report and STATE.report["mode"] == "save" else "is attached to"
-    message = (f"[sharedcache] update_weights_from_disk refused: this server {role} the shared weights of cache "
+    message = (f"[sharedcache] {op} refused: this server {role} the shared weights of cache "
                f"entry {STATE.key!r}, which other servers map; updating them in place would change their weights "
                f"too. Start a prefill with the new weights under another cache.key and restart the decodes on it.")
     log.error("%s", message)
@@ -148,3 +171,11 @@ def _write_report(scheduler) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def hooks() -> dict[str, Any]:
+    """{SGLang target: AROUND hook} that install() registers."""
+    return {compat.GET_MODEL_LOADER: _around_get_model_loader,
+            compat.RUNNER_LOAD_MODEL: _around_runner_load_model,
+            compat.SCHEDULER_INIT_MODEL_WORKER: _around_init_model_worker,
+            **{target: _refuse_weight_update(op) for op, target in compat.weight_update_targets().items()}}

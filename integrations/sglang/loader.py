@@ -109,6 +109,7 @@ class SGLangSource:
     """What the core needs to know about one SGLang rank's model (sharedcache.instance.ModelSource)."""
 
     engine = "sglang"
+    settles = True  # SGLang sizes its KV pool from free memory after loading: attach once the owner settled
 
     def __init__(self, inner, load_config, model_config, device_config, ranks: dict[str, int]) -> None:
         self.inner, self.load_config = inner, load_config

@@ -118,8 +118,9 @@ def test_decode_started_before_its_prefill_attaches_once_it_settled(servers):
     assert pre["mode"] == "save" and pre["backend"] == "cuda_vmm" and pre["fallback"] is None, pre
     assert dec["mode"] == "load" and dec["fallback"] is None and dec["weight_bytes_allocated"] == 0, dec
     rank = dec["ranks"][0]
-    assert rank["settle_wait_seconds"] > 0 and rank["meta_tensors"] == [] and rank["preloaded_weights_bytes"] == 0
+    assert rank["wait_seconds"] > 0 and rank["meta_tensors"] == [] and rank["preloaded_weights_bytes"] == 0
     # the decode sized its pool from what was free once the prefill had allocated everything it keeps
+    assert rank["sized_at"] >= pre["ranks"][0]["settled_at"], (rank, pre)
     assert rank["baseline_gib"] < rank["baseline_gib_at_start"] - 15, rank
     tokens = servers.tokens("prefill")
     assert servers.tokens("decode-first") == tokens

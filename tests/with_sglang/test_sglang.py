@@ -173,7 +173,7 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
     owner = pre["ranks"][0]
     for r in reports:
         assert r["mode"] == "load" and r["fallback"] is None and r["weight_bytes_allocated"] == 0, r
-        assert r["settle_wait_seconds"] > 0, r  # it waited for the owner's pools, not only for its manifest
+        assert r["wait_seconds"] > 0, r  # it waited for the owner's pools, not only for its manifest
         assert r["sized_at"] >= owner["settled_at"], (r, owner)  # measured only once the owner had settled
     # one instance at a time measured free memory and allocated its pools on this device
     first, second = sorted(reports + [owner], key=lambda r: r["sized_at"])[1:]
@@ -186,8 +186,30 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
     assert refused["success"] is False and "update_weights_from_disk refused" in refused["message"], refused
     assert "sgl-order-tp0" in refused["message"]
     assert sgl.generate("decode-a", ids) == tokens  # nothing was written into the shared weights
+    refused = update_weights_from_disk(ports["prefill"], models["default"])  # nor by the owner
+    assert refused["success"] is False and "this server owns the shared weights" in refused["message"], refused
     for proc in (*decodes, prefill):
         assert proc.stop(timeout=120) == 0, proc.output()
+
+
+def test_decode_of_a_model_that_cannot_be_shared_falls_back_without_waiting_for_an_owner(launcher, models,
+                                                                                        monkeypatch):
+    """With cache.on_unsupported=fallback, a decode whose model cannot be shared (here: SGLang's dummy loader)
+    loads normally at once: no prefill of that model would ever publish or settle."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUB), os.environ.get("PYTHONPATH", "")]))
+    port = free_port()
+    start = time.monotonic()
+    decode = launcher.start(
+        "decode", "engine=sglang", "engine.device=cpu", "engine.dtype=float32", f"model.path={models['default']}",
+        "cache.key=sgl-fallback", "cache.wait_timeout_s=600", "cache.settle_timeout_s=600",
+        "cache.on_unsupported=fallback", f"engine.port.decode={port}", "engine.disaggregation.mode.decode=null",
+        "+engine.env.SGLANG_USE_CPU_ENGINE=1", "+engine.extra_args.attention_backend=torch_native",
+        "+engine.extra_args.max_total_tokens=2048", "+engine.extra_args.disable_cuda_graph=true",
+        "+engine.extra_args.load_format=dummy", name="decode-fallback")
+    report = decode.wait_report(600)["ranks"][0]
+    assert report["fallback"] and "DummyModelLoader" in report["fallback"], report
+    assert report["wait_seconds"] == 0 and time.monotonic() - start < 300
+    assert decode.stop(timeout=120) == 0, decode.output()
 
 
 def update_weights_from_disk(port: int, model: Path) -> dict:
