@@ -37,9 +37,18 @@ WORKLOADS = {"random-1k": (1024, 256), "long-8k": (7680, 512)}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range (32768+), so that no process asking the kernel
+    for any free port (SGLang's NCCL/gloo ports) can be handed it between now and a server's bind."""
+    import random
+
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class Server:

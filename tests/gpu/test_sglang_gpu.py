@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Launcher
+from conftest import REPO, Launcher, free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,10 +42,6 @@ SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton", "+engine.extra_ar
                 "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Servers:
