@@ -4,7 +4,7 @@ SGLang has no stable loader API, so each private name the plugin needs is reache
 here, with the version that introduced a difference named next to its fallback. A version outside
 SUPPORTED fails at registration (one line) instead of somewhere deep in a scheduler process.
 
-Tested: 0.5.17 on a GPU (H100, CUDA graphs on) and on SGLang's CPU engine; 0.5.23 on the CPU engine.
+Run: 0.5.17 on a GPU (H100, CUDA graphs on) and on SGLang's CPU engine; 0.5.23 on the CPU engine (CI).
 """
 from __future__ import annotations
 
