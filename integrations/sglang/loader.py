@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import threading
-import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,18 +28,12 @@ from . import compat
 from .hooks import RankState
 
 BaseModelLoader, DefaultModelLoader = compat.loader_classes()
-_instances: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
-_shared_in_process = False  # one shared model per scheduler process: the target, never its draft
 log = logging.getLogger(__name__)
 
 
-def instance_of(model: nn.Module):
-    """The sharedcache Instance that produced `model` in this process, or None."""
-    return _instances.get(model)
-
-
 class SharedCacheLoader(BaseModelLoader):
-    """Wraps the loader SGLang chose; everything but `load_model` is the inner loader's."""
+    """Wraps the loader SGLang chose; everything but `load_model` is the inner loader's. Only the first model
+    of a scheduler process gets this wrapper (hooks.py): a speculative draft or a weight update gets SGLang's."""
 
     def __init__(self, inner: BaseModelLoader, load_config, state: RankState) -> None:
         super().__init__(load_config)
@@ -58,14 +51,6 @@ class SharedCacheLoader(BaseModelLoader):
     def load_model(self, *, model_config, device_config) -> nn.Module:
         from sharedcache import Instance
 
-        global _shared_in_process
-        if _shared_in_process:  # a speculative-decoding draft, loaded after the target in the same process
-            log.warning("sharedcache: a second model in this process (%s) loads unshared; only the first model "
-                        "of a scheduler process is shared", model_config.model_path)
-            model = self.inner.load_model(model_config=model_config, device_config=device_config)
-            self.preloaded_weights_bytes = compat.inner_preloaded_bytes(self.inner)
-            return model
-        _shared_in_process = True
         state = self.state
         if state.ranks is None:  # the model runner's hook sets them; a loader called on its own has none
             state.ranks = compat.ranks()
@@ -73,7 +58,6 @@ class SharedCacheLoader(BaseModelLoader):
         source = SGLangSource(self.inner, self.load_config, model_config, device_config, state.ranks)
         instance = Instance(state.config.role, settings, source)
         model = instance.run()
-        _instances[model] = instance
         report = instance.report
         # An attached rank maps memory that its owner allocated before this rank measured its baseline,
         # so it is already missing from "free": reporting it as preloaded (0.5.23's term) would hold back
