@@ -60,7 +60,7 @@ class Server:
         self.run_dir, self.log = work / name, work / f"{name}.log"
         cmd = [sys.executable, str(REPO / "launch.py"), f"role={role}", "engine=sglang", f"model.path={args.model}",
                f"cache.dir={cache_dir}", "cache.key=bench", "cache.wait_timeout_s=900", f"hydra.run.dir={self.run_dir}",
-               *args.server_flags.split(), *overrides]
+               f"engine.disaggregation.bootstrap_port={args.bootstrap_port}", *args.server_flags.split(), *overrides]
         if role != "router":
             cmd.append(f"engine.port.{role}={self.port}")
             if args.graph_max_bs:
@@ -221,6 +221,40 @@ def start_router(setup: str, args, servers: list[Server], cache_dir: Path, work:
         time.sleep(0.5)
 
 
+class Ballast:
+    """A process holding GPU memory until the benchmark ends, so that a larger card offers the servers the
+    free memory of a smaller one (--free-gib): the memory split, and where KV capacity binds, then match
+    the card the targets were set for, while compute stays this card's."""
+
+    CODE = """
+import sys, torch
+target = float(sys.argv[1]) * 2**30
+held = []
+while torch.cuda.mem_get_info()[0] - target >= 2**30:
+    held.append(torch.empty(2**30, dtype=torch.uint8, device="cuda"))
+rest = int(torch.cuda.mem_get_info()[0] - target) // 2**21 * 2**21
+if rest > 0:
+    held.append(torch.empty(rest, dtype=torch.uint8, device="cuda"))
+free, total = torch.cuda.mem_get_info()
+print(f"{free / 2**30:.3f} {total / 2**30:.3f} {sum(t.numel() for t in held) / 2**30:.3f}", flush=True)
+sys.stdin.read()
+"""
+
+    def __init__(self, free_gib: float) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(free_gib)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        if len(line) != 3:
+            self.close()
+            raise RuntimeError(f"the ballast process could not leave {free_gib} GiB free on the GPU")
+        self.free_gib, self.total_gib, self.held_gib = (float(x) for x in line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # it exits when its stdin ends
+            self.proc.wait(60)
+
+
 def run_setup(setup: str, args, results: dict, save) -> None:
     work = Path(args.out) / f"work-{setup}"
     work.mkdir(parents=True, exist_ok=True)
@@ -244,7 +278,8 @@ def run_setup(setup: str, args, results: dict, save) -> None:
         if args.mode == "pd":
             servers.append(start_router(setup, args, servers, cache_dir, work))
             targets = [servers[-1]]
-        for wl, concs in (("random-1k", args.random_conc), ("long-8k", args.long_conc)):
+        # the long workload first: it is where KV capacity binds, and what the throughput target is set on
+        for wl, concs in (("long-8k", args.long_conc), ("random-1k", args.random_conc)):
             for conc in concs:
                 if time.monotonic() > args.deadline:
                     entry.setdefault("skipped", []).append(f"{wl} c{conc}: out of time")
@@ -310,6 +345,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--server-flags", default=SERVER_FLAGS, help="launch.py overrides for every server")
     ap.add_argument("--lengths", default="", help="override workload lengths, e.g. random-1k=64:8,long-8k=128:8")
+    ap.add_argument("--free-gib", type=float, default=0.0,
+                    help="hold GPU memory so that the servers find this much free (a larger card standing in for "
+                         "a smaller one; 0: the whole card)")
+    ap.add_argument("--bootstrap-port", type=int, default=0, help="PD bootstrap port (0: a free one)")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="combine results of runs made apart (e.g. one setup per GPU at once) into --out")
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--client-timeout", type=float, default=600)
     ap.add_argument("--budget-s", type=float, default=3600, help="stop starting new load runs after this")
@@ -317,6 +358,9 @@ def main() -> None:
     args.random_conc = [int(x) for x in args.random_conc.split(",") if x]
     args.long_conc = [int(x) for x in args.long_conc.split(",") if x]
     args.deadline = time.monotonic() + args.budget_s
+    args.bootstrap_port = args.bootstrap_port or free_port()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     for item in filter(None, args.lengths.split(",")):
         name, lens = item.split("=")
         WORKLOADS[name] = tuple(int(x) for x in lens.split(":"))
@@ -335,17 +379,45 @@ def main() -> None:
         ratios(results)
         path.write_text(json.dumps(results, indent=2, sort_keys=True))
 
-    for setup in args.setups.split(","):
-        try:
-            run_setup(setup, args, results, save)
-        except Exception as e:  # noqa: BLE001 - keep the other setup's numbers; the error goes in the JSON
-            results["setups"].setdefault(setup, {})["error"] = f"{type(e).__name__}: {e}"[-4000:]
-        save()
-    print(json.dumps({k: v for k, v in results.items() if k != "setups"}, indent=2))
+    ballast = Ballast(args.free_gib) if args.free_gib else None
+    if ballast:
+        results["ballast"] = {"free_gib": ballast.free_gib, "card_gib": ballast.total_gib, "held_gib": ballast.held_gib}
+    try:
+        for setup in args.setups.split(","):
+            try:
+                run_setup(setup, args, results, save)
+            except Exception as e:  # noqa: BLE001 - keep the other setup's numbers; the error goes in the JSON
+                results["setups"].setdefault(setup, {})["error"] = f"{type(e).__name__}: {e}"[-4000:]
+            save()
+    finally:
+        if ballast:
+            ballast.close()
+    summarize(results)
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One result of runs made apart: their setups side by side, the ratios computed across them."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    results = {"environment": runs[0]["environment"], "config": runs[0]["config"], "setups": {},
+               "merged_from": [{"path": p, "environment": r["environment"], "setups": sorted(r["setups"]),
+                                "ballast": r.get("ballast"), "config": r["config"]} for p, r in zip(paths, runs)]}
+    for r in runs:
+        clash = set(results["setups"]) & set(r["setups"])
+        if clash:
+            raise SystemExit(f"[bench] setups {sorted(clash)} appear in more than one of {paths}")
+        results["setups"].update(r["setups"])
+    ratios(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sglang-serving.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    summarize(results)
+
+
+def summarize(results: dict) -> None:
+    print(json.dumps({k: v for k, v in results.items() if k not in ("setups", "merged_from")}, indent=2))
     for name, entry in results["setups"].items():
         print(name, "KV total", entry.get("total_kv_pool_tokens"), "error" if "error" in entry else "")
         for r in entry.get("runs", []):
-            print(f"  {r['workload']:9s} c{r['concurrency_per_client']:<4d} out {r['output_throughput']:8.1f} tok/s  "
+            print(f"  {r['workload']:9s} c{r.get('concurrency_per_client', r.get('concurrency', 0)):<4d} out {r['output_throughput']:8.1f} tok/s  "
                   f"ttft p50 {r['ttft_ms_p50']} p99 {r['ttft_ms_p99']}  itl p50 {r['itl_ms_p50']} p99 {r['itl_ms_p99']}")
 
 
