@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -58,6 +59,7 @@ class Server:
                  port: int | None = None) -> None:
         self.role, self.name, self.port = role, name, port or free_port()
         self.run_dir, self.log = work / name, work / f"{name}.log"
+        (self.run_dir / "report.json").unlink(missing_ok=True)  # an earlier run's would read as ready
         cmd = [sys.executable, str(REPO / "launch.py"), f"role={role}", "engine=sglang", f"model.path={args.model}",
                f"cache.dir={cache_dir}", "cache.key=bench", "cache.wait_timeout_s=900", f"hydra.run.dir={self.run_dir}",
                f"engine.disaggregation.bootstrap_port={args.bootstrap_port}", *args.server_flags.split(), *overrides]
@@ -138,13 +140,34 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def run_load(servers: list[Server], args, work: Path, wl: str, conc: int) -> dict:
-    """`servers`: what the clients drive, one client each (both replicas, or the PD router)."""
+BATCH_LINE = re.compile(r"Decode batch, #running-req: (\d+)")
+COUNTERS = {"running": "#running-req", "queued": "#queue-req", "in_transfer": "#transfer-req",
+            "preallocated": "#prealloc-req"}
+
+
+def batch_peaks(log_text: str) -> dict[str, int]:
+    """The largest decode batch a server ran, and the most requests it held queued, preallocated or in KV
+    transfer, from its `Decode batch` log lines: what bench_serving cannot see from outside."""
+    peaks: dict[str, int] = {}
+    for line in log_text.splitlines():
+        if not BATCH_LINE.search(line):
+            continue
+        for name, label in COUNTERS.items():
+            m = re.search(re.escape(label) + r": (\d+)", line)
+            if m:
+                peaks[name] = max(peaks.get(name, 0), int(m.group(1)))
+    return peaks
+
+
+def run_load(servers: list[Server], args, work: Path, wl: str, conc: int, watch: list[Server]) -> dict:
+    """`servers`: what the clients drive, one client each (both replicas, or the PD router); `watch`: the
+    model servers whose logs say how many requests they ran at once during the load."""
     inp, out = WORKLOADS[wl]
     prompts = max(conc * args.waves, args.min_prompts)
     files = [work / f"{wl}-c{conc}-{s.name}.jsonl" for s in servers]
     for f in files:
         f.unlink(missing_ok=True)
+    offsets = {s.name: s.log.stat().st_size for s in watch}
     t0 = time.monotonic()
     clients = [bench_client(s, args, inp, out, conc, prompts, f) for s, f in zip(servers, files)]
     logs = [c.communicate(timeout=args.client_timeout)[0] for c in clients]
@@ -165,7 +188,14 @@ def run_load(servers: list[Server], args, work: Path, wl: str, conc: int) -> dic
             "ttft_ms_p99": pct(ttfts, 99) and round(pct(ttfts, 99) * 1000, 1),
             "itl_ms_p50": pct(itls, 50) and round(pct(itls, 50) * 1000, 2),
             "itl_ms_p99": pct(itls, 99) and round(pct(itls, 99) * 1000, 2),
-            "per_server": {s.name: {k: r.get(k) for k in keep} for s, r in zip(servers, per)}}
+            "per_server": {s.name: {k: r.get(k) for k in keep} for s, r in zip(servers, per)},
+            "server_log_peaks": {s.name: batch_peaks(read_from(s.log, offsets[s.name])) for s in watch}}
+
+
+def read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
 
 
 def start_servers(setup: str, args, cache_dir: Path, work: Path) -> tuple[list[Server], list[dict]]:
@@ -274,7 +304,7 @@ def run_setup(setup: str, args, results: dict, save) -> None:
                 "attach_seconds": rank.get("attach_seconds"), "baseline_gib": rank.get("baseline_gib"), **s.info()}
         entry["total_kv_pool_tokens"] = sum(v["kv_pool_tokens"] for v in entry["servers"].values())
         save()
-        targets = servers
+        targets, watch = servers, list(servers)
         if args.mode == "pd":
             servers.append(start_router(setup, args, servers, cache_dir, work))
             targets = [servers[-1]]
@@ -284,7 +314,7 @@ def run_setup(setup: str, args, results: dict, save) -> None:
                 if time.monotonic() > args.deadline:
                     entry.setdefault("skipped", []).append(f"{wl} c{conc}: out of time")
                     continue
-                entry["runs"].append(run_load(targets, args, work, wl, conc))
+                entry["runs"].append(run_load(targets, args, work, wl, conc, watch))
                 save()
     finally:
         for s in reversed(servers):

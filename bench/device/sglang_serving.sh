@@ -11,6 +11,7 @@ run() {  # run <out> <extra args...>
   timeout ${BENCH_TIMEOUT:-540} python3 bench/sglang_serving.py --model /tmp/llama8b --out "$out" \
     --budget-s ${BENCH_BUDGET:-380} "$@"
 }
+rm -rf /tmp/serving /tmp/serving-shared /tmp/serving-unshared  # an earlier call's run on a warm machine
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   CUDA_VISIBLE_DEVICES=0 run /tmp/serving-shared --setups shared "$@" > "$OUT/sglang-serving-shared.log" 2>&1 &
   a=$!
