@@ -2,16 +2,16 @@
 
 Importing this package is cheap: no CUDA initialisation, no framework imports.
 """
-from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, EntryOwned,
-                     FingerprintMismatch, ManifestError, SharedCacheError, UnsupportedModel)
+from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, EntryError, EntryOwned,
+                     FingerprintMismatch, ManifestError, SharedCacheError, StorageError, UnsupportedModel)
 from .fingerprint import Fingerprint
 from .roles import Mode, Role
 from .settings import CacheSettings
 
 __all__ = [
     "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError",
-    "EntryOwned", "Fingerprint", "FingerprintMismatch", "Instance", "ManifestError", "Mode", "Role",
-    "SharedCacheError", "UnsupportedModel",
+    "EntryError", "EntryOwned", "Fingerprint", "FingerprintMismatch", "Instance", "ManifestError", "Mode", "Role",
+    "SharedCacheError", "StorageError", "UnsupportedModel",
 ]
 
 

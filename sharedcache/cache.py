@@ -3,11 +3,13 @@
 <dir>/<key>/manifest.json   the published record (atomic rename)
 <dir>/<key>/owner.lock      flock held exclusively by the owner for its whole life
 <dir>/<key>/write.lock      flock held while a manifest is written or removed
+<dir>/<key>/attach.lock     flock held shared by every attacher for as long as it maps the arena
 <dir>/<key>/arena-*.bin     cpu_shm arena files
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -17,26 +19,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConfigError, EntryOwned
+from .errors import ConfigError, EntryError, EntryOwned, StorageError
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 
 _CLAIM_RETRY_S = 0.5
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ARENA_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.bin$")  # cpu_shm arena files; nothing else is one
+OWNER_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.(bin|sock)$")  # what an owner leaves: arenas, fd sockets
+TEMP_FILE = re.compile(r"^\.[a-z]+\.json\.\d+(\.[0-9a-f]+)?\.tmp$")  # a manifest or mark being written
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` 0700 if needed; refuse a symlink, another owner, or group/other access."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"cache directory {path} is a symbolic link or not a directory; refusing it.",
-                          hint="Point cache.dir at a real directory you own.")
+def check_private_dir(path: Path, what: str = "cache directory") -> bool:
+    """False if `path` does not exist; True if it is a directory of ours that nobody else can enter;
+    else an error naming what is wrong. Never follows a symbolic link and never creates anything."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StorageError.from_os(e, f"looking at {what} {path}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise EntryError(f"{what} {path} is a symbolic link; refusing to use it.",
+                         hint="Point cache.dir at a real directory you own, or remove the link.")
+    if not stat.S_ISDIR(st.st_mode):
+        raise EntryError(f"{what} {path} is not a directory.", hint="Remove it, or point cache.dir elsewhere.")
     if st.st_uid != os.getuid():
-        raise ConfigError(f"cache directory {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}).",
-                          hint="Use a cache.dir of your own.")
+        raise EntryError(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}).",
+                         hint="Use a cache.dir of your own.")
     if st.st_mode & 0o077:
-        raise ConfigError(f"cache directory {path} is accessible to other users (mode {oct(st.st_mode & 0o777)}).",
-                          hint=f"Run `chmod 700 {path}` or choose another cache.dir.")
+        raise EntryError(f"{what} {path} is accessible to other users (mode {oct(st.st_mode & 0o777)}).",
+                         hint=f"Run `chmod 700 {path}` or choose another cache.dir.")
+    return True
+
+
+def ensure_private_dir(path: Path, what: str = "cache directory") -> Path:
+    """Create `path` 0700 if needed, then check it as check_private_dir does."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a file or a dangling link in its place: named below
+    except OSError as e:
+        raise StorageError.from_os(e, f"creating {what} {path}") from None
+    if not check_private_dir(path, what):
+        raise EntryError(f"{what} {path} vanished while being created.", hint="Check what else cleans cache.dir.")
     return path
 
 
@@ -53,15 +78,23 @@ class Entry:
     def manifest_path(self) -> Path:
         return self.dir / MANIFEST_NAME
 
+    def check(self) -> bool:
+        """Refuse a cache root or entry directory that is a link, another user's or open to others, on
+        every path that reads through them (attach, ls, gc), not only when creating; True if it exists."""
+        return check_private_dir(self.root) and check_private_dir(self.dir, "cache entry directory")
+
     def ensure(self) -> "Entry":
-        ensure_private_dir(self.dir)
+        ensure_private_dir(self.root)
+        ensure_private_dir(self.dir, "cache entry directory")
         return self
 
     def read(self) -> Manifest:
+        self.check()
         return read_manifest(self.manifest_path)
 
     def published(self) -> bool:
-        return self.manifest_path.exists()
+        """A manifest stands in the entry (a link or odd file counts: read() then says what is wrong)."""
+        return self.check() and os.path.lexists(self.manifest_path)
 
     @contextlib.contextmanager
     def write_lock(self) -> Iterator[None]:
@@ -72,10 +105,29 @@ class Entry:
         finally:
             os.close(fd)
 
+    def hold_for_attach(self) -> int:
+        """An fd holding `attach.lock` shared: kept by an attacher from before it re-reads the manifest until
+        its mapping dies, so that gc (which needs the lock exclusively) never removes an entry in use,
+        also in the window between reading the manifest and mapping the arena."""
+        fd = _open_lock(self.dir / "attach.lock")
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a gc is removing this very entry
+        return fd
+
+    def lock_unused(self) -> int | None:
+        """gc: an fd holding `attach.lock` exclusively if no instance is attached or attaching, else None."""
+        fd = _open_lock(self.dir / "attach.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+
     def claim(self, retry_s: float = _CLAIM_RETRY_S) -> int:
         """Become this entry's owner: an fd whose exclusive flock lives as long as the owner does.
         Liveness probes hold the lock shared for microseconds, so a refusal is retried briefly."""
         self.ensure()
+        os.close(_open_lock(self.dir / "attach.lock"))  # every lock file exists from the claim on
         fd = _open_lock(self.dir / "owner.lock")
         deadline = time.monotonic() + retry_s
         while True:
@@ -95,7 +147,7 @@ class Entry:
     def claimed(self) -> bool:
         """True while some process holds the owner lock (an owner, or a saver still loading)."""
         path = self.dir / "owner.lock"
-        if not path.exists():
+        if not self.check() or not os.path.lexists(path):
             return False
         fd = _open_lock(path)
         try:
@@ -114,15 +166,16 @@ class Entry:
         """Pids of the processes that map this entry's arena file (cpu_shm); None where the
         backend leaves no trace in /proc (GPU memory)."""
         name = manifest.handle.get("file")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not ARENA_FILE.fullmatch(name):
             return None
-        path = os.path.realpath(self.dir / name)  # /proc/<pid>/maps shows resolved paths
+        # /proc/<pid>/maps shows resolved paths, with a newline in a name written as \012
+        path = os.path.realpath(self.dir / name).replace("\n", "\\012")
         pids = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                if path in (proc / "maps").read_text():
+                if any(line.endswith(" " + path) for line in (proc / "maps").read_text().splitlines()):
                     pids.append(int(proc.name))
             except OSError:  # the process ended, or is not ours to read
                 continue
@@ -136,7 +189,20 @@ class Entry:
 
 
 def _open_lock(path: Path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR):
+            kind = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
+            raise EntryError(f"lock file {path} is {kind}; refusing to use it.",
+                             hint=f"Remove the entry directory {path.parent} and start the prefill again.") from None
+        raise StorageError.from_os(e, f"opening the lock file {path}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise EntryError(f"lock file {path} is not a plain file of yours; refusing to use it.",
+                         hint=f"Remove the entry directory {path.parent} and start the prefill again.")
+    return fd
 
 
 class CacheDir:
@@ -144,14 +210,22 @@ class CacheDir:
         self.root = Path(root)
 
     def entry(self, key: str) -> Entry:
+        """The entry for `key`; nothing is created (an owner creates its entry when it claims it), and a
+        root that exists must be private."""
         if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise ConfigError(f"cache key {key!r} is not a plain name (letters, digits, '_', '.', '-'; "
                               "at most 128 characters).", hint="Set cache.key to such a name.")
-        ensure_private_dir(self.root)
+        check_private_dir(self.root)
         return Entry(self.root, key)
 
     def entries(self) -> list[Entry]:
-        if not self.root.is_dir():
+        """Every entry directory under a private root (none if the root does not exist). Entries whose
+        directory is a link, another user's or open to others are listed too: reading them says why not."""
+        if not check_private_dir(self.root):
             return []
-        return [Entry(self.root, p.name) for p in sorted(self.root.iterdir())
-                if p.is_dir() and not p.is_symlink() and _KEY.fullmatch(p.name)]
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as e:
+            raise StorageError.from_os(e, f"listing cache directory {self.root}") from None
+        return [Entry(self.root, n) for n in names if _KEY.fullmatch(n)
+                and (os.path.isdir(self.root / n) or os.path.islink(self.root / n))]

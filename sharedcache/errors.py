@@ -5,6 +5,8 @@ enough to fix the problem.
 """
 from __future__ import annotations
 
+import errno
+
 
 class SharedCacheError(Exception):
     """Base class of every error sharedcache raises on purpose."""
@@ -80,3 +82,36 @@ class UnsupportedModel(SharedCacheError):
     """The model uses a feature that cannot be shared (quantized params, offload, PEFT, ...)."""
 
     component = "sharedcache.model"
+
+
+class EntryError(ConfigError):
+    """A cache directory or a file inside an entry is not what sharedcache made (a symbolic link, another
+    user's, open to others, the wrong type, hard-linked); nothing was read or mapped through it."""
+
+    component = "sharedcache.entry"
+
+
+class StorageError(SharedCacheError):
+    """The system refused a file or memory operation (disk full, read-only, permission, name too long,
+    out of address space); what the operation had begun was undone."""
+
+    component = "sharedcache.storage"
+
+    _HINTS = {
+        errno.ENOSPC: "The filesystem holding it is full (space or inodes: `df -h`, `df -i`); free some or point "
+                      "cache.dir at another filesystem.",
+        errno.EDQUOT: "Your disk quota is exhausted; free some or point cache.dir at another filesystem.",
+        errno.EROFS: "It is on a read-only filesystem; point cache.dir at a writable one (e.g. under /dev/shm).",
+        errno.EACCES: "Check the permissions on the path (cache.dir must be a directory of yours, mode 700).",
+        errno.EPERM: "Check the permissions and attributes on the path (cache.dir must be a directory of yours).",
+        errno.ENAMETOOLONG: "Shorten cache.dir or cache.key.",
+        errno.ENOMEM: "Not enough memory or address space (see `ulimit -v`) to map it; raise the limit or free memory.",
+        errno.EMFILE: "Too many open files in this process; raise `ulimit -n`.",
+        errno.ENOTDIR: "A component of the path is not a directory; check cache.dir.",
+    }
+
+    @classmethod
+    def from_os(cls, e: OSError, doing: str) -> "StorageError":
+        """`doing`: what was attempted, e.g. 'writing the manifest /dev/shm/x/k/manifest.json'."""
+        why = e.strerror or str(e)
+        return cls(f"{doing} failed: {why}.", hint=cls._HINTS.get(e.errno, "Check cache.dir."))

@@ -23,10 +23,10 @@ from .backends.base import Arena, Backend
 from .binding import TensorRef, bind, capture, check_against, stray_meta_tensors, tensor_refs, view_of
 from .cache import CacheDir, Entry
 from .errors import (ArenaError, AttachTimeout, ConfigError, FingerprintMismatch, ManifestError,
-                     SharedCacheError, UnsupportedModel)
+                     SharedCacheError, StorageError, UnsupportedModel)
 from .fingerprint import Fingerprint
 from .layout import ArenaLayout, TensorSlot, plan
-from .manifest import ArenaInfo, Manifest, Owner, write_manifest
+from .manifest import ArenaInfo, Manifest, Owner, boot_id, write_manifest
 from .phases import PHASES
 from .report import Report, weight_bytes_outside
 from .roles import Mode, Role
@@ -373,7 +373,10 @@ def serialize_save(s: InstanceState) -> None:
         arena=ArenaInfo(s.layout.size, s.layout.granularity, s.layout.alignment, s.layout.digest()),
         tensors=s.layout.tensors, created=time.time(), checksums=s.checksums)
     with s.entry.write_lock():
-        write_manifest(s.entry.manifest_path, manifest)
+        try:
+            write_manifest(s.entry.manifest_path, manifest)
+        except OSError as e:  # the temp file is gone again; nothing was published
+            raise StorageError.from_os(e, f"writing manifest {s.entry.manifest_path}") from None
         s.manifest, s.published = manifest, True
         _sweep(s.entry, manifest)
     log.info("[%s] published %s: %d tensors, %d bytes", s.role.name, s.settings.key,
@@ -442,18 +445,35 @@ def serialize_load(s: InstanceState) -> None:
             raise ArenaError(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
                              f"backend {backend.name} cannot attach without it: {why}.",
                              hint="Start the prefill again, then attach.")
+        hold = s.entry.hold_for_attach()  # from here gc leaves the entry alone, until our mapping dies
         try:
+            if _republished(s.entry, manifest):  # removed (gc) or replaced since we read it
+                os.close(hold)
+                continue
             s.arena = backend.attach(s.entry.dir, manifest)
         except ArenaError:
+            os.close(hold)
             if _republished(s.entry, manifest) and time.monotonic() < deadline:
                 log.info("[%s] the owner changed while attaching; trying the new entry", s.role.name)
                 continue
             raise
+        except BaseException:
+            os.close(hold)
+            raise
+        _hold_while_mapped(s.arena, hold)
         break
     if not s.owner_alive:
         log.warning("[%s] owner pid %d of %s is gone; attaching to the arena it left", s.role.name,
                     manifest.owner.pid, s.settings.key)
     s.backend, s.manifest = backend, manifest
+
+
+def _hold_while_mapped(arena: Arena, fd: int) -> None:
+    """Keep the attacher's hold on its entry exactly as long as the mapping lives."""
+    if arena.lifetime is not None:
+        weakref.finalize(arena.lifetime, os.close, fd).atexit = False  # exit closes every fd anyway
+    else:  # a backend that cannot say: hold it for the process's life rather than too short
+        log.debug("backend gives no mapping lifetime; holding %s's attach lock until exit", arena.handle)
 
 
 def _check_compatible(s: InstanceState, manifest: Manifest) -> None:
@@ -526,9 +546,11 @@ def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str
     (auto mode), a key that nobody publishes or claims any more is claimed (raises _Reclaim)."""
     start = deadline - timeout_s
     last_print = -1.0
-    state = "no owner has published it yet"
     while True:
-        if entry.published():
+        state = "no owner has published it yet"
+        if not os.path.lexists(entry.root):
+            state = f"{entry.root} does not exist yet"
+        elif entry.published():
             try:
                 manifest = entry.read()
             except ManifestError as e:
@@ -536,11 +558,14 @@ def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str
                     raise
                 log.debug("manifest vanished while reading: %s", e)
             else:
+                if manifest.owner.boot_id != boot_id():  # what gc and `ls` call stale: never attached to
+                    state = "its manifest is from before the last reboot (stale)"
                 # a dead owner's manifest while someone else holds the claim: a new owner is loading
-                if manifest.owner.running() or not entry.claimed():
+                elif manifest.owner.running() or not entry.claimed():
                     return manifest
-                state = f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
-        elif reclaim and not entry.claimed():
+                else:
+                    state = f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
+        if reclaim and not entry.claimed():
             try:
                 claim = entry.claim(retry_s=0)
             except SharedCacheError:

@@ -22,12 +22,13 @@ import logging
 import math
 import os
 import re
+import stat
 import time
 import weakref
 from pathlib import Path
 
 from .cache import Entry, ensure_private_dir
-from .errors import AttachTimeout, ManifestError
+from .errors import AttachTimeout, ManifestError, StorageError
 from .manifest import Manifest
 
 SETTLED_NAME = "settled.json"
@@ -43,12 +44,16 @@ def mark_settled(entry: Entry, manifest: Manifest) -> None:
     path = entry.dir / SETTLED_NAME
     tmp = path.with_name(f".{SETTLED_NAME}.{os.getpid()}.tmp")
     with entry.write_lock():
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError.from_os(e, f"writing {path}") from None
 
 
 def clear_settled(entry: Entry) -> None:
@@ -58,8 +63,14 @@ def clear_settled(entry: Entry) -> None:
 
 def is_settled(entry: Entry, manifest: Manifest) -> bool:
     """Has the owner that published `manifest` (this very process, not a predecessor) settled?"""
-    try:
-        data = json.loads((entry.dir / SETTLED_NAME).read_text())
+    try:  # never blocks (a FIFO in its place) and never follows a link
+        fd = os.open(entry.dir / SETTLED_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            data = json.loads(os.read(fd, 4096))
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return False
     owner = manifest.owner

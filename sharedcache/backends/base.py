@@ -31,6 +31,9 @@ class Arena:
     _commit: Callable[[int], None] | None = field(default=None, repr=False)
     _sync: Callable[[], None] | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the backend's own steps
+    # an object that lives exactly as long as the mapping (torch's views keep it alive): what the core ties
+    # the attacher's hold on the entry to; None: the mapping's life cannot be observed
+    lifetime: Any = field(default=None, repr=False)
 
     @property
     def size(self) -> int:

@@ -1,11 +1,18 @@
-"""cpu_shm: the arena is one file in the cache directory (tmpfs under /dev/shm by default),
-memory-mapped MAP_SHARED by the owner and every attacher."""
+"""cpu_shm: the arena is one file in the cache directory (tmpfs under /dev/shm by default), mapped
+MAP_SHARED read-write by the owner, which fills it, and read-only by every attacher, so that a stray
+write in an attached instance faults in that instance instead of changing what every instance computes.
+
+The file outlives its owner, so a decode can attach to an orphaned arena. The price: a process of the
+same user that truncates the file kills the instances that map it (SIGBUS on their next access). tmpfs
+files cannot be sealed against shrinking (F_ADD_SEALS: EPERM; only memfds can), and a sealed memfd
+lives only while some process holds it, which would end orphan attach; the same user could kill those
+instances anyway. So the protection is against accidents, not the user: a 0700 directory, 0600 files
+named `arena-*.bin` that gc removes only when nothing is attached, and an attach that refuses links."""
 from __future__ import annotations
 
 import errno
 import mmap
 import os
-import re
 import secrets
 import stat
 import warnings
@@ -13,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArenaError
+from ..cache import ARENA_FILE
+from ..errors import ArenaError, EntryError, StorageError
 from ..manifest import Manifest
 from . import register_backend
 from .base import Arena, Backend
-
-_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.bin$")
 
 
 @register_backend
@@ -39,58 +45,72 @@ class CpuShmBackend(Backend):
             raise ArenaError(f"cpu_shm holds CPU tensors only, the model is on {device}.")
         name = f"arena-{os.getpid()}-{secrets.token_hex(6)}.bin"
         path = entry_dir / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StorageError.from_os(e, f"creating arena file {path}") from None
         try:
             try:
                 os.posix_fallocate(fd, 0, size)  # fail now with ENOSPC, not later with SIGBUS
             except OSError as e:
-                raise ArenaError(f"cannot reserve {size} bytes for {path}: {e.strerror}.",
-                                 hint="Free memory in that filesystem (df -h) or point cache.dir elsewhere.") from e
-            base = _map(fd, size)
+                raise StorageError.from_os(e, f"reserving {size} bytes for arena file {path}") from None
+            base, mm = _map(fd, size, path, writable=True)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
         return Arena(base, {"file": name}, {"type": "cpu", "index": None, "uuid": None}, owned=True,
-                     _release=lambda: path.unlink(missing_ok=True))
+                     _release=lambda: path.unlink(missing_ok=True), lifetime=mm)
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         path = _arena_path(entry_dir, manifest)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ArenaError(f"arena file {path} is gone (the owner removed its entry, or the directory was "
                              "cleaned).", hint="Start the prefill (owner) again, then attach.") from None
         except OSError as e:
-            why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
-            raise ArenaError(f"cannot open arena file {path}: {why}.") from e
+            if e.errno in (errno.ELOOP, errno.EISDIR):
+                raise EntryError(f"arena file {path} is {'a symbolic link' if e.errno == errno.ELOOP else 'a directory'}"
+                                 "; refusing to map it.", hint="Remove the entry and start the prefill again.") from None
+            raise StorageError.from_os(e, f"opening arena file {path}") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise ArenaError(f"arena file {path} is not a regular file of yours; refusing to map it.")
+                raise EntryError(f"arena file {path} is not a regular file of yours; refusing to map it.",
+                                 hint="Remove the entry and start the prefill again.")
+            if st.st_nlink != 1:  # another name for the same bytes: writes through it would change our weights
+                raise EntryError(f"arena file {path} has {st.st_nlink} hard links; an arena has exactly one "
+                                 "name. Refusing to map it.", hint="Remove the entry and start the prefill again.")
             if st.st_size < manifest.arena.size:
                 raise ArenaError(f"arena file {path} holds {st.st_size} bytes but the manifest says "
                                  f"{manifest.arena.size}; it is truncated.",
                                  hint="Remove the entry and start the prefill again.")
-            base = _map(fd, manifest.arena.size)
+            base, mm = _map(fd, manifest.arena.size, path, writable=False)
         finally:
             os.close(fd)
-        return Arena(base, dict(manifest.handle), {"type": "cpu", "index": None, "uuid": None}, owned=False)
+        return Arena(base, dict(manifest.handle), {"type": "cpu", "index": None, "uuid": None}, owned=False,
+                     lifetime=mm)
 
 
 def _arena_path(entry_dir: Path, manifest: Manifest) -> Path:
     """The arena file named by the manifest; a name that could leave the entry directory is refused."""
     name = manifest.handle.get("file")
-    if set(manifest.handle) != {"file"} or not isinstance(name, str) or not _FILE.fullmatch(name):
+    if set(manifest.handle) != {"file"} or not isinstance(name, str) or not ARENA_FILE.fullmatch(name):
         raise ArenaError(f"manifest handle {manifest.handle!r} does not name an arena file inside the entry.",
                          hint="Remove the entry and re-publish it.")
     return entry_dir / name
 
 
-def _map(fd: int, size: int) -> torch.Tensor:
-    mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+def _map(fd: int, size: int, path: Path, *, writable: bool) -> tuple[torch.Tensor, mmap.mmap]:
+    """The tensor viewing the mapping, and the mmap object whose life is the mapping's (the tensor's
+    storage holds it: munmap happens when the last view dies)."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    try:
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+    except OSError as e:
+        raise StorageError.from_os(e, f"mapping {size} bytes of arena file {path}") from None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # the tensor holds the mmap object: munmap happens when the last view dies
-        return torch.frombuffer(mm, dtype=torch.uint8)
+        warnings.simplefilter("ignore")  # a read-only buffer: torch warns that writing it is undefined
+        return torch.frombuffer(mm, dtype=torch.uint8), mm

@@ -65,4 +65,4 @@ class CudaIpcBackend(Backend):
             raise ArenaError(f"the shared allocation holds {size} bytes but the manifest says {manifest.arena.size}.",
                              hint="Remove the entry and re-publish it.")
         rng = cu.DeviceRange(ptr, manifest.arena.size, index, on_release=lambda: _release_on(index, cu.ipc_close, ptr))
-        return Arena(rng.as_tensor(), dict(h), device_record(index), owned=False)
+        return Arena(rng.as_tensor(), dict(h), device_record(index), owned=False, lifetime=rng)

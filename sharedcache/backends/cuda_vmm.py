@@ -223,4 +223,4 @@ def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) ->
 
     rng = cu.DeviceRange(ptr, manifest.arena.size, index,
                          on_release=lambda: _unmap_chunks(index, ptr, sizes, manifest.arena.size))
-    return Arena(rng.as_tensor(), dict(manifest.handle), device_record(index), owned=False)
+    return Arena(rng.as_tensor(), dict(manifest.handle), device_record(index), owned=False, lifetime=rng)
