@@ -45,6 +45,9 @@ def model_dir(model_cfg: dict[str, Any]) -> Path:
         if not path.is_dir():
             raise SystemExit(f"[launch] model.path {path} is not a directory. Give a local Hugging Face model "
                              "directory, or leave model.path=null for the embedded default.")
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"[launch] model.path {path} has no config.json, so it is not a Hugging Face model "
+                             "directory. Point it at the directory that holds config.json and the weights.")
         return path
     from integrations.hf.embedded import EmbeddedSpec, ensure_embedded_model
 

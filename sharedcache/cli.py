@@ -8,9 +8,9 @@ import os
 import sys
 from typing import Any
 
-from .cache import CacheDir, Entry
+from .cache import ARENA_FILE, OWNER_FILE, TEMP_FILE, CacheDir, Entry
 from .conf import conf_dir
-from .errors import SharedCacheError
+from .errors import ManifestError, SharedCacheError
 from .manifest import Manifest, boot_id
 from .settle import clear_settled
 
@@ -41,7 +41,15 @@ def entry_state(entry: Entry, manifest: Manifest) -> str:
     if backend.attach_needs_owner:
         return "stale"
     file = manifest.handle.get("file")
-    return "orphaned" if isinstance(file, str) and (entry.dir / file).exists() else "stale"
+    if not isinstance(file, str) or not ARENA_FILE.fullmatch(file):
+        return "stale"
+    return "orphaned" if (entry.dir / file).is_file() else "stale"
+
+
+def printable(text: object) -> str:
+    """Text from a cache directory as one safe line: control characters (terminal escape sequences,
+    newlines) are shown escaped, never sent to the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _holders(entry: Entry, m: Manifest) -> str:
@@ -62,25 +70,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     root = _cache_dir(args)
-    rows = []
+    rows, problems = [], []
     for entry in CacheDir(root).entries():
-        if not entry.published():
-            continue
         try:
+            if not entry.published():
+                continue
             m = entry.read()
         except SharedCacheError as e:
-            rows.append((entry.key, "?", "?", "?", "?", "corrupt", "?", str(e)[:60]))
+            state = "corrupt" if isinstance(e, ManifestError) else "refused"
+            rows.append((entry.key, "?", "?", "?", "?", state, "?", "?"))
+            problems.append(f"{entry.key}: {e}")
             continue
         rows.append((entry.key, m.fingerprint.model, m.backend, f"{m.arena.size / 2**20:.1f} MiB",
                      str(m.owner.pid), entry_state(entry, m), _holders(entry, m),
                      dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")))
     if not rows:
-        print(f"no entries in {root}")
+        print(f"no entries in {printable(root)}")
         return 0
+    rows = [tuple(printable(c) for c in r) for r in rows]
     header = ("KEY", "MODEL", "BACKEND", "SIZE", "OWNER", "STATE", "MAPPED BY", "CREATED")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    for line in problems:
+        print(printable(line))
     return 0
 
 
@@ -105,7 +118,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out.append(("checksums", "yes" if m.checksums else "no"))
     width = max(len(k) for k, _ in out)
     for k, v in out:
-        print(f"{k.ljust(width)}  {v}")
+        print(f"{k.ljust(width)}  {printable(v)}")
     shown = m.tensors if args.tensors < 0 else m.tensors[: args.tensors]
     print(f"\ntensors ({len(m.tensors)}):")
     print(f"  {'OFFSET':>12}  {'BYTES':>10}  {'DTYPE':<9} {'SHAPE':<16} NAME")
@@ -119,58 +132,98 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Remove entries nothing can use: dead owner and not mapped, other boot, missing arena. An entry
-    whose owner lives, that a new owner is claiming, or that some process maps is never touched.
-    The slow checks run first; the owner lock is then taken without waiting (a starting prefill
-    wins) and the entry removed only if it did not change meanwhile."""
+    """Remove entries nothing can use: dead owner, other boot, unreadable manifest, leftovers of an owner
+    that never published. Never touched: an entry whose owner lives or that a new owner is claiming (the
+    owner lock), one that an instance is attached or attaching to (the attach lock, held from before an
+    attacher re-reads the manifest until its mapping dies), and one whose directory or files are not
+    what sharedcache made (reported). The slow checks run first; the locks are then taken without waiting
+    and the entry removed only if it did not change meanwhile."""
     removed = kept = 0
     for entry in CacheDir(_cache_dir(args)).entries():
-        before = _snapshot(entry)
-        why = _collectable(entry)
-        if why is None:
+        try:
+            outcome = _collect(entry)
+        except SharedCacheError as e:
+            outcome = f"kept: {e}"
+        if outcome is None or outcome.startswith("kept"):
             kept += 1
-            continue
-        try:
-            claim = entry.claim(retry_s=0)
-        except SharedCacheError:
-            kept += 1  # someone became the owner meanwhile
-            continue
-        try:
-            if _snapshot(entry) != before:
-                kept += 1
-                continue
-            with entry.write_lock():
-                entry.manifest_path.unlink(missing_ok=True)
-                clear_settled(entry)
-                for path in entry.dir.glob("arena-*"):
-                    path.unlink(missing_ok=True)
+            if outcome:
+                print(printable(f"{entry.key} {outcome}"))
+        else:
             removed += 1
-            print(f"removed {entry.key}: {why}")
-        finally:
-            os.close(claim)
+            print(printable(f"removed {entry.key}: {outcome}"))
     print(f"gc: {removed} removed, {kept} kept")
     return 0
 
 
-def _snapshot(entry: Entry) -> tuple:
-    """What gc decided on: the manifest's bytes and the arena files present."""
+def _collect(entry: Entry) -> str | None:
+    """Remove `entry` if nothing can use it: why it went, None if it is in use, or 'kept: why'."""
+    before = _snapshot(entry)
+    why = _collectable(entry)
+    if why is None:
+        return None
     try:
-        manifest = entry.manifest_path.read_bytes()
+        claim = entry.claim(retry_s=0)
+    except SharedCacheError:
+        return None  # someone became the owner meanwhile
+    try:
+        unused = entry.lock_unused()
+        if unused is None:
+            return None  # an instance is attached, or attaching right now
+        try:
+            if _snapshot(entry) != before:
+                return None
+            with entry.write_lock():
+                left = [p for p in (_remove(entry.manifest_path), *map(_remove, _leftovers(entry))) if p]
+                clear_settled(entry)
+        finally:
+            os.close(unused)
+    finally:
+        os.close(claim)
+    return f"kept: {'; '.join(left)}" if left else why
+
+
+def _leftovers(entry: Entry) -> list:
+    """Arena files, handle sockets and half-written manifests or marks (an owner killed inside the rename)."""
+    try:
+        names = os.listdir(entry.dir)
+    except FileNotFoundError:
+        return []
+    return [entry.dir / n for n in sorted(names) if OWNER_FILE.fullmatch(n) or TEMP_FILE.fullmatch(n)]
+
+
+def _remove(path) -> str | None:
+    """Unlink one file of an entry; a directory in its place is not ours to remove: say so."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return f"{path} is a directory, not a file sharedcache made; remove it by hand"
+    except OSError as e:
+        return f"cannot remove {path}: {e.strerror}"
+    return None
+
+
+def _snapshot(entry: Entry) -> tuple:
+    """What gc decided on: the manifest's identity (never its contents: it may be a FIFO) and the
+    leftover files present."""
+    try:
+        st = os.lstat(entry.manifest_path)
+        manifest = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
     except OSError:
         manifest = None
-    return manifest, sorted(p.name for p in entry.dir.glob("arena-*"))
+    return manifest, [p.name for p in _leftovers(entry)]
 
 
 def _collectable(entry: Entry) -> str | None:
     """Why the entry can go, or None to keep it."""
     if entry.claimed():
         return None  # a live owner, or one still loading
-    leftovers = list(entry.dir.glob("arena-*"))
     if not entry.published():
-        return "arena files left by an owner that never published" if leftovers else None
+        return "files left by an owner that never published" if _leftovers(entry) else None
     try:
         m = entry.read()
-    except SharedCacheError as e:
+    except ManifestError as e:
         return f"unreadable manifest ({e})"
     if m.owner.running() or entry.mapped_by(m):
         return None
@@ -196,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"ls": cmd_ls, "inspect": cmd_inspect, "gc": cmd_gc, "serve": cmd_serve}[args.cmd](args)
     except SharedCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
 
 

@@ -154,7 +154,7 @@ def read_manifest(path: Path) -> Manifest:
     finally:
         os.close(fd)
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError, UnicodeDecodeError) as e:
         raise ManifestError(f"manifest {path} is not valid JSON ({e}); it may be truncated or corrupt.",
                             hint="Remove the entry (or run its prefill again) to re-publish it.") from e
@@ -162,6 +162,24 @@ def read_manifest(path: Path) -> Manifest:
         return parse_manifest(data)
     except ManifestError as e:
         raise ManifestError(f"manifest {path}: {str(e).split('] ', 1)[-1]}") from e
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a number a manifest may hold")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice would let two readers see two different manifests; refuse it."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
+_MAX_INT = 2**63 - 1  # what the kernel and the drivers take as a size or an offset
+_HANDLE_VALUE = re.compile(r"^[A-Za-z0-9_.:/+=-]{1,256}$")
 
 
 def _fail(what: str) -> NoReturn:
@@ -174,12 +192,38 @@ def _need(cond: bool, what: str) -> None:
 
 
 def _is_count(v: Any) -> bool:
-    return type(v) is int and v >= 0
+    return type(v) is int and 0 <= v <= _MAX_INT
 
 
 def _int(v: Any, what: str, *, minimum: int = 0) -> int:
-    _need(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, f"{what} must be an integer >= {minimum}, got {v!r}")
+    _need(type(v) is int and minimum <= v <= _MAX_INT,
+          f"{what} must be an integer in [{minimum}, 2**63), got {_short(v)}")
     return v
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
+def _handle(h: Any) -> dict[str, Any]:
+    """A backend's handle: names and counts only (each backend checks its own keys)."""
+    _need(isinstance(h, dict) and 0 < len(h) <= 8, "handle must be an object of at most 8 fields")
+    for k, v in h.items():
+        _need(isinstance(k, str) and k.isidentifier() and len(k) <= 32, f"handle key {_short(k)} is not a plain name")
+        _need((type(v) is int and 0 <= v <= _MAX_INT) or (isinstance(v, str) and _HANDLE_VALUE.fullmatch(v)),
+              f"handle.{k} must be a plain name or a non-negative integer, got {_short(v)}")
+    return h
+
+
+def _device(d: Any) -> dict[str, Any]:
+    _need(isinstance(d, dict) and set(d) == {"type", "index", "uuid"}, "device must have type, index, uuid")
+    _need(d["type"] in ("cpu", "cuda"), f"device.type must be 'cpu' or 'cuda', got {_short(d['type'])}")
+    _need(d["index"] is None or (type(d["index"]) is int and 0 <= d["index"] < 4096),
+          f"device.index must be null or a device number, got {_short(d['index'])}")
+    _need(d["uuid"] is None or (isinstance(d["uuid"], str) and _HANDLE_VALUE.fullmatch(d["uuid"])),
+          f"device.uuid must be null or a device id, got {_short(d['uuid'])}")
+    return d
 
 
 def _str(v: Any, what: str) -> str:
@@ -215,8 +259,7 @@ def parse_manifest(data: Any) -> Manifest:
     arena = ArenaInfo(_int(a["size"], "arena.size", minimum=1), _int(a["granularity"], "arena.granularity", minimum=1),
                       _int(a["alignment"], "arena.alignment", minimum=1), _str(a["layout_digest"], "arena.layout_digest"))
     _need(arena.size % arena.granularity == 0, "arena.size must be a multiple of arena.granularity")
-    _need(isinstance(data["handle"], dict), "handle must be an object")
-    _need(isinstance(data["device"], dict), "device must be an object")
+    handle, device = _handle(data["handle"]), _device(data["device"])
     _need(isinstance(data["created"], (int, float)) and not isinstance(data["created"], bool)
           and 0 <= data["created"] < 1e11, "created must be a time in seconds since the epoch")
     tensors = _parse_tensors(data["tensors"], arena.size)
@@ -229,7 +272,7 @@ def parse_manifest(data: Any) -> Manifest:
               and all(isinstance(v, str) for v in checksums.values()),
               "checksums must map every stored tensor name to a hex digest")
     return Manifest(key=_str(data["key"], "key"), fingerprint=fp, owner=owner, backend=_str(data["backend"], "backend"),
-                    handle=data["handle"], device=data["device"], arena=arena, tensors=tensors,
+                    handle=handle, device=device, arena=arena, tensors=tensors,
                     created=float(data["created"]), checksums=checksums)
 
 

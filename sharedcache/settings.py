@@ -55,5 +55,5 @@ class CacheSettings:
         if not isinstance(self.handle_timeout_s, (int, float)) or self.handle_timeout_s <= 0:
             raise ConfigError(f"cache.handle_timeout_s must be a number > 0, got {self.handle_timeout_s!r}.")
         a = self.alignment
-        if not isinstance(a, int) or a < 256 or a & (a - 1):
-            raise ConfigError(f"cache.alignment must be a power of two >= 256 bytes, got {a!r}.")
+        if not isinstance(a, int) or isinstance(a, bool) or a < 256 or a > 2**30 or a & (a - 1):
+            raise ConfigError(f"cache.alignment must be a power of two from 256 bytes to 1 GiB, got {a!r}.")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sharedcache import Fingerprint, UnsupportedModel
+from sharedcache import ConfigError, Fingerprint, UnsupportedModel
 from sharedcache.fingerprint import config_digest, device_id, weight_files
 from sharedcache.layout import dtype_name
 
@@ -54,6 +54,10 @@ class HFSource:
         if k.get("offload_folder") or k.get("offload_state_dict"):
             raise UnsupportedModel("offloaded weights (offload_folder) cannot be shared.",
                                    hint="Load without offload, or set cache.on_unsupported=fallback.")
+        if k.get("config") is None and not (self.model_dir() / "config.json").is_file():
+            raise ConfigError(f"model {str(self.path)!r} has no config.json ({self.model_dir()}), so it is not a "
+                              "Hugging Face model directory.",
+                              hint="Point at the directory that holds config.json and the weights.")
         self.config()  # unknown options surface here, before anything loads
         quant = self.quantization()
         if quant and "bitsandbytes" in quant:
