@@ -94,11 +94,11 @@ class Entry:
 
     def published(self) -> bool:
         """A manifest stands in the entry (a link or odd file counts: read() then says what is wrong)."""
-        return self.check() and os.path.lexists(self.manifest_path)
+        return self.check() and _exists(self.manifest_path)
 
     @contextlib.contextmanager
     def write_lock(self) -> Iterator[None]:
-        fd = _open_lock(self.dir / "write.lock")
+        fd = open_lock(self.dir / "write.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -109,26 +109,33 @@ class Entry:
         """An fd holding `attach.lock` shared: kept by an attacher from before it re-reads the manifest until
         its mapping dies, so that gc (which needs the lock exclusively) never removes an entry in use,
         also in the window between reading the manifest and mapping the arena."""
-        fd = _open_lock(self.dir / "attach.lock")
-        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a gc is removing this very entry
+        fd = open_lock(self.dir / "attach.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a gc is removing this very entry
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def lock_unused(self) -> int | None:
         """gc: an fd holding `attach.lock` exclusively if no instance is attached or attaching, else None."""
-        fd = _open_lock(self.dir / "attach.lock")
+        fd = open_lock(self.dir / "attach.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
             os.close(fd)
             return None
+        except BaseException:
+            os.close(fd)
+            raise
 
     def claim(self, retry_s: float = _CLAIM_RETRY_S) -> int:
         """Become this entry's owner: an fd whose exclusive flock lives as long as the owner does.
         Liveness probes hold the lock shared for microseconds, so a refusal is retried briefly."""
         self.ensure()
-        os.close(_open_lock(self.dir / "attach.lock"))  # every lock file exists from the claim on
-        fd = _open_lock(self.dir / "owner.lock")
+        os.close(open_lock(self.dir / "attach.lock"))  # every lock file exists from the claim on
+        fd = open_lock(self.dir / "owner.lock")
         deadline = time.monotonic() + retry_s
         while True:
             try:
@@ -147,9 +154,9 @@ class Entry:
     def claimed(self) -> bool:
         """True while some process holds the owner lock (an owner, or a saver still loading)."""
         path = self.dir / "owner.lock"
-        if not self.check() or not os.path.lexists(path):
+        if not self.check() or not _exists(path):
             return False
-        fd = _open_lock(path)
+        fd = open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
@@ -168,14 +175,14 @@ class Entry:
         name = manifest.handle.get("file")
         if not isinstance(name, str) or not ARENA_FILE.fullmatch(name):
             return None
-        # /proc/<pid>/maps shows resolved paths, with a newline in a name written as \012
-        path = os.path.realpath(self.dir / name).replace("\n", "\\012")
+        # /proc/<pid>/maps shows resolved paths as bytes, with a newline in a name written as \012
+        path = b" " + os.fsencode(os.path.realpath(self.dir / name)).replace(b"\n", b"\\012")
         pids = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                if any(line.endswith(" " + path) for line in (proc / "maps").read_text().splitlines()):
+                if any(line.endswith(path) for line in (proc / "maps").read_bytes().splitlines()):
                     pids.append(int(proc.name))
             except OSError:  # the process ended, or is not ours to read
                 continue
@@ -188,20 +195,32 @@ class Entry:
             return " (still saving, not yet published)"
 
 
-def _open_lock(path: Path) -> int:
+def _exists(path: Path) -> bool:
+    """Like os.path.lexists, but a path we may not look at is an error, not 'absent'."""
+    try:
+        os.lstat(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StorageError.from_os(e, f"looking at {path}") from None
+
+
+def open_lock(path: Path) -> int:
+    """A lock file of ours, opened without following links; anything else is an EntryError or StorageError."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR):
             kind = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
             raise EntryError(f"lock file {path} is {kind}; refusing to use it.",
-                             hint=f"Remove the entry directory {path.parent} and start the prefill again.") from None
+                             hint=f"Remove {path} (sharedcache recreates its lock files) and start again.") from None
         raise StorageError.from_os(e, f"opening the lock file {path}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_nlink != 1:
         os.close(fd)
         raise EntryError(f"lock file {path} is not a plain file of yours; refusing to use it.",
-                         hint=f"Remove the entry directory {path.parent} and start the prefill again.")
+                         hint=f"Remove {path} (sharedcache recreates its lock files) and start again.")
     return fd
 
 

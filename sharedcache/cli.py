@@ -10,9 +10,9 @@ from typing import Any
 
 from .cache import ARENA_FILE, OWNER_FILE, TEMP_FILE, CacheDir, Entry
 from .conf import conf_dir
-from .errors import ManifestError, SharedCacheError
+from .errors import ManifestError, SharedCacheError, StorageError
 from .manifest import Manifest, boot_id
-from .settle import clear_settled
+from .settle import SETTLED_NAME
 
 
 def _cache_dir(args: argparse.Namespace) -> str:
@@ -76,14 +76,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if not entry.published():
                 continue
             m = entry.read()
-        except SharedCacheError as e:
+            rows.append((entry.key, m.fingerprint.model, m.backend, f"{m.arena.size / 2**20:.1f} MiB",
+                         str(m.owner.pid), entry_state(entry, m), _holders(entry, m),
+                         dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")))
+        except (SharedCacheError, OSError) as e:  # one bad entry never hides the others
             state = "corrupt" if isinstance(e, ManifestError) else "refused"
             rows.append((entry.key, "?", "?", "?", "?", state, "?", "?"))
             problems.append(f"{entry.key}: {e}")
-            continue
-        rows.append((entry.key, m.fingerprint.model, m.backend, f"{m.arena.size / 2**20:.1f} MiB",
-                     str(m.owner.pid), entry_state(entry, m), _holders(entry, m),
-                     dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")))
     if not rows:
         print(f"no entries in {printable(root)}")
         return 0
@@ -142,7 +141,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for entry in CacheDir(_cache_dir(args)).entries():
         try:
             outcome = _collect(entry)
-        except SharedCacheError as e:
+        except (SharedCacheError, OSError) as e:  # reported, and the other entries still collected
             outcome = f"kept: {e}"
         if outcome is None or outcome.startswith("kept"):
             kept += 1
@@ -157,6 +156,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def _collect(entry: Entry) -> str | None:
     """Remove `entry` if nothing can use it: why it went, None if it is in use, or 'kept: why'."""
+    if not entry.check():  # gone meanwhile; or not what sharedcache made (raises, reported)
+        return None
     before = _snapshot(entry)
     why = _collectable(entry)
     if why is None:
@@ -173,8 +174,8 @@ def _collect(entry: Entry) -> str | None:
             if _snapshot(entry) != before:
                 return None
             with entry.write_lock():
-                left = [p for p in (_remove(entry.manifest_path), *map(_remove, _leftovers(entry))) if p]
-                clear_settled(entry)
+                paths = [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry)]
+                left = [problem for problem in map(_remove, paths) if problem]
         finally:
             os.close(unused)
     finally:
@@ -188,6 +189,8 @@ def _leftovers(entry: Entry) -> list:
         names = os.listdir(entry.dir)
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise StorageError.from_os(e, f"listing cache entry directory {entry.dir}") from None
     return [entry.dir / n for n in sorted(names) if OWNER_FILE.fullmatch(n) or TEMP_FILE.fullmatch(n)]
 
 

@@ -214,15 +214,17 @@ class Instance:
 
     def _abandon(self, s: InstanceState) -> None:
         """Undo what a failed run did: nothing half-published stays behind."""
-        if s.published:
-            _unpublish(s.entry, s.manifest, s.arena, None)
-            s.published = False
-        elif s.arena is not None and s.arena.owned:
-            s.arena.release()
-        if s.claim_fd is not None:
-            os.close(s.claim_fd)
-            s.claim_fd = None
-        s.arena = None
+        try:
+            if s.published:
+                _unpublish(s.entry, s.manifest, s.arena, None)
+                s.published = False
+            elif s.arena is not None and s.arena.owned:
+                s.arena.release()
+        finally:
+            if s.claim_fd is not None:
+                os.close(s.claim_fd)
+                s.claim_fd = None
+            s.arena = None
 
     def _report(self, s: InstanceState, model: nn.Module, fallback: str | None, total: float) -> Report:
         shared = fallback is None and s.mode is not Mode.OFF
@@ -290,7 +292,7 @@ def _unpublish(entry: Entry, manifest: Manifest | None, arena: Arena | None, cla
                     and current.handle == manifest.handle:
                 entry.manifest_path.unlink(missing_ok=True)
                 clear_settled(entry)
-    except OSError as e:
+    except (OSError, SharedCacheError) as e:  # e.g. the entry directory was removed or replaced meanwhile
         log.warning("could not remove the manifest of %s: %s", entry.key, e)
     finally:
         try:
@@ -390,7 +392,10 @@ def _sweep(entry: Entry, ours: Manifest) -> None:
     for path in entry.dir.glob("arena-*"):
         if path.name not in keep:
             log.info("removing %s, left by a dead owner", path)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:  # a directory in its place is not ours to remove; gc reports it
+                log.warning("left %s in place: %s", path, e.strerror)
 
 
 def verify_save(s: InstanceState) -> None:
@@ -430,42 +435,50 @@ def serialize_load(s: InstanceState) -> None:
     reclaim = s.role.mode is Mode.AUTO
     while True:
         t0 = time.perf_counter()
-        try:
-            manifest = wait_for_manifest(s.entry, deadline, s.settings.wait_timeout_s, s.role.name, reclaim=reclaim)
+        try:  # `hold`: the entry's attach lock, taken before the manifest was read; gc leaves it alone
+            manifest, hold = wait_for_manifest(s.entry, deadline, s.settings.wait_timeout_s, s.role.name,
+                                               reclaim=reclaim)
         finally:
             s.wait_seconds += time.perf_counter() - t0
-        _check_compatible(s, manifest)
-        if getattr(s.source, "settles", False) and not _wait_settled(s, manifest):
-            continue  # the owner changed while settling: check the new one
-        backend = backends.get_backend(manifest.backend, s.settings)
-        s.owner_alive = s.entry.owner_alive(manifest)
-        if not s.owner_alive and backend.attach_needs_owner:
-            why = ("its memory died with it" if not backend.survives_owner
-                   else "only a live owner can hand over its memory handles")
-            raise ArenaError(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
-                             f"backend {backend.name} cannot attach without it: {why}.",
-                             hint="Start the prefill again, then attach.")
-        hold = s.entry.hold_for_attach()  # from here gc leaves the entry alone, until our mapping dies
         try:
-            if _republished(s.entry, manifest):  # removed (gc) or replaced since we read it
-                os.close(hold)
-                continue
-            s.arena = backend.attach(s.entry.dir, manifest)
-        except ArenaError:
-            os.close(hold)
-            if _republished(s.entry, manifest) and time.monotonic() < deadline:
-                log.info("[%s] the owner changed while attaching; trying the new entry", s.role.name)
-                continue
-            raise
+            attached = _attach_held(s, manifest, deadline)
         except BaseException:
             os.close(hold)
             raise
-        _hold_while_mapped(s.arena, hold)
+        if not attached:
+            os.close(hold)
+            continue
+        _hold_while_mapped(s.arena, hold)  # until our mapping dies
         break
     if not s.owner_alive:
         log.warning("[%s] owner pid %d of %s is gone; attaching to the arena it left", s.role.name,
                     manifest.owner.pid, s.settings.key)
-    s.backend, s.manifest = backend, manifest
+    s.manifest = manifest
+
+
+def _attach_held(s: InstanceState, manifest: Manifest, deadline: float) -> bool:
+    """Check and map `manifest` while holding the entry; False when the entry changed meanwhile (try the
+    new one), an error when it cannot be used."""
+    _check_compatible(s, manifest)
+    if getattr(s.source, "settles", False) and not _wait_settled(s, manifest):
+        return False  # the owner changed while settling: check the new one
+    backend = backends.get_backend(manifest.backend, s.settings)
+    s.owner_alive = s.entry.owner_alive(manifest)
+    if not s.owner_alive and backend.attach_needs_owner:
+        why = ("its memory died with it" if not backend.survives_owner
+               else "only a live owner can hand over its memory handles")
+        raise ArenaError(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
+                         f"backend {backend.name} cannot attach without it: {why}.",
+                         hint="Start the prefill again, then attach.")
+    try:
+        s.arena = backend.attach(s.entry.dir, manifest)
+    except ArenaError:
+        if _republished(s.entry, manifest) and time.monotonic() < deadline:
+            log.info("[%s] the owner changed while attaching; trying the new entry", s.role.name)
+            return False
+        raise
+    s.backend = backend
+    return True
 
 
 def _hold_while_mapped(arena: Arena, fd: int) -> None:
@@ -540,10 +553,12 @@ def _checksums(base: torch.Tensor, specs) -> dict[str, str]:
 
 
 def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str, *,
-                      reclaim: bool = False) -> Manifest:
+                      reclaim: bool = False) -> tuple[Manifest, int]:
     """Poll until the entry is published (by a live owner, or orphaned with nobody replacing it),
-    until the monotonic `deadline`; a present but invalid manifest fails at once. With `reclaim`
-    (auto mode), a key that nobody publishes or claims any more is claimed (raises _Reclaim)."""
+    until the monotonic `deadline`; a present but invalid manifest fails at once. Returns the manifest
+    and an fd holding the entry's attach lock, taken before the manifest was read, which the caller
+    keeps while it uses the entry (gc removes nothing held so). With `reclaim` (auto mode), a key that
+    nobody publishes or claims any more is claimed (raises _Reclaim)."""
     start = deadline - timeout_s
     last_print = -1.0
     while True:
@@ -551,20 +566,28 @@ def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str
         if not os.path.lexists(entry.root):
             state = f"{entry.root} does not exist yet"
         elif entry.published():
+            hold = entry.hold_for_attach()
             try:
                 manifest = entry.read()
             except ManifestError as e:
+                os.close(hold)
                 if entry.published():  # not a race with the owner removing it
                     raise
                 log.debug("manifest vanished while reading: %s", e)
+            except BaseException:
+                os.close(hold)
+                raise
             else:
                 if manifest.owner.boot_id != boot_id():  # what gc and `ls` call stale: never attached to
                     state = "its manifest is from before the last reboot (stale)"
                 # a dead owner's manifest while someone else holds the claim: a new owner is loading
                 elif manifest.owner.running() or not entry.claimed():
-                    return manifest
+                    if last_print >= 0:
+                        sys.stderr.write("\n")
+                    return manifest, hold
                 else:
                     state = f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
+                os.close(hold)
         if reclaim and not entry.claimed():
             try:
                 claim = entry.claim(retry_s=0)

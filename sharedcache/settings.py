@@ -50,10 +50,12 @@ class CacheSettings:
             value = getattr(self, opt)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"cache.{opt} must be a finite number >= 0 (seconds), got {value!r}.")
-        if not isinstance(self.vmm_chunk_mib, int) or self.vmm_chunk_mib < 2:
-            raise ConfigError(f"cache.vmm_chunk_mib must be an integer >= 2, got {self.vmm_chunk_mib!r}.")
-        if not isinstance(self.handle_timeout_s, (int, float)) or self.handle_timeout_s <= 0:
-            raise ConfigError(f"cache.handle_timeout_s must be a number > 0, got {self.handle_timeout_s!r}.")
+        if not isinstance(self.vmm_chunk_mib, int) or isinstance(self.vmm_chunk_mib, bool) \
+                or not 2 <= self.vmm_chunk_mib <= 1 << 20:
+            raise ConfigError(f"cache.vmm_chunk_mib must be an integer from 2 to 1048576 (MiB), got {self.vmm_chunk_mib!r}.")
+        h = self.handle_timeout_s
+        if not isinstance(h, (int, float)) or isinstance(h, bool) or not math.isfinite(h) or not 0 < h <= 3600:
+            raise ConfigError(f"cache.handle_timeout_s must be a number of seconds in (0, 3600], got {h!r}.")
         a = self.alignment
         if not isinstance(a, int) or isinstance(a, bool) or a < 256 or a > 2**30 or a & (a - 1):
             raise ConfigError(f"cache.alignment must be a power of two from 256 bytes to 1 GiB, got {a!r}.")

@@ -27,7 +27,7 @@ import time
 import weakref
 from pathlib import Path
 
-from .cache import Entry, ensure_private_dir
+from .cache import Entry, ensure_private_dir, open_lock
 from .errors import AttachTimeout, ManifestError, StorageError
 from .manifest import Manifest
 
@@ -146,7 +146,7 @@ class SizingTurn:
         """Wait for the device's turn; returns the seconds waited."""
         if self._fd is not None:
             return 0.0
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = open_lock(self.path)
         start = time.monotonic()
         last_log = None
         try:
