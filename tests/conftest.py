@@ -149,6 +149,19 @@ def launcher(sc_home, models, cache_dir, tmp_path):
             p.popen.wait()
 
 
+@pytest.fixture(scope="module")
+def published(models, tmp_path_factory):
+    """The tiny model published by a real save in this process (key 'k'); the owner stays alive."""
+    from helpers import from_pretrained
+    from integrations import hf
+
+    src = tmp_path_factory.mktemp("published")
+    os.chmod(src, 0o700)
+    model = from_pretrained("prefill", src, models["tiny"])
+    yield src, model
+    hf.instance_of(model).close()
+
+
 def run_probe(*args: str, stdin: str | None = None, timeout: float = 300) -> dict:
     """Run tests/probe.py in a fresh process; it prints one JSON object last."""
     cmd = [sys.executable, str(REPO / "tests" / "probe.py"), *args]

@@ -7,49 +7,11 @@ import os
 import pytest
 import torch
 
-from helpers import copy_entry, from_pretrained, mappings_of
+from helpers import attach_fails as _attach_fails
+from helpers import entry_copy as _entry
+from helpers import from_pretrained, mappings_of
 from integrations import hf
 from sharedcache import ArenaError, AttachTimeout, BindError, FingerprintMismatch, ManifestError
-
-
-@pytest.fixture(scope="module")
-def published(models, tmp_path_factory):
-    """The tiny model published by a real save in this process (key 'k'); the owner stays alive."""
-    src = tmp_path_factory.mktemp("published")
-    os.chmod(src, 0o700)
-    model = from_pretrained("prefill", src, models["tiny"])
-    yield src, model
-    hf.instance_of(model).close()
-
-
-def _entry(published, cache_dir, mutate_manifest=None, mutate_arena=None):
-    src, _ = published
-    dst = copy_entry(src, "k", cache_dir)
-    if mutate_manifest is not None:
-        path = dst / "manifest.json"
-        data = json.loads(path.read_text())
-        out = mutate_manifest(data)
-        path.write_bytes(out if isinstance(out, bytes) else json.dumps(data).encode())
-    if mutate_arena is not None:
-        mutate_arena(next(dst.glob("arena-*")))
-    return dst
-
-
-def _attach_fails(cache_dir, model_path, exc, *patterns, overrides=(), **kwargs):
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    before = len(hf._instances)
-    manifest = cache_dir / "k" / "manifest.json"
-    snapshot = manifest.read_bytes() if manifest.exists() else None
-    with pytest.raises(exc) as info:
-        from_pretrained("decode", cache_dir, model_path, "cache.wait_timeout_s=0.5", *overrides, **kwargs)
-    msg = str(info.value)
-    del info  # the traceback holds the frames; drop it so the mapping can go
-    for p in patterns:
-        assert p in msg, msg
-    assert len(hf._instances) == before, "no model may come out of a failed attach"
-    assert (manifest.read_bytes() if manifest.exists() else None) == snapshot, "a failed attach changes nothing"
-    assert mappings_of(cache_dir) == [], "a failed attach must not leave the arena mapped"
-    return msg
 
 
 def test_copy_of_a_good_entry_attaches(published, cache_dir, models):

@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sharedcache.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+from helpers import cli
 
 
 def test_ls_and_inspect_follow_the_owner(launcher, cache_dir):

@@ -13,15 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from helpers import from_pretrained, mappings_of
+from helpers import cli, from_pretrained, mappings_of
 from integrations import hf
 from sharedcache import ArenaError
 from sharedcache.backends.fdpass import FdServer, receive_fds
 
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sharedcache.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -1,0 +1,415 @@
+"""Hostile and broken surroundings: entries reached through links or open directories, hard-linked
+arenas, gc racing attachers, odd files where sharedcache keeps its own, values out of range, text that
+would drive a terminal, and writes into shared weights. Each refusal is one sharedcache error and
+leaves nothing behind; real files, real processes, real locks and mappings."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from helpers import attach_fails, cli, entry_copy, from_pretrained, mappings_of
+from sharedcache import AttachTimeout, ConfigError, EntryError, ManifestError, StorageError
+from sharedcache.cache import CacheDir
+from sharedcache.fingerprint import Fingerprint
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _orphan(published, cache_dir, key: str = "k", **edits) -> Path:
+    """A copy of the published entry whose owner is dead (a real pid that has exited)."""
+    def mutate(d):
+        d["owner"]["pid"] = _dead_pid()
+        for path, value in edits.items():
+            node = d
+            *parents, last = path.split("__")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+    dst = entry_copy(published, cache_dir, mutate)
+    if key != "k":
+        dst.rename(cache_dir / key)
+        dst = cache_dir / key
+    return dst
+
+
+def _arena_digest(entry_dir: Path) -> str:
+    return hashlib.sha256(next(entry_dir.glob("arena-*.bin")).read_bytes()).hexdigest()
+
+
+def _holding(script: str, *args: str) -> subprocess.Popen:
+    """A Python process that runs `script`, prints 'ready', and holds what it made until stdin closes."""
+    code = textwrap.dedent(script) + "\nprint('ready', flush=True)\nsys.stdin.read()\n"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", f"holder did not start: {line!r}"
+    return proc
+
+
+# ---------------------------------------------------------------- 1-2: entry directory and arena file
+
+def test_decode_refuses_an_entry_directory_that_is_a_symlink(published, cache_dir, models):
+    real = entry_copy(published, cache_dir).rename(cache_dir / "elsewhere")
+    os.symlink(real, cache_dir / "k")
+    attach_fails(cache_dir, models["tiny"], EntryError, "cache entry directory", "is a symbolic link")
+
+
+def test_decode_refuses_an_entry_directory_open_to_others(published, cache_dir, models):
+    dst = entry_copy(published, cache_dir)
+    os.chmod(dst, 0o777)
+    attach_fails(cache_dir, models["tiny"], EntryError, "accessible to other users", "chmod 700")
+
+
+def test_decode_refuses_an_entry_directory_of_another_user(published, cache_dir, models):
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    dst = entry_copy(published, cache_dir)
+    os.chown(dst, 65534, 65534)
+    attach_fails(cache_dir, models["tiny"], EntryError, "belongs to uid 65534")
+
+
+def test_hard_linked_arena_is_not_mapped(published, cache_dir, models):
+    dst = entry_copy(published, cache_dir)
+    arena = next(dst.glob("arena-*.bin"))
+    other = cache_dir / "someone-elses-bytes"
+    other.write_bytes(arena.read_bytes())
+    arena.unlink()
+    os.link(other, arena)
+    attach_fails(cache_dir, models["tiny"], EntryError, "2 hard links")
+
+
+def test_attached_decode_maps_the_arena_read_only(published, cache_dir, models):
+    """A stray in-place write in an attached instance faults there; the shared bytes stay as published."""
+    dst = _orphan(published, cache_dir)
+    before = _arena_digest(dst)
+    code = f"""
+        import sys, torch
+        from helpers import from_pretrained
+        model = from_pretrained("decode", {str(cache_dir)!r}, {str(models["tiny"])!r})
+        print("attached", flush=True)
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        print("wrote", flush=True)
+    """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert "attached" in res.stdout and "wrote" not in res.stdout, res.stdout + res.stderr
+    assert res.returncode == -signal.SIGSEGV, (res.returncode, res.stderr[-2000:])
+    assert _arena_digest(dst) == before
+
+
+# ---------------------------------------------------------------- 3-4: gc and what is in use
+
+def test_gc_keeps_an_entry_a_decode_is_attaching_to(published, cache_dir, models):
+    """The window between reading the manifest and mapping the arena: a real decode, paused right after
+    it read the manifest (its compatibility check waits for a line on stdin). gc keeps the entry; the
+    decode then attaches to it."""
+    _orphan(published, cache_dir)
+    code = f"""
+        import sys
+        from sharedcache import instance
+        check = instance._check_compatible
+        def paused(s, manifest):
+            print("read", flush=True)
+            sys.stdin.readline()
+            return check(s, manifest)
+        instance._check_compatible = paused
+        from helpers import from_pretrained
+        from integrations import hf
+        model = from_pretrained("decode", {str(cache_dir)!r}, {str(models["tiny"])!r}, "cache.wait_timeout_s=30")
+        print("weights allocated", hf.instance_of(model).report.weight_bytes_allocated, flush=True)
+    """
+    decode = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    try:
+        assert decode.stdout.readline().strip() == "read"
+        out = cli("gc", "--dir", str(cache_dir))
+        assert out.returncode == 0 and "0 removed, 1 kept" in out.stdout, out.stdout + out.stderr
+        rest, _ = decode.communicate("go\n", timeout=120)
+        assert decode.returncode == 0 and "weights allocated 0" in rest, rest
+    finally:
+        decode.kill()
+    out = cli("gc", "--dir", str(cache_dir))
+    assert "1 removed, 0 kept" in out.stdout, out.stdout
+    assert not (cache_dir / "k" / "manifest.json").exists() and not list((cache_dir / "k").glob("arena-*"))
+
+
+def test_gc_keeps_an_entry_mapped_under_a_path_with_a_newline(published, tmp_path):
+    """/proc/<pid>/maps writes a newline in a path as \\012: a process that maps the arena file itself
+    (holding no lock of ours) is still seen, by gc and in `ls`'s MAPPED BY column."""
+    root = tmp_path / "cache\nwith newline"
+    root.mkdir(mode=0o700)
+    arena = next(_orphan(published, root).glob("arena-*.bin"))
+    mapper = _holding("""
+        import mmap, sys
+        f = open(sys.argv[1], "rb")
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    """, str(arena))
+    try:
+        out = cli("gc", "--dir", str(root))
+        assert "0 removed, 1 kept" in out.stdout, out.stdout + out.stderr
+        row = cli("ls", "--dir", str(root)).stdout.splitlines()[1].split()
+        assert row[0] == "k" and row[7] == str(mapper.pid), row  # KEY ... STATE, MAPPED BY
+    finally:
+        mapper.communicate("", timeout=60)
+    assert "1 removed" in cli("gc", "--dir", str(root)).stdout
+
+
+def test_gc_reports_files_it_did_not_make_and_goes_on(published, cache_dir):
+    odd = _orphan(published, cache_dir, key="odd")
+    (odd / "arena-1-cafe.bin").mkdir()
+    (odd / "settled.json").mkdir()
+    _orphan(published, cache_dir, key="plain")
+    out = cli("gc", "--dir", str(cache_dir))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "removed plain" in out.stdout and "odd kept:" in out.stdout and "is a directory" in out.stdout, out.stdout
+    assert not (cache_dir / "plain" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("file", ["/", "../../usr/lib"])
+def test_gc_removes_an_entry_whose_handle_names_no_arena_file(published, cache_dir, file):
+    _orphan(published, cache_dir, handle={"file": file})
+    out = cli("gc", "--dir", str(cache_dir))
+    assert "1 removed, 0 kept" in out.stdout, out.stdout + out.stderr
+    assert not (cache_dir / "k" / "manifest.json").exists()
+
+
+def test_gc_removes_a_temp_manifest_of_an_owner_killed_inside_the_rename(published, cache_dir):
+    dst = _orphan(published, cache_dir)
+    tmp = dst / f".manifest.json.{_dead_pid()}.0badc0de.tmp"
+    tmp.write_bytes((dst / "manifest.json").read_bytes())
+    (dst / "manifest.json").unlink()
+    out = cli("gc", "--dir", str(cache_dir))
+    assert "1 removed" in out.stdout, out.stdout + out.stderr
+    assert not tmp.exists() and not list(dst.glob("arena-*"))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "world-writable", "group-readable"])
+def test_gc_refuses_a_cache_root_that_decode_and_prefill_refuse(published, cache_dir, tmp_path, kind):
+    _orphan(published, cache_dir)
+    target = cache_dir
+    if kind == "symlink":
+        target = tmp_path / "link"
+        os.symlink(cache_dir, target)
+    else:
+        os.chmod(cache_dir, 0o777 if kind == "world-writable" else 0o750)
+    out = cli("gc", "--dir", str(target))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: [sharedcache.entry] cache directory") and "\n" == out.stderr[-1]
+    assert (cache_dir / "k" / "manifest.json").exists() and list((cache_dir / "k").glob("arena-*.bin"))
+
+
+def test_gc_does_not_block_on_a_fifo_named_manifest(cache_dir):
+    entry = cache_dir / "k"
+    entry.mkdir(mode=0o700)
+    os.mkfifo(entry / "manifest.json", 0o600)
+    out = cli("gc", "--dir", str(cache_dir), timeout=60)
+    assert out.returncode == 0 and "1 removed" in out.stdout, out.stdout + out.stderr
+    ls = cli("ls", "--dir", str(cache_dir), timeout=60)
+    assert ls.returncode == 0
+
+
+# ---------------------------------------------------------------- 5: hangs and stale entries
+
+def test_decode_does_not_attach_to_an_entry_from_another_boot(published, cache_dir, models):
+    _orphan(published, cache_dir, owner__boot_id="another-boot")
+    attach_fails(cache_dir, models["tiny"], AttachTimeout, "before the last reboot (stale)")
+
+
+def test_decode_with_a_missing_cache_dir_creates_nothing(cache_dir, models):
+    missing = cache_dir / "typo"
+    with pytest.raises(AttachTimeout, match="does not exist yet"):
+        from_pretrained("decode", missing, models["tiny"], "cache.wait_timeout_s=0.3")
+    assert not missing.exists()
+    out = cli("inspect", "k", "--dir", str(missing))
+    assert out.returncode == 2 and "no manifest" in out.stderr and not missing.exists()
+
+
+# ---------------------------------------------------------------- odd files where sharedcache keeps its own
+
+@pytest.mark.parametrize("name,kind", [("owner.lock", "symlink"), ("owner.lock", "directory"),
+                                       ("write.lock", "directory"), ("write.lock", "symlink")])
+def test_prefill_refuses_odd_lock_files(cache_dir, models, tmp_path, name, kind):
+    entry = cache_dir / "k"
+    entry.mkdir(mode=0o700)
+    if kind == "symlink":
+        (tmp_path / "elsewhere").write_text("")
+        os.symlink(tmp_path / "elsewhere", entry / name)
+    else:
+        (entry / name).mkdir()
+    with pytest.raises(EntryError, match=f"lock file .*{name} is a"):
+        from_pretrained("prefill", cache_dir, models["tiny"])
+    assert not (entry / "manifest.json").exists() and not list(entry.glob("arena-*"))
+    assert mappings_of(cache_dir) == []
+
+
+def test_decode_refuses_a_directory_named_like_the_arena(published, cache_dir, models):
+    def replace(arena: Path):
+        arena.unlink()
+        arena.mkdir()
+    entry_copy(published, cache_dir, mutate_arena=replace)
+    attach_fails(cache_dir, models["tiny"], EntryError, "is not a regular file")
+
+
+def test_dangling_manifest_symlink_is_refused_at_once(published, cache_dir, models, tmp_path):
+    dst = entry_copy(published, cache_dir)
+    (dst / "manifest.json").unlink()
+    os.symlink(tmp_path / "nothing-here", dst / "manifest.json")
+    msg = attach_fails(cache_dir, models["tiny"], ManifestError, "symbolic link", overrides=("cache.wait_timeout_s=60",))
+    assert "no owner has published" not in msg
+
+
+@pytest.mark.parametrize("kind", ["dangling-symlink", "regular-file", "name-too-long"])
+def test_unusable_cache_dir_is_one_clear_error(cache_dir, models, tmp_path, kind):
+    if kind == "dangling-symlink":
+        root = tmp_path / "cache"
+        os.symlink(tmp_path / "nowhere", root)
+        exc, pattern = EntryError, "is a symbolic link"
+    elif kind == "regular-file":
+        root = tmp_path / "cache"
+        root.write_text("not a directory")
+        exc, pattern = EntryError, "is not a directory"
+    else:
+        root = tmp_path / ("x" * 300) / "cache"
+        exc, pattern = StorageError, "File name too long"
+    for role in ("prefill", "decode"):
+        with pytest.raises(exc, match=pattern) as info:
+            from_pretrained(role, root, models["tiny"], "cache.wait_timeout_s=0.3")
+        assert "cache.dir" in str(info.value) or "cache directory" in str(info.value)
+    assert mappings_of(tmp_path) == []
+
+
+def test_cache_dir_without_write_permission_is_a_storage_error(cache_dir, models):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a mode-500 directory anyway; this needs an unprivileged user")
+    os.chmod(cache_dir, 0o500)
+    try:
+        with pytest.raises(StorageError, match="Permission denied"):
+            from_pretrained("prefill", cache_dir, models["tiny"])
+    finally:
+        os.chmod(cache_dir, 0o700)
+
+
+def test_mapping_beyond_the_address_space_limit_is_a_storage_error(published, cache_dir):
+    """ENOMEM from mmap under `ulimit -v`: the backend's attach, in a process whose address space has room
+    for everything but the arena."""
+    _orphan(published, cache_dir)
+    code = f"""
+        import resource
+        from sharedcache.backends.cpu_shm import CpuShmBackend
+        from sharedcache.cache import CacheDir
+        from sharedcache import StorageError
+        entry = CacheDir({str(cache_dir)!r}).entry("k")
+        manifest = entry.read()
+        vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + manifest.arena.size // 2, resource.RLIM_INFINITY))
+        try:
+            CpuShmBackend().attach(entry.dir, manifest)
+        except StorageError as e:
+            print("refused:", e)
+    """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "refused:" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "Cannot allocate memory" in res.stdout and "ulimit -v" in res.stdout
+
+
+# ---------------------------------------------------------------- values
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda d: d["device"].update(index=float("nan")), "NaN is not a number"),
+    (lambda d: d["arena"].update(size=int("9" * 4000)), "arena.size must be an integer in [1, 2**63)"),
+    (lambda d: d["handle"].update(file="arena-\u0000.bin"), "handle.file must be a plain name"),
+])
+def test_manifest_values_out_of_range_are_refused(published, cache_dir, models, edit, pattern):
+    def mutate(d):
+        edit(d)
+        return json.dumps(d).encode()  # json.dumps writes NaN; a manifest may not hold it
+    entry_copy(published, cache_dir, mutate)
+    attach_fails(cache_dir, models["tiny"], ManifestError, pattern)
+    ls = cli("ls", "--dir", str(cache_dir))
+    assert ls.returncode == 0 and "corrupt" in ls.stdout and "Traceback" not in ls.stderr, ls.stdout + ls.stderr
+    inspect = cli("inspect", "k", "--dir", str(cache_dir))
+    assert inspect.returncode == 2 and inspect.stderr.startswith("error: [sharedcache.manifest]"), inspect.stderr
+    gc = cli("gc", "--dir", str(cache_dir))
+    assert gc.returncode == 0 and "removed k: unreadable manifest" in gc.stdout, gc.stdout + gc.stderr
+
+
+def test_duplicate_json_keys_are_refused(published, cache_dir, models):
+    def mutate(d):
+        body = json.dumps(d)
+        return body.replace('"backend":', '"backend": "cuda_ipc", "backend":', 1).encode()
+    entry_copy(published, cache_dir, mutate)
+    attach_fails(cache_dir, models["tiny"], ManifestError, "'backend' appears twice")
+
+
+def test_alignment_without_bound_is_a_config_error(cache_dir, models):
+    with pytest.raises(ConfigError, match="power of two from 256 bytes to 1 GiB"):
+        from_pretrained("prefill", cache_dir, models["tiny"], f"cache.alignment={2**64}")
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_terminal_escapes_in_a_manifest_are_printed_escaped(published, cache_dir):
+    def mutate(d):
+        fp = dict(d["fingerprint"], model="evil\x1b]0;pwned\x07\x1b[2J")
+        d["fingerprint"] = fp
+        d["fingerprint_digest"] = Fingerprint.from_json(fp).digest()
+    entry_copy(published, cache_dir, mutate)
+    for args in (("ls",), ("inspect", "k")):
+        out = cli(*args, "--dir", str(cache_dir))
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+        assert "evil\\x1b]0;pwned\\x07" in out.stdout
+
+
+def test_launch_with_a_model_path_that_holds_no_model(launcher, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    proc = launcher.run("prefill", f"model.path={empty}")
+    assert proc.popen.returncode != 0
+    out = proc.output()
+    assert "has no config.json" in out and "Traceback" not in out, out[-3000:]
+    assert not CacheDir(launcher.cache_dir).entries()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs (mounting needs privileges: skipped where the test runs without them)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,nr_inodes=64,mode=700", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill it ({res.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_filesystem_is_a_storage_error_and_leaves_nothing(small_tmpfs, models):
+    """The tiny model's arena does not fit in 256 KiB: posix_fallocate fails with ENOSPC at publish time."""
+    cache = small_tmpfs / "cache"
+    with pytest.raises(StorageError, match="No space left on device") as info:
+        from_pretrained("prefill", cache, models["tiny"])
+    assert "df -h" in str(info.value)
+    assert not list((cache / "k").glob("arena-*")) and not (cache / "k" / "manifest.json").exists()
+    assert mappings_of(small_tmpfs) == []
+
+
+def test_read_only_filesystem_is_a_storage_error(small_tmpfs, models):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    with pytest.raises(StorageError, match="Read-only file system") as info:
+        from_pretrained("prefill", small_tmpfs / "cache", models["tiny"])
+    assert "writable" in str(info.value)
