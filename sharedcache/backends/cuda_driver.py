@@ -137,12 +137,13 @@ def mem_unmap(ptr: int, size: int) -> None:
     check(driver().cuMemUnmap(ptr, size), "cuMemUnmap")
 
 
-def set_access(ptr: int, size: int, index: int) -> None:
+def set_access(ptr: int, size: int, index: int, *, read_only: bool = False) -> None:
     drv = driver()
     desc = drv.CUmemAccessDesc()
     desc.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
     desc.location.id = index
-    desc.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    flags = drv.CUmemAccess_flags
+    desc.flags = flags.CU_MEM_ACCESS_FLAGS_PROT_READ if read_only else flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
     check(drv.cuMemSetAccess(ptr, size, [desc], 1), "cuMemSetAccess")
 
 

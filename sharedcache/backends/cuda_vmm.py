@@ -208,7 +208,7 @@ def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) ->
             cu.mem_map(ptr + offset, size, handle)
             mapped.append(size)
             offset += size
-        cu.set_access(ptr, manifest.arena.size, index)
+        cu.set_access(ptr, manifest.arena.size, index, read_only=True)  # a stray write faults in the attacher
     except BaseException:
         for fd in fds:
             if fd >= 0:
