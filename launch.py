@@ -39,6 +39,11 @@ def process_age() -> float:
     return uptime - start
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def model_dir(model_cfg: dict[str, Any]) -> Path:
     if model_cfg["path"]:
         path = Path(model_cfg["path"]).expanduser()
@@ -63,7 +68,10 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     from integrations import hf
 
     path = model_dir(cfg["model"])
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # a directory that is not a complete model: one line, not a traceback
+        raise SystemExit(f"[launch] model.path {path} holds no usable tokenizer: {_first_line(e)}") from None
     engine = cfg["engine"]
     kwargs = {k: engine[k] for k in ("dtype", "device_map") if engine[k] is not None}
     if str(engine["device_map"] or "cpu").startswith("cuda"):
@@ -74,6 +82,8 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     hf.install(role=role, cache=settings)
     try:
         model = getattr(transformers, engine["auto_class"]).from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # transformers' own refusal of the checkpoint (no weights, bad config)
+        raise SystemExit(f"[launch] cannot load the model in {path}: {_first_line(e)}") from None
     finally:
         hf.uninstall()
     instance = hf.instance_of(model)

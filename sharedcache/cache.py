@@ -47,8 +47,13 @@ def check_private_dir(path: Path, what: str = "cache directory") -> bool:
         raise EntryError(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}).",
                          hint="Use a cache.dir of your own.")
     if st.st_mode & 0o077:
+        if st.st_mode & stat.S_ISVTX or os.path.ismount(path):  # /dev/shm, /tmp, /: shared by everyone
+            hint = (f"{path} is a directory the whole system shares; do not change its mode. Point cache.dir "
+                    f"at a directory of your own inside it, e.g. {Path(path) / f'sharedcache-{os.getuid()}'}.")
+        else:
+            hint = f"Run `chmod 700 {path}` or choose another cache.dir."
         raise EntryError(f"{what} {path} is accessible to other users (mode {oct(st.st_mode & 0o777)}).",
-                         hint=f"Run `chmod 700 {path}` or choose another cache.dir.")
+                         hint=hint)
     return True
 
 
@@ -100,7 +105,7 @@ class Entry:
     def write_lock(self) -> Iterator[None]:
         fd = open_lock(self.dir / "write.lock")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock_within(fd, fcntl.LOCK_EX, self.dir / "write.lock")
             yield
         finally:
             os.close(fd)
@@ -111,7 +116,7 @@ class Entry:
         also in the window between reading the manifest and mapping the arena."""
         fd = open_lock(self.dir / "attach.lock")
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a gc is removing this very entry
+            _flock_within(fd, fcntl.LOCK_SH, self.dir / "attach.lock")  # a gc removing this very entry
         except BaseException:
             os.close(fd)
             raise
@@ -151,6 +156,15 @@ class Entry:
                              hint="Start this instance with a load role (role=decode) or cache mode auto "
                                   "to attach to it, or use another cache.key.") from None
 
+    def check_publishable(self) -> None:
+        """Owner, before loading anything: a manifest could be published here (a directory, link or special
+        file in its place would only be found after the whole load)."""
+        st = os.lstat(self.manifest_path) if _exists(self.manifest_path) else None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise EntryError(f"{self.manifest_path} is not a file sharedcache wrote (a directory, link or "
+                             "special file); nothing could be published there.",
+                             hint=f"Remove it (`rm -r {self.manifest_path}`) and start again.")
+
     def claimed(self) -> bool:
         """True while some process holds the owner lock (an owner, or a saver still loading)."""
         path = self.dir / "owner.lock"
@@ -182,7 +196,7 @@ class Entry:
             if not proc.name.isdigit():
                 continue
             try:
-                if any(line.endswith(path) for line in (proc / "maps").read_bytes().splitlines()):
+                if any(line.endswith(path) for line in (proc / "maps").read_bytes().split(b"\n")):
                     pids.append(int(proc.name))
             except OSError:  # the process ended, or is not ours to read
                 continue
@@ -206,13 +220,32 @@ def _exists(path: Path) -> bool:
         raise StorageError.from_os(e, f"looking at {path}") from None
 
 
+_LOCK_WAIT_S = 30.0  # the entry's short locks are held for milliseconds; this long means a stopped process
+
+
+def _flock_within(fd: int, op: int, path: Path) -> None:
+    """flock, waiting at most _LOCK_WAIT_S: a process stopped while holding one of an entry's short locks
+    (a gc under Ctrl-Z) must not hang every other instance of the key."""
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise EntryError(f"{path} has been held by another process for over {_LOCK_WAIT_S:g}s; it is "
+                                 "held for milliseconds normally, so that process is stopped or stuck.",
+                                 hint="Find it with `fuser -v " + str(path) + "` and end or resume it.") from None
+            time.sleep(0.01)
+
+
 def open_lock(path: Path) -> int:
     """A lock file of ours, opened without following links; anything else is an EntryError or StorageError."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EISDIR):
-            kind = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}[e.errno]
             raise EntryError(f"lock file {path} is {kind}; refusing to use it.",
                              hint=f"Remove {path} (sharedcache recreates its lock files) and start again.") from None
         raise StorageError.from_os(e, f"opening the lock file {path}") from None

@@ -5,22 +5,30 @@ import argparse
 import datetime as dt
 import json
 import os
+import stat
 import sys
 from typing import Any
 
 from .cache import ARENA_FILE, OWNER_FILE, TEMP_FILE, CacheDir, Entry
 from .conf import conf_dir
-from .errors import ManifestError, SharedCacheError, StorageError
+from .errors import ConfigError, EntryOwned, ManifestError, SharedCacheError, StorageError
 from .manifest import Manifest, boot_id
 from .settle import SETTLED_NAME
 
 
 def _cache_dir(args: argparse.Namespace) -> str:
-    if args.dir:
+    if args.dir is not None:
+        if not args.dir:
+            raise ConfigError("--dir is empty.", hint="Give the cache directory, or leave --dir out for cache.dir.")
         return args.dir
     from .conf import compose
 
-    return compose(args.overrides)["cache"]["dir"]
+    try:
+        return compose(args.overrides)["cache"]["dir"]
+    except Exception as e:  # noqa: BLE001 - Hydra's errors for bad overrides: one line, not its traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"the overrides {args.overrides} do not compose: {first}",
+                          hint="Check the spelling against `python launch.py --cfg job`, or pass --dir.") from None
 
 
 def entry_state(entry: Entry, manifest: Manifest) -> str:
@@ -41,9 +49,15 @@ def entry_state(entry: Entry, manifest: Manifest) -> str:
     if backend.attach_needs_owner:
         return "stale"
     file = manifest.handle.get("file")
-    if not isinstance(file, str) or not ARENA_FILE.fullmatch(file):
+    if set(manifest.handle) != {"file"} or not isinstance(file, str) or not ARENA_FILE.fullmatch(file):
         return "stale"
-    return "orphaned" if (entry.dir / file).is_file() else "stale"
+    try:  # what a decode's attach would accept: one plain file of ours, as large as the manifest says
+        st = os.lstat(entry.dir / file)
+    except OSError:
+        return "stale"
+    usable = (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_nlink == 1
+              and st.st_size >= manifest.arena.size)
+    return "orphaned" if usable else "stale"
 
 
 def printable(text: object) -> str:
@@ -164,8 +178,8 @@ def _collect(entry: Entry) -> str | None:
         return None
     try:
         claim = entry.claim(retry_s=0)
-    except SharedCacheError:
-        return None  # someone became the owner meanwhile
+    except EntryOwned:
+        return None  # someone became the owner meanwhile (any other refusal is reported)
     try:
         unused = entry.lock_unused()
         if unused is None:
@@ -254,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except SharedCacheError as e:
         print(f"error: {printable(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `sharedcache ls | head`: the reader is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

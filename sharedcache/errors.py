@@ -108,6 +108,8 @@ class StorageError(SharedCacheError):
         errno.ENOMEM: "Not enough memory or address space (see `ulimit -v`) to map it; raise the limit or free memory.",
         errno.EMFILE: "Too many open files in this process; raise `ulimit -n`.",
         errno.ENOTDIR: "A component of the path is not a directory; check cache.dir.",
+        errno.EISDIR: "A directory stands where sharedcache keeps a file; remove it and start again.",
+        errno.ENXIO: "A socket or device stands where sharedcache keeps a file; remove it and start again.",
     }
 
     @classmethod

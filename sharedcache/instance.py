@@ -306,6 +306,7 @@ def _unpublish(entry: Entry, manifest: Manifest | None, arena: Arena | None, cla
 # ---------------------------------------------------------------- phase steps (save)
 
 def intercept_save(s: InstanceState) -> None:
+    s.entry.check_publishable()
     t0 = time.perf_counter()
     s.model = s.source.load()
     s.load_seconds = time.perf_counter() - t0
@@ -381,6 +382,7 @@ def serialize_save(s: InstanceState) -> None:
             raise StorageError.from_os(e, f"writing manifest {s.entry.manifest_path}") from None
         s.manifest, s.published = manifest, True
         _sweep(s.entry, manifest)
+    s.arena.seal()  # from now on an in-place write by the owner faults instead of changing every instance
     log.info("[%s] published %s: %d tensors, %d bytes", s.role.name, s.settings.key,
              len(manifest.tensors), manifest.payload_bytes)
 
@@ -462,6 +464,10 @@ def _attach_held(s: InstanceState, manifest: Manifest, deadline: float) -> bool:
     _check_compatible(s, manifest)
     if getattr(s.source, "settles", False) and not _wait_settled(s, manifest):
         return False  # the owner changed while settling: check the new one
+    if manifest.backend not in backends.known_backends():
+        raise ManifestError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, which this "
+                            f"sharedcache does not know (known: {backends.known_backends()}).",
+                            hint="Remove the entry, or use the same sharedcache version on both sides.")
     backend = backends.get_backend(manifest.backend, s.settings)
     s.owner_alive = s.entry.owner_alive(manifest)
     if not s.owner_alive and backend.attach_needs_owner:
@@ -569,15 +575,6 @@ def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str
             hold = entry.hold_for_attach()
             try:
                 manifest = entry.read()
-            except ManifestError as e:
-                os.close(hold)
-                if entry.published():  # not a race with the owner removing it
-                    raise
-                log.debug("manifest vanished while reading: %s", e)
-            except BaseException:
-                os.close(hold)
-                raise
-            else:
                 if manifest.owner.boot_id != boot_id():  # what gc and `ls` call stale: never attached to
                     state = "its manifest is from before the last reboot (stale)"
                 # a dead owner's manifest while someone else holds the claim: a new owner is loading
@@ -588,6 +585,14 @@ def wait_for_manifest(entry: Entry, deadline: float, timeout_s: float, role: str
                 else:
                     state = f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
                 os.close(hold)
+            except ManifestError as e:
+                os.close(hold)
+                if entry.published():  # not a race with the owner removing it
+                    raise
+                log.debug("manifest vanished while reading: %s", e)
+            except BaseException:
+                os.close(hold)
+                raise
         if reclaim and not entry.claimed():
             try:
                 claim = entry.claim(retry_s=0)

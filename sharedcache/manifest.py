@@ -144,7 +144,9 @@ def read_manifest(path: Path) -> Manifest:
         if e.errno == errno.ELOOP:
             raise ManifestError(f"manifest {path} is a symbolic link; refusing to follow it.",
                                 hint="Remove it and re-publish.") from e
-        raise ManifestError(f"cannot open manifest {path}: {e.strerror}.") from e
+        what = "it is a socket" if e.errno == errno.ENXIO else e.strerror
+        raise ManifestError(f"cannot open manifest {path}: {what}.",
+                            hint="Check its permissions, or remove the entry and start the prefill again.") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():

@@ -57,5 +57,6 @@ class CacheSettings:
         if not isinstance(h, (int, float)) or isinstance(h, bool) or not math.isfinite(h) or not 0 < h <= 3600:
             raise ConfigError(f"cache.handle_timeout_s must be a number of seconds in (0, 3600], got {h!r}.")
         a = self.alignment
-        if not isinstance(a, int) or isinstance(a, bool) or a < 256 or a > 2**30 or a & (a - 1):
-            raise ConfigError(f"cache.alignment must be a power of two from 256 bytes to 1 GiB, got {a!r}.")
+        if not isinstance(a, int) or isinstance(a, bool) or a < 256 or a > 2**21 or a & (a - 1):
+            raise ConfigError(f"cache.alignment must be a power of two from 256 bytes to 2 MiB (each tensor is "
+                              f"padded to it), got {a!r}.")

@@ -111,6 +111,23 @@ def test_attached_decode_maps_the_arena_read_only(published, cache_dir, models):
     assert _arena_digest(dst) == before
 
 
+def test_owner_cannot_change_published_weights_in_place(cache_dir, models):
+    """Once published, the owner's own mapping is read-only too: load_state_dict into the prefill faults
+    there instead of silently changing what every attached decode computes."""
+    code = f"""
+        import torch
+        from helpers import from_pretrained
+        model = from_pretrained("prefill", {str(cache_dir)!r}, {str(models["tiny"])!r})
+        print("published", flush=True)
+        model.load_state_dict({{k: torch.zeros_like(v) for k, v in model.state_dict().items()}})
+        print("overwritten", flush=True)
+    """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert "published" in res.stdout and "overwritten" not in res.stdout, res.stdout + res.stderr
+    assert res.returncode == -signal.SIGSEGV, (res.returncode, res.stderr[-2000:])
+
+
 # ---------------------------------------------------------------- 3-4: gc and what is in use
 
 def test_gc_keeps_an_entry_a_decode_is_attaching_to(published, cache_dir, models):
@@ -357,7 +374,7 @@ def test_duplicate_json_keys_are_refused(published, cache_dir, models):
 
 
 def test_alignment_without_bound_is_a_config_error(cache_dir, models):
-    with pytest.raises(ConfigError, match="power of two from 256 bytes to 1 GiB"):
+    with pytest.raises(ConfigError, match="power of two from 256 bytes to 2 MiB"):
         from_pretrained("prefill", cache_dir, models["tiny"], f"cache.alignment={2**64}")
     assert list(cache_dir.iterdir()) == []
 
@@ -413,3 +430,57 @@ def test_read_only_filesystem_is_a_storage_error(small_tmpfs, models):
     with pytest.raises(StorageError, match="Read-only file system") as info:
         from_pretrained("prefill", small_tmpfs / "cache", models["tiny"])
     assert "writable" in str(info.value)
+
+
+def test_a_lock_held_by_a_stopped_process_is_an_error_not_a_hang(published, cache_dir, models):
+    """A gc stopped (Ctrl-Z) while it holds an entry's attach lock exclusively: a decode gives up after the
+    short locks' bound with a message naming the file, instead of waiting forever."""
+    _orphan(published, cache_dir)
+    holder = _holding("""
+        import fcntl, os, sys
+        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    """, str(cache_dir / "k" / "attach.lock"))
+    try:
+        attach_fails(cache_dir, models["tiny"], EntryError, "attach.lock has been held by another process")
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_ls_calls_an_entry_no_decode_would_attach_to_stale(published, cache_dir):
+    dst = _orphan(published, cache_dir)
+    arena = next(dst.glob("arena-*.bin"))
+    os.link(arena, cache_dir / "second-name")
+    line = cli("ls", "--dir", str(cache_dir)).stdout.splitlines()[1]
+    assert line.startswith("k ") and " stale " in line and "orphaned" not in line, line
+
+
+def test_entry_from_an_unknown_backend_names_the_entry_not_the_config(published, cache_dir, models):
+    entry_copy(published, cache_dir, lambda d: d.update(backend="evil"))
+    attach_fails(cache_dir, models["tiny"], ManifestError, "published with backend 'evil'", "Remove the entry")
+
+
+def test_prefill_over_a_directory_named_manifest_refuses_before_loading(cache_dir, models):
+    (cache_dir / "k").mkdir(mode=0o700)
+    (cache_dir / "k" / "manifest.json").mkdir()
+    with pytest.raises(EntryError, match="is not a file sharedcache wrote"):
+        from_pretrained("prefill", cache_dir, models["tiny"])
+    assert not list((cache_dir / "k").glob("arena-*"))
+
+
+def test_a_shared_system_directory_as_cache_dir_is_not_told_to_chmod(models):
+    if os.stat("/dev/shm").st_uid != os.getuid():
+        pytest.skip("/dev/shm is not ours here: the ownership check answers first")
+    with pytest.raises(EntryError, match="do not change its mode") as info:
+        from_pretrained("decode", Path("/dev/shm"), models["tiny"], "cache.wait_timeout_s=0.3")
+    assert "chmod" not in str(info.value)
+
+
+def test_cli_with_bad_overrides_or_a_closed_pipe_prints_no_traceback(published, cache_dir):
+    out = cli("ls", "cache=nonexistent")
+    assert out.returncode == 2 and out.stderr.startswith("error: [sharedcache.config]"), out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
+    _orphan(published, cache_dir)
+    res = subprocess.run(f"{sys.executable} -m sharedcache.cli ls --dir {cache_dir} | head -c 1", shell=True,
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr

@@ -30,6 +30,7 @@ class Arena:
     _release: Callable[[], None] | None = field(default=None, repr=False)
     _commit: Callable[[int], None] | None = field(default=None, repr=False)
     _sync: Callable[[], None] | None = field(default=None, repr=False)
+    _seal: Callable[[], None] | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the backend's own steps
     # an object that lives exactly as long as the mapping (torch's views keep it alive): what the core ties
     # the attacher's hold on the entry to; None: the mapping's life cannot be observed
@@ -53,6 +54,12 @@ class Arena:
         """Owner: wait until every write into the arena has landed, before publishing it."""
         if self._sync is not None:
             self._sync()
+
+    def seal(self) -> None:
+        """Owner, once published: make its own mapping read-only where the backend can, so that a write
+        into a shared weight faults in the owner instead of silently changing what attachers compute."""
+        if self._seal is not None:
+            self._seal()
 
     def release(self) -> None:
         """Drop this process's claim on the backing memory (owner: unpublish it). Views stay valid."""

@@ -1,5 +1,5 @@
 """cpu_shm: the arena is one file in the cache directory (tmpfs under /dev/shm by default), mapped
-MAP_SHARED read-write by the owner, which fills it, and read-only by every attacher, so that a stray
+MAP_SHARED read-write by the owner while it fills it (read-only once published), and read-only by every attacher, so that a stray
 write in an attached instance faults in that instance instead of changing what every instance computes.
 
 The file outlives its owner, so a decode can attach to an orphaned arena. The price: a process of the
@@ -61,7 +61,8 @@ class CpuShmBackend(Backend):
             raise
         os.close(fd)
         return Arena(base, {"file": name}, {"type": "cpu", "index": None, "uuid": None}, owned=True,
-                     _release=lambda: path.unlink(missing_ok=True), lifetime=mm)
+                     _release=lambda: path.unlink(missing_ok=True), _seal=lambda: _protect_read_only(base),
+                     lifetime=mm)
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         path = _arena_path(entry_dir, manifest)
@@ -114,3 +115,15 @@ def _map(fd: int, size: int, path: Path, *, writable: bool) -> tuple[torch.Tenso
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a read-only buffer: torch warns that writing it is undefined
         return torch.frombuffer(mm, dtype=torch.uint8), mm
+
+
+def _protect_read_only(base: torch.Tensor) -> None:
+    """mprotect the owner's mapping to PROT_READ (it starts page-aligned and spans whole pages)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    size = -(-base.numel() // mmap.PAGESIZE) * mmap.PAGESIZE
+    if libc.mprotect(base.data_ptr(), size, mmap.PROT_READ) != 0:
+        err = ctypes.get_errno()
+        raise StorageError.from_os(OSError(err, os.strerror(err)), "making the published arena read-only")
