@@ -159,7 +159,7 @@ class Entry:
     def check_publishable(self) -> None:
         """Owner, before loading anything: a manifest could be published here (a directory, link or special
         file in its place would only be found after the whole load)."""
-        st = os.lstat(self.manifest_path) if _exists(self.manifest_path) else None
+        st = _lstat(self.manifest_path)
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise EntryError(f"{self.manifest_path} is not a file sharedcache wrote (a directory, link or "
                              "special file); nothing could be published there.",
@@ -209,15 +209,18 @@ class Entry:
             return " (still saving, not yet published)"
 
 
-def _exists(path: Path) -> bool:
-    """Like os.path.lexists, but a path we may not look at is an error, not 'absent'."""
+def _lstat(path: Path) -> os.stat_result | None:
+    """os.lstat, None if absent; a path we may not look at is an error, not 'absent'."""
     try:
-        os.lstat(path)
-        return True
+        return os.lstat(path)
     except FileNotFoundError:
-        return False
+        return None
     except OSError as e:
         raise StorageError.from_os(e, f"looking at {path}") from None
+
+
+def _exists(path: Path) -> bool:
+    return _lstat(path) is not None
 
 
 _LOCK_WAIT_S = 30.0  # the entry's short locks are held for milliseconds; this long means a stopped process
