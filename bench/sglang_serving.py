@@ -342,7 +342,7 @@ def ratios(results: dict) -> None:
 def environment() -> dict:
     import torch
 
-    smi = nvidia_smi("--query-gpu=name,driver_version,memory.total", "--format=csv,noheader")
+    smi = nvidia_smi("--query-gpu=index,name,pci.bus_id,driver_version,memory.total", "--format=csv,noheader")
     versions = {}
     for pkg in ("sglang", "transformers", "flashinfer-python", "sglang-kernel"):
         try:
@@ -351,7 +351,8 @@ def environment() -> dict:
             versions[pkg] = m.version(pkg)
         except Exception:  # noqa: BLE001 - a package this environment lacks
             versions[pkg] = None
-    return {"gpu": smi, "torch": torch.__version__, "cuda": torch.version.cuda, **versions,
+    # which card of a several-GPU machine ran this (nvidia-smi lists them all, whatever is visible)
+    return {"gpu": smi, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "torch": torch.__version__, "cuda": torch.version.cuda, **versions,
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -4,7 +4,8 @@
 # PD mode (the default) needs the transfer engine and router: on a machine where setup.sh already ran
 # (an earlier call carried .gpubundle and .whl), carry .pdbundle; see setup.sh.
 # With two GPUs the setups run at once, shared on GPU 0 and unshared on GPU 1, and are merged: one call
-# holds both, on identical cards that do not contend. With one GPU they run one after the other.
+# holds both, on identical cards that do not contend. SHARED_GPU=1 swaps the cards, to tell a card's
+# speed from the setup's. With one GPU they run one after the other.
 source bench/device/setup.sh || exit 1
 run() {  # run <out> <extra args...>
   local out=$1; shift
@@ -13,9 +14,10 @@ run() {  # run <out> <extra args...>
 }
 rm -rf /tmp/serving /tmp/serving-shared /tmp/serving-unshared  # an earlier call's run on a warm machine
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  CUDA_VISIBLE_DEVICES=0 run /tmp/serving-shared --setups shared "$@" > "$OUT/sglang-serving-shared.log" 2>&1 &
+  shared_gpu=${SHARED_GPU:-0}
+  CUDA_VISIBLE_DEVICES=$shared_gpu run /tmp/serving-shared --setups shared "$@" > "$OUT/sglang-serving-shared.log" 2>&1 &
   a=$!
-  CUDA_VISIBLE_DEVICES=1 run /tmp/serving-unshared --setups unshared "$@" > "$OUT/sglang-serving-unshared.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$((1 - shared_gpu)) run /tmp/serving-unshared --setups unshared "$@" > "$OUT/sglang-serving-unshared.log" 2>&1 &
   b=$!
   wait $a; ra=$?
   wait $b; rb=$?
