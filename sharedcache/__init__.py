@@ -2,16 +2,17 @@
 
 Importing this package is cheap: no CUDA initialisation, no framework imports.
 """
-from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, EntryError, EntryOwned,
-                     FingerprintMismatch, ManifestError, SharedCacheError, StorageError, UnsupportedModel)
+from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, DriverError, EntryError,
+                     EntryOwned, FingerprintMismatch, HandoverError, IntegrityError, ManifestError, OwnerGone,
+                     SharedCacheError, StorageError, UnsupportedModel)
 from .fingerprint import Fingerprint
 from .roles import Mode, Role
 from .settings import CacheSettings
 
 __all__ = [
-    "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError",
-    "EntryError", "EntryOwned", "Fingerprint", "FingerprintMismatch", "Instance", "ManifestError", "Mode", "Role",
-    "SharedCacheError", "StorageError", "UnsupportedModel",
+    "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError", "DriverError",
+    "EntryError", "EntryOwned", "Fingerprint", "FingerprintMismatch", "HandoverError", "Instance", "IntegrityError",
+    "ManifestError", "Mode", "OwnerGone", "Role", "SharedCacheError", "StorageError", "UnsupportedModel",
 ]
 
 

@@ -14,6 +14,7 @@ class SharedCacheError(Exception):
     component = "sharedcache"
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message, self.hint = message, hint  # apart, for callers that re-word or re-raise them
         text = f"[{self.component}] {message}"
         if hint:
             text += f" {hint}"
@@ -36,6 +37,26 @@ class ArenaError(SharedCacheError):
     """The arena's memory cannot be created, imported or mapped as the manifest says."""
 
     component = "sharedcache.arena"
+
+
+class OwnerGone(ArenaError):
+    """The entry's owner died, or left while handing over, and the backend cannot attach without it."""
+
+
+class HandoverError(ArenaError):
+    """The owner and the attacher disagree on the handover of memory handles (a protocol fault)."""
+
+
+class DriverError(ArenaError):
+    """A driver or system call behind the arena failed; `call` and `code` name it."""
+
+    def __init__(self, message: str, *, call: str, code: int | str | None = None, hint: str | None = None) -> None:
+        self.call, self.code = call, code
+        super().__init__(message, hint=hint)
+
+
+class IntegrityError(ArenaError):
+    """The mapped bytes are not the bytes that were published (size, checksum)."""
 
 
 class BindError(SharedCacheError):
