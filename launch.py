@@ -10,7 +10,6 @@ role=router starts sglang-router's PD router in front of the prefill and decode 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sharedcache import CacheSettings, Role, SharedCacheError, backends
 from sharedcache.conf import core_role, register_resolvers, role_of
+from sharedcache.kit import write_json_atomic
+from sharedcache.manifest import process_start_ticks
+from sharedcache.progress import TerminalProgress, log_progress
 
 log = logging.getLogger("sharedcache.launch")
 register_resolvers()
@@ -34,7 +36,7 @@ register_resolvers()
 def process_age() -> float:
     """Seconds since this process started (the kernel's clock, so interpreter start-up counts)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+    start = process_start_ticks(os.getpid()) / ticks
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     return uptime - start
 
@@ -54,7 +56,7 @@ def model_dir(model_cfg: dict[str, Any]) -> Path:
             raise SystemExit(f"[launch] model.path {path} has no config.json, so it is not a Hugging Face model "
                              "directory. Point it at the directory that holds config.json and the weights.")
         return path
-    from integrations.hf.embedded import EmbeddedSpec, ensure_embedded_model
+    from sharedcache_integrations.hf.embedded import EmbeddedSpec, ensure_embedded_model
 
     emb = model_cfg["embedded"]
     return ensure_embedded_model(Path(emb["dir"]).expanduser(), EmbeddedSpec.from_mapping(emb["spec"]))
@@ -65,7 +67,7 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     import transformers
     from transformers import AutoTokenizer
 
-    from integrations import hf
+    from sharedcache_integrations import hf
 
     path = model_dir(cfg["model"])
     try:
@@ -79,7 +81,8 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
         torch.cuda.init()
         torch.empty(1, device=engine["device_map"])
         backends.prepare(torch.device(engine["device_map"]))
-    hf.install(role=role, cache=settings)
+    # a terminal gets one updating line; a log file (systemd, Kubernetes, launch.log) gets log lines
+    hf.install(role=role, cache=settings, progress=TerminalProgress() if sys.stderr.isatty() else log_progress)
     try:
         model = getattr(transformers, engine["auto_class"]).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:  # transformers' own refusal of the checkpoint (no weights, bad config)
@@ -139,7 +142,7 @@ def _hold(instance, settings: CacheSettings) -> None:
 
 def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
     """Start SGLang (or its PD router) for the role, gather the ranks' reports, serve until SIGTERM."""
-    from integrations.sglang import server as sgl
+    from sharedcache_integrations.sglang import server as sgl
 
     if role.name == "holder":
         raise SystemExit("[launch] role=holder runs with engine=hf; an SGLang prefill holds its weights itself.")
@@ -176,9 +179,7 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
 
 
 def _write_report(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=2, sort_keys=True)
 
 
 def _exit_on_sigterm(signum, _frame) -> None:

@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from integrations.hf.embedded import build_tokenizer
+    from sharedcache_integrations.hf.embedded import build_tokenizer
 
     t0 = time.perf_counter()
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers,

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import contextlib
-import errno
+import enum
 import fcntl
 import os
 import re
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConfigError, EntryError, EntryOwned, StorageError
-from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .errors import ConfigError, EntryError, EntryOwned, SharedCacheError, StorageError
+from .files import check_private_dir, ensure_private_dir, exists, flock_within, lstat_or_none, open_lock
+from .manifest import MANIFEST_NAME, Manifest, boot_id, read_manifest
 
 _CLAIM_RETRY_S = 0.5
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -29,45 +30,24 @@ OWNER_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.(bin|sock)$")  # what an 
 TEMP_FILE = re.compile(r"^\.[a-z]+\.json\.\d+(\.[0-9a-f]+)?\.tmp$")  # a manifest or mark being written
 
 
-def check_private_dir(path: Path, what: str = "cache directory") -> bool:
-    """False if `path` does not exist; True if it is a directory of ours that nobody else can enter;
-    else an error naming what is wrong. Never follows a symbolic link and never creates anything."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        raise StorageError.from_os(e, f"looking at {what} {path}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise EntryError(f"{what} {path} is a symbolic link; refusing to use it.",
-                         hint="Point cache.dir at a real directory you own, or remove the link.")
-    if not stat.S_ISDIR(st.st_mode):
-        raise EntryError(f"{what} {path} is not a directory.", hint="Remove it, or point cache.dir elsewhere.")
-    if st.st_uid != os.getuid():
-        raise EntryError(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}).",
-                         hint="Use a cache.dir of your own.")
-    if st.st_mode & 0o077:
-        if st.st_mode & stat.S_ISVTX or os.path.ismount(path):  # /dev/shm, /tmp, /: shared by everyone
-            hint = (f"{path} is a directory the whole system shares; do not change its mode. Point cache.dir "
-                    f"at a directory of your own inside it, e.g. {Path(path) / f'sharedcache-{os.getuid()}'}.")
-        else:
-            hint = f"Run `chmod 700 {path}` or choose another cache.dir."
-        raise EntryError(f"{what} {path} is accessible to other users (mode {oct(st.st_mode & 0o777)}).",
-                         hint=hint)
-    return True
+class EntryState(str, enum.Enum):
+    """Where a published entry is in its life; `ls`, `gc` and a waiting attacher all read this one."""
 
+    LIVE = "live"  # its owner runs and holds the entry
+    REPLACING = "replacing"  # its owner is gone and a new owner is loading
+    ORPHANED = "orphaned"  # its owner is gone; the arena can still be attached without it
+    UNUSABLE = "unusable"  # its owner is gone with what an attach needs (an attach says exactly why)
+    REBOOTED = "rebooted"  # published before the last reboot: never attached to
 
-def ensure_private_dir(path: Path, what: str = "cache directory") -> Path:
-    """Create `path` 0700 if needed, then check it as check_private_dir does."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except FileExistsError:
-        pass  # a file or a dangling link in its place: named below
-    except OSError as e:
-        raise StorageError.from_os(e, f"creating {what} {path}") from None
-    if not check_private_dir(path, what):
-        raise EntryError(f"{what} {path} vanished while being created.", hint="Check what else cleans cache.dir.")
-    return path
+    @property
+    def label(self) -> str:
+        """What `ls` shows: nothing can attach to an unusable or rebooted entry, both are stale."""
+        return "stale" if self in (EntryState.UNUSABLE, EntryState.REBOOTED) else self.value
+
+    @property
+    def attachable_now(self) -> bool:
+        """A waiting attacher goes ahead (an unusable entry so that its attach names the reason)."""
+        return self in (EntryState.LIVE, EntryState.ORPHANED, EntryState.UNUSABLE)
 
 
 @dataclass(frozen=True)
@@ -99,13 +79,13 @@ class Entry:
 
     def published(self) -> bool:
         """A manifest stands in the entry (a link or odd file counts: read() then says what is wrong)."""
-        return self.check() and _exists(self.manifest_path)
+        return self.check() and exists(self.manifest_path)
 
     @contextlib.contextmanager
     def write_lock(self) -> Iterator[None]:
         fd = open_lock(self.dir / "write.lock")
         try:
-            _flock_within(fd, fcntl.LOCK_EX, self.dir / "write.lock")
+            flock_within(fd, fcntl.LOCK_EX, self.dir / "write.lock")
             yield
         finally:
             os.close(fd)
@@ -116,7 +96,7 @@ class Entry:
         also in the window between reading the manifest and mapping the arena."""
         fd = open_lock(self.dir / "attach.lock")
         try:
-            _flock_within(fd, fcntl.LOCK_SH, self.dir / "attach.lock")  # a gc removing this very entry
+            flock_within(fd, fcntl.LOCK_SH, self.dir / "attach.lock")  # a gc removing this very entry
         except BaseException:
             os.close(fd)
             raise
@@ -159,7 +139,7 @@ class Entry:
     def check_publishable(self) -> None:
         """Owner, before loading anything: a manifest could be published here (a directory, link or special
         file in its place would only be found after the whole load)."""
-        st = _lstat(self.manifest_path)
+        st = lstat_or_none(self.manifest_path)
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise EntryError(f"{self.manifest_path} is not a file sharedcache wrote (a directory, link or "
                              "special file); nothing could be published there.",
@@ -168,7 +148,7 @@ class Entry:
     def claimed(self) -> bool:
         """True while some process holds the owner lock (an owner, or a saver still loading)."""
         path = self.dir / "owner.lock"
-        if not self.check() or not _exists(path):
+        if not self.check() or not exists(path):
             return False
         fd = open_lock(path)
         try:
@@ -182,6 +162,24 @@ class Entry:
     def owner_alive(self, manifest: Manifest) -> bool:
         """The process that published `manifest` is running and still holds the entry."""
         return manifest.owner.running() and self.claimed()
+
+    def state(self, manifest: Manifest) -> EntryState:
+        """The lifecycle state of this entry as published by `manifest`."""
+        if manifest.owner.boot_id != boot_id():
+            return EntryState.REBOOTED
+        if self.owner_alive(manifest):
+            return EntryState.LIVE
+        if self.claimed():
+            return EntryState.REPLACING
+        from .backends import backend_class
+
+        try:
+            backend = backend_class(manifest.backend)
+        except SharedCacheError:
+            return EntryState.UNUSABLE
+        if backend.attach_needs_owner:
+            return EntryState.UNUSABLE
+        return EntryState.ORPHANED if backend.orphan_attachable(self.dir, manifest) else EntryState.UNUSABLE
 
     def mapped_by(self, manifest: Manifest) -> list[int] | None:
         """Pids of the processes that map this entry's arena file (cpu_shm); None where the
@@ -207,57 +205,6 @@ class Entry:
             return f" (pid {self.read().owner.pid})"
         except Exception:  # noqa: BLE001 - only decorates a message; the entry may be mid-publish
             return " (still saving, not yet published)"
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    """os.lstat, None if absent; a path we may not look at is an error, not 'absent'."""
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise StorageError.from_os(e, f"looking at {path}") from None
-
-
-def _exists(path: Path) -> bool:
-    return _lstat(path) is not None
-
-
-_LOCK_WAIT_S = 30.0  # the entry's short locks are held for milliseconds; this long means a stopped process
-
-
-def _flock_within(fd: int, op: int, path: Path) -> None:
-    """flock, waiting at most _LOCK_WAIT_S: a process stopped while holding one of an entry's short locks
-    (a gc under Ctrl-Z) must not hang every other instance of the key."""
-    deadline = time.monotonic() + _LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise EntryError(f"{path} has been held by another process for over {_LOCK_WAIT_S:g}s; it is "
-                                 "held for milliseconds normally, so that process is stopped or stuck.",
-                                 hint="Find it with `fuser -v " + str(path) + "` and end or resume it.") from None
-            time.sleep(0.01)
-
-
-def open_lock(path: Path) -> int:
-    """A lock file of ours, opened without following links; anything else is an EntryError or StorageError."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}[e.errno]
-            raise EntryError(f"lock file {path} is {kind}; refusing to use it.",
-                             hint=f"Remove {path} (sharedcache recreates its lock files) and start again.") from None
-        raise StorageError.from_os(e, f"opening the lock file {path}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_nlink != 1:
-        os.close(fd)
-        raise EntryError(f"lock file {path} is not a plain file of yours; refusing to use it.",
-                         hint=f"Remove {path} (sharedcache recreates its lock files) and start again.")
-    return fd
 
 
 class CacheDir:

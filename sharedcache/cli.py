@@ -5,14 +5,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import stat
 import sys
 from typing import Any
 
-from .cache import ARENA_FILE, OWNER_FILE, TEMP_FILE, CacheDir, Entry
+from .cache import OWNER_FILE, TEMP_FILE, CacheDir, Entry, EntryState
 from .conf import conf_dir
 from .errors import ConfigError, EntryOwned, ManifestError, SharedCacheError, StorageError
-from .manifest import Manifest, boot_id
+from .manifest import Manifest
+from .ownership import Claim
 from .settle import SETTLED_NAME
 
 
@@ -29,35 +29,6 @@ def _cache_dir(args: argparse.Namespace) -> str:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"the overrides {args.overrides} do not compose: {first}",
                           hint="Check the spelling against `python launch.py --cfg job`, or pass --dir.") from None
-
-
-def entry_state(entry: Entry, manifest: Manifest) -> str:
-    """live: its owner runs; replacing: owner gone, a new owner is loading; orphaned: owner gone,
-    arena still attachable; stale: nothing can attach to it any more."""
-    if entry.owner_alive(manifest):
-        return "live"
-    if manifest.owner.boot_id != boot_id():
-        return "stale"
-    if entry.claimed():
-        return "replacing"
-    from .backends import backend_class
-
-    try:
-        backend = backend_class(manifest.backend)
-    except SharedCacheError:
-        return "stale"
-    if backend.attach_needs_owner:
-        return "stale"
-    file = manifest.handle.get("file")
-    if set(manifest.handle) != {"file"} or not isinstance(file, str) or not ARENA_FILE.fullmatch(file):
-        return "stale"
-    try:  # what a decode's attach would accept: one plain file of ours, as large as the manifest says
-        st = os.lstat(entry.dir / file)
-    except OSError:
-        return "stale"
-    usable = (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_nlink == 1
-              and st.st_size >= manifest.arena.size)
-    return "orphaned" if usable else "stale"
 
 
 def printable(text: object) -> str:
@@ -91,7 +62,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 continue
             m = entry.read()
             rows.append((entry.key, m.fingerprint.model, m.backend, f"{m.arena.size / 2**20:.1f} MiB",
-                         str(m.owner.pid), entry_state(entry, m), _holders(entry, m),
+                         str(m.owner.pid), entry.state(m).label, _holders(entry, m),
                          dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")))
         except (SharedCacheError, OSError) as e:  # one bad entry never hides the others
             state = "corrupt" if isinstance(e, ManifestError) else "refused"
@@ -117,7 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(m.to_json(), indent=2, sort_keys=True))
         return 0
     out: list[tuple[str, Any]] = [
-        ("key", m.key), ("state", entry_state(entry, m)),
+        ("key", m.key), ("state", entry.state(m).label),
         ("owner", f"pid {m.owner.pid} on {m.owner.host}, uid {m.owner.uid}, boot {m.owner.boot_id[:8]}"),
         ("mapped by", _holders(entry, m)),
         ("created", dt.datetime.fromtimestamp(m.created).isoformat(timespec="seconds")),
@@ -177,10 +148,10 @@ def _collect(entry: Entry) -> str | None:
     if why is None:
         return None
     try:
-        claim = entry.claim(retry_s=0)
+        claim = Claim.take(entry, retry_s=0)  # an owner that publishes nothing: closing it only gives the key up
     except EntryOwned:
         return None  # someone became the owner meanwhile (any other refusal is reported)
-    try:
+    with claim:
         unused = entry.lock_unused()
         if unused is None:
             return None  # an instance is attached, or attaching right now
@@ -192,8 +163,6 @@ def _collect(entry: Entry) -> str | None:
                 left = [problem for problem in map(_remove, paths) if problem]
         finally:
             os.close(unused)
-    finally:
-        os.close(claim)
     return f"kept: {'; '.join(left)}" if left else why
 
 
@@ -243,10 +212,11 @@ def _collectable(entry: Entry) -> str | None:
     except ManifestError as e:
         return f"unreadable manifest ({e})"
     if m.owner.running() or entry.mapped_by(m):
-        return None
-    if m.owner.boot_id != boot_id():
+        return None  # a pid that runs again, or a process still mapping the arena: not for gc to judge
+    state = entry.state(m)
+    if state is EntryState.REBOOTED:
         return "published before the last reboot"
-    return f"owner pid {m.owner.pid} is gone ({entry_state(entry, m)})"
+    return f"owner pid {m.owner.pid} is gone ({state.label})"
 
 
 def main(argv: list[str] | None = None) -> int:

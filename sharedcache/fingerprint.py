@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from .layout import LAYOUT_VERSION
 
@@ -74,24 +74,12 @@ def _is_a(value: Any, kind: str) -> bool:
     return type(value) is (str if kind.startswith("str") else int)
 
 
-def config_digest(config: dict[str, Any], **engine_options: Any) -> str:
-    """Digest of a model's effective Hugging Face config (its `to_dict()`) and any engine options that
-    change the bytes; dtype and the writer's version are left out (dtype has its own field)."""
-    data: dict[str, Any] = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version")}
-    if engine_options:
-        data = {"hf_config": data, "engine": engine_options}
+def config_digest(config: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> str:
+    """Digest of a model's effective config as plain data (keys sorted, values JSON or their str()),
+    leaving out the top-level keys in `ignore` (the engine knows which say nothing about the bytes)."""
+    skip = frozenset(ignore)
+    data = {k: v for k, v in config.items() if k not in skip}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def device_id(device) -> str:
-    """Which physical device a torch.device names: the same index can be another GPU in another
-    process (CUDA_VISIBLE_DEVICES), so CUDA devices are named by UUID."""
-    if device.type == "cuda":
-        import torch
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{torch.cuda.get_device_properties(index).uuid}"
-    return device.type
 
 
 def weight_files(model_dir: str | os.PathLike) -> tuple[tuple[str, int, int], ...]:

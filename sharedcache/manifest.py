@@ -10,13 +10,13 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ManifestError
+from .files import write_json_atomic
 from .fingerprint import Fingerprint
 from .layout import ITEMSIZE, TensorSpec, contiguous_stride, layout_digest
 
@@ -108,27 +108,8 @@ def boot_id() -> str:
 # ---------------------------------------------------------------- writing
 
 def write_manifest(path: Path, manifest: Manifest) -> None:
-    """Write atomically: temp file in the same directory, fsync, rename, fsync the directory."""
-    body = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb", closefd=True) as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # the rename is visible already; this only makes it survive a crash of the machine
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """Atomically and durably: a reader sees no manifest or the whole one (OSError, nothing left, if not)."""
+    write_json_atomic(path, manifest.to_json(), indent=1, sort_keys=True, mode=0o600, sync_dir=True)
 
 
 # ---------------------------------------------------------------- reading
@@ -166,7 +147,7 @@ def read_manifest(path: Path) -> Manifest:
     try:
         return parse_manifest(data)
     except ManifestError as e:
-        raise ManifestError(f"manifest {path}: {str(e).split('] ', 1)[-1]}") from e
+        raise ManifestError(f"manifest {path}: {e.message}", hint=e.hint) from e
 
 
 def _no_constant(name: str) -> NoReturn:

@@ -1,51 +1,79 @@
-"""The phases of one instance, registered by name, each stating what must run before it.
+"""The phases of one instance and the steps that do their work, with what each step reads and provides.
 
-A role's order is checked against these needs when the config is read, before
-anything loads. save runs intercept -> align -> serialize (capture, pack, publish);
-load runs intercept -> serialize -> align (skeleton, import, bind).
+A step is a function registered for one (phase, plan) by the `step` decorator (the built-in ones are
+in sharedcache.steps). It declares the fields of the run state it reads, the ones it provides, and
+the ones it uses only when an earlier step provided them. A role's order is checked against these
+declarations when the config is read, before anything loads: every field a step reads must be
+provided by a step before it, and a step that provides what another uses must not come after it.
+save runs intercept -> align -> serialize (capture, pack, publish); load runs intercept ->
+serialize -> align (skeleton, import, bind).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .instance import InstanceState
+    from .steps import RunState
 
-PhaseFn = Callable[["InstanceState"], None]
+StepFn = Callable[["RunState"], "object | None"]
+
+# what the orchestrator puts in the run state before the first step
+GIVEN = frozenset({"role", "mode", "settings", "source", "entry", "fingerprint", "claim", "progress"})
 
 
 @dataclass(frozen=True)
 class Step:
-    run: PhaseFn | str  # a callable, or the name of a built-in step in sharedcache.instance
-    needs: tuple[str, ...] = ()
-    why: str = ""  # what the needed phases provide, for the error message
+    phase: str
+    plan: str  # "save" | "load"
+    run: StepFn
+    reads: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()  # read when present: whoever provides them must run first
 
 
 @dataclass(frozen=True)
 class Phase:
     name: str
-    steps: dict[str, Step]  # plan ("save" | "load") -> step
-    required: bool = True  # every plan must contain it
-    doc: str = ""
+    required: bool  # every plan must contain it
+    doc: str
 
 
 PHASES: dict[str, Phase] = {}
+STEPS: dict[tuple[str, str], Step] = {}
 
 
-def register_phase(phase: Phase) -> Phase:
-    PHASES[phase.name] = phase
-    return phase
+def register_phase(name: str, *, required: bool = True, doc: str = "") -> Phase:
+    PHASES[name] = Phase(name, required, doc)
+    return PHASES[name]
+
+
+def step(phase: str, plan: str, *, reads: tuple[str, ...] = (), provides: tuple[str, ...] = (),
+         uses: tuple[str, ...] = ()) -> Callable[[StepFn], StepFn]:
+    """Register the decorated function as `phase`'s work in a `plan`."""
+    def register(fn: StepFn) -> StepFn:
+        if phase not in PHASES:
+            raise ConfigError(f"step {fn.__name__} is for unknown phase {phase!r}; register the phase first.")
+        STEPS[(phase, plan)] = Step(phase, plan, fn, tuple(reads), tuple(provides), tuple(uses))
+        return fn
+    return register
+
+
+def steps_for(plan: str, order: tuple[str, ...]) -> list[Step]:
+    _load_builtin_steps()
+    return [STEPS[(name, plan)] for name in order]
 
 
 def validate_order(role: str, plan: str, order: tuple[str, ...]) -> None:
     """Reject unknown, repeated, missing or mis-ordered phases, naming the phase and what it lacks."""
+    _load_builtin_steps()
     for name in order:
         if name not in PHASES:
             raise ConfigError(f"role {role!r}: unknown phase {name!r}; known phases: {sorted(PHASES)}.")
-        if plan not in PHASES[name].steps:
+        if (name, plan) not in STEPS:
             raise ConfigError(f"role {role!r}: phase {name!r} has nothing to do in a {plan} plan.")
     dupes = sorted({n for n in order if order.count(n) > 1})
     if dupes:
@@ -53,38 +81,52 @@ def validate_order(role: str, plan: str, order: tuple[str, ...]) -> None:
     missing = [n for n, p in PHASES.items() if p.required and n not in order]
     if missing:
         raise ConfigError(f"role {role!r}: a {plan} plan needs phases {missing}; order given: {list(order)}.")
-    for i, name in enumerate(order):
-        step = PHASES[name].steps[plan]
-        lacking = [n for n in step.needs if n not in order[:i]]
+    provider = {field: s.phase for s in steps_for(plan, order) for field in s.provides}
+    have = set(GIVEN)
+    for i, s in enumerate(steps_for(plan, order)):
+        lacking = [f for f in s.reads if f not in have]
         if lacking:
+            needed = sorted({provider[f] for f in lacking if f in provider})
             raise ConfigError(
-                f"role {role!r} ({plan}): phase {name!r} needs {lacking} before it ({step.why}); "
-                f"order given: {list(order)}.",
-                hint=f"Put {lacking} earlier in role.phases.")
+                f"role {role!r} ({plan}): phase {s.phase!r} needs {needed or 'a phase providing ' + str(lacking)} "
+                f"before it (it reads {lacking}); order given: {list(order)}.",
+                hint=f"Put {needed or lacking} earlier in role.phases.")
+        late = sorted({provider[f] for f in s.uses if f in provider and f not in have})
+        if late:
+            raise ConfigError(
+                f"role {role!r} ({plan}): phase {s.phase!r} needs {late} before it (it uses "
+                f"{[f for f in s.uses if provider.get(f) in late]} when present); order given: {list(order)}.",
+                hint=f"Put {late} before {s.phase!r} in role.phases.")
+        have.update(s.provides)
 
 
-# ---------------------------------------------------------------- built-in phases
-# The work itself lives in instance.py, which owns the state; here only the contract,
-# so that validating a config imports nothing heavy.
-
-def _steps() -> None:
-    register_phase(Phase("intercept", {
-        "save": Step("intercept_save"),
-        "load": Step("intercept_load"),
-    }, doc="save: run the framework's own load and capture the model; load: build the skeleton without weights"))
-    register_phase(Phase("align", {
-        "save": Step("align_save", ("intercept",), "it packs the captured model's tensors"),
-        "load": Step("align_load", ("intercept", "serialize"),
-                     "it binds the skeleton to the arena that serialize imported"),
-    }, doc="save: plan the arena, move the weights in, rebind; load: bind the skeleton to views"))
-    register_phase(Phase("serialize", {
-        "save": Step("serialize_save", ("align",), "it publishes the arena and layout that align built"),
-        "load": Step("serialize_load", (), ""),
-    }, doc="save: export the handle and write the manifest; load: read, validate and import"))
-    register_phase(Phase("verify", {
-        "save": Step("verify_save", ("align",), "it checksums the packed bytes"),
-        "load": Step("verify_load", ("align",), "it checksums the bound bytes"),
-    }, required=False, doc="checksums of every stored tensor; save must run it before serialize to publish them"))
+def phase_table() -> str:
+    """The README's phase table, from the registrations (`python -m sharedcache.phases`)."""
+    _load_builtin_steps()
+    lines = ["| phase | plan | step | reads | provides | required |", "|---|---|---|---|---|---|"]
+    for name, phase in PHASES.items():
+        for plan in ("save", "load"):
+            s = STEPS.get((name, plan))
+            if s is not None:
+                reads = ", ".join(s.reads + tuple(f"{u} (if any)" for u in s.uses)) or "-"
+                lines.append(f"| {name} | {plan} | `{s.run.__name__}` | {reads} | {', '.join(s.provides) or '-'} "
+                             f"| {'yes' if phase.required else 'no'} |")
+    return "\n".join(lines)
 
 
-_steps()
+def _load_builtin_steps() -> None:
+    """The built-in steps register themselves on import (torch with them: a model is about to load)."""
+    importlib.import_module(f"{__package__}.steps")
+
+
+register_phase("intercept", doc="save: run the framework's own load and capture the model; "
+               "load: build the skeleton without weights")
+register_phase("align", doc="save: plan the arena, move the weights in, rebind; load: bind the skeleton to views")
+register_phase("serialize", doc="save: export the handle and write the manifest; load: wait, read, validate, import")
+register_phase("verify", required=False, doc="checksums of every stored tensor; a save plan runs it before "
+               "serialize, which publishes them")
+
+if __name__ == "__main__":  # run as a script this file is __main__; the registrations go to sharedcache.phases
+    from sharedcache.phases import phase_table as registered_table
+
+    print(registered_table())

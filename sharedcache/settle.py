@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .cache import Entry, ensure_private_dir, open_lock
 from .errors import AttachTimeout, ManifestError, StorageError
+from .files import write_json_atomic
 from .manifest import Manifest
 
 SETTLED_NAME = "settled.json"
@@ -42,17 +43,10 @@ def mark_settled(entry: Entry, manifest: Manifest) -> None:
     owner = manifest.owner
     data = {"pid": owner.pid, "start_ticks": owner.start_ticks, "boot_id": owner.boot_id, "at": time.time()}
     path = entry.dir / SETTLED_NAME
-    tmp = path.with_name(f".{SETTLED_NAME}.{os.getpid()}.tmp")
     with entry.write_lock():
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_json_atomic(path, data, mode=0o600)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise StorageError.from_os(e, f"writing {path}") from None
 
 

@@ -54,7 +54,7 @@ def sc_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def models(sc_home) -> dict[str, Path]:
     """The embedded default (~100 MB) and tiny models, generated once, as launch.py does."""
-    from integrations.hf.embedded import EmbeddedSpec, ensure_embedded_model
+    from sharedcache_integrations.hf.embedded import EmbeddedSpec, ensure_embedded_model
     from sharedcache.conf import compose
 
     out = {}
@@ -153,7 +153,7 @@ def launcher(sc_home, models, cache_dir, tmp_path):
 def published(models, tmp_path_factory):
     """The tiny model published by a real save in this process (key 'k'); the owner stays alive."""
     from helpers import from_pretrained
-    from integrations import hf
+    from sharedcache_integrations import hf
 
     src = tmp_path_factory.mktemp("published")
     os.chmod(src, 0o700)

@@ -25,7 +25,7 @@ def from_pretrained(role: str, cache_dir: Path, model_path: Path, *overrides: st
     """`cls.from_pretrained(model_path, **kwargs)` with the integration installed for `role`."""
     from transformers import AutoModelForCausalLM
 
-    from integrations import hf
+    from sharedcache_integrations import hf
 
     r, settings, _ = role_and_settings(role, cache_dir, f"cache.key={overrides_key(overrides)}", *overrides)
     with hf.patched(role=r, cache=settings):
@@ -72,10 +72,10 @@ def entry_copy(published, cache_dir, mutate_manifest=None, mutate_arena=None):
 
 def attach_fails(cache_dir, model_path, exc, *patterns, overrides=(), **kwargs):
     """A decode of key k in `cache_dir` fails with `exc` naming `patterns`, and leaves nothing behind."""
-    from integrations import hf
+    from sharedcache.instance import _BY_MODEL
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    before = len(hf._instances)
+    before = len(_BY_MODEL)
     fds = set(os.listdir("/proc/self/fd"))
     manifest = cache_dir / "k" / "manifest.json"
     snapshot = manifest.read_bytes() if manifest.exists() else None
@@ -85,7 +85,7 @@ def attach_fails(cache_dir, model_path, exc, *patterns, overrides=(), **kwargs):
     del info  # the traceback holds the frames; drop it so the mapping can go
     for p in patterns:
         assert p in msg, msg
-    assert len(hf._instances) == before, "no model may come out of a failed attach"
+    assert len(_BY_MODEL) == before, "no model may come out of a failed attach"
     assert (manifest.read_bytes() if manifest.exists() else None) == snapshot, "a failed attach changes nothing"
     assert mappings_of(cache_dir) == [], "a failed attach must not leave the arena mapped"
     leaked = [os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - fds

@@ -48,7 +48,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from integrations import hf
+    from sharedcache_integrations import hf
     from sharedcache import CacheSettings
     from sharedcache.conf import compose, role_of
 

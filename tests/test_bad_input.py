@@ -10,7 +10,7 @@ import torch
 from helpers import attach_fails as _attach_fails
 from helpers import entry_copy as _entry
 from helpers import from_pretrained, mappings_of
-from integrations import hf
+from sharedcache_integrations import hf
 from sharedcache import ArenaError, AttachTimeout, BindError, FingerprintMismatch, ManifestError
 
 

@@ -50,6 +50,9 @@ def test_cache_key_follows_model():
     ("load", ["intercept", "serialize", "align", "align"], ["appear more than once"]),
     ("load", ["intercept", "serialize", "bind"], ["unknown phase 'bind'"]),
     ("load", ["intercept", "serialize", "align", "verify"], []),  # optional phase, valid
+    ("save", ["intercept", "align", "verify", "serialize"], []),  # checksums published with the manifest
+    # verify after serialize would publish twice, the first time without checksums
+    ("save", ["intercept", "align", "serialize", "verify"], ["phase 'serialize' needs ['verify'] before it"]),
     ("banana", ["intercept"], ["unknown mode 'banana'"]),
     ("auto", ["intercept", "align", "serialize"], ["phases must give both orders"]),
 ])
@@ -62,6 +65,20 @@ def test_phase_orders(mode, phases, words):
         Role.from_mapping(m)
     for w in words:
         assert w in str(info.value)
+
+
+def test_readme_phase_table_is_the_registered_steps():
+    """The README's table of steps is what the registrations declare (regenerate: python -m sharedcache.phases)."""
+    from pathlib import Path
+
+    from sharedcache.phases import STEPS, phase_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("<!-- phase-table -->\n", 1)[1].split("\n<!-- /phase-table -->", 1)[0]
+    assert table == phase_table()
+    assert {(p, plan) for p, plan in STEPS} == {(p, plan) for p in ("intercept", "align", "serialize", "verify")
+                                               for plan in ("save", "load")}
+    assert all(s.run.__module__ == "sharedcache.steps" for s in STEPS.values())  # real callables, registered
 
 
 @pytest.mark.parametrize("override,words", [
@@ -103,7 +120,7 @@ def test_sglang_servers_by_role_from_config(launcher, models):
         assert f" {flags}" in command, (flags, command)
     assert "SGLANG_PLUGINS=sharedcache" in out
     plugin = next(line for line in out.splitlines() if "SHAREDCACHE_SGLANG=" in line).split("=", 1)[1]
-    from integrations.sglang import load_plugin_config
+    from sharedcache_integrations.sglang import load_plugin_config
 
     cfg = load_plugin_config(plugin)  # what the plugin will read inside SGLang's scheduler processes
     assert cfg.role.mode is Mode.LOAD and cfg.role.name == "decode" and cfg.settings.key == models["tiny"].name
@@ -118,7 +135,7 @@ def test_sglang_router_points_at_the_configured_servers(launcher, models):
 
 
 def test_sglang_plugin_config_that_is_not_ours_is_a_config_error():
-    from integrations.sglang import load_plugin_config
+    from sharedcache_integrations.sglang import load_plugin_config
 
     for raw, words in (("{not json", "not the plugin's JSON"), ('{"role": {}}', "expected the keys"),
                        ('{"role": {"name": "x", "mode": "sideways", "phases": []}, "cache": {}, "report_dir": "/t"}',
@@ -135,7 +152,7 @@ def test_sglang_holder_and_hf_router_are_refused_with_what_to_do(launcher, model
 
 
 def test_sglang_versions_outside_the_tested_range_are_named_in_one_line():
-    from integrations.sglang.compat import SUPPORTED, unsupported_reason
+    from sharedcache_integrations.sglang.compat import SUPPORTED, unsupported_reason
 
     lo, hi = SUPPORTED
     for inside in (lo, hi, "0.5.20", f"{hi}.post1"):

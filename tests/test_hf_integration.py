@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedModel
 
 from helpers import from_pretrained, mappings_of
-from integrations import hf
+from sharedcache_integrations import hf
 from sharedcache import UnsupportedModel
 
 

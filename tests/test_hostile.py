@@ -132,20 +132,20 @@ def test_owner_cannot_change_published_weights_in_place(cache_dir, models):
 
 def test_gc_keeps_an_entry_a_decode_is_attaching_to(published, cache_dir, models):
     """The window between reading the manifest and mapping the arena: a real decode, paused right after
-    it read the manifest (its compatibility check waits for a line on stdin). gc keeps the entry; the
+    it read the manifest (its attach waits for a line on stdin). gc keeps the entry; the
     decode then attaches to it."""
     _orphan(published, cache_dir)
     code = f"""
         import sys
-        from sharedcache import instance
-        check = instance._check_compatible
-        def paused(s, manifest):
+        from sharedcache import steps
+        attach = steps._attach_held
+        def paused(s, manifest, deadline):
             print("read", flush=True)
             sys.stdin.readline()
-            return check(s, manifest)
-        instance._check_compatible = paused
+            return attach(s, manifest, deadline)
+        steps._attach_held = paused
         from helpers import from_pretrained
-        from integrations import hf
+        from sharedcache_integrations import hf
         model = from_pretrained("decode", {str(cache_dir)!r}, {str(models["tiny"])!r}, "cache.wait_timeout_s=30")
         print("weights allocated", hf.instance_of(model).report.weight_bytes_allocated, flush=True)
     """

@@ -17,7 +17,7 @@ from torch import nn
 
 from sharedcache import CacheSettings, Fingerprint, FingerprintMismatch, Instance, Role
 from sharedcache.conf import compose, core_role
-from sharedcache.fingerprint import device_id
+from sharedcache.kit import device_id
 
 KEY = "tiny-seq"
 

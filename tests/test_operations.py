@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from helpers import cli, from_pretrained, mappings_of
-from integrations import hf
+from sharedcache_integrations import hf
 from sharedcache import ArenaError
 from sharedcache.backends.fdpass import FdServer, receive_fds
 

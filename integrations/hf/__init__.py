@@ -1,6 +1,6 @@
 """transformers integration: `PreTrainedModel.from_pretrained` goes through the role's cache phases.
 
-    from integrations import hf
+    from sharedcache_integrations import hf
     with hf.patched(role=role, cache=settings):
         model = AutoModelForCausalLM.from_pretrained(path)
     hf.instance_of(model).report
@@ -13,19 +13,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sharedcache import CacheSettings, Role
+from sharedcache.kit import instance_of as _instance_of
 
 _lock = threading.Lock()
-_installed: dict[str, Any] = {}  # "original" -> the unpatched function, "role", "cache"
+_installed: dict[str, Any] = {}  # "original" -> the unpatched function, "role", "cache", "options"
 _depth: contextvars.ContextVar[int] = contextvars.ContextVar("sharedcache_hf_depth", default=0)
-_instances: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
-def install(*, role: Role, cache: CacheSettings) -> None:
-    """Route every outermost `from_pretrained` through `role` with `cache`. Idempotent per process."""
+def install(*, role: Role, cache: CacheSettings, progress: Callable[[Any], None] | None = None) -> None:
+    """Route every outermost `from_pretrained` through `role` with `cache`. Idempotent per process.
+    `progress` receives the slow steps' progress events (default: the core's log lines)."""
     from transformers import PreTrainedModel
 
     with _lock:
@@ -33,6 +33,7 @@ def install(*, role: Role, cache: CacheSettings) -> None:
             _installed["original"] = PreTrainedModel.__dict__["from_pretrained"]
             PreTrainedModel.from_pretrained = classmethod(_from_pretrained)
         _installed["role"], _installed["cache"] = role, cache
+        _installed["options"] = {} if progress is None else {"progress": progress}
 
 
 def uninstall() -> None:
@@ -46,8 +47,8 @@ def uninstall() -> None:
 
 
 @contextlib.contextmanager
-def patched(*, role: Role, cache: CacheSettings) -> Iterator[None]:
-    install(role=role, cache=cache)
+def patched(*, role: Role, cache: CacheSettings, progress: Callable[[Any], None] | None = None) -> Iterator[None]:
+    install(role=role, cache=cache, progress=progress)
     try:
         yield
     finally:
@@ -56,23 +57,22 @@ def patched(*, role: Role, cache: CacheSettings) -> Iterator[None]:
 
 def instance_of(model: Any):
     """The sharedcache Instance that produced `model` (its `.report`, its `.close()`), or None."""
-    return _instances.get(model)
+    return _instance_of(model)
 
 
 def _from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
     original = _installed["original"].__func__
     if _depth.get() > 0:
         return original(cls, pretrained_model_name_or_path, *args, **kwargs)
-    from sharedcache.instance import Instance, module_of
+    from sharedcache import Instance
 
     from .source import HFSource
 
     token = _depth.set(_depth.get() + 1)
     try:
         source = HFSource(cls, original, pretrained_model_name_or_path, args, kwargs)
-        instance = Instance(_installed["role"], _installed["cache"], source)
-        result = instance.run()
+        instance = Instance(_installed["role"], _installed["cache"], source, **_installed["options"])
+        model = instance.run()
     finally:
         _depth.reset(token)
-    _instances[module_of(result)] = instance
-    return result
+    return source.returned(model)

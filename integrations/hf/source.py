@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from sharedcache import ConfigError, Fingerprint, UnsupportedModel
-from sharedcache.fingerprint import config_digest, device_id, weight_files
-from sharedcache.layout import dtype_name
+from sharedcache.kit import checkpoint_fingerprint, resolve_device, weight_files
+
+from .config import hf_config_digest
 
 # from_pretrained options that only matter for fetching files; safe to forward to config loading
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
@@ -35,7 +36,9 @@ class HFSource:
         self._config = None
         self._dir: Path | None = None
         self._identity: tuple[str, tuple] | None = None
-        self.device = _normalize(_single_device(kwargs.get("device_map")))
+        self._loading_info: tuple | None = None  # what from_pretrained returned beside the model, if a tuple
+        device = _single_device(kwargs.get("device_map"))
+        self.device = resolve_device(device) if device is not None else None  # a bare "cuda": its index
 
     # -------------------------------------------------------------- ModelSource
     def check(self) -> None:
@@ -73,17 +76,18 @@ class HFSource:
 
         if self._identity is None:  # taken from the request, before the load mutates the config
             weights = weight_files(self.model_dir())
-            config_sha = config_digest(self.config().to_dict())
+            config_sha = hf_config_digest(self.config().to_dict())
             self._identity = (config_sha, weights)
         config_sha, weights = self._identity
-        return Fingerprint(
-            engine=self.engine, engine_version=transformers.__version__, model=str(self.model_dir()),
+        return checkpoint_fingerprint(
+            engine=self.engine, engine_version=transformers.__version__, path=self.model_dir(),
             revision=self.kwargs.get("revision"), config_sha256=config_sha, weights=weights,
-            dtype=dtype_name(_model_dtype(model) if model is not None else self.requested_dtype()),
-            quantization=self.quantization(), device=device_id(self.device), tp_rank=0, tp_size=1)
+            dtype=_model_dtype(model) if model is not None else self.requested_dtype(),
+            quantization=self.quantization(), device=self.device, tp_rank=0, tp_size=1)
 
     def load(self) -> nn.Module:
-        return self.original(self.cls, self.path, *self.args, **self.kwargs)
+        model, self._loading_info = _split_loading_info(self.original(self.cls, self.path, *self.args, **self.kwargs))
+        return model
 
     def skeleton(self) -> nn.Module:
         extra = {k: self.kwargs[k] for k in ("attn_implementation",) if k in self.kwargs}
@@ -105,6 +109,11 @@ class HFSource:
         return model
 
     # -------------------------------------------------------------- helpers
+    def returned(self, model: nn.Module) -> Any:
+        """What from_pretrained returns to its caller: the model, or (model, loading info) when asked
+        for with output_loading_info (which loads normally: check() does not share it)."""
+        return model if self._loading_info is None else (model, *self._loading_info)
+
     def model_dir(self) -> Path:
         """The local directory holding config and weights (a hub id resolved from the local cache only)."""
         if self._dir is None:
@@ -194,15 +203,18 @@ def _single_device(device_map: Any) -> torch.device | None:
     return None
 
 
+def _split_loading_info(result: Any) -> tuple[nn.Module, tuple | None]:
+    """from_pretrained's result as (model, the rest): the rest is None unless it returned a tuple such as
+    (model, loading_info) for output_loading_info=True."""
+    if isinstance(result, nn.Module):
+        return result, None
+    if isinstance(result, tuple) and result and isinstance(result[0], nn.Module):
+        return result[0], result[1:]
+    raise TypeError(f"the load returned {type(result).__name__}, not a torch module")
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
     return torch.get_default_dtype()
-
-
-def _normalize(device: torch.device | None) -> torch.device | None:
-    """A bare "cuda" means the current device; the fingerprint needs its index."""
-    if device is not None and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device

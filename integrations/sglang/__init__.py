@@ -50,7 +50,7 @@ def load_plugin_config(raw: str) -> PluginConfig:
     except ValueError as e:
         raise ConfigError(f"SHAREDCACHE_SGLANG is not the plugin's JSON: {e}.",
                           hint="Start SGLang through `python launch.py engine=sglang`, or build the value with "
-                               "integrations.sglang.plugin_env().") from e
+                               "sharedcache_integrations.sglang.plugin_env().") from e
     return PluginConfig(Role.from_mapping(data["role"]), CacheSettings.from_mapping(data["cache"]),
                         Path(data["report_dir"]))
 

@@ -17,17 +17,14 @@ from the decode's pool (or fails it: "Loaded weights leave no GPU memory for the
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sharedcache import ConfigError, Mode
-from sharedcache.fingerprint import device_id
-from sharedcache.settle import SizingTurn
+from sharedcache.kit import SizingTurn, device_id, resolve_device, write_json_atomic
 
 from . import PluginConfig, compat
 
@@ -114,9 +111,7 @@ def _size_from_now(runner, at_start: float) -> None:
     if STATE.ranks["tp_size"] * STATE.ranks["pp_size"] == 1:
         # With several ranks a turn per device could deadlock two servers over the same GPUs (each
         # holding one of them); those servers size without turns.
-        import torch
-
-        device = torch.device(runner.device, runner.gpu_id) if runner.device == "cuda" else torch.device(runner.device)
+        device = resolve_device(runner.device, index=runner.gpu_id)
         STATE.turn = SizingTurn(settings.dir, device_id(device))
         turn_wait = STATE.turn.acquire(timeout_s=settings.settle_timeout_s, role=role)
     now = compat.free_memory_gib(runner)
@@ -167,10 +162,7 @@ def _write_report(scheduler) -> None:
             **compat.pool_sizes(scheduler)}
     report_dir = STATE.config.report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
-    path = Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
 
 
 def hooks() -> dict[str, Any]:

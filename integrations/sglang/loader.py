@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from sharedcache import Fingerprint, UnsupportedModel
-from sharedcache.fingerprint import config_digest, device_id, weight_files
-from sharedcache.layout import dtype_name
+from sharedcache.kit import checkpoint_fingerprint, resolve_device, weight_files
 
+from ..hf.config import hf_config_digest
 from . import compat
 from .hooks import RankState
 
@@ -99,7 +99,7 @@ class SGLangSource:
         self.inner, self.load_config = inner, load_config
         self.model_config, self.device_config = model_config, device_config
         self.tp_rank, self.tp_size, self.pp_rank = ranks["tp_rank"], ranks["tp_size"], ranks["pp_rank"]
-        self.device = _device(device_config)
+        self.device = resolve_device(device_config.device, index=getattr(device_config, "gpu_id", None))
         self._identity: tuple[str, tuple] | None = None
 
     def check(self) -> None:
@@ -123,11 +123,11 @@ class SGLangSource:
         if self._identity is None:
             self._identity = (_config_digest(self.model_config), weight_files(self.model_dir()))
         config_sha, weights = self._identity
-        return Fingerprint(
-            engine=self.engine, engine_version=sglang.__version__, model=str(self.model_dir()),
+        return checkpoint_fingerprint(
+            engine=self.engine, engine_version=sglang.__version__, path=self.model_dir(),
             revision=getattr(self.model_config, "revision", None), config_sha256=config_sha, weights=weights,
-            dtype=dtype_name(self.model_config.dtype), quantization=self.model_config.quantization,
-            device=device_id(self.device), tp_rank=self.tp_rank, tp_size=self.tp_size)  # PP rank: in the key
+            dtype=self.model_config.dtype, quantization=self.model_config.quantization,
+            device=self.device, tp_rank=self.tp_rank, tp_size=self.tp_size)  # PP rank: in the key
 
     def load(self) -> nn.Module:
         return self.inner.load_model(model_config=self.model_config, device_config=self.device_config)
@@ -151,18 +151,10 @@ class SGLangSource:
         return Path(self.model_config.model_path).expanduser().resolve()
 
 
-def _device(device_config) -> torch.device:
-    device = torch.device(device_config.device)
-    if device.type == "cuda" and device.index is None:
-        gpu = device_config.gpu_id
-        return torch.device("cuda", gpu if gpu is not None and gpu >= 0 else torch.cuda.current_device())
-    return device
-
-
 def _config_digest(model_config) -> str:
     """The effective model config as SGLang resolved it, with the options that shape its bytes."""
     extra = {k: getattr(model_config, k, None) for k in ("context_len", "is_generation", "model_impl")}
-    return config_digest(model_config.hf_config.to_dict(), **extra, **compat.layout_options())
+    return hf_config_digest(model_config.hf_config.to_dict(), **extra, **compat.layout_options())
 
 
 def _rank_report(ranks: dict[str, int], report, model: nn.Module, preloaded: int) -> dict[str, Any]:

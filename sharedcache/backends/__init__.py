@@ -1,8 +1,9 @@
-"""Backends registered by name; `resolve` picks one for a device. Importing this
-package costs no CUDA initialisation."""
+"""Backends registered by name in one table; `resolve` picks one for a device. Importing this
+package costs no CUDA initialisation (nor torch): a backend's module is imported when it is first used."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import BackendUnavailable, ConfigError
@@ -10,25 +11,43 @@ from ..errors import BackendUnavailable, ConfigError
 if TYPE_CHECKING:
     import torch
 
-_REGISTRY: dict[str, type] = {}
-_MODULES = {"cpu_shm": "cpu_shm", "cuda_vmm": "cuda_vmm", "cuda_ipc": "cuda_ipc"}  # name -> module
+    from .base import Backend
 
 
-def register_backend(cls: type) -> type:
-    _REGISTRY[cls.name] = cls
-    return cls
+@dataclass(frozen=True)
+class BackendSpec:
+    """Where a backend lives and what it holds; its class (imported on first use) knows the rest."""
+
+    name: str
+    module: str  # submodule of sharedcache.backends
+    cls: str  # the Backend subclass in it
+    device_type: str  # "cpu" | "cuda": the tensors it holds
+
+
+# `auto` tries a device type's backends in this order
+_BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
+    BackendSpec("cpu_shm", "cpu_shm", "CpuShmBackend", "cpu"),
+    BackendSpec("cuda_vmm", "cuda_vmm", "CudaVmmBackend", "cuda"),
+    BackendSpec("cuda_ipc", "cuda_ipc", "CudaIpcBackend", "cuda"),
+)}
 
 
 def known_backends() -> list[str]:
-    return sorted(_MODULES)
+    return sorted(_BACKENDS)
 
 
-def backend_class(name: str) -> type:
-    if name not in _MODULES:
+def backend_spec(name: str) -> BackendSpec:
+    if name not in _BACKENDS:
         raise ConfigError(f"unknown cache.backend {name!r}; choose 'auto' or one of {known_backends()}.")
-    if name not in _REGISTRY:
-        importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    return _REGISTRY[name]
+    return _BACKENDS[name]
+
+
+def backend_class(name: str) -> type[Backend]:
+    spec = backend_spec(name)
+    cls = getattr(importlib.import_module(f"{__name__}.{spec.module}"), spec.cls)
+    if cls.name != name:
+        raise ConfigError(f"backend table says {name!r} is {spec.module}.{spec.cls}, which calls itself {cls.name!r}.")
+    return cls
 
 
 def get_backend(name: str, settings=None):
@@ -41,18 +60,21 @@ def get_backend(name: str, settings=None):
 
 
 def resolve(name: str, device: torch.device, settings=None):
-    """`auto`: cpu_shm for CPU models; cuda_vmm for CUDA models where the driver supports it,
-    else cuda_ipc. A named backend must suit the device."""
+    """`auto`: the first available of the device type's backends in table order (cpu_shm for CPU
+    models; cuda_vmm for CUDA models where the driver supports it, else cuda_ipc); the last one
+    is taken or refused with its own reason. A named backend must suit the device."""
     if name == "auto":
-        if device.type == "cpu":
-            return get_backend("cpu_shm", settings)
-        if device.type == "cuda":  # one availability probe: get_backend would repeat it
-            vmm = backend_class("cuda_vmm")
-            return vmm(settings) if vmm.unavailable_reason() is None else get_backend("cuda_ipc", settings)
-        raise BackendUnavailable(f"no memory backend holds tensors on {device} (available: {known_backends()}).",
-                                 hint="Load the model on the CPU or a CUDA device, or set the role's mode to off.")
+        candidates = [s.name for s in _BACKENDS.values() if s.device_type == device.type]
+        if not candidates:
+            raise BackendUnavailable(f"no memory backend holds tensors on {device} (available: {known_backends()}).",
+                                     hint="Load the model on the CPU or a CUDA device, or set the role's mode to off.")
+        for candidate in candidates[:-1]:  # one availability probe each: get_backend would repeat it
+            cls = backend_class(candidate)
+            if cls.unavailable_reason() is None:
+                return cls(settings)
+        return get_backend(candidates[-1], settings)
     backend = get_backend(name, settings)
-    wanted = "cpu" if name == "cpu_shm" else "cuda"
+    wanted = _BACKENDS[name].device_type
     if device.type != wanted:
         raise ConfigError(f"cache.backend={name} holds {wanted} tensors, but the model is on {device}.",
                           hint="Use cache.backend=auto.")
@@ -63,10 +85,8 @@ def prepare(device: torch.device) -> None:
     """Process start-up work for a device's backends (importing the driver bindings, making the
     device's context current), so that the timed phases measure attaching, not importing."""
     if device.type == "cuda":
-        import torch
-
+        from ..devices import device_index
         from . import cuda_driver
 
         if cuda_driver.unavailable_reason() is None:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            cuda_driver.use_device(index)
+            cuda_driver.use_device(device_index(device))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from ..errors import ArenaError
 from ..manifest import Manifest
 
 if TYPE_CHECKING:
@@ -74,7 +75,13 @@ class Backend(abc.ABC):
     attach_needs_owner: ClassVar[bool]  # can a new instance attach only while the owner lives?
 
     def __init__(self, settings: "CacheSettings | None" = None) -> None:
-        self.settings = settings  # None: attach/discard only, never create
+        self.settings = settings  # None: only for backends that need none of them (cpu_shm)
+
+    def require_settings(self, doing: str) -> "CacheSettings":
+        """The settings that `doing` (create, attach) takes its values from; a backend has no defaults of its own."""
+        if self.settings is None:
+            raise ArenaError(f"{self.name}.{doing} needs the cache settings.")
+        return self.settings
 
     @classmethod
     @abc.abstractmethod
@@ -89,3 +96,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena: ...
+
+    @classmethod
+    def orphan_attachable(cls, entry_dir: Path, manifest: Manifest) -> bool:
+        """Could an instance attach to `manifest`'s arena now, its owner gone? (`ls` and `gc` call such an
+        entry orphaned.) Only a backend whose memory outlives its owner without it can say yes."""
+        return False

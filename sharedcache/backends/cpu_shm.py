@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 
 from ..cache import ARENA_FILE
-from ..errors import ArenaError, EntryError, StorageError
+from ..errors import ArenaError, EntryError, HandoverError, IntegrityError, OwnerGone, SharedCacheError, StorageError
 from ..manifest import Manifest
-from . import register_backend
 from .base import Arena, Backend
 
 
-@register_backend
 class CpuShmBackend(Backend):
     name = "cpu_shm"
     survives_owner = True  # the file outlives its creator until unlinked
@@ -69,38 +67,51 @@ class CpuShmBackend(Backend):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ArenaError(f"arena file {path} is gone (the owner removed its entry, or the directory was "
-                             "cleaned).", hint="Start the prefill (owner) again, then attach.") from None
+            raise OwnerGone(f"arena file {path} is gone (the owner removed its entry, or the directory was "
+                            "cleaned).", hint="Start the prefill (owner) again, then attach.") from None
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.EISDIR):
                 raise EntryError(f"arena file {path} is {'a symbolic link' if e.errno == errno.ELOOP else 'a directory'}"
                                  "; refusing to map it.", hint="Remove the entry and start the prefill again.") from None
             raise StorageError.from_os(e, f"opening arena file {path}") from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise EntryError(f"arena file {path} is not a regular file of yours; refusing to map it.",
-                                 hint="Remove the entry and start the prefill again.")
-            if st.st_nlink != 1:  # another name for the same bytes: writes through it would change our weights
-                raise EntryError(f"arena file {path} has {st.st_nlink} hard links; an arena has exactly one "
-                                 "name. Refusing to map it.", hint="Remove the entry and start the prefill again.")
-            if st.st_size < manifest.arena.size:
-                raise ArenaError(f"arena file {path} holds {st.st_size} bytes but the manifest says "
-                                 f"{manifest.arena.size}; it is truncated.",
-                                 hint="Remove the entry and start the prefill again.")
+            _check_arena_file(os.fstat(fd), path, manifest)
             base, mm = _map(fd, manifest.arena.size, path, writable=False)
         finally:
             os.close(fd)
         return Arena(base, dict(manifest.handle), {"type": "cpu", "index": None, "uuid": None}, owned=False,
                      lifetime=mm)
 
+    @classmethod
+    def orphan_attachable(cls, entry_dir: Path, manifest: Manifest) -> bool:
+        try:
+            path = _arena_path(entry_dir, manifest)
+            _check_arena_file(os.lstat(path), path, manifest)
+        except (SharedCacheError, OSError):
+            return False
+        return True
+
+
+def _check_arena_file(st: os.stat_result, path: Path, manifest: Manifest) -> None:
+    """What an attach accepts: one plain file of ours, as large as the manifest says."""
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        raise EntryError(f"arena file {path} is not a regular file of yours; refusing to map it.",
+                         hint="Remove the entry and start the prefill again.")
+    if st.st_nlink != 1:  # another name for the same bytes: writes through it would change our weights
+        raise EntryError(f"arena file {path} has {st.st_nlink} hard links; an arena has exactly one "
+                         "name. Refusing to map it.", hint="Remove the entry and start the prefill again.")
+    if st.st_size < manifest.arena.size:
+        raise IntegrityError(f"arena file {path} holds {st.st_size} bytes but the manifest says "
+                             f"{manifest.arena.size}; it is truncated.",
+                             hint="Remove the entry and start the prefill again.")
+
 
 def _arena_path(entry_dir: Path, manifest: Manifest) -> Path:
     """The arena file named by the manifest; a name that could leave the entry directory is refused."""
     name = manifest.handle.get("file")
     if set(manifest.handle) != {"file"} or not isinstance(name, str) or not ARENA_FILE.fullmatch(name):
-        raise ArenaError(f"manifest handle {manifest.handle!r} does not name an arena file inside the entry.",
-                         hint="Remove the entry and re-publish it.")
+        raise HandoverError(f"manifest handle {manifest.handle!r} does not name an arena file inside the entry.",
+                            hint="Remove the entry and re-publish it.")
     return entry_dir / name
 
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..errors import ArenaError, BackendUnavailable
+from ..errors import ArenaError, BackendUnavailable, DriverError, HandoverError
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 
 def driver():
@@ -22,13 +28,14 @@ def driver():
 
 
 def check(result: Any, what: str) -> Any:
-    """cuda-bindings return (CUresult, *values): raise on error, return the values."""
+    """cuda-bindings return (CUresult, *values): raise DriverError on error (`call`: the driver
+    function, `code`: the CUresult's name), return the values. `what`: the call as the message shows it."""
     drv = driver()
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != drv.CUresult.CUDA_SUCCESS:
         _, name = drv.cuGetErrorName(err)
         name = name.decode() if isinstance(name, bytes) else str(err)
-        raise ArenaError(f"CUDA driver call {what} failed: {name}.")
+        raise DriverError(f"CUDA driver call {what} failed: {name}.", call=what.partition("(")[0], code=name)
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -67,6 +74,37 @@ def device_index_of(uuid: str) -> int | None:
         if device_uuid(i) == uuid:
             return i
     return None
+
+
+def device_record(index: int) -> dict:
+    return {"type": "cuda", "index": index, "uuid": device_uuid(index)}
+
+
+def local_index(manifest: Manifest) -> int:
+    """This process's index of the GPU the entry lives on (found by UUID)."""
+    uuid = manifest.device.get("uuid")
+    if not isinstance(uuid, str) or manifest.fingerprint.device != f"cuda:{uuid}":
+        raise ArenaError(f"entry {manifest.key!r}: its device record {manifest.device!r} does not match its "
+                         f"fingerprint's device {manifest.fingerprint.device!r}.", hint="Re-publish the entry.")
+    index = device_index_of(uuid)
+    if index is None:
+        raise ArenaError(f"entry {manifest.key!r} lives on GPU {uuid!r}, which this process cannot see.",
+                         hint="Attach from a process on the same GPU (check CUDA_VISIBLE_DEVICES).")
+    return index
+
+
+def settle(index: int) -> None:
+    """Owner, before publishing: all copies landed, and the last originals go back to the driver."""
+    torch.cuda.synchronize(index)
+    torch.cuda.empty_cache()
+
+
+def quietly(fn, *args) -> None:
+    """Releases run from finalizers, possibly at interpreter exit: log, never raise."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - a finalizer must not raise; the failure is logged
+        log.warning("CUDA release %s failed: %s", fn.__name__, e)
 
 
 def attribute(index: int, name: str) -> int:
@@ -167,7 +205,7 @@ def ipc_handle(ptr: int) -> bytes:
 def ipc_open(raw: bytes) -> int:
     drv = driver()
     if len(raw) != _IPC_HANDLE_BYTES:
-        raise ArenaError(f"a CUDA IPC handle has {_IPC_HANDLE_BYTES} bytes, the manifest gives {len(raw)}.")
+        raise HandoverError(f"a CUDA IPC handle has {_IPC_HANDLE_BYTES} bytes, the manifest gives {len(raw)}.")
     handle = drv.CUipcMemHandle()
     ctypes.memmove(handle.getPtr(), raw, _IPC_HANDLE_BYTES)
     flag = drv.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArenaError
+from ..errors import HandoverError, IntegrityError
+from ..devices import device_index
 from ..manifest import Manifest
 from . import cuda_driver as cu
-from . import register_backend
 from .base import Arena, Backend
-from .cuda_vmm import _local_index, _quietly, cuda_index, device_record, settle
 
 _HEX = re.compile(r"^[0-9a-f]{128}$")
 _GRANULARITY = 2 << 20
@@ -21,11 +20,10 @@ _GRANULARITY = 2 << 20
 
 def _release_on(index: int, fn, ptr: int) -> None:
     """Finalizers run on whatever thread drops the last view: make the device current first."""
-    _quietly(cu.use_device, index)
-    _quietly(fn, ptr)
+    cu.quietly(cu.use_device, index)
+    cu.quietly(fn, ptr)
 
 
-@register_backend
 class CudaIpcBackend(Backend):
     name = "cuda_ipc"
     survives_owner = False  # the owner's cuMemFree (or death) frees it under the importers
@@ -39,7 +37,7 @@ class CudaIpcBackend(Backend):
         return _GRANULARITY  # no VMM query: this backend is the fallback where VMM is missing
 
     def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
-        index = cuda_index(device)
+        index = device_index(device)
         cu.use_device(index)
         ptr = cu.mem_alloc(size)
         try:
@@ -48,21 +46,21 @@ class CudaIpcBackend(Backend):
             cu.mem_free(ptr)
             raise
         rng = cu.DeviceRange(ptr, size, index, on_release=lambda: _release_on(index, cu.mem_free, ptr))
-        return Arena(rng.as_tensor(), {"ipc": raw.hex()}, device_record(index), owned=True,
-                     _sync=lambda: settle(index))
+        return Arena(rng.as_tensor(), {"ipc": raw.hex()}, cu.device_record(index), owned=True,
+                     _sync=lambda: cu.settle(index))
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         h = manifest.handle
         if set(h) != {"ipc"} or not isinstance(h["ipc"], str) or not _HEX.fullmatch(h["ipc"]):
-            raise ArenaError(f"manifest handle {h!r} is not a 64-byte CUDA IPC handle in hex.",
-                             hint="Remove the entry and re-publish it.")
-        index = _local_index(manifest)
+            raise HandoverError(f"manifest handle {h!r} is not a 64-byte CUDA IPC handle in hex.",
+                                hint="Remove the entry and re-publish it.")
+        index = cu.local_index(manifest)
         cu.use_device(index)
         ptr = cu.ipc_open(bytes.fromhex(h["ipc"]))
         base, size = cu.address_range(ptr)
         if base != ptr or size < manifest.arena.size:
             cu.ipc_close(ptr)
-            raise ArenaError(f"the shared allocation holds {size} bytes but the manifest says {manifest.arena.size}.",
-                             hint="Remove the entry and re-publish it.")
+            raise IntegrityError(f"the shared allocation holds {size} bytes but the manifest says "
+                                 f"{manifest.arena.size}.", hint="Remove the entry and re-publish it.")
         rng = cu.DeviceRange(ptr, manifest.arena.size, index, on_release=lambda: _release_on(index, cu.ipc_close, ptr))
-        return Arena(rng.as_tensor(), dict(h), device_record(index), owned=False, lifetime=rng)
+        return Arena(rng.as_tensor(), dict(h), cu.device_record(index), owned=False, lifetime=rng)

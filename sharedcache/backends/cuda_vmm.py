@@ -8,7 +8,6 @@ mapped only as the packing reaches them, after the originals already moved have 
 given back to the driver, so the save's peak stays near one copy of the model."""
 from __future__ import annotations
 
-import logging
 import os
 import re
 import secrets
@@ -18,32 +17,17 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArenaError
+from ..errors import ArenaError, HandoverError
+from ..devices import device_index
 from ..layout import align_up
 from ..manifest import Manifest
 from . import cuda_driver as cu
-from . import register_backend
 from .base import Arena, Backend
 from .fdpass import FdServer, receive_fds
 
-log = logging.getLogger(__name__)
 _SOCKET = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.sock$")
 _HANDLE_KEYS = {"socket", "chunks", "chunk_bytes"}
 _MAX_CHUNKS = 4096  # each chunk is an fd held by the owner and, briefly, by every attacher
-
-
-def device_record(index: int) -> dict:
-    return {"type": "cuda", "index": index, "uuid": cu.device_uuid(index)}
-
-
-def settle(index: int) -> None:
-    """Owner, before publishing: all copies landed, and the last originals go back to the driver."""
-    torch.cuda.synchronize(index)
-    torch.cuda.empty_cache()
-
-
-def cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @dataclass
@@ -95,23 +79,14 @@ class _OwnerChunks:
 
 def _unmap_chunks(index: int, ptr: int, sizes: list[int], reserved: int) -> None:
     """Unmap each mapped chunk (an unmap must cover whole mappings), then free the reserved range."""
-    _quietly(cu.use_device, index)
+    cu.quietly(cu.use_device, index)
     offset = 0
     for size in sizes:
-        _quietly(cu.mem_unmap, ptr + offset, size)
+        cu.quietly(cu.mem_unmap, ptr + offset, size)
         offset += size
-    _quietly(cu.address_free, ptr, reserved)
+    cu.quietly(cu.address_free, ptr, reserved)
 
 
-def _quietly(fn, *args) -> None:
-    """Releases run from finalizers, possibly at interpreter exit: log, never raise."""
-    try:
-        fn(*args)
-    except Exception as e:  # noqa: BLE001 - a finalizer must not raise; the failure is logged
-        log.warning("CUDA release %s failed: %s", fn.__name__, e)
-
-
-@register_backend
 class CudaVmmBackend(Backend):
     name = "cuda_vmm"
     survives_owner = True
@@ -129,17 +104,16 @@ class CudaVmmBackend(Backend):
         return None
 
     def granularity(self, device: torch.device) -> int:
-        return cu.granularity(cuda_index(device))
+        return cu.granularity(device_index(device))
 
     def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
-        if self.settings is None:
-            raise ArenaError("cuda_vmm.create needs the cache settings.")
-        index = cuda_index(device)
+        settings = self.require_settings("create")
+        index = device_index(device)
         cu.use_device(index)
         gran = cu.granularity(index)
         if size % gran:
             raise ArenaError(f"arena size {size} is not a multiple of the granularity {gran}.")
-        chunk = align_up(self.settings.vmm_chunk_mib << 20, gran)
+        chunk = align_up(settings.vmm_chunk_mib << 20, gran)
         name = f"arena-{os.getpid()}-{secrets.token_hex(6)}.sock"
         handle = {"socket": name, "chunks": 0, "chunk_bytes": chunk}
         ptr = cu.address_reserve(size, gran)
@@ -158,42 +132,31 @@ class CudaVmmBackend(Backend):
             finally:
                 state.close_fds()
 
-        return Arena(base, handle, device_record(index), owned=True, _release=release,
-                     _commit=state.commit, _sync=lambda: settle(index))
+        return Arena(base, handle, cu.device_record(index), owned=True, _release=release,
+                     _commit=state.commit, _sync=lambda: cu.settle(index))
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
+        settings = self.require_settings("attach")
         h = manifest.handle
         if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.fullmatch(h["socket"]):
-            raise ArenaError(f"manifest handle {h!r} does not name an owner socket inside the entry.",
-                             hint="Remove the entry and re-publish it.")
-        index = _local_index(manifest)
+            raise HandoverError(f"manifest handle {h!r} does not name an owner socket inside the entry.",
+                                hint="Remove the entry and re-publish it.")
+        index = cu.local_index(manifest)
         cu.use_device(index)
         t0 = time.perf_counter()
-        header, fds = receive_fds(entry_dir / h["socket"], self.settings.handle_timeout_s if self.settings else 10)
+        header, fds = receive_fds(entry_dir / h["socket"], settings.handle_timeout_s)
         received = time.perf_counter() - t0
         sizes = header.get("sizes")
         if not (isinstance(sizes, list) and all(type(x) is int and x > 0 for x in sizes)
                 and len(sizes) == len(fds) == h["chunks"] and sum(sizes) == manifest.arena.size):
             for fd in fds:
                 os.close(fd)
-            raise ArenaError(f"the owner sent {len(fds)} chunks of {sizes!r} bytes; the manifest describes "
-                             f"{h['chunks']} chunks, {manifest.arena.size} bytes in all.")
+            raise HandoverError(f"the owner sent {len(fds)} chunks of {sizes!r} bytes; the manifest describes "
+                                f"{h['chunks']} chunks, {manifest.arena.size} bytes in all.")
         arena = _import(fds, sizes, manifest, index)
         arena.timings = {"receive_handles": received, "import_and_map": time.perf_counter() - t0 - received,
                          "connect": header.get("connect_s", 0.0), "owner_answer": header.get("answered_in_s", 0.0)}
         return arena
-
-
-def _local_index(manifest: Manifest) -> int:
-    uuid = manifest.device.get("uuid")
-    if not isinstance(uuid, str) or manifest.fingerprint.device != f"cuda:{uuid}":
-        raise ArenaError(f"entry {manifest.key!r}: its device record {manifest.device!r} does not match its "
-                         f"fingerprint's device {manifest.fingerprint.device!r}.", hint="Re-publish the entry.")
-    index = cu.device_index_of(uuid)
-    if index is None:
-        raise ArenaError(f"entry {manifest.key!r} lives on GPU {uuid!r}, which this process cannot see.",
-                         hint="Attach from a process on the same GPU (check CUDA_VISIBLE_DEVICES).")
-    return index
 
 
 def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) -> Arena:
@@ -216,11 +179,11 @@ def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) ->
         if ptr is not None:
             _unmap_chunks(index, ptr, mapped, manifest.arena.size)
         for handle in handles:
-            _quietly(cu.mem_release, handle)
+            cu.quietly(cu.mem_release, handle)
         raise
     for handle in handles:
         cu.mem_release(handle)  # the mapping keeps the memory
 
     rng = cu.DeviceRange(ptr, manifest.arena.size, index,
                          on_release=lambda: _unmap_chunks(index, ptr, sizes, manifest.arena.size))
-    return Arena(rng.as_tensor(), dict(manifest.handle), device_record(index), owned=False, lifetime=rng)
+    return Arena(rng.as_tensor(), dict(manifest.handle), cu.device_record(index), owned=False, lifetime=rng)

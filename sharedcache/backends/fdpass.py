@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ArenaError
+from ..errors import ArenaError, DriverError, HandoverError, OwnerGone
 
 log = logging.getLogger(__name__)
 PROTOCOL = 1
@@ -118,46 +118,57 @@ def receive_fds(path: Path, timeout_s: float) -> tuple[dict[str, Any], list[int]
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise ArenaError(f"no owner answers at {path} ({e.strerror}); its memory can no longer be imported.",
-                             hint="Start the prefill (or a holder) again, then attach.") from e
+            raise OwnerGone(f"no owner answers at {path} ({e.strerror}); its memory can no longer be imported.",
+                            hint="Start the prefill (or a holder) again, then attach.") from e
         except OSError as e:
-            raise ArenaError(f"cannot reach the owner at {path}: {e.strerror or e}.",
-                             hint="Attach as the same user as the owner, with access to cache.dir.") from e
+            raise DriverError(f"cannot reach the owner at {path}: {e.strerror or e}.", call="connect", code=e.errno,
+                              hint="Attach as the same user as the owner, with access to cache.dir.") from e
         connected = time.perf_counter()
         header: dict[str, Any] | None = None
         while header is None or len(fds) < header["fds"]:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ArenaError(f"the owner at {path} did not hand over its handles within {timeout_s:g}s.",
-                                 hint="Check that the owner is not stopped, or raise cache.handle_timeout_s.")
+                raise HandoverError(f"the owner at {path} did not hand over its handles within {timeout_s:g}s.",
+                                    hint="Check that the owner is not stopped, or raise cache.handle_timeout_s.")
             sock.settimeout(remaining)
             msg, got, flags, _addr = socket.recv_fds(sock, _MSG, _BATCH)
             fds.extend(got)
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                raise ArenaError(f"a message from the owner at {path} was truncated.")
+                raise HandoverError(f"a message from the owner at {path} was truncated.")
             if not msg:
-                raise ArenaError(f"the owner at {path} hung up after {len(fds)} handles.")
+                raise OwnerGone(f"the owner at {path} hung up after {len(fds)} handles.")
             meta = json.loads(msg)
             if not isinstance(meta, dict) or meta.get("v") != PROTOCOL:
-                raise ArenaError(f"the owner at {path} speaks another protocol ({str(meta)[:80]}); we speak "
-                                 f"{PROTOCOL}.", hint="Run the same sharedcache version on both sides.")
+                raise HandoverError(f"the owner at {path} speaks another protocol ({str(meta)[:80]}); we speak "
+                                    f"{PROTOCOL}.", hint="Run the same sharedcache version on both sides.")
             if not meta.get("ok"):
-                raise ArenaError(f"the owner at {path} refused us: {meta.get('error')}.")
+                raise HandoverError(f"the owner at {path} refused us: {meta.get('error')}.")
             if header is None:
                 if type(meta.get("fds")) is not int or meta["fds"] < 0:
-                    raise ArenaError(f"the owner at {path} sent a malformed header.")
+                    raise HandoverError(f"the owner at {path} sent a malformed header.")
                 header = meta
             if len(fds) > header["fds"]:
-                raise ArenaError(f"the owner at {path} sent more handles than it announced.")
+                raise HandoverError(f"the owner at {path} sent more handles than it announced.")
         header["connect_s"] = connected - t0
         return header, fds
     except (OSError, ValueError, RecursionError) as e:  # timeouts, bad JSON: the owner's fault, not ours
         for fd in fds:
             os.close(fd)
-        raise ArenaError(f"receiving handles from the owner at {path} failed: {e}.") from e
+        raise _receive_failed(path, e) from e
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
     finally:
         sock.close()
+
+
+def _receive_failed(path: Path, e: BaseException) -> ArenaError:
+    """The error for a failure while receiving: the owner went away, the handover broke down (a timeout,
+    a message that is not our JSON), or the system refused the receive."""
+    message = f"receiving handles from the owner at {path} failed: {e}."
+    if isinstance(e, (ConnectionResetError, BrokenPipeError)):
+        return OwnerGone(message)
+    if isinstance(e, OSError) and not isinstance(e, TimeoutError):
+        return DriverError(message, call="recvmsg", code=e.errno)
+    return HandoverError(message)

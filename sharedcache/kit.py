@@ -1,0 +1,66 @@
+"""The public kit for integrations: what an adapter needs from the core beyond `sharedcache` itself.
+
+An integration imports only `sharedcache` and `sharedcache.kit` (tests/test_boundaries.py holds that
+line). Importing this module is as cheap as importing `sharedcache`: no torch, no CUDA; the functions
+that need torch import it when called.
+
+- devices: `resolve_device`, `device_index`, `device_id` (which physical device, by UUID);
+- fingerprints: `checkpoint_fingerprint` for a model directory, with `config_digest` and `weight_files`;
+- files: `write_json_atomic` (a reader sees the old file or the new one, never part of one);
+- memory sizing: `SizingTurn` (see sharedcache.settle);
+- instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from .devices import device_id, device_index, resolve_device
+from .files import write_json_atomic
+from .fingerprint import Fingerprint, config_digest, weight_files
+from .layout import dtype_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from .settle import SizingTurn
+
+__all__ = [
+    "SizingTurn", "checkpoint_fingerprint", "config_digest", "device_id", "device_index", "dtype_name",
+    "instance_of", "resolve_device", "weight_files", "write_json_atomic",
+]
+
+
+def __getattr__(name: str):
+    if name == "SizingTurn":  # the cache directory's machinery, only when an integration sizes memory
+        from .settle import SizingTurn
+
+        return SizingTurn
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def checkpoint_fingerprint(*, engine: str, engine_version: str, path: str | os.PathLike, config_sha256: str,
+                           dtype: Any, device: "torch.device | str", revision: str | None = None,
+                           quantization: str | None = None, tp_rank: int = 0, tp_size: int = 1,
+                           weights: tuple[tuple[str, int, int], ...] | None = None) -> Fingerprint:
+    """The fingerprint of a model loaded from the checkpoint directory `path`.
+
+    `config_sha256`: the engine's digest of its effective config (`config_digest`); `dtype`: a torch
+    dtype or its name; `device`: where the weights live (named by UUID); `weights`: the directory's
+    `weight_files()` when taken earlier (before a load could touch them), else listed now."""
+    return Fingerprint(
+        engine=engine, engine_version=engine_version, model=str(path), revision=revision,
+        config_sha256=config_sha256, weights=weight_files(path) if weights is None else weights,
+        dtype=dtype_name(dtype), quantization=quantization, device=device_id(device), tp_rank=tp_rank,
+        tp_size=tp_size)
+
+
+# ---------------------------------------------------------------- instances
+
+def instance_of(model: Any) -> Any:
+    """The sharedcache Instance whose run produced `model` (its `.report`, its `.close()`), or None."""
+    from .instance import instance_of as lookup  # a model exists, so torch is loaded already
+
+    return lookup(model)

@@ -1,0 +1,105 @@
+"""An owner's hold on its entry, from the claim to the last teardown step.
+
+The claim is an exclusive flock on `owner.lock` that lives as long as the owner. While holding it
+the owner may publish one manifest; closing the claim undoes everything the owner made, in order:
+the manifest (if it is still ours), the arena's backing, the lock. Each step runs even if the one
+before failed, and a forked child never undoes its parent's publication.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from .cache import Entry
+from .errors import ManifestError, SharedCacheError, StorageError
+from .manifest import Manifest, write_manifest
+from .settle import clear_settled
+
+if TYPE_CHECKING:
+    from .backends.base import Arena
+
+log = logging.getLogger(__name__)
+
+
+class Claim:
+    """Ownership of one entry. Use as a context manager, or call close(); closing twice is harmless."""
+
+    def __init__(self, entry: Entry, fd: int) -> None:
+        self.entry = entry
+        self.arena: Arena | None = None  # the arena this owner made, released on close
+        self.manifest: Manifest | None = None  # what this owner published, until close
+        self._fd: int | None = fd
+        self._pid = os.getpid()
+
+    @classmethod
+    def take(cls, entry: Entry, *, retry_s: float | None = None) -> "Claim":
+        """Become `entry`'s owner (EntryOwned if another live instance is)."""
+        return cls(entry, entry.claim() if retry_s is None else entry.claim(retry_s=retry_s))
+
+    @property
+    def published(self) -> bool:
+        return self.manifest is not None
+
+    def publish(self, manifest: Manifest) -> None:
+        """Write `manifest` (atomically, under the entry's write lock), then remove what dead owners left."""
+        if self._fd is None:
+            raise SharedCacheError(f"publishing entry {self.entry.key!r} after its claim was closed.")
+        with self.entry.write_lock():
+            try:
+                write_manifest(self.entry.manifest_path, manifest)
+            except OSError as e:  # the temp file is gone again; nothing was published
+                raise StorageError.from_os(e, f"writing manifest {self.entry.manifest_path}") from None
+            self.manifest = manifest
+            self._sweep(manifest)
+
+    def unpublish(self) -> None:
+        """Remove our manifest if it still stands; attached instances keep their mappings."""
+        manifest, self.manifest = self.manifest, None
+        if manifest is None or os.getpid() != self._pid:
+            return
+        try:
+            with self.entry.write_lock():
+                try:
+                    current = self.entry.read()
+                except ManifestError:
+                    current = None
+                if current is not None and current.owner.pid == os.getpid() and current.handle == manifest.handle:
+                    self.entry.manifest_path.unlink(missing_ok=True)
+                    clear_settled(self.entry)
+        except (OSError, SharedCacheError) as e:  # e.g. the entry directory was removed or replaced meanwhile
+            log.warning("could not remove the manifest of %s: %s", self.entry.key, e)
+
+    def close(self) -> None:
+        """Unpublish, release the arena, give the key up: each step even if the one before failed."""
+        if os.getpid() != self._pid:  # a forked child running its parent's finalizer: not ours to undo
+            return
+        try:
+            self.unpublish()
+        finally:
+            try:
+                arena, self.arena = self.arena, None
+                if arena is not None:
+                    arena.release()
+            finally:
+                fd, self._fd = self._fd, None
+                if fd is not None:
+                    os.close(fd)
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _sweep(self, ours: Manifest) -> None:
+        """We hold the owner lock, so earlier owners are dead: remove the arena files and sockets they left
+        (also those of an owner that died before publishing). Attached instances keep their mappings."""
+        keep = {v for v in ours.handle.values() if isinstance(v, str)}
+        for path in self.entry.dir.glob("arena-*"):
+            if path.name not in keep:
+                log.info("removing %s, left by a dead owner", path)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as e:  # a directory in its place is not ours to remove; gc reports it
+                    log.warning("left %s in place: %s", path, e.strerror)

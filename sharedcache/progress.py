@@ -1,0 +1,96 @@
+"""Progress of the slow parts of a run (waiting for an owner, packing the arena), as events.
+
+The core never writes to a terminal itself: it calls the instance's progress callback with a
+`Progress` event, at most a few times a second. The launcher renders them as one updating line
+on stderr (`TerminalProgress`); integrations inside an engine route them to logging (`log_progress`,
+the default).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+log = logging.getLogger("sharedcache.progress")
+
+
+@dataclass(frozen=True)
+class Progress:
+    role: str
+    text: str  # what is going on, e.g. "waiting for an owner to publish 'k' in /dev/shm/x (...)"
+    done: float
+    total: float
+    unit: str  # "s" (a wait against its timeout) or "GiB"
+    final: bool = False  # the step is over: `text` says how it ended
+
+    def line(self) -> str:
+        if self.final:
+            return f"[{self.role}] {self.text}"
+        if self.unit == "s":
+            return f"[{self.role}] {self.text} ... {self.done:4.0f}s / {self.total:.0f}s"
+        share = 100 * self.done / self.total if self.total else 100.0
+        return f"[{self.role}] {self.text}: {share:5.1f}% ({self.done:.2f} / {self.total:.2f} {self.unit})"
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+class LogProgress:
+    """Log lines for logs that are read later (files, journald, an engine's log): the first event of a step,
+    then one every `every` seconds, and the step's end."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every, self.last = every, {}  # role -> when its last line was logged
+
+    def __call__(self, event: Progress) -> None:
+        now = time.monotonic()
+        last = self.last.pop(event.role, None) if event.final else self.last.get(event.role)
+        if event.final or last is None or now - last >= self.every:
+            if not event.final:
+                self.last[event.role] = now
+            log.info("%s", event.line())
+
+
+log_progress = LogProgress()  # the default
+
+
+class TerminalProgress:
+    """One updating line on a terminal; the line is always ended when its step ends."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream, self.open = stream, False
+
+    def __call__(self, event: Progress) -> None:
+        if event.final:
+            if self.open:
+                self.stream.write(f"\r{event.line()}{' ' * 20}\n")
+        else:
+            self.stream.write(f"\r{event.line()}")
+        self.open = not event.final
+        self.stream.flush()
+
+
+class Throttle:
+    """Emits a step's events only once it has run `after` seconds, then every `every` seconds; `end`
+    emits the final event only if anything was shown."""
+
+    def __init__(self, emit: ProgressFn, role: str, *, after: float, every: float) -> None:
+        self.emit, self.role, self.after, self.every = emit, role, after, every
+        self.start = time.monotonic()
+        self.last: float | None = None
+
+    def update(self, text: str, done: float, total: float, unit: str) -> None:
+        now = time.monotonic()
+        if now - self.start >= self.after and (self.last is None or now - self.last >= self.every):
+            self.last = now
+            self.emit(Progress(self.role, text, done, total, unit))
+
+    def end(self, text: str) -> None:
+        if self.last is not None:
+            self.emit(Progress(self.role, text, 0, 0, "", final=True))
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start

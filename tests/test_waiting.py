@@ -1,0 +1,75 @@
+"""Waiting for an owner returns what happened (published, claimed, timed out) and reports its progress as
+events; whatever the wait took is given back if the caller's progress callback fails."""
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from sharedcache.cache import CacheDir
+from sharedcache.ownership import Claim
+from sharedcache.progress import LogProgress, Progress, TerminalProgress
+from sharedcache.waiting import Outcome, wait_for_owner
+
+
+@pytest.fixture
+def entry(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    return CacheDir(root).entry("k")
+
+
+def wait(entry, progress, *, timeout_s=0.3, reclaim=False):
+    return wait_for_owner(entry, deadline=time.monotonic() + timeout_s, timeout_s=timeout_s, role="decode",
+                          reclaim=reclaim, progress=progress)
+
+
+def test_a_wait_nobody_answers_times_out_naming_the_state_and_ends_its_progress(entry):
+    events: list[Progress] = []
+    result = wait(entry, events.append)
+    assert result.outcome is Outcome.TIMED_OUT and result.why == "no owner has published it yet"
+    assert result.hold is None and result.claim is None
+    assert events[0].unit == "s" and "waiting for an owner to publish 'k'" in events[0].text
+    assert events[-1].final and "gave up waiting" in events[-1].text  # a terminal's line is always ended
+
+
+def test_an_auto_wait_on_a_free_key_claims_it(entry):
+    result = wait(entry, lambda e: None, reclaim=True)
+    assert result.outcome is Outcome.CLAIMED and entry.claimed()
+    result.claim.close()
+    assert not entry.claimed()
+
+
+def test_a_failing_progress_callback_gives_the_claim_back(entry):
+    saver = Claim.take(entry)  # a saver still loading: the auto instance waits for it
+
+    def progress(event):
+        if not event.final:
+            saver.close()  # the saver gives up while we wait: the next look claims the key
+        else:
+            raise KeyboardInterrupt  # Ctrl-C while the line is being ended
+
+    with pytest.raises(KeyboardInterrupt):
+        wait(entry, progress, timeout_s=5, reclaim=True)
+    assert not entry.claimed()  # else every other instance of the key would wait for a claim nobody holds
+
+
+def test_terminal_progress_is_one_line_updated_in_place_and_ended():
+    out = io.StringIO()
+    show = TerminalProgress(out)
+    show(Progress("decode", "waiting", 1, 10, "s"))
+    show(Progress("decode", "waiting", 2, 10, "s"))
+    show(Progress("decode", "attached", 0, 0, "", final=True))
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 3
+
+
+def test_log_progress_logs_the_first_event_then_every_interval_and_the_end(caplog):
+    caplog.set_level("INFO", logger="sharedcache.progress")
+    show = LogProgress(every=3600)
+    for i in range(5):
+        show(Progress("decode", "waiting", i, 10, "s"))
+    show(Progress("decode", "published after 5s", 0, 0, "", final=True))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "0s / 10s" in lines[0] and lines[1] == "[decode] published after 5s"
