@@ -23,7 +23,7 @@ from .progress import ProgressFn, log_progress
 from .report import Report, weight_bytes_outside
 from .roles import Mode, Role
 from .settings import CacheSettings
-from .steps import Fallback, RunState, Takeover
+from .run import Fallback, RunState, Takeover
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .steps import RunState
+    from .run import RunState
 
 StepFn = Callable[["RunState"], "object | None"]
 

@@ -1,8 +1,6 @@
-"""The built-in steps of the phases (sharedcache.phases), each declaring what it reads and provides.
-
-A step returns None when done, or a `Fallback` (give up sharing and load normally, for the reason
-given) or a `Takeover` (an auto instance found the key free again and owns it now: run the save plan)
-for the orchestrator (sharedcache.instance) to act on.
+"""The built-in steps of the phases (sharedcache.phases), each declaring what it reads and provides
+of the run's state (sharedcache.run). A step returns None when done, or a Fallback or Takeover for
+the orchestrator (sharedcache.instance) to act on.
 """
 from __future__ import annotations
 
@@ -12,70 +10,26 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import backends
-from .errors import (ArenaError, AttachTimeout, ConfigError, FingerprintMismatch, IntegrityError, ManifestError, OwnerGone,
-                     UnsupportedModel)
-from .layout import ArenaLayout, TensorSlot, plan
+from .errors import (ArenaError, AttachTimeout, ConfigError, FingerprintMismatch, IntegrityError, ManifestError,
+                     OwnerGone, UnsupportedModel)
+from .layout import TensorSlot, plan
 from .manifest import ArenaInfo, Manifest, Owner
 from .phases import step
-from .progress import ProgressFn, Throttle
+from .progress import Throttle
 from .roles import Mode
+from .run import Fallback, RunState, Takeover
 from .waiting import Outcome, wait_for_owner
 
 if TYPE_CHECKING:  # torch comes with the first step, so that validating a role's order stays light
     import torch
-    from torch import nn
 
-    from .backends.base import Arena, Backend
     from .binding import TensorRef
     from .cache import Entry
-    from .fingerprint import Fingerprint
-    from .ownership import Claim
-    from .roles import Role
-    from .settings import CacheSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Fallback:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Takeover:
-    claim: Claim
-
-
-@dataclass
-class RunState:
-    """What the steps of one run share. The first eight fields are given (phases.GIVEN); the steps
-    provide the rest, as each declares."""
-
-    role: Role
-    mode: Mode
-    settings: CacheSettings
-    source: Any  # a ModelSource (sharedcache.instance)
-    entry: Entry | None
-    fingerprint: Fingerprint | None
-    claim: Claim | None = None  # save: this owner's hold on the entry
-    progress: ProgressFn | None = None
-    backend: Backend | None = None
-    model: nn.Module | None = None
-    refs: list[TensorRef] = field(default_factory=list)
-    slots: list[TensorSlot] = field(default_factory=list)
-    expected: dict[str, TensorSlot] = field(default_factory=dict)
-    layout: ArenaLayout | None = None
-    arena: Arena | None = None
-    manifest: Manifest | None = None
-    checksums: dict[str, str] | None = None
-    owner_alive: bool | None = None
-    timings: list[dict[str, Any]] = field(default_factory=list)
-    load_seconds: float | None = None
-    wait_seconds: float = 0.0  # time spent waiting for an owner (not attach work)
 
 
 # ---------------------------------------------------------------- save

@@ -8,12 +8,15 @@ import threading
 import pytest
 import torch
 
-from sharedcache import ArenaError, ConfigError, Fingerprint, ManifestError
+from sharedcache import ArenaError, CacheSettings, ConfigError, Fingerprint, ManifestError
 from sharedcache.backends import get_backend, resolve
 from sharedcache.binding import view_of
 from sharedcache.cache import CacheDir
+from sharedcache.conf import compose
 from sharedcache.layout import TensorSlot, plan
 from sharedcache.manifest import ArenaInfo, Manifest, Owner, read_manifest, write_manifest
+
+SETTINGS = CacheSettings.from_mapping(compose([])["cache"])  # the packaged defaults: backends take no others
 
 SLOTS = [
     TensorSlot("a.weight", "param", True, torch.float32, (3, 5)),
@@ -40,7 +43,7 @@ def test_plan_aligns_rounds_and_is_deterministic():
 def _publish(cache_dir, backend="cpu_shm"):
     entry = CacheDir(cache_dir).entry("k").ensure()
     lay = plan(SLOTS, alignment=256, granularity=4096)
-    arena = get_backend(backend).create(entry.dir, lay.size, torch.device("cpu"))
+    arena = get_backend(backend, SETTINGS).create(entry.dir, lay.size, torch.device("cpu"))
     values = {}
     for spec in lay.tensors:
         if spec.alias_of is None:
@@ -67,7 +70,7 @@ def test_manifest_round_trip_and_private_files(cache_dir):
 def test_attach_sees_the_owners_bytes_and_writes(cache_dir):
     entry, owner, values = _publish(cache_dir)
     m = entry.read()
-    mapped = get_backend("cpu_shm").attach(entry.dir, m)
+    mapped = get_backend("cpu_shm", SETTINGS).attach(entry.dir, m)
     assert not mapped.owned and mapped.region() != owner.region()
     for spec in m.tensors:
         assert torch.equal(view_of(mapped.base, spec), values[spec.alias_of or spec.name])
@@ -124,7 +127,7 @@ def test_arena_handle_cannot_leave_the_entry(cache_dir):
     m = entry.read()
     bad = Manifest(**{**m.__dict__, "handle": {"file": "../../etc/passwd"}})
     with pytest.raises(ArenaError, match="does not name an arena file inside the entry"):
-        get_backend("cpu_shm").attach(entry.dir, bad)
+        get_backend("cpu_shm", SETTINGS).attach(entry.dir, bad)
 
 
 def test_attach_never_creates_or_grows_the_arena_file(cache_dir):
@@ -133,16 +136,16 @@ def test_attach_never_creates_or_grows_the_arena_file(cache_dir):
     path = entry.dir / m.handle["file"]
     os.truncate(path, 100)
     with pytest.raises(ArenaError, match="truncated"):
-        get_backend("cpu_shm").attach(entry.dir, m)
+        get_backend("cpu_shm", SETTINGS).attach(entry.dir, m)
     assert path.stat().st_size == 100
     path.unlink()
     with pytest.raises(ArenaError, match="is gone"):
-        get_backend("cpu_shm").attach(entry.dir, m)
+        get_backend("cpu_shm", SETTINGS).attach(entry.dir, m)
     assert not path.exists()
 
 
 def test_cuda_backends_are_not_offered_for_cpu_and_auto_picks_cpu_shm():
-    assert resolve("auto", torch.device("cpu")).name == "cpu_shm"
+    assert resolve("auto", torch.device("cpu"), SETTINGS).name == "cpu_shm"
 
 
 def test_cuda_backends_say_why_they_are_unavailable_without_a_gpu():
@@ -154,7 +157,7 @@ def test_cuda_backends_say_why_they_are_unavailable_without_a_gpu():
         pytest.skip("this machine has a GPU; the CUDA backends are available here")
     for name in ("cuda_vmm", "cuda_ipc"):
         with pytest.raises(BackendUnavailable) as info:
-            get_backend(name)
+            get_backend(name, SETTINGS)
         assert name in str(info.value) and ("cuda-bindings" in str(info.value) or "no CUDA device" in str(info.value))
     assert "cuda.bindings" not in sys.modules or torch.cuda.is_available()
 

@@ -11,6 +11,7 @@ from ..errors import BackendUnavailable, ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from ..settings import CacheSettings
     from .base import Backend
 
 
@@ -50,7 +51,7 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-def get_backend(name: str, settings=None):
+def get_backend(name: str, settings: CacheSettings) -> Backend:
     cls = backend_class(name)
     reason = cls.unavailable_reason()
     if reason:
@@ -59,7 +60,7 @@ def get_backend(name: str, settings=None):
     return cls(settings)
 
 
-def resolve(name: str, device: torch.device, settings=None):
+def resolve(name: str, device: torch.device, settings: CacheSettings) -> Backend:
     """`auto`: the first available of the device type's backends in table order (cpu_shm for CPU
     models; cuda_vmm for CUDA models where the driver supports it, else cuda_ipc); the last one
     is taken or refused with its own reason. A named backend must suit the device."""

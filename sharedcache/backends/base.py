@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from ..errors import ArenaError
 from ..manifest import Manifest
 
 if TYPE_CHECKING:
@@ -74,14 +73,8 @@ class Backend(abc.ABC):
     survives_owner: ClassVar[bool]  # do attached instances keep working after the owner dies?
     attach_needs_owner: ClassVar[bool]  # can a new instance attach only while the owner lives?
 
-    def __init__(self, settings: "CacheSettings | None" = None) -> None:
-        self.settings = settings  # None: only for backends that need none of them (cpu_shm)
-
-    def require_settings(self, doing: str) -> "CacheSettings":
-        """The settings that `doing` (create, attach) takes its values from; a backend has no defaults of its own."""
-        if self.settings is None:
-            raise ArenaError(f"{self.name}.{doing} needs the cache settings.")
-        return self.settings
+    def __init__(self, settings: "CacheSettings") -> None:
+        self.settings = settings  # the composed cache group: a backend has no defaults of its own
 
     @classmethod
     @abc.abstractmethod

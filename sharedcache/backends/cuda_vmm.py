@@ -107,7 +107,7 @@ class CudaVmmBackend(Backend):
         return cu.granularity(device_index(device))
 
     def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
-        settings = self.require_settings("create")
+        settings = self.settings
         index = device_index(device)
         cu.use_device(index)
         gran = cu.granularity(index)
@@ -136,7 +136,7 @@ class CudaVmmBackend(Backend):
                      _commit=state.commit, _sync=lambda: cu.settle(index))
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
-        settings = self.require_settings("attach")
+        settings = self.settings
         h = manifest.handle
         if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.fullmatch(h["socket"]):
             raise HandoverError(f"manifest handle {h!r} does not name an owner socket inside the entry.",
