@@ -22,7 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sharedcache import CacheSettings, Role, SharedCacheError, backends
+from sharedcache import CacheSettings, ExitCode, Role, SharedCacheError, backends
 from sharedcache.conf import core_role, register_resolvers, role_of
 from sharedcache.kit import write_json_atomic
 from sharedcache.manifest import process_start_ticks
@@ -129,13 +129,16 @@ def _generate(cfg: dict[str, Any], model, tokenizer) -> dict[str, Any]:
 def _hold(instance, settings: CacheSettings) -> None:
     """Own the weights until SIGINT/SIGTERM, then unpublish; attached instances keep working."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"published cache key {settings.key!r} in {settings.dir}. Attach with:\n"
           f"  python launch.py role=decode cache.dir={settings.dir} cache.key={settings.key}\n"
           f"holding the weights (pid {os.getpid()}); stop with Ctrl-C or SIGTERM.", flush=True)
-    while not stop.wait(0.2):
-        pass
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:  # a multirun's next job gets the handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     instance.close()
     print(f"removed entry {settings.key!r}; attached instances keep their mapping.", flush=True)
 
@@ -182,6 +185,15 @@ def _write_report(path: Path, data: dict[str, Any]) -> None:
     write_json_atomic(path, data, indent=2, sort_keys=True)
 
 
+def _write_failure(path: Path, e: SharedCacheError) -> None:
+    """A failed run's report says why, for whoever reads run directories (scripts, dashboards)."""
+    try:
+        _write_report(path, {"ok": False, "error": type(e).__name__, "message": e.message, "hint": e.hint,
+                             "exit_code": e.exit_code, "pid": os.getpid()})
+    except OSError as err:
+        log.warning("could not write %s: %s", path, err)
+
+
 def _exit_on_sigterm(signum, _frame) -> None:
     """SIGTERM before the prefill starts holding: exit through Python, so the owner's
     finalizers unpublish whatever it already made."""
@@ -209,7 +221,12 @@ def main(dcfg: DictConfig) -> None:
             raise SystemExit(f"[launch] unknown engine {cfg['engine']['name']!r} (hf, sglang).")
     except SharedCacheError as e:
         log.error("%s", e)  # Hydra's logging shows it on the console and keeps it in the run dir's log
-        sys.exit(2)
+        _write_failure(out / cfg["report_file"], e)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C while loading or waiting: one line, not a traceback
+        log.error("[launch] interrupted; nothing this run published stays behind (attached instances keep "
+                  "their mapping)")
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

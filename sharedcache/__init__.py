@@ -3,16 +3,19 @@
 Importing this package is cheap: no CUDA initialisation, no framework imports.
 """
 from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, DriverError, EntryError,
-                     EntryOwned, FingerprintMismatch, HandoverError, IntegrityError, ManifestError, OwnerGone,
-                     SharedCacheError, StorageError, UnsupportedModel)
+                     EntryOwned, ExitCode, FingerprintMismatch, HandoverError, IntegrityError, ManifestError, NoManifest,
+                     OwnerGone, SharedCacheError, StorageError, UnsupportedModel)
 from .fingerprint import Fingerprint
 from .roles import Mode, Role
 from .settings import CacheSettings
 
+__version__ = "0.1.0"  # the one place it is written; pyproject.toml reads it
+
 __all__ = [
-    "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError", "DriverError",
-    "EntryError", "EntryOwned", "Fingerprint", "FingerprintMismatch", "HandoverError", "Instance", "IntegrityError",
-    "ManifestError", "Mode", "OwnerGone", "Role", "SharedCacheError", "StorageError", "UnsupportedModel",
+    "__version__", "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError",
+    "DriverError", "EntryError", "EntryOwned", "ExitCode", "Fingerprint", "FingerprintMismatch", "HandoverError",
+    "Instance", "IntegrityError", "ManifestError", "Mode", "NoManifest", "OwnerGone", "Role", "SharedCacheError",
+    "StorageError", "UnsupportedModel",
 ]
 
 

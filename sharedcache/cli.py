@@ -5,13 +5,14 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
 from .cache import OWNER_FILE, TEMP_FILE, CacheDir, Entry, EntryState
 from .conf import conf_dir
-from .errors import ConfigError, EntryOwned, ManifestError, SharedCacheError, StorageError
-from .manifest import Manifest
+from . import __version__
+from .errors import ConfigError, EntryOwned, ExitCode, ManifestError, SharedCacheError, StorageError
 from .ownership import Claim
 from .settle import SETTLED_NAME
 
@@ -37,48 +38,68 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-def _holders(entry: Entry, m: Manifest) -> str:
-    pids = entry.mapped_by(m)
-    return "n/a" if pids is None else (",".join(map(str, pids)) or "-")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """`launch.py role=holder` with the given overrides: the process becomes the holder."""
     launch = conf_dir().parent / "launch.py"
     if not launch.is_file():
         print(f"error: {launch} not found; `sharedcache serve` needs a source checkout (pip install -e .).",
               file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     extra = [f"cache.dir={args.dir}"] if args.dir else []
     os.execv(sys.executable, [sys.executable, str(launch), "role=holder", *extra, *args.overrides])
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     root = _cache_dir(args)
-    rows, problems = [], []
-    for entry in CacheDir(root).entries():
-        try:
-            if not entry.published():
-                continue
-            m = entry.read()
-            rows.append((entry.key, m.fingerprint.model, m.backend, f"{m.arena.size / 2**20:.1f} MiB",
-                         str(m.owner.pid), entry.state(m).label, _holders(entry, m),
-                         dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")))
-        except (SharedCacheError, OSError) as e:  # one bad entry never hides the others
-            state = "corrupt" if isinstance(e, ManifestError) else "refused"
-            rows.append((entry.key, "?", "?", "?", "?", state, "?", "?"))
-            problems.append(f"{entry.key}: {e}")
-    if not rows:
+    records = [r for r in map(_listing, CacheDir(root).entries()) if r is not None]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
         print(f"no entries in {printable(root)}")
         return 0
-    rows = [tuple(printable(c) for c in r) for r in rows]
     header = ("KEY", "MODEL", "BACKEND", "SIZE", "OWNER", "STATE", "MAPPED BY", "CREATED")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    for r in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    for line in problems:
-        print(printable(line))
+    rows = [tuple(printable(c) for c in (
+        r["key"], r["model"] or "?", r["backend"] or "?",
+        f"{r['size_bytes'] / 2**20:.1f}MiB" if r["size_bytes"] is not None else "?",
+        r["owner_pid"] or "?", r["state"], _pids(r["mapped_by"]), r["created"] or "?")) for r in records]
+    for r in _fit([header] + rows, shutil.get_terminal_size((10**4, 24)).columns if sys.stdout.isatty() else 10**4):
+        print("  ".join(r).rstrip())
+    for r in records:
+        if r["error"]:
+            print(printable(f"{r['key']}: {r['error']}"))
     return 0
+
+
+def _listing(entry: Entry) -> dict[str, Any] | None:
+    """One published entry as `ls` shows it (None: nothing published there); one bad entry never hides the others."""
+    record: dict[str, Any] = {"key": entry.key, "model": None, "backend": None, "size_bytes": None, "owner_pid": None,
+                              "state": "?", "mapped_by": None, "created": None, "error": None}
+    try:
+        if not entry.published():
+            return None
+        m = entry.read()
+        record.update(model=m.fingerprint.model, backend=m.backend, size_bytes=m.arena.size, owner_pid=m.owner.pid,
+                      state=entry.state(m).label, mapped_by=entry.mapped_by(m),
+                      created=dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S"))
+    except (SharedCacheError, OSError) as e:
+        record.update(state="corrupt" if isinstance(e, ManifestError) else "refused", error=str(e))
+    return record
+
+
+def _pids(pids: list[int] | None) -> str:
+    return "n/a" if pids is None else (",".join(map(str, pids)) or "-")
+
+
+def _fit(rows: list[tuple[str, ...]], columns: int) -> list[list[str]]:
+    """Pad the columns; on a terminal narrower than the table, shorten the MODEL column from the left
+    (a model path's end is what tells two apart)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    excess = sum(widths) + 2 * (len(widths) - 1) - columns
+    if excess > 0:
+        widths[1] = max(len(rows[0][1]), widths[1] - excess)
+    clip = lambda c, w: c if len(c) <= w else "..." + c[len(c) - w + 3:]  # noqa: E731
+    return [[clip(c, w).ljust(w) for c, w in zip(r, widths)] for r in rows]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -90,7 +111,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out: list[tuple[str, Any]] = [
         ("key", m.key), ("state", entry.state(m).label),
         ("owner", f"pid {m.owner.pid} on {m.owner.host}, uid {m.owner.uid}, boot {m.owner.boot_id[:8]}"),
-        ("mapped by", _holders(entry, m)),
+        ("mapped by", _pids(entry.mapped_by(m))),
         ("created", dt.datetime.fromtimestamp(m.created).isoformat(timespec="seconds")),
         ("backend", f"{m.backend}  handle {m.handle}"), ("device", m.device),
         ("arena", f"{m.arena.size} bytes (granularity {m.arena.granularity}, alignment {m.arena.alignment}), "
@@ -123,23 +144,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
     what sharedcache made (reported). The slow checks run first; the locks are then taken without waiting
     and the entry removed only if it did not change meanwhile."""
     removed = kept = 0
+    verb = "would remove" if args.dry_run else "removed"
     for entry in CacheDir(_cache_dir(args)).entries():
+        listed = _listing(entry) is not None  # counted as `ls` counts: entries with something published
         try:
-            outcome = _collect(entry)
+            outcome = _collect(entry, dry_run=args.dry_run)
         except (SharedCacheError, OSError) as e:  # reported, and the other entries still collected
             outcome = f"kept: {e}"
         if outcome is None or outcome.startswith("kept"):
-            kept += 1
+            kept += listed
             if outcome:
                 print(printable(f"{entry.key} {outcome}"))
         else:
             removed += 1
-            print(printable(f"removed {entry.key}: {outcome}"))
-    print(f"gc: {removed} removed, {kept} kept")
+            print(printable(f"{verb} {entry.key}: {outcome}"))
+    print(f"gc: {removed} {verb}, {kept} kept" + (" (dry run: nothing was removed)" if args.dry_run else ""))
     return 0
 
 
-def _collect(entry: Entry) -> str | None:
+def _collect(entry: Entry, *, dry_run: bool) -> str | None:
     """Remove `entry` if nothing can use it: why it went, None if it is in use, or 'kept: why'."""
     if not entry.check():  # gone meanwhile; or not what sharedcache made (raises, reported)
         return None
@@ -158,6 +181,8 @@ def _collect(entry: Entry) -> str | None:
         try:
             if _snapshot(entry) != before:
                 return None
+            if dry_run:  # it would go: nothing owns, maps or attaches to it, and it did not change meanwhile
+                return why
             with entry.write_lock():
                 paths = [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry)]
                 left = [problem for problem in map(_remove, paths) if problem]
@@ -220,12 +245,21 @@ def _collectable(entry: Entry) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sharedcache", description="Inspect the shared weight cache.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(
+        prog="sharedcache", description="Inspect and tidy the shared weight cache.",
+        epilog="exit codes: 0 ok; 1 unexpected failure; 2 configuration (fix the command or config); 3 retry later "
+               "(no owner yet, key owned); 4 integrity (remove the entry, publish again); 5 the system refused "
+               "(disk, permissions, driver); 130 interrupted.")
+    p.add_argument("--version", action="version", version=f"sharedcache {__version__}")
+    sub = p.add_subparsers(dest="cmd")
     for name, help_ in (("ls", "list cache entries"), ("inspect", "print one entry's manifest"),
                         ("gc", "remove entries nothing can use"),
                         ("serve", "hold a model's weights for others to attach (launch.py role=holder)")):
         sp = sub.add_parser(name, help=help_)
+        if name == "ls":
+            sp.add_argument("--json", action="store_true", help="one JSON record per entry")
+        if name == "gc":
+            sp.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
         if name == "inspect":
             sp.add_argument("key")
             sp.add_argument("--tensors", type=int, default=20, help="how many tensors to list (-1: all)")
@@ -233,11 +267,17 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--dir", help="cache directory (default: cache.dir of the composed conf/)")
         sp.add_argument("overrides", nargs="*", default=[], help="Hydra overrides, e.g. cache=... model=tiny")
     args = p.parse_args(argv)
+    if args.cmd is None:  # bare `sharedcache`: what it can do, not argparse's one-line complaint
+        p.print_help()
+        return ExitCode.CONFIG
     try:
         return {"ls": cmd_ls, "inspect": cmd_inspect, "gc": cmd_gc, "serve": cmd_serve}[args.cmd](args)
     except SharedCacheError as e:
         print(f"error: {printable(e)}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:  # `sharedcache ls | head`: the reader is done
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

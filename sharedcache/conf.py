@@ -18,11 +18,18 @@ def entry_key(path: str | None, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw).lstrip(".-_")[:128] or "model"
 
 
+def user_name() -> str:
+    """Whose cache directory this is: $USER, or the uid where it is unset (containers, systemd units)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", os.environ.get("USER", "")) or str(os.getuid())
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("sc.key"):
         OmegaConf.register_new_resolver("sc.key", entry_key)
+    if not OmegaConf.has_resolver("sc.user"):
+        OmegaConf.register_new_resolver("sc.user", user_name)
 
 
 def compose(overrides: list[str] | None = None) -> dict[str, Any]:

@@ -8,10 +8,23 @@ from __future__ import annotations
 import errno
 
 
+class ExitCode:
+    """What `sharedcache` and `launch.py` exit with, by what the operator should do (README: Exit codes)."""
+
+    OK = 0
+    FAILED = 1  # anything else: a bug, or an error of the framework underneath
+    CONFIG = 2  # fix the configuration or the command line (wrong model, key, backend, unsupported model)
+    RETRY = 3  # try again: no owner yet, owner gone, key owned by another live instance
+    INTEGRITY = 4  # the entry is not usable as published: remove it (`sharedcache gc`) and publish again
+    SYSTEM = 5  # the system refused (disk full, permissions, address space, GPU driver)
+    INTERRUPTED = 130  # Ctrl-C
+
+
 class SharedCacheError(Exception):
     """Base class of every error sharedcache raises on purpose."""
 
     component = "sharedcache"
+    exit_code = ExitCode.FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message, self.hint = message, hint  # apart, for callers that re-word or re-raise them
@@ -25,12 +38,20 @@ class ConfigError(SharedCacheError):
     """The composed configuration cannot work (unknown mode, impossible phase order...)."""
 
     component = "sharedcache.config"
+    exit_code = ExitCode.CONFIG
 
 
 class ManifestError(SharedCacheError):
     """A manifest is missing, unreadable or inconsistent; nothing was mapped."""
 
     component = "sharedcache.manifest"
+    exit_code = ExitCode.INTEGRITY
+
+
+class NoManifest(ManifestError):
+    """Nothing is published under the key (yet): a wrong key or directory, or an owner not started."""
+
+    exit_code = ExitCode.CONFIG
 
 
 class ArenaError(SharedCacheError):
@@ -42,13 +63,19 @@ class ArenaError(SharedCacheError):
 class OwnerGone(ArenaError):
     """The entry's owner died, or left while handing over, and the backend cannot attach without it."""
 
+    exit_code = ExitCode.RETRY
+
 
 class HandoverError(ArenaError):
     """The owner and the attacher disagree on the handover of memory handles (a protocol fault)."""
 
+    exit_code = ExitCode.INTEGRITY
+
 
 class DriverError(ArenaError):
     """A driver or system call behind the arena failed; `call` and `code` name it."""
+
+    exit_code = ExitCode.SYSTEM
 
     def __init__(self, message: str, *, call: str, code: int | str | None = None, hint: str | None = None) -> None:
         self.call, self.code = call, code
@@ -58,17 +85,21 @@ class DriverError(ArenaError):
 class IntegrityError(ArenaError):
     """The mapped bytes are not the bytes that were published (size, checksum)."""
 
+    exit_code = ExitCode.INTEGRITY
+
 
 class BindError(SharedCacheError):
     """The model skeleton and the published tensors do not fit together; the model was not touched."""
 
     component = "sharedcache.bind"
+    exit_code = ExitCode.INTEGRITY
 
 
 class FingerprintMismatch(SharedCacheError):
     """The published entry was made from another model, dtype, device or engine."""
 
     component = "sharedcache.fingerprint"
+    exit_code = ExitCode.CONFIG
 
     def __init__(self, key: str, differences: list[tuple[str, object, object]]) -> None:
         self.differences = differences
@@ -85,24 +116,28 @@ class AttachTimeout(SharedCacheError):
     """No owner published the entry within cache.wait_timeout_s."""
 
     component = "sharedcache.attach"
+    exit_code = ExitCode.RETRY
 
 
 class EntryOwned(SharedCacheError):
     """Another live instance owns (or is saving) this entry."""
 
     component = "sharedcache.owner"
+    exit_code = ExitCode.RETRY
 
 
 class BackendUnavailable(SharedCacheError):
     """The requested memory backend cannot run on this machine."""
 
     component = "sharedcache.backend"
+    exit_code = ExitCode.CONFIG
 
 
 class UnsupportedModel(SharedCacheError):
     """The model uses a feature that cannot be shared (quantized params, offload, PEFT, ...)."""
 
     component = "sharedcache.model"
+    exit_code = ExitCode.CONFIG
 
 
 class EntryError(ConfigError):
@@ -117,6 +152,7 @@ class StorageError(SharedCacheError):
     out of address space); what the operation had begun was undone."""
 
     component = "sharedcache.storage"
+    exit_code = ExitCode.SYSTEM
 
     _HINTS = {
         errno.ENOSPC: "The filesystem holding it is full (space or inodes: `df -h`, `df -i`); free some or point "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import ManifestError
+from .errors import ManifestError, NoManifest
 from .files import write_json_atomic
 from .fingerprint import Fingerprint
 from .layout import ITEMSIZE, TensorSpec, contiguous_stride, layout_digest
@@ -119,8 +119,8 @@ def read_manifest(path: Path) -> Manifest:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ManifestError(f"no manifest at {path}.",
-                            hint="Start the prefill (owner) instance first, or check cache.dir and cache.key.") from None
+        raise NoManifest(f"no manifest at {path}.",
+                         hint="Start the prefill (owner) instance first, or check cache.dir and cache.key.") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise ManifestError(f"manifest {path} is a symbolic link; refusing to follow it.",

@@ -39,3 +39,34 @@ def test_ls_default_dir_comes_from_conf_and_console_script_exists(cache_dir):
 def test_inspect_unknown_key_is_a_clear_error(cache_dir):
     out = cli("inspect", "nope", "--dir", str(cache_dir))
     assert out.returncode == 2 and "no manifest at" in out.stderr
+
+
+def test_operator_cli_version_bare_help_json_and_gc_dry_run(published, cache_dir):
+    """--version, help when run bare, `ls --json`, and a `gc --dry-run` whose counts agree with `ls`."""
+    import json
+    import subprocess
+
+    import sharedcache
+    from helpers import entry_copy
+
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"sharedcache {sharedcache.__version__}"
+    bare = cli()
+    assert bare.returncode == 2 and "gc" in bare.stdout and "exit codes" in bare.stdout, bare.stdout + bare.stderr
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # a pid that has exited: the copy's owner is gone
+    entry_copy(published, cache_dir, lambda d: d["owner"].__setitem__("pid", dead))
+    (cache_dir / "empty").mkdir(mode=0o700)  # an entry directory with lock files only: not listed, not counted
+    (cache_dir / "empty" / "owner.lock").touch(mode=0o600)
+    listed = json.loads(cli("ls", "--json", "--dir", str(cache_dir)).stdout)
+    assert [r["key"] for r in listed] == ["k"], listed
+    assert listed[0]["state"] == "orphaned" and listed[0]["owner_pid"] == dead and listed[0]["mapped_by"] == []
+    assert listed[0]["size_bytes"] > 0 and listed[0]["backend"] == "cpu_shm" and listed[0]["error"] is None
+
+    dry = cli("gc", "--dry-run", "--dir", str(cache_dir))
+    assert dry.returncode == 0 and "would remove k: owner pid" in dry.stdout, dry.stdout + dry.stderr
+    assert "gc: 1 would remove, 0 kept (dry run: nothing was removed)" in dry.stdout
+    assert (cache_dir / "k" / "manifest.json").exists() and list((cache_dir / "k").glob("arena-*"))
+    gc = cli("gc", "--dir", str(cache_dir))
+    assert "gc: 1 removed, 0 kept" in gc.stdout and not (cache_dir / "k" / "manifest.json").exists(), gc.stdout

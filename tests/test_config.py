@@ -98,7 +98,7 @@ def test_wrong_order_is_rejected_by_launch_before_loading(launcher, sc_home, cac
     assert proc.popen.returncode == 2
     out = proc.output()
     assert "phase 'align' needs ['serialize'] before it" in out
-    assert not proc.report_path.exists()
+    assert proc.report()["ok"] is False and proc.report()["error"] == "ConfigError"  # why, for scripts
     assert list(cache_dir.iterdir()) == [], "nothing may be created before the config is accepted"
 
 
@@ -180,3 +180,12 @@ def test_a_wait_that_could_never_end_or_start_is_refused(value):
     cache = compose(["cache.dir=/tmp/x"])["cache"]
     with pytest.raises(ConfigError, match="wait_timeout_s must be a finite number"):
         CacheSettings.from_mapping({**cache, "wait_timeout_s": value})
+
+
+def test_cache_dir_is_per_user_and_named_from_the_uid_without_user(monkeypatch):
+    import os
+
+    monkeypatch.setenv("USER", "alice")
+    assert compose([])["cache"]["dir"] == "/dev/shm/sharedcache-alice"
+    monkeypatch.delenv("USER")  # containers and systemd units: one directory per uid, not a shared 'default'
+    assert compose([])["cache"]["dir"] == f"/dev/shm/sharedcache-{os.getuid()}"

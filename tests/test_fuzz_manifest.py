@@ -29,13 +29,17 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
+from sharedcache import CacheSettings
 from sharedcache.backends.cpu_shm import CpuShmBackend
 from sharedcache.binding import view_of
 from sharedcache.cache import CacheDir
+from sharedcache.conf import compose
 from sharedcache.errors import ManifestError, SharedCacheError
 from sharedcache.fingerprint import Fingerprint
 from sharedcache.layout import ITEMSIZE, TensorSlot, TensorSpec, contiguous_stride, layout_digest, plan
 from sharedcache.manifest import ArenaInfo, Manifest, Owner, read_manifest, write_manifest
+
+SETTINGS = CacheSettings.from_mapping(compose([])["cache"])  # backends take the packaged defaults, none of their own
 
 # hypothesis's shrinker may repr the (large) JSON-value strategy while inverting a value; harmless
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning")
@@ -84,7 +88,7 @@ def published():
     try:
         entry = CacheDir(root).entry("k").ensure()
         lay = plan(SLOTS, alignment=256, granularity=4096)
-        arena = CpuShmBackend().create(entry.dir, lay.size, torch.device("cpu"))
+        arena = CpuShmBackend(SETTINGS).create(entry.dir, lay.size, torch.device("cpu"))
         for spec in lay.tensors:
             if spec.alias_of is None and spec.nbytes:
                 v = view_of(arena.base, spec)
@@ -766,7 +770,7 @@ def _exercise(pub: Published, case: Case) -> None:
             raise failure
         _check_accepted(m)
         try:
-            arena = CpuShmBackend().attach(pub.entry_dir, m)
+            arena = CpuShmBackend(SETTINGS).attach(pub.entry_dir, m)
         except SharedCacheError as e:
             _event(f"rejected by attach: {type(e).__name__}")
             return
@@ -839,7 +843,7 @@ def test_the_unmutated_manifest_attaches(published):
     """The oracle itself: the valid manifest parses, attaches and maps every tensor in bounds."""
     _exercise(published, Case([], json.dumps(published.good).encode()))
     m = read_manifest(published.manifest_path)
-    arena = CpuShmBackend().attach(published.entry_dir, m)
+    arena = CpuShmBackend(SETTINGS).attach(published.entry_dir, m)
     by_name = {t.name: view_of(arena.base, t) for t in m.tensors}
     assert torch.equal(by_name["a.weight"], torch.arange(15, dtype=torch.float32).reshape(3, 5))
     assert by_name["d.weight"].data_ptr() == by_name["a.weight"].data_ptr()

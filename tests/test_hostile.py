@@ -179,7 +179,7 @@ def test_gc_keeps_an_entry_mapped_under_a_path_with_a_newline(published, tmp_pat
         out = cli("gc", "--dir", str(root))
         assert "0 removed, 1 kept" in out.stdout, out.stdout + out.stderr
         row = cli("ls", "--dir", str(root)).stdout.splitlines()[1].split()
-        assert row[0] == "k" and row[7] == str(mapper.pid), row  # KEY ... STATE, MAPPED BY
+        assert row[0] == "k" and row[6] == str(mapper.pid), row  # KEY MODEL BACKEND SIZE OWNER STATE, MAPPED BY
     finally:
         mapper.communicate("", timeout=60)
     assert "1 removed" in cli("gc", "--dir", str(root)).stdout
@@ -328,13 +328,15 @@ def test_mapping_beyond_the_address_space_limit_is_a_storage_error(published, ca
         import resource
         from sharedcache.backends.cpu_shm import CpuShmBackend
         from sharedcache.cache import CacheDir
-        from sharedcache import StorageError
+        from sharedcache import CacheSettings, StorageError
+        from sharedcache.conf import compose
+        backend = CpuShmBackend(CacheSettings.from_mapping(compose([])["cache"]))
         entry = CacheDir({str(cache_dir)!r}).entry("k")
         manifest = entry.read()
         vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (vm + manifest.arena.size // 2, resource.RLIM_INFINITY))
         try:
-            CpuShmBackend().attach(entry.dir, manifest)
+            backend.attach(entry.dir, manifest)
         except StorageError as e:
             print("refused:", e)
     """
@@ -360,7 +362,7 @@ def test_manifest_values_out_of_range_are_refused(published, cache_dir, models, 
     ls = cli("ls", "--dir", str(cache_dir))
     assert ls.returncode == 0 and "corrupt" in ls.stdout and "Traceback" not in ls.stderr, ls.stdout + ls.stderr
     inspect = cli("inspect", "k", "--dir", str(cache_dir))
-    assert inspect.returncode == 2 and inspect.stderr.startswith("error: [sharedcache.manifest]"), inspect.stderr
+    assert inspect.returncode == 4 and inspect.stderr.startswith("error: [sharedcache.manifest]"), inspect.stderr
     gc = cli("gc", "--dir", str(cache_dir))
     assert gc.returncode == 0 and "removed k: unreadable manifest" in gc.stdout, gc.stdout + gc.stderr
 

@@ -114,12 +114,14 @@ def test_decode_started_before_prefill_waits_then_attaches(launcher):
 
 def test_decode_without_prefill_times_out_with_its_message(launcher, cache_dir):
     decode = launcher.run("decode", "cache.wait_timeout_s=1")
-    assert decode.popen.returncode == 2
+    assert decode.popen.returncode == 3  # retryable: start the prefill, then try again
     out = decode.output()
     assert "waited 1s for entry 'sc-llama-tiny'" in out
     assert str(cache_dir / "sc-llama-tiny" / "manifest.json") in out
     assert "Start the prefill role" in out
-    assert not decode.report_path.exists()
+    failed = json.loads(decode.report_path.read_text())  # a failed run's report says why
+    assert failed["ok"] is False and failed["error"] == "AttachTimeout" and failed["exit_code"] == 3
+    assert failed["message"].startswith("waited 1s") and failed["hint"].startswith("Start the prefill role")
 
 
 def test_two_savers_racing_exactly_one_publishes(launcher, cache_dir):
@@ -129,7 +131,7 @@ def test_two_savers_racing_exactly_one_publishes(launcher, cache_dir):
         time.sleep(0.1)
     loser = a if a.popen.poll() is not None else b
     winner = b if loser is a else a
-    assert loser.popen.returncode == 2, loser.output()
+    assert loser.popen.returncode == 3, loser.output()  # EntryOwned: retryable
     assert "owned by another live instance" in loser.output() and "role=decode" in loser.output()
     assert winner.wait_report()["mode"] == "save"
     assert len(list(cache_dir.glob("*/manifest.json"))) == 1
@@ -143,3 +145,14 @@ def test_two_auto_instances_racing_one_saves_one_attaches(launcher, cache_dir):
     reps = [p.report() for p in (a, b)]
     assert reps[0]["logits_sha256"] == reps[1]["logits_sha256"]
     assert len(list(cache_dir.glob("*/arena-*"))) == 1
+
+
+def test_ctrl_c_while_a_decode_waits_is_one_line_and_exit_130(launcher):
+    decode = launcher.start("decode", "cache.wait_timeout_s=240")
+    deadline = time.monotonic() + 120
+    while "waiting for an owner to publish" not in decode.output():
+        assert decode.popen.poll() is None and time.monotonic() < deadline, decode.output()
+        time.sleep(0.2)
+    assert decode.stop(signal.SIGINT) == 130, decode.output()
+    out = decode.output()
+    assert "Traceback" not in out and "[launch] interrupted" in out, out
