@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -126,12 +127,21 @@ def _generate(cfg: dict[str, Any], model, tokenizer) -> dict[str, Any]:
     }
 
 
+def attach_command(settings: CacheSettings) -> str:
+    """The decode's command line: this run's own overrides (model, engine: what the fingerprint depends on)
+    with role=decode and the entry's cache.dir and cache.key, quoted for a shell."""
+    own = [o for o in HydraConfig.get().overrides.task
+           if not o.lstrip("+~").split("=", 1)[0].startswith(("role", "cache.dir", "cache.key"))]
+    args = ["python", "launch.py", "role=decode", *own, f"cache.dir={settings.dir}", f"cache.key={settings.key}"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
 def _hold(instance, settings: CacheSettings) -> None:
     """Own the weights until SIGINT/SIGTERM, then unpublish; attached instances keep working."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"published cache key {settings.key!r} in {settings.dir}. Attach with:\n"
-          f"  python launch.py role=decode cache.dir={settings.dir} cache.key={settings.key}\n"
+          f"  {attach_command(settings)}\n"
           f"holding the weights (pid {os.getpid()}); stop with Ctrl-C or SIGTERM.", flush=True)
     try:
         while not stop.wait(0.2):

@@ -189,3 +189,16 @@ def test_cache_dir_is_per_user_and_named_from_the_uid_without_user(monkeypatch):
     assert compose([])["cache"]["dir"] == "/dev/shm/sharedcache-alice"
     monkeypatch.delenv("USER")  # containers and systemd units: one directory per uid, not a shared 'default'
     assert compose([])["cache"]["dir"] == f"/dev/shm/sharedcache-{os.getuid()}"
+
+
+def test_launch_help_says_what_roles_and_modes_are_with_examples():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "launch.py"), "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for words in ("== Roles (role=...) ==", "prefill   mode save", "placeholder", "== Examples ==",
+                  "python launch.py role=decode", "report.json", "Exit codes", "role: auto, decode"):
+        assert words in out.stdout, words
+    assert "powered by Hydra" not in out.stdout

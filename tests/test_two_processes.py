@@ -156,3 +156,26 @@ def test_ctrl_c_while_a_decode_waits_is_one_line_and_exit_130(launcher):
     assert decode.stop(signal.SIGINT) == 130, decode.output()
     out = decode.output()
     assert "Traceback" not in out and "[launch] interrupted" in out, out
+
+
+def test_the_attach_command_the_prefill_prints_attaches(launcher, tmp_path):
+    """The printed command carries the prefill's own overrides (here a dtype, which the fingerprint holds):
+    pasted into a shell, it attaches instead of failing with FingerprintMismatch."""
+    import shlex
+
+    from conftest import REPO
+
+    prefill = launcher.start("prefill", "engine.dtype=bfloat16")
+    prefill.wait_report()
+    deadline = time.monotonic() + 60
+    while "Attach with:" not in prefill.output():
+        assert time.monotonic() < deadline, prefill.output()
+        time.sleep(0.1)
+    lines = prefill.output().splitlines()
+    command = shlex.split(lines[next(i for i, line in enumerate(lines) if "Attach with:" in line) + 1])
+    assert command[:3] == ["python", "launch.py", "role=decode"] and "engine.dtype=bfloat16" in command, command
+    decode = subprocess.run([sys.executable, *command[1:], f"hydra.run.dir={tmp_path / 'pasted'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert decode.returncode == 0, decode.stdout + decode.stderr
+    report = json.loads((tmp_path / "pasted" / "report.json").read_text())
+    assert report["mode"] == "load" and report["weight_bytes_allocated"] == 0 and report["fallback"] is None
