@@ -1,6 +1,7 @@
-"""Generate a Llama-3-8B-shaped checkpoint with random bf16 weights on the GPU (no download).
+"""Generate a Llama-3-shaped checkpoint with random bf16 weights on the GPU (no download).
 
     python bench/make_model.py --out /tmp/llama8b [--layers 32]
+    python bench/make_model.py --out /tmp/llama70w --shape llama-3-70b --layers 22   # 70B's width, 41.9 GB
 
 Weights are drawn on the GPU (seeded), saved as safetensors shards with the project's
 byte-level tokenizer, filled up to the model's 128,256 ids so that every id it emits decodes to text
@@ -16,14 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Llama-3's widths (hidden, intermediate, attention heads, KV heads); the depth is --layers
+SHAPES = {"llama-3-8b": (4096, 14336, 32, 8), "llama-3-70b": (8192, 28672, 64, 8)}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3-8b")
     a = ap.parse_args()
     out = Path(a.out)
-    spec = {"layers": a.layers, "shape": "llama-3-8b", "dtype": "bfloat16", "seed": 0, "tokenizer": "bytes+filler"}
+    spec = {"layers": a.layers, "shape": a.shape, "dtype": "bfloat16", "seed": 0, "tokenizer": "bytes+filler"}
     marker = out / ".complete"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         print(f"{out} already complete")
@@ -35,8 +40,10 @@ def main() -> None:
     from sharedcache_integrations.hf.embedded import build_tokenizer
 
     t0 = time.perf_counter()
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+    hidden, intermediate, heads, kv_heads = SHAPES[a.shape]
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=a.layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=8192,
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Any
@@ -59,10 +60,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"no entries in {printable(root)}")
         return 0
     header = ("KEY", "MODEL", "BACKEND", "SIZE", "OWNER", "STATE", "MAPPED BY", "CREATED")
-    rows = [tuple(printable(c) for c in (
-        r["key"], r["model"] or "?", r["backend"] or "?",
-        f"{r['size_bytes'] / 2**20:.1f}MiB" if r["size_bytes"] is not None else "?",
-        r["owner_pid"] or "?", r["state"], _pids(r["mapped_by"]), r["created"] or "?")) for r in records]
+    rows = []
+    for group, members in _groups(records):
+        if group is not None:  # one server's ranks: a line for the server, its ranks indented below
+            rows.append(_group_row(group, members))
+        rows += [_row(r, indent=group is not None) for r in members]
     for r in _fit([header] + rows, shutil.get_terminal_size((10**4, 24)).columns if sys.stdout.isatty() else 10**4):
         print("  ".join(r).rstrip())
     for r in records:
@@ -71,17 +73,68 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+RANK_SUFFIX = re.compile(r"-(?:pp\d+-)?tp\d+$")  # the SGLang plugin keys a server's entries <key>-[pp<p>-]tp<r>
+
+
+def _row(r: dict[str, Any], *, indent: bool = False) -> tuple[str, ...]:
+    return tuple(printable(c) for c in (
+        ("  " if indent else "") + r["key"], r["model"] or "?", r["backend"] or "?", _size(r["size_bytes"]),
+        r["owner_pid"] or "?", r["state"], _pids(r["mapped_by"]), r["created"] or "?"))
+
+
+def _size(size: int | None) -> str:
+    return f"{size / 2**20:.1f}MiB" if size is not None else "?"
+
+
+def _groups(records: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """Entries in listing order, the ranks of one tensor-parallel server gathered under their group."""
+    out: list[tuple[str | None, list[dict[str, Any]]]] = []
+    index: dict[str, int] = {}
+    for r in records:
+        group = r["group"]
+        if group is None:
+            out.append((None, [r]))
+        elif group in index:
+            out[index[group]][1].append(r)
+        else:
+            index[group] = len(out)
+            out.append((group, [r]))
+    return [(g, sorted(m, key=lambda r: r["tp_rank"] or 0) if g is not None else m) for g, m in out]
+
+
+def _group_row(group: str, members: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The server's line: how many of its ranks are published, their total size, one state if they agree."""
+    size = {m["tp_size"] for m in members if m["tp_size"]}
+    expected = f" of {size.pop()}" if len(size) == 1 and not any("-pp" in m["key"] for m in members) else ""
+    states = {m["state"] for m in members}
+    sizes = [m["size_bytes"] for m in members]
+    return tuple(printable(c) for c in (
+        f"{group} ({len(members)}{expected} ranks)", _common(m["model"] for m in members),
+        _common(m["backend"] for m in members), _size(None if None in sizes else sum(sizes)), "",
+        states.pop() if len(states) == 1 else "mixed", "", min((m["created"] or "?") for m in members)))
+
+
+def _common(values) -> str:
+    distinct = set(values)
+    return str(distinct.pop() or "?") if len(distinct) == 1 else "mixed"
+
+
 def _listing(entry: Entry) -> dict[str, Any] | None:
     """One published entry as `ls` shows it (None: nothing published there); one bad entry never hides the others."""
     record: dict[str, Any] = {"key": entry.key, "model": None, "backend": None, "size_bytes": None, "owner_pid": None,
-                              "state": "?", "mapped_by": None, "created": None, "error": None}
+                              "state": "?", "mapped_by": None, "created": None, "error": None,
+                              "group": None, "tp_rank": None, "tp_size": None}
     try:
         if not entry.published():
             return None
         m = entry.read()
         record.update(model=m.fingerprint.model, backend=m.backend, size_bytes=m.arena.size, owner_pid=m.owner.pid,
                       state=entry.state(m).label, mapped_by=entry.mapped_by(m),
-                      created=dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S"))
+                      created=dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S"),
+                      tp_rank=m.fingerprint.tp_rank, tp_size=m.fingerprint.tp_size)
+        suffix = RANK_SUFFIX.search(entry.key)
+        if suffix and (m.fingerprint.tp_size > 1 or "-pp" in suffix.group()):
+            record["group"] = entry.key[:suffix.start()]
     except (SharedCacheError, OSError) as e:
         record.update(state="corrupt" if isinstance(e, ManifestError) else "refused", error=str(e))
     return record

@@ -4,8 +4,10 @@ mappings in a private tmp dir, the roles of conf/ as launch.py composes them. Mi
 except where the core itself sleeps (auto mode retries a held claim for 0.5 s before it attaches)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 import threading
 import time
@@ -367,3 +369,35 @@ def _run_catching(inst: Instance):
         return inst.run()
     except BaseException as e:  # noqa: BLE001 - handed to the test thread
         return e
+
+
+class RankSource(SeqSource):
+    """One tensor-parallel rank's share of a model, as an SGLang scheduler process would publish it."""
+
+    def __init__(self, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+
+    def fingerprint(self, model):
+        return dataclasses.replace(super().fingerprint(model), tp_rank=self.tp_rank, tp_size=self.tp_size)
+
+
+def test_ls_shows_the_ranks_of_one_server_as_one_group(cache, make):
+    """A TP-4 server's entries are listed under one line that says how many of its ranks are published."""
+    from helpers import cli
+
+    # an owner publishes while its model lives; rank 3 of 4 is missing, which the group line must show
+    models = [make("prefill", RankSource(r, 4), key=f"tp-server-tp{r}").run() for r in range(3)]
+    models.append(make("prefill", SeqSource(), key="single").run())
+    out = cli("ls", "--dir", str(cache))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    group = next((i for i, line in enumerate(lines) if line.startswith("tp-server (3 of 4 ranks)")), None)
+    assert group is not None, out.stdout
+    assert "cpu_shm" in lines[group] and "live" in lines[group]
+    assert [line.split()[0] for line in lines[group + 1:group + 4]] == [f"tp-server-tp{r}" for r in range(3)]
+    assert all(line.startswith("  tp-server-tp") for line in lines[group + 1:group + 4])
+    assert any(line.startswith("single ") for line in lines)
+    records = {r["key"]: r for r in json.loads(cli("ls", "--json", "--dir", str(cache)).stdout)}
+    assert records["tp-server-tp2"]["group"] == "tp-server" and records["tp-server-tp2"]["tp_rank"] == 2
+    assert records["single"]["group"] is None and records["single"]["tp_size"] == 1

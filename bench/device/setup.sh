@@ -15,7 +15,8 @@ if [ ! -f /tmp/site/.sharedcache-ready ]; then
   touch /tmp/site/.sharedcache-ready
 fi
 # the checkpoint is generated with the image's own transformers, before the bundle's shadows it
-python3 bench/make_model.py --out /tmp/llama8b || return 1
+# (SETUP_MODEL_8B=0: a call that needs another model generates its own)
+[ "${SETUP_MODEL_8B:-1}" = 1 ] && { python3 bench/make_model.py --out /tmp/llama8b || return 1; }
 export PYTHONPATH=/tmp/site
 if [ -f .pdbundle/pd.tar.xz ] && [ ! -f /tmp/pdsite/.ready ]; then
   mkdir -p /tmp/pdsite && tar -xJf .pdbundle/pd.tar.xz -C /tmp/pdsite && touch /tmp/pdsite/.ready || return 1

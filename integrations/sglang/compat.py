@@ -143,6 +143,20 @@ def ranks() -> dict[str, int]:
             "pp_rank": get_pipeline_model_parallel_rank(), "pp_size": get_pipeline_model_parallel_world_size()}
 
 
+def gather_from_ranks(obj: Any) -> list[Any]:
+    """`obj` from every model-loading rank of this server (TP x PP), in rank order, over SGLang's CPU
+    (gloo) world group; [obj] when the server has one rank."""
+    import torch.distributed as dist
+    from sglang.srt.distributed.parallel_state import get_world_group
+
+    group = get_world_group()
+    if group.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * group.world_size
+    dist.all_gather_object(out, obj, group=group.cpu_group)
+    return out
+
+
 def layout_options() -> dict[str, str]:
     """Server options that change the post-processed bytes or their split without changing the model
     config: MoE runner backend (weights shuffled for it) and the expert/attention parallel widths."""

@@ -18,12 +18,13 @@ from the decode's pool (or fails it: "Loaded weights leave no GPU memory for the
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sharedcache import ConfigError, Mode
+from sharedcache import ConfigError, ExitCode, Mode, SharedCacheError
 from sharedcache.kit import SizingTurn, device_id, resolve_device, write_json_atomic
 
 from . import PluginConfig, compat
@@ -85,6 +86,15 @@ def _around_runner_load_model(original, runner, *args, **kwargs):
     if compat.is_draft_runner(runner) or STATE.ranks is not None or mode is Mode.OFF:
         return original(runner, *args, **kwargs)  # a draft model, a reload, or a role that shares nothing
     STATE.ranks = compat.ranks()
+    try:
+        return _load_and_size(original, runner, *args, **kwargs)
+    except SharedCacheError as e:  # the launcher reads it and stops the whole server with this rank's reason
+        _write_failure(e)
+        raise
+
+
+def _load_and_size(original, runner, *args, **kwargs):
+    mode = STATE.config.role.mode
     missing = compat.unapplied_hooks(STATE.hooks)
     if missing:  # SGLang logs a hook it could not apply and goes on; sharing without them would misbehave
         raise ConfigError(f"SGLang did not apply the sharedcache hooks on {missing} (its log above says why).",
@@ -136,6 +146,39 @@ def _around_init_model_worker(original, scheduler, *args, **kwargs):
             STATE.turn.release()
 
 
+class RanksDisagree(SharedCacheError):
+    """Some ranks of one server share their weights and others could not: refused on every rank."""
+
+    component = "sharedcache.sglang"
+    exit_code = ExitCode.RETRY
+
+
+def agree_across_ranks(instance, state: RankState) -> None:
+    """Every rank of a server shares, or none does. A rank that fell back to its own copy while the
+    others attached would serve, but with less KV than its peers (SGLang sizes every rank's pool to the
+    smallest) and a weight copy nobody asked for; that is a broken prefill to fix, not a server to run."""
+    report = instance.report
+    mine = {"rank": rank_tag(state.ranks), "shared": report.fallback is None and report.mode != "off",
+            "why": report.fallback}
+    outcomes = compat.gather_from_ranks(mine)
+    problem = disagreement(outcomes)
+    if problem is not None:
+        instance.close()
+        raise RanksDisagree(problem, hint="Every rank needs its entry: check them with `sharedcache ls`, restart the "
+                                          "prefill (all of its ranks), then this server.")
+
+
+def disagreement(outcomes: list[dict[str, Any]]) -> str | None:
+    """None when the ranks' outcomes agree, else what differs, naming the ranks."""
+    alone = [o for o in outcomes if not o["shared"]]
+    if not alone or len(alone) == len(outcomes):
+        return None
+    shared = ", ".join(o["rank"] for o in outcomes if o["shared"])
+    why = "; ".join(f"{o['rank']}: {o['why']}" for o in alone)
+    return (f"ranks {shared} share their weights through the cache but {len(alone)} of {len(outcomes)} could not "
+            f"({why}); a server shares on every rank or on none, so every rank refuses.")
+
+
 def _refuse_weight_update(op: str):
     """An AROUND hook for one of SGLang's in-place weight updates: refused while the weights are shared."""
 
@@ -163,6 +206,17 @@ def _write_report(scheduler) -> None:
     report_dir = STATE.config.report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
+
+
+def _write_failure(e: SharedCacheError) -> None:
+    """Why this rank cannot serve, for the launcher (`failed-<rank>.json` beside the reports)."""
+    data = {"ok": False, "rank": rank_tag(STATE.ranks), "error": type(e).__name__, "message": e.message,
+            "hint": e.hint, "exit_code": int(e.exit_code), "pid": os.getpid()}
+    try:
+        STATE.config.report_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(STATE.config.report_dir) / f"failed-{rank_tag(STATE.ranks)}.json", data, indent=2)
+    except OSError as err:
+        log.warning("sharedcache: could not write this rank's failure report: %s", err)
 
 
 def hooks() -> dict[str, Any]:

@@ -25,7 +25,7 @@ from sharedcache.kit import checkpoint_fingerprint, resolve_device, weight_files
 
 from ..hf.config import hf_config_digest
 from . import compat
-from .hooks import RankState
+from .hooks import RankState, agree_across_ranks
 
 BaseModelLoader, DefaultModelLoader = compat.loader_classes()
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class SharedCacheLoader(BaseModelLoader):
         instance = Instance(state.config.role, settings, source)
         model = instance.run()
         report = instance.report
+        agree_across_ranks(instance, state)
         # An attached rank maps memory that its owner allocated before this rank measured its baseline,
         # so it is already missing from "free": reporting it as preloaded (0.5.23's term) would hold back
         # slack for weights this rank does not hold. An owner (or a fallback) reports what its loader did.

@@ -106,6 +106,24 @@ def plan_router(cfg: dict[str, Any]) -> ServerPlan:
 
 
 _UNREPORTED_GRACE_S = 30  # a server that answers /health while its ranks never reported lacks the plugin
+_PEER_FAILURE_GRACE_S = 5  # after one rank failed, how long its peers get to write their own reasons
+
+
+def rank_failure(failures: list[dict[str, Any]], ranks: int) -> ServerFailed:
+    """One error for the whole server from its ranks' failure reports: the first rank's reason, which
+    ranks share it, and the exit code of the rank's own error (a mismatch stays a configuration error)."""
+    first = failures[0]
+    same = [f["rank"] for f in failures[1:] if f["error"] == first["error"]]
+    other = [f"{f['rank']}: {f['error']}" for f in failures[1:] if f["error"] != first["error"]]
+    who = f"{len(failures)} of its {ranks} ranks" if ranks > 1 else "its rank"
+    message = f"the SGLang server stopped: {who} refused to start. {first['rank']}: {first['message']}"
+    if same:
+        message += f" (the same on {', '.join(same)})"
+    if other:
+        message += f" (also {'; '.join(other)})"
+    err = ServerFailed(message, hint=first.get("hint"))
+    err.exit_code = first.get("exit_code", err.exit_code)
+    return err
 
 
 class Server:
@@ -122,7 +140,7 @@ class Server:
                 raise ConfigError(f"{why}.", hint=f"Install SGLang {SUPPORTED[0]} to {SUPPORTED[1]} into this "
                                                   "Python, or run the role with engine=hf.")
         if plan.report_dir is not None:  # reports of an earlier run in the same run dir must not count
-            for old in plan.report_dir.glob("report-*.json"):
+            for old in [*plan.report_dir.glob("report-*.json"), *plan.report_dir.glob("failed-*.json")]:
                 old.unlink()
         self.proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env}, start_new_session=True,
                                      preexec_fn=_term_with_parent)
@@ -133,7 +151,15 @@ class Server:
         deadline = time.monotonic() + timeout_s
         reports: list[dict[str, Any]] = []
         healthy_since = None
+        failed_since = None
         while not stop.is_set():
+            failures = self._rank_failures()
+            if failures:  # the other ranks may be waiting on this one (NCCL, their owner): stop them all now
+                failed_since = failed_since or time.monotonic()
+                if (len(failures) == self.plan.ranks or self.proc.poll() is not None
+                        or time.monotonic() - failed_since > _PEER_FAILURE_GRACE_S):
+                    self.stop()
+                    raise rank_failure(failures, self.plan.ranks)
             self._check_alive()
             if self.plan.report_dir is not None and not reports:
                 paths = sorted(self.plan.report_dir.glob("report-*.json"))
@@ -156,6 +182,17 @@ class Server:
             time.sleep(0.5)
         return None
 
+    def _rank_failures(self) -> list[dict[str, Any]]:
+        if self.plan.report_dir is None:
+            return []
+        out = []
+        for path in sorted(self.plan.report_dir.glob("failed-*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # written atomically; unreadable means removed meanwhile
+                continue
+        return out
+
     def _healthy(self) -> bool:
         if self.plan.url is None:
             return True
@@ -168,6 +205,9 @@ class Server:
     def _check_alive(self) -> None:
         code = self.proc.poll()
         if code is not None:
+            failures = self._rank_failures()
+            if failures:
+                raise rank_failure(failures, self.plan.ranks)
             raise ServerFailed(f"the SGLang server exited with code {code} before it was ready.",
                                hint="Its log above says why.")
 
