@@ -17,14 +17,16 @@ def failure(rank: str, error: str = "FingerprintMismatch", code: int = ExitCode.
 def test_every_rank_refusing_is_one_message_with_the_first_reason_and_its_exit_code():
     err = rank_failure([failure(f"tp{r}") for r in range(4)], 4)
     assert str(err).count("differing fields: tp_size") == 1
-    assert "4 of its 4 ranks refused to start. tp0: entry 'm-tp0'" in str(err)
+    assert "all 4 of its ranks refused to start. tp0: entry 'm-tp0'" in str(err)
     assert "(the same on tp1, tp2, tp3)" in str(err) and err.hint.startswith("Start the decode")
     assert err.exit_code == ExitCode.CONFIG  # a mismatch stays a configuration error through the server
 
 
 def test_ranks_failing_for_different_reasons_are_all_named():
     err = rank_failure([failure("tp0"), failure("tp2", "OwnerGone", ExitCode.RETRY)], 4)
-    assert "2 of its 4 ranks" in str(err) and "(also tp2: OwnerGone)" in str(err)
+    assert "ranks tp0, tp2 of 4 refused to start, and SGLang stopped the others with it" in str(err)
+    assert "(also tp2: OwnerGone)" in str(err)
+    assert "rank tp1 of 2 refused to start" in str(rank_failure([failure("tp1")], 2))
     assert rank_failure([failure("tp0")], 1).message.startswith("the SGLang server stopped: its rank refused")
 
 

@@ -115,8 +115,15 @@ def rank_failure(failures: list[dict[str, Any]], ranks: int) -> ServerFailed:
     first = failures[0]
     same = [f["rank"] for f in failures[1:] if f["error"] == first["error"]]
     other = [f"{f['rank']}: {f['error']}" for f in failures[1:] if f["error"] != first["error"]]
-    who = f"{len(failures)} of its {ranks} ranks" if ranks > 1 else "its rank"
-    message = f"the SGLang server stopped: {who} refused to start. {first['rank']}: {first['message']}"
+    if ranks == 1:
+        who = "its rank refused to start"
+    elif len(failures) == ranks:
+        who = f"all {ranks} of its ranks refused to start"
+    else:  # SGLang stops the other ranks as soon as one fails: they never got to say whether they would have
+        names = ", ".join(f["rank"] for f in failures)
+        who = f"{'rank' if len(failures) == 1 else 'ranks'} {names} of {ranks} refused to start, and SGLang " \
+              "stopped the others with it"
+    message = f"the SGLang server stopped: {who}. {first['rank']}: {first['message']}"
     if same:
         message += f" (the same on {', '.join(same)})"
     if other:

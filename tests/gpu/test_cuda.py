@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import REPO
+from sharedcache import ExitCode
 
 pytestmark = pytest.mark.gpu
 CUDA = ("engine.device_map=cuda",)
@@ -84,7 +85,7 @@ def test_vmm_decode_survives_owner_sigkill(launcher, cache_dir, sc_home):
     assert result["tokens"] == pre["generated_tokens"] and result["logits_sha256"] == pre["logits_sha256"]
     # a new attach cannot get the handles any more: refused with its reason, not a crash
     late = launcher.run("decode", *CUDA, "cache.wait_timeout_s=5", model="default")
-    assert late.popen.returncode == 2 and "is dead" in late.output()
+    assert late.popen.returncode == ExitCode.RETRY and "is dead" in late.output()  # OwnerGone: start a prefill
 
 
 def test_cuda_ipc_dead_owner_is_refused(launcher):
@@ -92,7 +93,7 @@ def test_cuda_ipc_dead_owner_is_refused(launcher):
     prefill.wait_report()
     prefill.stop(signal.SIGKILL)
     dec = launcher.run("decode", *CUDA, "cache.wait_timeout_s=5")
-    assert dec.popen.returncode == 2
+    assert dec.popen.returncode == ExitCode.RETRY
     assert "is dead" in dec.output() and "cuda_ipc" in dec.output() and "memory died with it" in dec.output()
 
 
@@ -114,11 +115,11 @@ def test_bad_input_on_cuda_is_refused_cleanly(launcher, cache_dir):
         for name, bad, words in _mutations(manifest):
             path.write_bytes(bad if isinstance(bad, bytes) else json.dumps(bad).encode())
             dec = launcher.run("decode", *CUDA, "cache.wait_timeout_s=2", name=f"bad-{name}")
-            assert dec.popen.returncode == 2, (name, dec.output())
+            assert dec.popen.returncode == ExitCode.INTEGRITY, (name, dec.output())  # remove the entry, publish again
             assert words in dec.output(), (name, dec.output())
     finally:
         path.write_bytes(good)
     dec = launcher.run("decode", *CUDA, "engine.dtype=bfloat16", name="bad-dtype-fp")
-    assert dec.popen.returncode == 2 and "differing fields: dtype" in dec.output()
+    assert dec.popen.returncode == ExitCode.CONFIG and "differing fields: dtype" in dec.output()
     ok = launcher.run("decode", *CUDA, name="good-after")
     assert ok.popen.returncode == 0, ok.output()
