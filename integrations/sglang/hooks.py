@@ -10,6 +10,9 @@
 - `WeightUpdater.update_weights_from_{disk,tensor,distributed,ipc}`: refused while this rank's weights are
   shared (they write in place, into memory other servers map).
 
+With several ranks, the ranks agree after loading that all share or none does (`agree_across_ranks`),
+and a rank that cannot start writes `failed-<rank>.json` for the launcher, which stops the whole server.
+
 Why re-measure: SGLang gives its KV pool `free after loading - baseline x (1 - mem_fraction_static)`
 with the baseline measured before loading. A decode that waits for its prefill measured its baseline
 before the prefill allocated anything, so everything the prefill allocates during the wait is taken
