@@ -163,14 +163,21 @@ class Entry:
         """The process that published `manifest` is running and still holds the entry."""
         return manifest.owner.running() and self.claimed()
 
-    def state(self, manifest: Manifest) -> EntryState:
-        """The lifecycle state of this entry as published by `manifest`."""
+    def liveness(self, manifest: Manifest) -> EntryState | None:
+        """The owner's side of the state: REBOOTED, LIVE or REPLACING; None when nobody holds the entry
+        (whether it can be used without its owner is the backend's question, `state` asks it). One
+        probe of the owner lock."""
         if manifest.owner.boot_id != boot_id():
             return EntryState.REBOOTED
-        if self.owner_alive(manifest):
-            return EntryState.LIVE
         if self.claimed():
-            return EntryState.REPLACING
+            return EntryState.LIVE if manifest.owner.running() else EntryState.REPLACING
+        return None
+
+    def state(self, manifest: Manifest) -> EntryState:
+        """The lifecycle state of this entry as published by `manifest`."""
+        held = self.liveness(manifest)
+        if held is not None:
+            return held
         from .backends import backend_class
 
         try:

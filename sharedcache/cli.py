@@ -199,7 +199,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     removed = kept = 0
     verb = "would remove" if args.dry_run else "removed"
     for entry in CacheDir(_cache_dir(args)).entries():
-        listed = _listing(entry) is not None  # counted as `ls` counts: entries with something published
+        listed = _shows_in_ls(entry)
         try:
             outcome = _collect(entry, dry_run=args.dry_run)
         except (SharedCacheError, OSError) as e:  # reported, and the other entries still collected
@@ -213,6 +213,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(printable(f"{verb} {entry.key}: {outcome}"))
     print(f"gc: {removed} {verb}, {kept} kept" + (" (dry run: nothing was removed)" if args.dry_run else ""))
     return 0
+
+
+def _shows_in_ls(entry: Entry) -> bool:
+    """Counted as `ls` counts: something published, or an entry whose check fails (listed as refused)."""
+    try:
+        return entry.published()
+    except (SharedCacheError, OSError):
+        return True
 
 
 def _collect(entry: Entry, *, dry_run: bool) -> str | None:

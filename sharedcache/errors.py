@@ -145,6 +145,7 @@ class EntryError(ConfigError):
     user's, open to others, the wrong type, hard-linked); nothing was read or mapped through it."""
 
     component = "sharedcache.entry"
+    exit_code = ExitCode.CONFIG  # fix the directory's ownership or permissions (a ConfigError by kind)
 
 
 class StorageError(SharedCacheError):

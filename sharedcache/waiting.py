@@ -91,7 +91,8 @@ def _published(entry: Entry) -> WaitResult | str | None:
     hold = entry.hold_for_attach()
     try:
         manifest = entry.read()
-        state = entry.state(manifest)
+        # nobody holding it (None) is as good as live here: the attach itself says whether an orphan can be used
+        state = entry.liveness(manifest) or EntryState.ORPHANED
         if state.attachable_now:
             result, hold = WaitResult(Outcome.PUBLISHED, manifest=manifest, hold=hold), None
             return result
