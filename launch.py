@@ -23,11 +23,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sharedcache import CacheSettings, ExitCode, Role, SharedCacheError, backends
+from sharedcache import CacheSettings, ConfigError, ExitCode, Role, SharedCacheError, backends
 from sharedcache.conf import core_role, register_resolvers, role_of
 from sharedcache.kit import write_json_atomic
 from sharedcache.manifest import process_start_ticks
 from sharedcache.progress import TerminalProgress, log_progress
+from sharedcache_integrations import launch_checks
 
 log = logging.getLogger("sharedcache.launch")
 register_resolvers()
@@ -51,11 +52,11 @@ def model_dir(model_cfg: dict[str, Any]) -> Path:
     if model_cfg["path"]:
         path = Path(model_cfg["path"]).expanduser()
         if not path.is_dir():
-            raise SystemExit(f"[launch] model.path {path} is not a directory. Give a local Hugging Face model "
-                             "directory, or leave model.path=null for the embedded default.")
+            raise ConfigError(f"model.path {path} is not a directory.", hint="Give a local Hugging Face model "
+                              "directory, or leave model.path=null for the embedded default.")
         if not (path / "config.json").is_file():
-            raise SystemExit(f"[launch] model.path {path} has no config.json, so it is not a Hugging Face model "
-                             "directory. Point it at the directory that holds config.json and the weights.")
+            raise ConfigError(f"model.path {path} has no config.json, so it is not a Hugging Face model "
+                              "directory.", hint="Point it at the directory that holds config.json and the weights.")
         return path
     from sharedcache_integrations.hf.embedded import EmbeddedSpec, ensure_embedded_model
 
@@ -74,7 +75,8 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # a directory that is not a complete model: one line, not a traceback
-        raise SystemExit(f"[launch] model.path {path} holds no usable tokenizer: {_first_line(e)}") from None
+        raise ConfigError(f"model.path {path} holds no usable tokenizer: {_first_line(e)}",
+                          hint="Point model.path at a complete Hugging Face model directory.") from None
     engine = cfg["engine"]
     kwargs = {k: engine[k] for k in ("dtype", "device_map") if engine[k] is not None}
     if str(engine["device_map"] or "cpu").startswith("cuda"):
@@ -87,7 +89,8 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     try:
         model = getattr(transformers, engine["auto_class"]).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:  # transformers' own refusal of the checkpoint (no weights, bad config)
-        raise SystemExit(f"[launch] cannot load the model in {path}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load the model in {path}: {_first_line(e)}",
+                          hint="Point model.path at a complete Hugging Face model directory.") from None
     finally:
         hf.uninstall()
     instance = hf.instance_of(model)
@@ -158,7 +161,8 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
     from sharedcache_integrations.sglang import server as sgl
 
     if role.name == "holder":
-        raise SystemExit("[launch] role=holder runs with engine=hf; an SGLang prefill holds its weights itself.")
+        raise ConfigError("role=holder runs with engine=hf; an SGLang prefill holds its weights itself.",
+                          hint="Use role=prefill with engine=sglang.")
     if role.name == "router":
         plan = sgl.plan_router(cfg)
     else:
@@ -218,17 +222,16 @@ def main(dcfg: DictConfig) -> None:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", cfg["engine"]["cuda_alloc_conf"])
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
-        # both checked before anything loads: a wrong role or cache config costs nothing
+        # all checked before anything loads: a wrong value, role or cache config costs nothing
+        launch_checks.check(cfg, list(HydraConfig.get().overrides.task))
         role = role_of(cfg)
         settings = CacheSettings.from_mapping(cfg["cache"])
         if cfg["engine"]["name"] == "sglang":
             run_sglang(cfg, role, out)
         elif cfg["engine"]["name"] == "hf":
             if role.name == "router":
-                raise SystemExit("[launch] role=router needs engine=sglang.")
+                raise ConfigError("role=router needs engine=sglang.", hint="Add engine=sglang.")
             run_hf(cfg, role, settings, out)
-        else:
-            raise SystemExit(f"[launch] unknown engine {cfg['engine']['name']!r} (hf, sglang).")
     except SharedCacheError as e:
         log.error("%s", e)  # Hydra's logging shows it on the console and keeps it in the run dir's log
         _write_failure(out / cfg["report_file"], e)

@@ -146,9 +146,9 @@ def test_sglang_plugin_config_that_is_not_ours_is_a_config_error():
 
 def test_sglang_holder_and_hf_router_are_refused_with_what_to_do(launcher, models):
     holder = launcher.run("holder", "engine=sglang", f"model.path={models['tiny']}")
-    assert holder.popen.returncode != 0 and "role=holder runs with engine=hf" in holder.output()
+    assert holder.popen.returncode == 2 and "role=holder runs with engine=hf" in holder.output()
     router = launcher.run("router")
-    assert router.popen.returncode != 0 and "role=router needs engine=sglang" in router.output()
+    assert router.popen.returncode == 2 and "role=router needs engine=sglang" in router.output()
 
 
 def test_sglang_versions_outside_the_tested_range_are_named_in_one_line():

@@ -398,7 +398,7 @@ def test_launch_with_a_model_path_that_holds_no_model(launcher, tmp_path):
     empty = tmp_path / "empty-model"
     empty.mkdir()
     proc = launcher.run("prefill", f"model.path={empty}")
-    assert proc.popen.returncode != 0
+    assert proc.popen.returncode == 2
     out = proc.output()
     assert "has no config.json" in out and "Traceback" not in out, out[-3000:]
     assert not CacheDir(launcher.cache_dir).entries()

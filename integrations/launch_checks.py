@@ -1,0 +1,102 @@
+"""Checks of the launcher's composed config, before anything loads.
+
+The values live in conf/; this module only says what each may be, so that a wrong type, an unknown key
+or an impossible combination (CUDA on a machine without it, an engine whose package is missing) fails at
+start with one line naming the key and the fix, instead of a traceback after a model attached. The cache
+and role groups are checked by the core's own constructors (CacheSettings, Role).
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from typing import Any, Callable
+
+from sharedcache import ConfigError
+
+# Mappings that take keys of the user's choosing (`+engine.extra_args.attention_backend=triton`).
+OPEN_MAPPINGS = ("engine.extra_args.", "engine.env.", "engine.router.extra_args.", "hydra.")
+HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
+SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check(cfg: dict[str, Any], overrides: list[str]) -> None:
+    """Raise ConfigError naming the first key that cannot work."""
+    _no_new_keys(overrides)
+    _integer("max_new_tokens", cfg["max_new_tokens"], minimum=1, example=16)
+    _integer("min_new_tokens", cfg["min_new_tokens"], minimum=0, example=0)
+    if not isinstance(cfg["prompt"], str):
+        _fail("prompt", cfg["prompt"], "a string", 'prompt="Shared weights, one copy:"')
+    ENGINE_CHECKS.get(cfg["engine"]["name"], _unknown_engine)(cfg["engine"])
+
+
+def _no_new_keys(overrides: list[str]) -> None:
+    """`+key=value` adds a key Hydra would otherwise reject; nothing reads it, so it is a typo."""
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if not key.startswith(OPEN_MAPPINGS) and "/" not in key:  # `+group/option=...` adds a config group
+            raise ConfigError(f"{override!r} adds the key {key!r}, which nothing reads.",
+                              hint="Check its spelling against `python launch.py --cfg job` and set it without the "
+                                   "'+'; only engine.extra_args.*, engine.env.* and engine.router.extra_args.* "
+                                   "take new keys.")
+
+
+def _check_hf(engine: dict[str, Any]) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("engine=hf needs transformers, which is not installed in this Python.",
+                          hint="pip install 'sharedcache[hf]' (or pip install -e '.[hf]' in a checkout).")
+    _choice("engine.dtype", engine["dtype"], HF_DTYPES)
+    device = engine["device_map"]
+    if device is None:
+        return
+    if not isinstance(device, str) or not DEVICE.match(device):
+        _fail("engine.device_map", device, "null (CPU), cpu, cuda or cuda:N: one device (several devices and "
+              "offload are not shared)", "engine.device_map=cuda:0")
+    if device.startswith("cuda"):
+        _cuda_device("engine.device_map", device)
+
+
+def _check_sglang(engine: dict[str, Any]) -> None:
+    _integer("engine.tp_size", engine["tp_size"], minimum=1, example=1)
+    _choice("engine.dtype", engine["dtype"], SGLANG_DTYPES)
+    for role, value in engine["mem_fraction_static"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            _fail(f"engine.mem_fraction_static.{role}", value, "a fraction between 0 and 1",
+                  f"engine.mem_fraction_static.{role}=0.4")
+    for role, port in engine["port"].items():
+        _integer(f"engine.port.{role}", port, minimum=1, maximum=65535, example=30000)
+
+
+def _unknown_engine(engine: dict[str, Any]) -> None:
+    raise ConfigError(f"unknown engine {engine['name']!r}.", hint="Use engine=hf or engine=sglang.")
+
+
+ENGINE_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"hf": _check_hf, "sglang": _check_sglang}
+
+
+def _cuda_device(key: str, device: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(key, device, "a device this machine has: it has no usable CUDA GPU", f"{key}=null (CPU)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        _fail(key, device, f"a device this machine has (cuda:0 to cuda:{torch.cuda.device_count() - 1})",
+              f"{key}=cuda:0")
+
+
+def _integer(key: str, value: Any, *, minimum: int, example: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+        bound = f"from {minimum} to {maximum}" if maximum else f"at least {minimum}"
+        _fail(key, value, f"an integer {bound}", f"{key}={example}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, f"one of {', '.join(choices)}", f"{key}={choices[-1]}")
+
+
+def _fail(key: str, value: Any, expected: str, example: str) -> None:
+    raise ConfigError(f"{key}={value!r} cannot work: it must be {expected}.", hint=f"For example: {example}")

@@ -1,0 +1,52 @@
+"""launch.py refuses a config that cannot work before anything loads: one line naming the key and the
+fix, exit code 2, report.json saying why, and nothing created in the cache directory."""
+from __future__ import annotations
+
+import pytest
+
+from sharedcache import ExitCode
+
+BAD = [  # (overrides, words the one line must hold)
+    (("max_new_tokens=abc",), "max_new_tokens='abc' cannot work: it must be an integer at least 1"),
+    (("min_new_tokens=-1",), "min_new_tokens=-1 cannot work"),
+    (("+foo=bar",), "'+foo=bar' adds the key 'foo', which nothing reads"),
+    (("+cache.wait_timout_s=5",), "adds the key 'cache.wait_timout_s'"),
+    (("engine.dtype=bf16",), "engine.dtype='bf16' cannot work: it must be one of auto, float32, float16, bfloat16"),
+    (("engine.device_map=cuda",), "engine.device_map='cuda' cannot work: it must be a device this machine has"),
+    (("engine.device_map=auto",), "one device (several devices and offload are not shared)"),
+    (("engine=sglang", "engine.tp_size=0"), "engine.tp_size=0 cannot work"),
+    (("engine=sglang", "engine.mem_fraction_static.decode=40"), "engine.mem_fraction_static.decode=40 cannot work"),
+    (("engine=sglang", "engine.dtype=bf16"), "engine.dtype='bf16' cannot work"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_a_value_that_cannot_work_is_refused_before_loading(launcher, cache_dir, overrides, words):
+    import torch
+
+    if "engine.device_map=cuda" in overrides and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so engine.device_map=cuda is valid here")
+    proc = launcher.run("decode", *overrides, model="tiny")
+    out = proc.output()
+    assert proc.popen.returncode == ExitCode.CONFIG, out
+    assert words in out and "Traceback" not in out, out
+    assert proc.report()["ok"] is False and proc.report()["error"] == "ConfigError"
+    assert list(cache_dir.iterdir()) == [], "nothing may be created before the config is accepted"
+
+
+def test_extra_server_flags_are_still_open(launcher, models):
+    proc = launcher.run("decode", "engine=sglang", "engine.dry_run=true", f"model.path={models['tiny']}",
+                        "+engine.extra_args.attention_backend=triton", "+engine.env.NCCL_DEBUG=INFO")
+    assert proc.popen.returncode == 0 and "--attention-backend triton" in proc.output(), proc.output()
+
+
+def test_engine_hf_without_transformers_names_the_extra(launcher, tmp_path, monkeypatch):
+    """A Python where transformers cannot be imported (sitecustomize blocks it in the launched process)."""
+    site = tmp_path / "no-transformers"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['transformers'] = None\n")
+    monkeypatch.setenv("PYTHONPATH", f"{site}")
+    proc = launcher.run("decode", model="tiny")
+    out = proc.output()
+    assert proc.popen.returncode == ExitCode.CONFIG, out
+    assert "engine=hf needs transformers" in out and "pip install 'sharedcache[hf]'" in out, out
