@@ -1,67 +1,10 @@
-"""The main job on the embedded default: a prefill (owner) and a decode (attached) on this machine.
+"""The main job on the embedded default, from a checkout:  python demo.py [overrides for both roles]
 
-    python demo.py [hydra overrides for both, e.g. model=tiny prompt="..."]
-
-Starts `launch.py role=prefill`, waits until it has published, runs `launch.py role=decode`,
-prints both reports side by side, then stops the prefill with SIGTERM.
+The demo itself is `sharedcache_integrations.demo` (installed: `sharedcache demo ...`).
 """
-from __future__ import annotations
-
-import json
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-ROWS = [  # (label, report key, format)
-    ("mode", "mode", str), ("backend", "backend", str), ("tensors", "tensors", str),
-    ("weights shared (MiB)", "bytes_shared", lambda b: f"{b / 2**20:.1f}"),
-    ("weights this process allocated (MiB)", "weight_bytes_allocated", lambda b: f"{b / 2**20:.1f}"),
-    ("normal load (s)", "load_seconds", lambda s: "-" if s is None else f"{s:.3f}"),
-    ("phases", "phases", lambda ps: ", ".join(f"{p['name']} {p['seconds'] * 1e3:.1f}ms" for p in ps)),
-    ("attach (ms)", "attach_seconds", lambda s: "-" if s is None else f"{s * 1e3:.1f}"),
-    ("process start to first token (s)", "process_to_first_token_seconds", lambda s: f"{s:.2f}"),
-    ("logits sha256", "logits_sha256", lambda h: h[:16]),
-    ("generated tokens", "generated_tokens", lambda t: " ".join(map(str, t))),
-    ("generated text", "generated", repr),
-]
-
-
-def main() -> int:
-    overrides = sys.argv[1:]
-    work = Path(tempfile.mkdtemp(prefix="sharedcache-demo-"))
-    cache = Path(tempfile.mkdtemp(prefix="sharedcache-demo-", dir="/dev/shm"))  # 0700 already
-    common = [f"cache.dir={cache}", *overrides]
-    launch = [sys.executable, str(ROOT / "launch.py")]
-    print(f"cache dir {cache}; logs and reports under {work}")
-    with open(work / "prefill.log", "wb") as log:
-        prefill = subprocess.Popen([*launch, "role=prefill", f"hydra.run.dir={work}/prefill", *common],
-                                   stdout=log, stderr=subprocess.STDOUT)
-    try:
-        while not (work / "prefill" / "report.json").exists():
-            if prefill.poll() is not None:
-                print((work / "prefill.log").read_text(), file=sys.stderr)
-                return 1
-            time.sleep(0.1)
-        print(f"prefill (pid {prefill.pid}) published; starting the decode\n")
-        decode = subprocess.run([*launch, "role=decode", f"hydra.run.dir={work}/decode", *common])
-        if decode.returncode != 0:
-            return decode.returncode
-    finally:
-        prefill.send_signal(signal.SIGTERM)
-        prefill.wait(60)
-    pre, dec = (json.loads((work / r / "report.json").read_text()) for r in ("prefill", "decode"))
-    width = max(len(r[0]) for r in ROWS)
-    print(f"\n{'':{width}}  {'prefill (owner)':<40}  decode (attached)")
-    for label, key, fmt in ROWS:
-        print(f"{label:{width}}  {fmt(pre[key]):<40.40}  {fmt(dec[key])}")
-    same = pre["logits_sha256"] == dec["logits_sha256"] and pre["generated_tokens"] == dec["generated_tokens"]
-    print(f"\nparity: {'bit-identical logits and tokens' if same else 'MISMATCH'}")
-    return 0 if same else 1
-
+from sharedcache_integrations.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,6 @@ import sys
 from typing import Any
 
 from .cache import OWNER_FILE, TEMP_FILE, CacheDir, Entry, EntryState
-from .conf import conf_dir
 from . import __version__
 from .errors import ConfigError, EntryOwned, ExitCode, ManifestError, SharedCacheError, StorageError
 from .ownership import Claim
@@ -39,15 +38,25 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
+# The launcher and the demo live with the integrations (they load models through transformers or SGLang);
+# the CLI starts them by module name in this Python, so the core imports none of them.
+LAUNCHER = "sharedcache_integrations.launch"
+DEMO = "sharedcache_integrations.demo"
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """`sharedcache launch [overrides]`: the launcher (`python launch.py` in a checkout), this process becoming it."""
+    os.execv(sys.executable, [sys.executable, "-m", LAUNCHER, *args.overrides])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """`launch.py role=holder` with the given overrides: the process becomes the holder."""
-    launch = conf_dir().parent / "launch.py"
-    if not launch.is_file():
-        print(f"error: {launch} not found; `sharedcache serve` needs a source checkout (pip install -e .).",
-              file=sys.stderr)
-        return ExitCode.CONFIG
+    """`sharedcache launch role=holder` with the given overrides: the process becomes the holder."""
     extra = [f"cache.dir={args.dir}"] if args.dir else []
-    os.execv(sys.executable, [sys.executable, str(launch), "role=holder", *extra, *args.overrides])
+    os.execv(sys.executable, [sys.executable, "-m", LAUNCHER, "role=holder", *extra, *args.overrides])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    os.execv(sys.executable, [sys.executable, "-m", DEMO, *args.overrides])
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -307,15 +316,22 @@ def _collectable(entry: Entry) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="sharedcache", description="Inspect and tidy the shared weight cache.",
+        prog="sharedcache", description="Start instances that share one copy of model weights; inspect and tidy "
+                                        "the shared weight cache.",
         epilog="exit codes: 0 ok; 1 unexpected failure; 2 configuration (fix the command or config); 3 retry later "
                "(no owner yet, key owned); 4 integrity (remove the entry, publish again); 5 the system refused "
                "(disk, permissions, driver); 130 interrupted.")
     p.add_argument("--version", action="version", version=f"sharedcache {__version__}")
     sub = p.add_subparsers(dest="cmd")
-    for name, help_ in (("ls", "list cache entries"), ("inspect", "print one entry's manifest"),
+    for name, help_ in (("launch", "start an instance of a role: sharedcache launch role=prefill|decode "
+                                   "[overrides] (--help: roles, modes, examples)"),
+                        ("demo", "a prefill and a decode side by side on the embedded default model"),
+                        ("ls", "list cache entries"), ("inspect", "print one entry's manifest"),
                         ("gc", "remove entries nothing can use"),
-                        ("serve", "hold a model's weights for others to attach (launch.py role=holder)")):
+                        ("serve", "hold a model's weights for others to attach (launch role=holder)")):
+        if name in ("launch", "demo"):  # every argument, --help included, is the launcher's (Hydra's)
+            sub.add_parser(name, help=help_, add_help=False).add_argument("overrides", nargs=argparse.REMAINDER)
+            continue
         sp = sub.add_parser(name, help=help_)
         if name == "ls":
             sp.add_argument("--json", action="store_true", help="one JSON record per entry")
@@ -327,12 +343,17 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--json", action="store_true", help="print the raw manifest")
         sp.add_argument("--dir", help="cache directory (default: cache.dir of the composed conf/)")
         sp.add_argument("overrides", nargs="*", default=[], help="Hydra overrides, e.g. cache=... model=tiny")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("launch", "demo"):  # argparse would take a leading --help for itself
+        args = argparse.Namespace(cmd=argv[0], overrides=argv[1:])
+    else:
+        args = p.parse_args(argv)
     if args.cmd is None:  # bare `sharedcache`: what it can do, not argparse's one-line complaint
         p.print_help()
         return ExitCode.CONFIG
     try:
-        return {"ls": cmd_ls, "inspect": cmd_inspect, "gc": cmd_gc, "serve": cmd_serve}[args.cmd](args)
+        return {"ls": cmd_ls, "inspect": cmd_inspect, "gc": cmd_gc, "serve": cmd_serve, "launch": cmd_launch,
+                "demo": cmd_demo}[args.cmd](args)
     except SharedCacheError as e:
         print(f"error: {printable(e)}", file=sys.stderr)
         return e.exit_code

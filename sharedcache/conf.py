@@ -8,8 +8,17 @@ from typing import Any
 
 
 def conf_dir() -> Path:
-    """The project's conf/ (next to the package in a source or editable install)."""
-    return Path(os.environ.get("SHAREDCACHE_CONF", Path(__file__).resolve().parents[1] / "conf"))
+    """The project's conf/: $SHAREDCACHE_CONF if set; else the installed copy (a wheel installs conf/ as the
+    package `sharedcache_conf`; an editable install maps that name to the checkout's conf/); else the
+    conf/ of the checkout this package runs from."""
+    if os.environ.get("SHAREDCACHE_CONF"):
+        return Path(os.environ["SHAREDCACHE_CONF"])
+    import importlib.util
+
+    spec = importlib.util.find_spec("sharedcache_conf")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[1] / "conf"
 
 
 def entry_key(path: str | None, name: str) -> str:

@@ -8,7 +8,11 @@ that need torch import it when called.
 - fingerprints: `checkpoint_fingerprint` for a model directory, with `config_digest` and `weight_files`;
 - files: `write_json_atomic` (a reader sees the old file or the new one, never part of one);
 - memory sizing: `SizingTurn` (see sharedcache.settle);
-- instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it.
+- instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it;
+- launchers (the Hydra launcher in integrations/launch.py): `conf_dir`, `register_resolvers`, `core_role`,
+  `role_of` (the composed config as the core reads it), `prepare_device` (a device's backends brought up
+  before the timed phases), `TerminalProgress` / `log_progress` (progress on a terminal or in logs),
+  `process_age`.
 """
 from __future__ import annotations
 
@@ -23,20 +27,48 @@ from .layout import dtype_name
 if TYPE_CHECKING:
     import torch
 
+    from .conf import conf_dir, core_role, register_resolvers, role_of
+    from .progress import TerminalProgress, log_progress
     from .settle import SizingTurn
 
 __all__ = [
-    "SizingTurn", "checkpoint_fingerprint", "config_digest", "device_id", "device_index", "dtype_name",
-    "instance_of", "resolve_device", "weight_files", "write_json_atomic",
+    "SizingTurn", "TerminalProgress", "checkpoint_fingerprint", "conf_dir", "config_digest", "core_role",
+    "device_id", "device_index", "dtype_name", "instance_of", "log_progress", "prepare_device", "process_age",
+    "register_resolvers", "resolve_device", "role_of", "weight_files", "write_json_atomic",
 ]
+# exported names whose modules are imported only when an integration asks for them
+_LAZY = {"SizingTurn": "settle", "TerminalProgress": "progress", "log_progress": "progress", "conf_dir": "conf",
+         "core_role": "conf", "register_resolvers": "conf", "role_of": "conf"}
 
 
 def __getattr__(name: str):
-    if name == "SizingTurn":  # the cache directory's machinery, only when an integration sizes memory
-        from .settle import SizingTurn
+    if name in _LAZY:
+        import importlib
 
-        return SizingTurn
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__.rpartition(".")[0]), name)
     raise AttributeError(name)
+
+
+# ---------------------------------------------------------------- launchers
+
+def prepare_device(device: "torch.device | str") -> None:
+    """Bring up the backends of `device` at process start (driver bindings, current context), so that
+    loading and attaching are timed without them."""
+    import torch
+
+    from .backends import prepare
+
+    prepare(torch.device(device))
+
+
+def process_age() -> float:
+    """Seconds since this process started (the kernel's clock, so interpreter start-up counts)."""
+    from pathlib import Path
+
+    from .manifest import process_start_ticks
+
+    start = process_start_ticks(os.getpid()) / os.sysconf("SC_CLK_TCK")
+    return float(Path("/proc/uptime").read_text().split()[0]) - start
 
 
 # ---------------------------------------------------------------- fingerprints

@@ -1,6 +1,7 @@
 """`sharedcache ls` and `sharedcache inspect` against a real running owner."""
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sys
@@ -70,3 +71,40 @@ def test_operator_cli_version_bare_help_json_and_gc_dry_run(published, cache_dir
     assert (cache_dir / "k" / "manifest.json").exists() and list((cache_dir / "k").glob("arena-*"))
     gc = cli("gc", "--dir", str(cache_dir))
     assert "gc: 1 removed, 0 kept" in gc.stdout and not (cache_dir / "k" / "manifest.json").exists(), gc.stdout
+
+
+def test_sharedcache_launch_is_the_launcher_from_any_directory(tmp_path, cache_dir, models):
+    """`sharedcache launch` takes the launcher's overrides and --help (the app help), from a directory that is
+    not the checkout; the prefill it starts prints an attach command of the same form."""
+    import os
+    import shlex
+    import subprocess
+
+    script = shutil.which("sharedcache") or str(Path(sys.executable).parent / "sharedcache")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = lambda *a, **kw: subprocess.run([script, *a], cwd=tmp_path, capture_output=True, text=True,  # noqa: E731
+                                          timeout=300, env=env, **kw)
+    help_ = run("launch", "--help")
+    assert help_.returncode == 0 and "sharedcache launch role=decode" in help_.stdout, help_.stderr
+    bad = run("launch", "role=decode", "max_new_tokens=abc")
+    assert bad.returncode == 2 and "max_new_tokens='abc' cannot work" in bad.stdout + bad.stderr
+    home = f"model.embedded.dir={models['tiny']}"
+    prefill = subprocess.Popen([script, "launch", "role=prefill", "model=tiny", home, f"cache.dir={cache_dir}"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in prefill.stdout:
+            lines.append(line)
+            if "Attach with:" in line:
+                attach = next(prefill.stdout).strip()
+                break
+        else:
+            raise AssertionError("".join(lines))
+        assert attach.startswith("sharedcache launch role=decode model=tiny"), attach
+        decode = run(*shlex.split(attach)[1:], f"hydra.run.dir={tmp_path / 'decode'}")
+        assert decode.returncode == 0, decode.stdout + decode.stderr
+        report = json.loads((tmp_path / "decode" / "report.json").read_text())
+        assert report["mode"] == "load" and report["weight_bytes_allocated"] == 0 and report["fallback"] is None
+    finally:
+        prefill.terminate()
+        prefill.wait(60)

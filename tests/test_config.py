@@ -199,6 +199,7 @@ def test_launch_help_says_what_roles_and_modes_are_with_examples():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for words in ("== Roles (role=...) ==", "prefill   mode save", "placeholder", "== Examples ==",
-                  "python launch.py role=decode", "report.json", "Exit codes", "role: auto, decode"):
+                  "sharedcache launch role=decode", "python launch.py", "report.json", "Exit codes",
+                  "role: auto, decode", "sharedcache demo"):
         assert words in out.stdout, words
     assert "powered by Hydra" not in out.stdout
