@@ -182,10 +182,8 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
         plan = sgl.plan_router(cfg)
     else:
         plan = sgl.plan_server(cfg, model_dir(cfg["model"]), core_role(cfg), out)
-    if cfg["engine"]["dry_run"]:
-        print(" ".join(plan.argv))
-        for k, v in plan.env.items():
-            print(f"  {k}={v}")
+    if cfg["engine"]["dry_run"]:  # one line to paste into a shell (or a container's command)
+        print(" ".join(shlex.quote(a) for a in [*(f"{k}={v}" for k, v in plan.env.items()), *plan.argv]))
         return
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,8 +9,9 @@ that need torch import it when called.
 - files: `write_json_atomic` (a reader sees the old file or the new one, never part of one);
 - memory sizing: `SizingTurn` (see sharedcache.settle);
 - instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it;
-- launchers (the Hydra launcher in integrations/launch.py): `conf_dir`, `register_resolvers`, `core_role`,
-  `role_of` (the composed config as the core reads it), `prepare_device` (a device's backends brought up
+- launchers (the Hydra launcher in integrations/launch.py, the SGLang plugin's switches): `conf_dir`,
+  `compose`, `register_resolvers`, `core_role`, `role_of` (the composed config as the core reads it),
+  `entry_key` (a model's cache key), `prepare_device` (a device's backends brought up
   before the timed phases), `TerminalProgress` / `log_progress` (progress on a terminal or in logs),
   `process_age`.
 """
@@ -27,17 +28,19 @@ from .layout import dtype_name
 if TYPE_CHECKING:
     import torch
 
-    from .conf import conf_dir, core_role, register_resolvers, role_of
+    from .conf import compose, conf_dir, core_role, entry_key, register_resolvers, role_of
     from .progress import TerminalProgress, log_progress
     from .settle import SizingTurn
 
 __all__ = [
-    "SizingTurn", "TerminalProgress", "checkpoint_fingerprint", "conf_dir", "config_digest", "core_role",
+    "SizingTurn", "TerminalProgress", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role",
+    "entry_key",
     "device_id", "device_index", "dtype_name", "instance_of", "log_progress", "prepare_device", "process_age",
     "register_resolvers", "resolve_device", "role_of", "weight_files", "write_json_atomic",
 ]
 # exported names whose modules are imported only when an integration asks for them
 _LAZY = {"SizingTurn": "settle", "TerminalProgress": "progress", "log_progress": "progress", "conf_dir": "conf",
+         "compose": "conf", "entry_key": "conf",
          "core_role": "conf", "register_resolvers": "conf", "role_of": "conf"}
 
 

@@ -118,8 +118,12 @@ def test_sglang_servers_by_role_from_config(launcher, models):
                   "--disaggregation-mode decode", "--disaggregation-transfer-backend mooncake",
                   "--disaggregation-bootstrap-port 8998", "--max-running-requests 8", "--enable-metrics"):
         assert f" {flags}" in command, (flags, command)
-    assert "SGLANG_PLUGINS=sharedcache" in out
-    plugin = next(line for line in out.splitlines() if "SHAREDCACHE_SGLANG=" in line).split("=", 1)[1]
+    import shlex
+
+    words = shlex.split(command)  # one line a shell takes as it is: VAR=value ... python -m sglang.launch_server ...
+    env = dict(w.split("=", 1) for w in words[:words.index("-m") - 1])
+    assert env["SGLANG_PLUGINS"] == "sharedcache"
+    plugin = env["SHAREDCACHE_SGLANG"]
     from sharedcache_integrations.sglang import load_plugin_config
 
     cfg = load_plugin_config(plugin)  # what the plugin will read inside SGLang's scheduler processes
@@ -203,3 +207,25 @@ def test_launch_help_says_what_roles_and_modes_are_with_examples():
                   "role: auto, decode", "sharedcache demo"):
         assert words in out.stdout, words
     assert "powered by Hydra" not in out.stdout
+
+
+def test_a_plain_sglang_command_line_is_switched_on_by_readable_variables(tmp_path):
+    """SHAREDCACHE_ROLE (and optionally _KEY, _DIR, _OVERRIDES, _REPORT_DIR) on a plain SGLang command line
+    give the plugin the packaged conf's role and cache settings; the key defaults to the model's directory."""
+    from sharedcache_integrations.sglang import config_from_switches, switches_env
+
+    env = switches_env("decode", cache_dir=str(tmp_path), overrides=["cache.wait_timeout_s=600"])
+    assert env == {"SHAREDCACHE_ROLE": "decode", "SHAREDCACHE_DIR": str(tmp_path),
+                   "SHAREDCACHE_OVERRIDES": "cache.wait_timeout_s=600"}
+    cfg = config_from_switches(env)
+    assert cfg.role.name == "decode" and cfg.role.mode is Mode.LOAD and cfg.settings.dir == str(tmp_path)
+    assert cfg.settings.wait_timeout_s == 600 and cfg.report_dir is None and cfg.key_from_model
+    assert cfg.keyed("llama8b").settings.key == "llama8b" and not cfg.keyed("llama8b").key_from_model
+    named = config_from_switches(switches_env("prefill", key="llama8b", report_dir=str(tmp_path / "r")))
+    assert (named.role.mode, named.settings.key, named.key_from_model) == (Mode.SAVE, "llama8b", False)
+    assert named.report_dir == tmp_path / "r"
+    with pytest.raises(ConfigError, match="SHAREDCACHE_ROLE='plain' is not a role an SGLang server can take"):
+        config_from_switches({"SHAREDCACHE_ROLE": "plain"})
+    with pytest.raises(ConfigError, match="the sharedcache switches do not compose") as e:
+        config_from_switches({"SHAREDCACHE_ROLE": "decode", "SHAREDCACHE_OVERRIDES": "cache.wait_timout_s=5"})
+    assert "SHAREDCACHE_OVERRIDES" in e.value.hint

@@ -1,9 +1,14 @@
 """SGLang integration: every SGLang process that loads a model goes through the role's cache phases.
 
 SGLang discovers this plugin through the `sglang.srt.plugins` entry point (pyproject.toml) in each
-process it spawns, and calls `register()`. The plugin does nothing unless `launch.py` (or the user)
-set SHAREDCACHE_SGLANG to the JSON that `plugin_env()` builds: the role, the cache settings and where
-to write each rank's report. Then it wraps SGLang's `get_model_loader` through SGLang's hook
+process it spawns, and calls `register()`. The plugin does nothing unless it is switched on, by either
+- `launch.py engine=sglang`, which sets SHAREDCACHE_SGLANG to the JSON that `plugin_env()` builds (the
+  role, the cache settings, where each rank writes its report), or
+- a plain SGLang command line with a few readable variables (`switches_env`): SHAREDCACHE_ROLE
+  (prefill, decode or auto), and optionally SHAREDCACHE_KEY (default: the model directory's name, as
+  launch.py), SHAREDCACHE_DIR, SHAREDCACHE_OVERRIDES (more Hydra overrides of the cache and role
+  groups) and SHAREDCACHE_REPORT_DIR; every other setting comes from the packaged conf/.
+Then it wraps SGLang's `get_model_loader` through SGLang's hook
 registry, so the loader SGLang would have used becomes the "normal load" of a sharedcache Instance,
 and hooks the model runner so that the KV pool is sized once the owner settled (see hooks.py).
 No SGLang file is changed; every SGLang internal used goes through compat.py.
@@ -14,14 +19,19 @@ import json
 import logging
 import multiprocessing
 import os
+import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from sharedcache import CacheSettings, ConfigError, Role
 
 ENV = "SHAREDCACHE_SGLANG"
+# the switches of a plain SGLang command line
+ROLE_ENV, KEY_ENV, DIR_ENV = "SHAREDCACHE_ROLE", "SHAREDCACHE_KEY", "SHAREDCACHE_DIR"
+OVERRIDES_ENV, REPORT_ENV = "SHAREDCACHE_OVERRIDES", "SHAREDCACHE_REPORT_DIR"
+SWITCH_ROLES = ("prefill", "decode", "auto")
 PLUGIN_NAME = "sharedcache"  # the entry point's name, which SGLANG_PLUGINS allow-lists
 log = logging.getLogger(__name__)
 
@@ -37,7 +47,45 @@ def plugin_env(*, role: dict[str, Any], cache: dict[str, Any], report_dir: str) 
 class PluginConfig:
     role: Role
     settings: CacheSettings
-    report_dir: Path
+    report_dir: Path | None  # None: the ranks log their reports and write none
+    key_from_model: bool = False  # the key is the model directory's name, known once SGLang loads
+
+    def keyed(self, key: str) -> "PluginConfig":
+        return replace(self, settings=replace(self.settings, key=key), key_from_model=False)
+
+
+def switches_env(role: str, *, key: str | None = None, cache_dir: str | None = None,
+                 overrides: list[str] | None = None, report_dir: str | None = None) -> dict[str, str]:
+    """The readable variables that make a plain SGLang server share its weights (what `engine.dry_run`
+    and the README show); the inverse of `config_from_switches`."""
+    env = {ROLE_ENV: role, KEY_ENV: key, DIR_ENV: cache_dir, REPORT_ENV: report_dir,
+           OVERRIDES_ENV: " ".join(shlex.quote(o) for o in overrides) if overrides else None}
+    return {k: v for k, v in env.items() if v}
+
+
+def config_from_switches(environ: Mapping[str, str]) -> PluginConfig:
+    """The plugin's config from SHAREDCACHE_ROLE and friends, every other setting from the packaged conf/."""
+    from sharedcache.kit import compose, role_of
+
+    role = environ[ROLE_ENV]
+    if role not in SWITCH_ROLES:
+        raise ConfigError(f"{ROLE_ENV}={role!r} is not a role an SGLang server can take.",
+                          hint=f"Set it to one of {', '.join(SWITCH_ROLES)}: prefill loads and publishes, decode "
+                               "attaches, auto attaches if it can and publishes otherwise.")
+    overrides = [f"role={role}"]
+    overrides += [f"cache.dir={environ[DIR_ENV]}"] if environ.get(DIR_ENV) else []
+    overrides += [f"cache.key={environ[KEY_ENV]}"] if environ.get(KEY_ENV) else []
+    try:
+        overrides += shlex.split(environ.get(OVERRIDES_ENV, ""))
+        cfg = compose(overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra's and shlex's errors: one line naming the variable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"the sharedcache switches do not compose ({first}).",
+                          hint=f"Check {OVERRIDES_ENV}, {KEY_ENV} and {DIR_ENV} against "
+                               "`sharedcache launch --cfg job`.") from None
+    report = environ.get(REPORT_ENV)
+    return PluginConfig(role_of(cfg), CacheSettings.from_mapping(cfg["cache"]), Path(report) if report else None,
+                        key_from_model=not environ.get(KEY_ENV))
 
 
 def load_plugin_config(raw: str) -> PluginConfig:
@@ -58,19 +106,20 @@ def load_plugin_config(raw: str) -> PluginConfig:
 def register() -> None:
     """SGLang's plugin entry point, run in every SGLang process that loads plugins.
 
-    Inert without SHAREDCACHE_SGLANG. With it: an SGLang outside the supported range or a malformed
-    value stops the process with one line (a server asked to share must not serve unshared). The
-    server's launcher process loads no model, so hooks go only into its spawned scheduler processes."""
-    if not os.environ.get(ENV):
+    Inert without SHAREDCACHE_SGLANG or SHAREDCACHE_ROLE. With one: an SGLang outside the supported range
+    or a malformed value stops the process with one line (a server asked to share must not serve
+    unshared). The server's launcher process loads no model, so hooks go only into its spawned scheduler
+    processes."""
+    if not os.environ.get(ENV) and not os.environ.get(ROLE_ENV):
         return
     from . import compat
 
     why = compat.unsupported_reason(compat.installed_version())
     if why is not None:
-        raise SystemExit(f"[sharedcache.sglang] {why}. Install a supported SGLang, or unset {ENV} to serve "
-                         "without sharing.")
+        raise SystemExit(f"[sharedcache.sglang] {why}. Install a supported SGLang, or unset {ENV} and "
+                         f"{ROLE_ENV} to serve without sharing.")
     try:
-        config = load_plugin_config(os.environ[ENV])
+        config = load_plugin_config(os.environ[ENV]) if os.environ.get(ENV) else config_from_switches(os.environ)
     except ConfigError as e:
         raise SystemExit(str(e)) from e
     if multiprocessing.parent_process() is None or "sglang.srt.managers.scheduler" not in sys.modules:

@@ -207,6 +207,11 @@ def _write_report(scheduler) -> None:
     data = {**STATE.report, **STATE.sizing, "settled_at": time.time(),
             **compat.pool_sizes(scheduler)}
     report_dir = STATE.config.report_dir
+    if report_dir is None:  # switched on by environment variables without SHAREDCACHE_REPORT_DIR
+        log.info("sharedcache: %s ready: mode=%s backend=%s weights allocated=%s bytes, KV pool %s tokens",
+                 STATE.key, data.get("mode"), data.get("backend"), data.get("weight_bytes_allocated"),
+                 data.get("kv_pool_tokens"))
+        return
     report_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
 
@@ -215,6 +220,8 @@ def _write_failure(e: SharedCacheError) -> None:
     """Why this rank cannot serve, for the launcher (`failed-<rank>.json` beside the reports)."""
     data = {"ok": False, "rank": rank_tag(STATE.ranks), "error": type(e).__name__, "message": e.message,
             "hint": e.hint, "exit_code": int(e.exit_code), "pid": os.getpid()}
+    if STATE.config.report_dir is None:  # nobody reads failure files: SGLang logs the error itself
+        return
     try:
         STATE.config.report_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(STATE.config.report_dir) / f"failed-{rank_tag(STATE.ranks)}.json", data, indent=2)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sharedcache import Fingerprint, UnsupportedModel
-from sharedcache.kit import checkpoint_fingerprint, resolve_device, weight_files
+from sharedcache.kit import checkpoint_fingerprint, entry_key, resolve_device, weight_files
 
 from ..hf.config import hf_config_digest
 from . import compat
@@ -52,6 +52,8 @@ class SharedCacheLoader(BaseModelLoader):
         from sharedcache import Instance
 
         state = self.state
+        if state.config.key_from_model:  # SHAREDCACHE_KEY unset: the model directory's name, as launch.py keys it
+            state.config = state.config.keyed(entry_key(str(model_config.model_path), "model"))
         if state.ranks is None:  # the model runner's hook sets them; a loader called on its own has none
             state.ranks = compat.ranks()
         settings = replace(state.config.settings, key=state.key)

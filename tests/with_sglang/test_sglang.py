@@ -93,6 +93,61 @@ def scheduler_pids(server_pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
+class PlainSGLang:
+    """`python -m sglang.launch_server ...` as a user would type it, sharing through SHAREDCACHE_ROLE and
+    friends (no launch.py, no JSON): the CPU engine flags the suite's other servers get from conf/."""
+
+    def __init__(self, model: Path, port: int, cache_dir: Path, report_dir: Path) -> None:
+        import sys
+
+        from sharedcache_integrations.sglang import switches_env
+
+        self.report_dir, self.port = report_dir, port
+        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1",
+               **switches_env("decode", cache_dir=str(cache_dir), report_dir=str(report_dir),
+                              overrides=["cache.wait_timeout_s=600"])}
+        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--host", "127.0.0.1",
+                "--port", str(port), "--device", "cpu", "--dtype", "float32", "--attention-backend", "torch_native",
+                "--max-total-tokens", "2048", "--disable-cuda-graph"]
+        self.log = report_dir.parent / "decode-b.log"
+        report_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as f:
+            self.popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+
+    def wait_report(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        path = self.report_dir / "report-tp0.json"
+        while not path.exists() or not self._healthy():  # its rank reported and its HTTP server is up
+            assert self.popen.poll() is None and time.monotonic() < deadline, self.output()
+            time.sleep(0.5)
+        return {"ranks": [json.loads(path.read_text())]}
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def stop(self, timeout: float) -> int:
+        """SIGTERM to its process group: 0 once it is gone, or the code it had already died with."""
+        import signal
+
+        if self.popen.poll() is not None:
+            return self.popen.returncode
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        return 0
+
+
 def test_prefill_publishes_and_decode_attaches_with_transformers_tokens(launcher, models, cache_dir, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUB), os.environ.get("PYTHONPATH", "")]))
@@ -155,16 +210,22 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
         sgl.ports[name] = ports[name]
         return launcher.start(
             role, "engine=sglang", "engine.device=cpu", "engine.dtype=float32", f"model.path={models['default']}",
-            "cache.key=sgl-order", "cache.wait_timeout_s=600", f"engine.port.{role}={ports[name]}",
+            f"cache.key={models['default'].name}", "cache.wait_timeout_s=600", f"engine.port.{role}={ports[name]}",
             "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null",
             "+engine.env.SGLANG_USE_CPU_ENGINE=1", "+engine.extra_args.attention_backend=torch_native",
             "+engine.extra_args.max_total_tokens=2048", "+engine.extra_args.disable_cuda_graph=true", name=name)
 
-    decodes = [start("decode", "decode-a"), start("decode", "decode-b")]  # both before any owner exists
+    # both before any owner exists: one through launch.py, one a plain SGLang command line switched on by
+    # the readable variables (its key: the model directory's name, as launch.py's, so the launch.py servers
+    # name the same key)
+    decodes = [start("decode", "decode-a"), PlainSGLang(models["default"], ports["decode-b"], launcher.cache_dir,
+                                                        launcher.workdir / "decode-b-reports")]
+    sgl.ports["decode-b"] = ports["decode-b"]
     time.sleep(5)
     prefill = start("prefill", "prefill")
     pre = prefill.wait_report(600)
     reports = [d.wait_report(600)["ranks"][0] for d in decodes]
+    assert reports[1]["key"] == f"{models['default'].name}-tp0"
     owner = pre["ranks"][0]
     for r in reports:
         assert r["mode"] == "load" and r["fallback"] is None and r["weight_bytes_allocated"] == 0, r
@@ -179,7 +240,7 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
     assert sgl.generate("decode-a", ids) == tokens == sgl.generate("decode-b", ids)
     refused = update_weights_from_disk(ports["decode-a"], models["default"])
     assert refused["success"] is False and "update_weights_from_disk refused" in refused["message"], refused
-    assert "sgl-order-tp0" in refused["message"]
+    assert f"{models['default'].name}-tp0" in refused["message"]
     assert sgl.generate("decode-a", ids) == tokens  # nothing was written into the shared weights
     refused = update_weights_from_disk(ports["prefill"], models["default"])  # nor by the owner
     assert refused["success"] is False and "this server owns the shared weights" in refused["message"], refused
