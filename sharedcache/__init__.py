@@ -5,6 +5,7 @@ Importing this package is cheap: no CUDA initialisation, no framework imports.
 from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, DriverError, EntryError,
                      EntryOwned, ExitCode, FingerprintMismatch, HandoverError, IntegrityError, ManifestError, NoManifest,
                      OwnerGone, SharedCacheError, StorageError, UnsupportedModel)
+from .conf import configured
 from .fingerprint import Fingerprint
 from .roles import Mode, Role
 from .settings import CacheSettings
@@ -15,7 +16,7 @@ __all__ = [
     "__version__", "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError",
     "DriverError", "EntryError", "EntryOwned", "ExitCode", "Fingerprint", "FingerprintMismatch", "HandoverError",
     "Instance", "IntegrityError", "ManifestError", "Mode", "NoManifest", "OwnerGone", "Role", "SharedCacheError",
-    "StorageError", "UnsupportedModel",
+    "StorageError", "UnsupportedModel", "configured",
 ]
 
 

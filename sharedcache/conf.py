@@ -66,3 +66,13 @@ def role_of(cfg: dict[str, Any]):
     from .roles import Role
 
     return Role.from_mapping(core_role(cfg))
+
+
+def configured(role: str = "auto", *overrides: str):
+    """(Role, CacheSettings) as the packaged conf/ defines them, which is what `sharedcache launch role=<role>`
+    composes, with Hydra overrides on top (`"cache.dir=/dev/shm/x"`): the Python API's defaults live in
+    conf/ like everyone else's."""
+    from .settings import CacheSettings
+
+    cfg = compose([f"role={role}", *overrides])
+    return role_of(cfg), CacheSettings.from_mapping(cfg["cache"])

@@ -79,5 +79,6 @@ def _plans_for(name: str, mode: Mode, raw: Any) -> dict[str, tuple[str, ...]]:
 
 def _as_order(name: str, raw: Any) -> tuple[str, ...]:
     if isinstance(raw, str) or not isinstance(raw, (list, tuple)) or not all(isinstance(p, str) for p in raw):
-        raise ConfigError(f"role {name!r}: phases must be a list of phase names, got {raw!r}.")
+        raise ConfigError(f"role {name!r}: phases must be a list of phase names, got {raw!r}.",
+                          hint=f"Or take the packaged role with its phases: sharedcache.configured({name!r}).")
     return tuple(raw)

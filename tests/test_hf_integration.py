@@ -114,3 +114,29 @@ def test_model_binding_cannot_fully_reach_is_refused_or_falls_back(owner, cache_
     assert "outside its parameters and buffers" in rep.fallback
     assert rep.backend is None and rep.weight_bytes_allocated > 0  # loaded normally, nothing half-bound
     assert not any(t.is_meta for t in model.parameters())
+
+
+def test_one_call_from_pretrained_with_the_packaged_settings(models, cache_dir):
+    """hf.from_pretrained(path, role=...) composes the packaged conf's role and cache groups: an auto call
+    publishes, a decode call attaches to it with zero weight bytes; the key is the model directory's name."""
+    import torch
+
+    from sharedcache import configured
+    from sharedcache_integrations import hf
+
+    path = models["tiny"]
+    owner = hf.from_pretrained(path, role="auto", overrides=[f"cache.dir={cache_dir}"])
+    try:
+        first = hf.instance_of(owner).report
+        assert first.mode == "save" and first.fallback is None and first.key == path.name
+        model = hf.from_pretrained(path, role="decode", overrides=[f"cache.dir={cache_dir}"])
+        second = hf.instance_of(model).report
+        assert second.mode == "load" and second.weight_bytes_allocated == 0 and second.key == path.name
+        ids = torch.tensor([[1, 5, 9, 2]])
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, owner(ids).logits)
+        hf.instance_of(model).close()
+    finally:
+        hf.instance_of(owner).close()
+    role, settings = configured("decode", f"cache.dir={cache_dir}")
+    assert role.name == "decode" and settings.dir == str(cache_dir) and settings.wait_timeout_s > 0

@@ -1,7 +1,8 @@
 """transformers integration: `PreTrainedModel.from_pretrained` goes through the role's cache phases.
 
     from sharedcache_integrations import hf
-    with hf.patched(role=role, cache=settings):
+    model = hf.from_pretrained(path, role="decode")          # one call, the packaged conf's settings
+    with hf.patched(role=role, cache=settings):             # or any code that calls from_pretrained
         model = AutoModelForCausalLM.from_pretrained(path)
     hf.instance_of(model).report
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from sharedcache import CacheSettings, Role
 from sharedcache.kit import instance_of as _instance_of
@@ -53,6 +55,24 @@ def patched(*, role: Role, cache: CacheSettings, progress: Callable[[Any], None]
         yield
     finally:
         uninstall()
+
+
+def from_pretrained(path: str | os.PathLike, *, role: str = "auto", overrides: Sequence[str] = (),
+                    auto_class: str = "AutoModelForCausalLM", **kwargs: Any) -> Any:
+    """`transformers.<auto_class>.from_pretrained(path, **kwargs)` through a sharedcache role in one call.
+
+    The role (`prefill`, `decode`, `auto`, `holder`, `plain`) and the cache settings are the packaged
+    conf's, as `sharedcache launch role=<role> model.path=<path>` composes them (the key: the model
+    directory's name), with `overrides` in Hydra's syntax on top, e.g. `["cache.dir=/dev/shm/x"]`. The
+    default, auto, attaches to a live compatible entry and otherwise loads and publishes one. An owner's
+    entry lives as long as the returned model (or until `instance_of(model).close()`)."""
+    import transformers
+
+    from sharedcache import configured
+
+    role_, settings = configured(role, f"model.path={os.fspath(path)}", *overrides)
+    with patched(role=role_, cache=settings):
+        return getattr(transformers, auto_class).from_pretrained(path, **kwargs)
 
 
 def instance_of(model: Any):
