@@ -185,14 +185,21 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
     if cfg["engine"]["dry_run"]:  # one line to paste into a shell (or a container's command)
         print(" ".join(shlex.quote(a) for a in [*(f"{k}={v}" for k, v in plan.env.items()), *plan.argv]))
         return
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, stopped_by = threading.Event(), []
+
+    def on_signal(signum, _frame) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = sgl.Server(plan)
     try:
         reports = server.wait_ready(cfg["engine"]["ready_timeout_s"], stop)
-        if reports is None:  # stopped while starting
-            return
+        if reports is None:  # Ctrl-C or SIGTERM while it started: the whole server goes, and one line says so
+            server.stop()
+            log.error("[launch] interrupted while the SGLang server was starting; stopped it (an owner's ranks "
+                      "unpublish what they had published)")
+            sys.exit(ExitCode.INTERRUPTED if stopped_by[0] == signal.SIGINT else 128 + stopped_by[0])
         report = sgl.gather(reports)
         report.update(role=role.name, engine="sglang", launcher_pid=os.getpid(), server_pid=server.proc.pid,
                       url=plan.url, pd_mode=plan.pd_mode, run_dir=str(out))
@@ -206,6 +213,8 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
                 raise sgl.ServerFailed(f"the SGLang server exited with code {server.proc.returncode}.")
     finally:
         server.stop()
+        for sig, handler in previous.items():  # a multirun's next job gets the handlers back
+            signal.signal(sig, handler)
 
 
 def _write_report(path: Path, data: dict[str, Any]) -> None:

@@ -277,3 +277,29 @@ def update_weights_from_disk(port: int, model: Path) -> dict:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:  # SGLang answers a failed update with 400 and the message
         return json.loads(e.read())
+
+
+def test_ctrl_c_while_a_decode_server_waits_for_its_owner_stops_it_with_one_line(launcher, models, monkeypatch):
+    """Ctrl-C (SIGINT to launch.py) while the SGLang server starts: the whole server goes, launch.py says so
+    in one line and exits 130, with no traceback and no SGLang process left."""
+    import signal
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUB), os.environ.get("PYTHONPATH", "")]))
+    decode = launcher.start(
+        "decode", "engine=sglang", "engine.device=cpu", "engine.dtype=float32", f"model.path={models['default']}",
+        "cache.key=sgl-nobody", "cache.wait_timeout_s=600", f"engine.port.decode={free_port()}",
+        "engine.disaggregation.mode.decode=null", "+engine.env.SGLANG_USE_CPU_ENGINE=1",
+        "+engine.extra_args.attention_backend=torch_native", "+engine.extra_args.disable_cuda_graph=true",
+        name="decode-interrupted")
+    deadline = time.monotonic() + 300
+    while "waiting for an owner" not in decode.output().lower():  # its rank is in the core's wait: mid start-up
+        assert decode.popen.poll() is None and time.monotonic() < deadline, decode.output()[-4000:]
+        time.sleep(0.5)
+    children = scheduler_pids(decode.popen.pid) + [p for c in scheduler_pids(decode.popen.pid)
+                                                   for p in scheduler_pids(c)]
+    assert decode.stop(signal.SIGINT, timeout=120) == 130, decode.output()[-4000:]
+    out = decode.output()
+    assert "[launch] interrupted while the SGLang server was starting; stopped it" in out, out[-4000:]
+    assert "Traceback" not in out.split("interrupted while")[-1], out[-4000:]
+    time.sleep(1)
+    assert not [p for p in children if Path(f"/proc/{p}").exists()], "an SGLang process outlived the launcher"
