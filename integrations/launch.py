@@ -37,9 +37,13 @@ register_resolvers()
 def invocation() -> list[str]:
     """How the user started this launcher, for the commands it prints: the console script (installed,
     `python -m sharedcache_integrations.launch`) or a checkout's launch.py."""
-    if getattr(sys.modules["__main__"], "__spec__", None) is not None:
-        return ["sharedcache", "launch"]
-    return ["python", "launch.py"]
+    if getattr(sys.modules["__main__"], "__spec__", None) is None:
+        return ["python", "launch.py"]
+    import shutil
+
+    script = Path(sys.executable).with_name("sharedcache")  # this Python's console script, else the module
+    return ["sharedcache", "launch"] if script.exists() or shutil.which("sharedcache") else \
+        ["python", "-m", "sharedcache_integrations.launch"]
 
 
 def command() -> list[str]:
@@ -183,7 +187,8 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
     else:
         plan = sgl.plan_server(cfg, model_dir(cfg["model"]), core_role(cfg), out)
     if cfg["engine"]["dry_run"]:  # one line to paste into a shell (or a container's command)
-        print(" ".join(shlex.quote(a) for a in [*(f"{k}={v}" for k, v in plan.env.items()), *plan.argv]))
+        assignments = [f"{k}={v}" for k, v in plan.env.items() if v != ""]  # unset switches: left out
+        print(" ".join(shlex.quote(a) for a in [*assignments, *plan.argv]))
         return
     stop, stopped_by = threading.Event(), []
 
@@ -192,8 +197,9 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    server = sgl.Server(plan)
+    server = None
     try:
+        server = sgl.Server(plan)
         reports = server.wait_ready(cfg["engine"]["ready_timeout_s"], stop)
         if reports is None:  # Ctrl-C or SIGTERM while it started: the whole server goes, and one line says so
             server.stop()
@@ -212,7 +218,8 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
             if server.proc.poll() is not None:
                 raise sgl.ServerFailed(f"the SGLang server exited with code {server.proc.returncode}.")
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         for sig, handler in previous.items():  # a multirun's next job gets the handlers back
             signal.signal(sig, handler)
 

@@ -47,7 +47,8 @@ def _check_hf(engine: dict[str, Any]) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise ConfigError("engine=hf needs transformers, which is not installed in this Python.",
                           hint="pip install 'sharedcache[hf]' (or pip install -e '.[hf]' in a checkout).")
-    _choice("engine.dtype", engine["dtype"], HF_DTYPES)
+    if engine["dtype"] is not None:  # null: from_pretrained's own default
+        _choice("engine.dtype", engine["dtype"], HF_DTYPES)
     device = engine["device_map"]
     if device is None:
         return
@@ -61,6 +62,9 @@ def _check_hf(engine: dict[str, Any]) -> None:
 def _check_sglang(engine: dict[str, Any]) -> None:
     _integer("engine.tp_size", engine["tp_size"], minimum=1, example=1)
     _choice("engine.dtype", engine["dtype"], SGLANG_DTYPES)
+    for table, example in (("mem_fraction_static", "0.4"), ("port", "30001"), ("base_gpu_id", "0")):
+        if not isinstance(engine[table], dict):  # a per-role table replaced by one value
+            _fail(f"engine.{table}", engine[table], "a table by role", f"engine.{table}.decode={example}")
     for role, value in engine["mem_fraction_static"].items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             _fail(f"engine.mem_fraction_static.{role}", value, "a fraction between 0 and 1",

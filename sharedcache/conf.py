@@ -8,17 +8,20 @@ from typing import Any
 
 
 def conf_dir() -> Path:
-    """The project's conf/: $SHAREDCACHE_CONF if set; else the installed copy (a wheel installs conf/ as the
-    package `sharedcache_conf`; an editable install maps that name to the checkout's conf/); else the
-    conf/ of the checkout this package runs from."""
+    """The project's conf/: $SHAREDCACHE_CONF if set; else the conf/ beside this package when it runs from a
+    checkout (so edits there count even if a wheel is installed too); else the installed copy (a wheel
+    installs conf/ as the package `sharedcache_conf`)."""
     if os.environ.get("SHAREDCACHE_CONF"):
         return Path(os.environ["SHAREDCACHE_CONF"])
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "config.yaml").is_file() and (checkout / "role").is_dir():
+        return checkout
     import importlib.util
 
     spec = importlib.util.find_spec("sharedcache_conf")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parents[1] / "conf"
+    return checkout
 
 
 def entry_key(path: str | None, name: str) -> str:
@@ -47,9 +50,17 @@ def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    from hydra.core.global_hydra import GlobalHydra
+
     register_resolvers()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()  # inside a Hydra app of the caller's own: compose ours, then give it back
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
     return OmegaConf.to_container(cfg, resolve=True)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import REPO
 from sharedcache import CacheSettings, ConfigError, Mode, Role
-from sharedcache.conf import compose, role_of
+from sharedcache.conf import compose, core_role, role_of
 
 ROLES = sorted(p.stem for p in (REPO / "conf" / "role").glob("*.yaml"))
 
@@ -229,3 +229,42 @@ def test_a_plain_sglang_command_line_is_switched_on_by_readable_variables(tmp_pa
     with pytest.raises(ConfigError, match="the sharedcache switches do not compose") as e:
         config_from_switches({"SHAREDCACHE_ROLE": "decode", "SHAREDCACHE_OVERRIDES": "cache.wait_timout_s=5"})
     assert "SHAREDCACHE_OVERRIDES" in e.value.hint
+
+
+def test_the_switches_take_any_directory_and_a_key_given_as_an_override(tmp_path):
+    from sharedcache_integrations.sglang import config_from_switches
+
+    odd = tmp_path / "c,v2 (copy)"
+    cfg = config_from_switches({"SHAREDCACHE_ROLE": "decode", "SHAREDCACHE_DIR": str(odd)})
+    assert cfg.settings.dir == str(odd)
+    keyed = config_from_switches({"SHAREDCACHE_ROLE": "decode", "SHAREDCACHE_OVERRIDES": "cache.key=llama8b"})
+    assert keyed.settings.key == "llama8b" and not keyed.key_from_model  # the model's name does not replace it
+
+
+def test_a_plain_sglang_server_ignores_switches_exported_in_the_shell(tmp_path, monkeypatch, models):
+    """A README recipe leaves SHAREDCACHE_ROLE=decode exported: launch.py's plain (and sharing) servers set
+    every switch themselves, so it neither turns a plain server into a sharing one nor changes a role."""
+    from sharedcache_integrations.sglang import server as sgl
+
+    monkeypatch.setenv("SHAREDCACHE_ROLE", "decode")
+    cfg = compose(["role=plain", "engine=sglang", f"model.path={models['tiny']}"])
+    plan = sgl.plan_server(cfg, models["tiny"], core_role(cfg), tmp_path)
+    assert plan.env["SHAREDCACHE_ROLE"] == "" and plan.env["SHAREDCACHE_SGLANG"] == "" and plan.report_dir is None
+    cfg = compose(["role=prefill", "engine=sglang", f"model.path={models['tiny']}"])
+    plan = sgl.plan_server(cfg, models["tiny"], core_role(cfg), tmp_path)
+    assert plan.env["SHAREDCACHE_ROLE"] == "" and '"name": "prefill"' in plan.env["SHAREDCACHE_SGLANG"]
+
+
+def test_configured_works_inside_a_hydra_app_of_the_callers_own(tmp_path):
+    """A user's own @hydra.main app (Hydra already initialised) can still ask for sharedcache's settings."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sharedcache import configured
+
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        outer = GlobalHydra.instance().hydra
+        role, settings = configured("decode", f"cache.dir={tmp_path}")
+        assert role.name == "decode" and settings.dir == str(tmp_path)
+        assert GlobalHydra.instance().hydra is outer  # the caller's Hydra is given back

@@ -140,3 +140,30 @@ def test_one_call_from_pretrained_with_the_packaged_settings(models, cache_dir):
         hf.instance_of(owner).close()
     role, settings = configured("decode", f"cache.dir={cache_dir}")
     assert role.name == "decode" and settings.dir == str(cache_dir) and settings.wait_timeout_s > 0
+
+
+def test_one_call_keeps_an_install_of_the_process_own_and_takes_any_path(models, cache_dir, tmp_path):
+    """hf.from_pretrained() beside hf.install(): the install's role still routes later calls afterwards; a
+    model directory named with a comma and spaces loads, keyed as a launcher would key it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from helpers import role_and_settings
+    from sharedcache_integrations import hf
+
+    odd = tmp_path / "tiny,v2 (copy)"
+    shutil.copytree(models["tiny"], odd)
+    role, settings, _ = role_and_settings("prefill", cache_dir, "cache.key=installed")
+    hf.install(role=role, cache=settings)
+    try:
+        one = hf.from_pretrained(odd, role="auto", overrides=[f"cache.dir={cache_dir}"])
+        assert hf.instance_of(one).report.key == "tiny-v2--copy-"
+        after = AutoModelForCausalLM.from_pretrained(models["tiny"])  # still through the install's role
+        assert hf.instance_of(after).report.key == "installed" and hf.instance_of(after).report.mode == "save"
+        hf.instance_of(after).close()
+        hf.instance_of(one).close()
+    finally:
+        hf.uninstall()
+    plain = AutoModelForCausalLM.from_pretrained(models["tiny"])
+    assert hf.instance_of(plain) is None  # uninstalled: transformers' own load again

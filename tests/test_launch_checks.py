@@ -17,6 +17,9 @@ BAD = [  # (overrides, words the one line must hold)
     (("engine=sglang", "engine.tp_size=0"), "engine.tp_size=0 cannot work"),
     (("engine=sglang", "engine.mem_fraction_static.decode=40"), "engine.mem_fraction_static.decode=40 cannot work"),
     (("engine=sglang", "engine.dtype=bf16"), "engine.dtype='bf16' cannot work"),
+    (("engine=sglang", "engine.mem_fraction_static=0.4"), "engine.mem_fraction_static=0.4 cannot work: it must be "
+                                                          "a table by role. For example: "
+                                                          "engine.mem_fraction_static.decode=0.4"),
 ]
 
 

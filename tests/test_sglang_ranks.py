@@ -38,3 +38,13 @@ def test_ranks_agree_when_all_share_or_none_does():
     problem = disagreement(mixed)
     assert problem.startswith("ranks tp0, tp1, tp3 share their weights") and "1 of 4 could not" in problem
     assert "tp2: the owner is gone" in problem and "every rank refuses" in problem
+
+
+def test_failure_reports_are_read_in_rank_order(tmp_path):
+    from sharedcache_integrations.sglang.server import _rank_order
+
+    tp = ["failed-tp10.json", "failed-tp2.json", "failed-tp1.json"]
+    assert [p.name for p in sorted((tmp_path / n for n in tp), key=_rank_order)] == \
+        ["failed-tp1.json", "failed-tp2.json", "failed-tp10.json"]
+    pp = ["failed-pp1-tp0.json", "failed-pp0-tp3.json"]
+    assert sorted((tmp_path / n for n in pp), key=_rank_order)[0].name == "failed-pp0-tp3.json"

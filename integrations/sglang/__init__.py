@@ -56,8 +56,8 @@ class PluginConfig:
 
 def switches_env(role: str, *, key: str | None = None, cache_dir: str | None = None,
                  overrides: list[str] | None = None, report_dir: str | None = None) -> dict[str, str]:
-    """The readable variables that make a plain SGLang server share its weights (what `engine.dry_run`
-    and the README show); the inverse of `config_from_switches`."""
+    """The readable variables that make a plain SGLang server share its weights (the README's recipe, the
+    tests); the inverse of `config_from_switches`."""
     env = {ROLE_ENV: role, KEY_ENV: key, DIR_ENV: cache_dir, REPORT_ENV: report_dir,
            OVERRIDES_ENV: " ".join(shlex.quote(o) for o in overrides) if overrides else None}
     return {k: v for k, v in env.items() if v}
@@ -73,19 +73,32 @@ def config_from_switches(environ: Mapping[str, str]) -> PluginConfig:
                           hint=f"Set it to one of {', '.join(SWITCH_ROLES)}: prefill loads and publishes, decode "
                                "attaches, auto attaches if it can and publishes otherwise.")
     overrides = [f"role={role}"]
-    overrides += [f"cache.dir={environ[DIR_ENV]}"] if environ.get(DIR_ENV) else []
-    overrides += [f"cache.key={environ[KEY_ENV]}"] if environ.get(KEY_ENV) else []
+    overrides += [f"cache.dir={_quoted(environ[DIR_ENV])}"] if environ.get(DIR_ENV) else []
+    overrides += [f"cache.key={_quoted(environ[KEY_ENV])}"] if environ.get(KEY_ENV) else []
     try:
-        overrides += shlex.split(environ.get(OVERRIDES_ENV, ""))
-        cfg = compose(overrides)
+        extra = shlex.split(environ.get(OVERRIDES_ENV, ""))
+        cfg = compose(overrides + extra)
     except Exception as e:  # noqa: BLE001 - Hydra's and shlex's errors: one line naming the variable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"the sharedcache switches do not compose ({first}).",
                           hint=f"Check {OVERRIDES_ENV}, {KEY_ENV} and {DIR_ENV} against "
                                "`sharedcache launch --cfg job`.") from None
-    report = environ.get(REPORT_ENV)
-    return PluginConfig(role_of(cfg), CacheSettings.from_mapping(cfg["cache"]), Path(report) if report else None,
-                        key_from_model=not environ.get(KEY_ENV))
+    report = Path(environ[REPORT_ENV]) if environ.get(REPORT_ENV) else None
+    if report is not None:
+        try:  # a rank writes here only once its pools exist: find out now, not minutes into the start
+            report.mkdir(parents=True, exist_ok=True)
+            if not os.access(report, os.W_OK):
+                raise PermissionError(f"no write permission on {report}")
+        except OSError as e:
+            raise ConfigError(f"{REPORT_ENV}={str(report)!r} cannot take the ranks' reports ({e}).",
+                              hint=f"Point {REPORT_ENV} at a directory you can write, or unset it.") from None
+    named = environ.get(KEY_ENV) or any(o.lstrip("+~").startswith("cache.key=") for o in extra)
+    return PluginConfig(role_of(cfg), CacheSettings.from_mapping(cfg["cache"]), report, key_from_model=not named)
+
+
+def _quoted(value: str) -> str:
+    """A value as one Hydra override token, whatever it holds (commas, spaces, '=', quotes)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def load_plugin_config(raw: str) -> PluginConfig:

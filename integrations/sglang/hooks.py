@@ -11,7 +11,8 @@
   shared (they write in place, into memory other servers map).
 
 With several ranks, the ranks agree after loading that all share or none does (`agree_across_ranks`),
-and a rank that cannot start writes `failed-<rank>.json` for the launcher, which stops the whole server.
+and a rank that sharedcache refuses (a SharedCacheError) writes `failed-<rank>.json` for the launcher,
+which stops the whole server with that reason; any other failure is SGLang's to report.
 
 Why re-measure: SGLang gives its KV pool `free after loading - baseline x (1 - mem_fraction_static)`
 with the baseline measured before loading. A decode that waits for its prefill measured its baseline
@@ -212,8 +213,11 @@ def _write_report(scheduler) -> None:
                  STATE.key, data.get("mode"), data.get("backend"), data.get("weight_bytes_allocated"),
                  data.get("kv_pool_tokens"))
         return
-    report_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
+    except OSError as e:  # the server serves either way; launch.py, waiting for reports, then says which is missing
+        log.warning("sharedcache: could not write %s's report into %s: %s", STATE.key, report_dir, e)
 
 
 def _write_failure(e: SharedCacheError) -> None:

@@ -52,7 +52,7 @@ class SharedCacheLoader(BaseModelLoader):
         from sharedcache import Instance
 
         state = self.state
-        if state.config.key_from_model:  # SHAREDCACHE_KEY unset: the model directory's name, as launch.py keys it
+        if state.config.key_from_model:  # no key given: the model directory's name, as launch.py keys it
             state.config = state.config.keyed(entry_key(str(model_config.model_path), "model"))
         if state.ranks is None:  # the model runner's hook sets them; a loader called on its own has none
             state.ranks = compat.ranks()
@@ -61,14 +61,14 @@ class SharedCacheLoader(BaseModelLoader):
         instance = Instance(state.config.role, settings, source)
         model = instance.run()
         report = instance.report
+        if report.mode == "save" and report.fallback is None:  # before the wait for the peers: a SIGTERM then
+            _unpublish_on_sigterm(instance)                   # must not leave the published entry behind
         agree_across_ranks(instance, state)
         # An attached rank maps memory that its owner allocated before this rank measured its baseline,
         # so it is already missing from "free": reporting it as preloaded (0.5.23's term) would hold back
         # slack for weights this rank does not hold. An owner (or a fallback) reports what its loader did.
         attached = report.mode in ("load", "placeholder") and report.fallback is None
         self.preloaded_weights_bytes = 0 if attached else compat.inner_preloaded_bytes(self.inner)
-        if report.mode == "save" and report.fallback is None:
-            _unpublish_on_sigterm(instance)
         state.instance = instance
         state.report = _rank_report(state.ranks, report, model, self.preloaded_weights_bytes)
         return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from typing import Any
 
 from sharedcache import ConfigError, SharedCacheError
 
-from . import plugin_env
+from . import ENV, KEY_ENV, DIR_ENV, OVERRIDES_ENV, REPORT_ENV, ROLE_ENV, plugin_env
+
+SWITCHES = (ENV, ROLE_ENV, KEY_ENV, DIR_ENV, OVERRIDES_ENV, REPORT_ENV)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +84,10 @@ def plan_server(cfg: dict[str, Any], model_path: Path, role_core: dict[str, Any]
         argv += ["--disaggregation-mode", pd_mode, "--disaggregation-transfer-backend", dis["transfer_backend"],
                  "--disaggregation-bootstrap-port", str(dis["bootstrap_port"])]
     argv += _flags(engine["extra_args"])
-    env = {k: str(v) for k, v in engine["env"].items()}
+    # the plugin's switches are this config's alone: ones exported in the shell (a README recipe) must not turn
+    # a plain server into a sharing one, nor change a sharing one's role
+    env = {name: "" for name in SWITCHES}
+    env.update({k: str(v) for k, v in engine["env"].items()})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     report_dir = None
     if role_core["mode"] != "off":
@@ -107,6 +113,11 @@ def plan_router(cfg: dict[str, Any]) -> ServerPlan:
 
 _UNREPORTED_GRACE_S = 30  # a server that answers /health while its ranks never reported lacks the plugin
 _PEER_FAILURE_GRACE_S = 5  # after one rank failed, how long its peers get to write their own reasons
+
+
+def _rank_order(path: Path) -> tuple[int, ...]:
+    """failed-pp1-tp10.json after failed-pp1-tp2.json: by the numbers in the name, not as text."""
+    return tuple(int(n) for n in re.findall(r"\d+", path.name))
 
 
 def rank_failure(failures: list[dict[str, Any]], ranks: int) -> ServerFailed:
@@ -193,7 +204,7 @@ class Server:
         if self.plan.report_dir is None:
             return []
         out = []
-        for path in sorted(self.plan.report_dir.glob("failed-*.json")):
+        for path in sorted(self.plan.report_dir.glob("failed-*.json"), key=_rank_order):
             try:
                 out.append(json.loads(path.read_text()))
             except (OSError, ValueError):  # written atomically; unreadable means removed meanwhile
