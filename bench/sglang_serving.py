@@ -108,8 +108,12 @@ def nvidia_smi(*query: str) -> str:
 
 
 def process_gpu_mib() -> dict[str, int]:
+    """pid -> MiB of GPU memory, added up over the GPUs the process uses (nvidia-smi lists one row each)."""
     out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
-    return {p: int(m) for p, m in (line.split(", ") for line in out.strip().splitlines() if line)}
+    used: dict[str, int] = {}
+    for pid, mib in (line.split(", ") for line in out.strip().splitlines() if line):
+        used[pid] = used.get(pid, 0) + int(mib)
+    return used
 
 
 def server_gpu_mib(server: Server, used: dict[str, int]) -> int:

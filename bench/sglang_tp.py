@@ -23,11 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_serving import REPO, Server, nvidia_smi  # noqa: E402
+from sglang_serving import REPO, Server, nvidia_smi, process_gpu_mib, server_gpu_mib  # noqa: E402
+
+from sharedcache_integrations.sglang.server import greedy_ids  # noqa: E402
 
 IDS = [1, 400, 1200, 33, 7000, 15, 298, 4096, 61, 2]
 N_TOKENS = 16
@@ -37,22 +38,7 @@ FLAGS = ("+engine.extra_args.attention_backend=triton +engine.extra_args.samplin
 
 
 def tokens(server: Server) -> list[int]:
-    body = json.dumps({"input_ids": IDS, "sampling_params": {"max_new_tokens": N_TOKENS, "temperature": 0.0,
-                                                             "ignore_eos": True}}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/generate", body,
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read())["output_ids"]
-
-
-def gpu_mib_by_pid() -> dict[int, int]:
-    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
-    used: dict[int, int] = {}
-    for line in out.splitlines():
-        if line.strip():
-            pid, mib = line.split(", ")
-            used[int(pid)] = used.get(int(pid), 0) + int(mib)
-    return used
+    return greedy_ids(f"http://127.0.0.1:{server.port}", IDS, N_TOKENS)
 
 
 def kv_bytes_per_token_per_rank(model: Path, tp: int) -> int:
@@ -93,14 +79,14 @@ class Run:
         path = Path(self.args.out) / f"sglang-tp-{self.args.part}.json"
         path.write_text(json.dumps(self.result, indent=2, sort_keys=True))
 
-    def ranks(self, report: dict, used: dict[int, int]) -> list[dict]:
+    def ranks(self, report: dict, used: dict[str, int]) -> list[dict]:
         """Per rank: what it allocated for weights, its KV pool, its GPU memory (NVML) and what is left
         of it once the KV pool is taken out (context, CUDA graphs, activations, and weights if it holds any)."""
         per_token = kv_bytes_per_token_per_rank(Path(self.args.model), self.args.tp)
         out = []
         for r in sorted(report.get("ranks", []), key=lambda r: r["tp_rank"]):
             kv_mib = r["kv_pool_tokens"] * per_token / 2**20
-            mib = used.get(r["pid"])
+            mib = used.get(str(r["pid"]))
             out.append({"rank": r["tp_rank"], "pid": r["pid"], "key": r["key"], "mode": r["mode"],
                         "fallback": r["fallback"], "arena_bytes": r["arena_bytes"],
                         "weight_bytes_allocated": r["weight_bytes_allocated"], "attach_seconds": r["attach_seconds"],
@@ -120,7 +106,7 @@ def part_serve(run: Run) -> None:
     decode = run.start("decode", "decode")  # at once: each decode rank waits for its prefill rank to settle
     pre, dec = prefill.wait_ready(900), decode.wait_ready(900)
     run.result["start_to_ready_s"] = {"prefill": round(prefill.ready_s, 1), "decode": round(decode.ready_s, 1)}
-    used = gpu_mib_by_pid()
+    used = process_gpu_mib()
     run.result["prefill"], run.result["decode"] = run.ranks(pre, used), run.ranks(dec, used)
     run.result["decode_kv_pool_tokens"] = decode.info()["kv_pool_tokens"]
     run.result["prefill_kv_pool_tokens"] = prefill.info()["kv_pool_tokens"]
@@ -162,9 +148,9 @@ def part_compare(run: Run) -> None:
     plain = run.start("plain", "plain")
     plain.wait_ready(900)
     run.result["start_to_ready_s"] = {"prefill": round(prefill.ready_s, 1), "plain": round(plain.ready_s, 1)}
-    used = gpu_mib_by_pid()
+    used = process_gpu_mib()
     run.result["plain_kv_pool_tokens"] = plain.info()["kv_pool_tokens"]
-    run.result["plain_gpu_mib"] = server_tree_mib(plain, used)
+    run.result["plain_gpu_mib"] = server_gpu_mib(plain, used)
     run.check("plain TP server's tokens equal the prefill's", tokens(plain) == ref)
     plain.stop()
 
@@ -191,13 +177,6 @@ def part_compare(run: Run) -> None:
                   and field in line.split("differing fields:")[1].split(")")[0]
                   and failed and not served, run.result["refusals"][field])
     run.check("the prefill still answers with the same tokens", tokens(prefill) == ref)
-
-
-def server_tree_mib(server: Server, used: dict[int, int]) -> int:
-    import psutil
-
-    tree = [server.proc.pid] + [c.pid for c in psutil.Process(server.proc.pid).children(recursive=True)]
-    return sum(used.get(p, 0) for p in tree)
 
 
 def main() -> int:

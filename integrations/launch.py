@@ -231,8 +231,7 @@ def _write_report(path: Path, data: dict[str, Any]) -> None:
 def _write_failure(path: Path, e: SharedCacheError) -> None:
     """A failed run's report says why, for whoever reads run directories (scripts, dashboards)."""
     try:
-        _write_report(path, {"ok": False, "error": type(e).__name__, "message": e.message, "hint": e.hint,
-                             "exit_code": e.exit_code, "pid": os.getpid()})
+        _write_report(path, {**e.as_report(), "pid": os.getpid()})
     except OSError as err:
         log.warning("could not write %s: %s", path, err)
 

@@ -33,6 +33,11 @@ class SharedCacheError(Exception):
             text += f" {hint}"
         super().__init__(text)
 
+    def as_report(self) -> dict:
+        """What a failed run's report says about it (launch.py's report.json, an SGLang rank's failure file)."""
+        return {"ok": False, "error": type(self).__name__, "message": self.message, "hint": self.hint,
+                "exit_code": int(self.exit_code)}
+
 
 class ConfigError(SharedCacheError):
     """The composed configuration cannot work (unknown mode, impossible phase order...)."""

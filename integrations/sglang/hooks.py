@@ -25,7 +25,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sharedcache import ConfigError, ExitCode, Mode, SharedCacheError
@@ -213,24 +212,25 @@ def _write_report(scheduler) -> None:
                  STATE.key, data.get("mode"), data.get("backend"), data.get("weight_bytes_allocated"),
                  data.get("kv_pool_tokens"))
         return
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(report_dir) / f"report-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
-    except OSError as e:  # the server serves either way; launch.py, waiting for reports, then says which is missing
-        log.warning("sharedcache: could not write %s's report into %s: %s", STATE.key, report_dir, e)
+    _write_rank_file("report", data)
 
 
 def _write_failure(e: SharedCacheError) -> None:
-    """Why this rank cannot serve, for the launcher (`failed-<rank>.json` beside the reports)."""
-    data = {"ok": False, "rank": rank_tag(STATE.ranks), "error": type(e).__name__, "message": e.message,
-            "hint": e.hint, "exit_code": int(e.exit_code), "pid": os.getpid()}
-    if STATE.config.report_dir is None:  # nobody reads failure files: SGLang logs the error itself
-        return
+    """Why this rank cannot serve, for the launcher (`failed-<rank>.json` beside the reports); without a
+    report dir nobody reads it, and SGLang logs the error itself."""
+    if STATE.config.report_dir is not None:
+        _write_rank_file("failed", {**e.as_report(), "rank": rank_tag(STATE.ranks), "pid": os.getpid()})
+
+
+def _write_rank_file(kind: str, data: dict[str, Any]) -> None:
+    """`<kind>-<rank>.json` in the report dir, atomically. The server goes on either way: launch.py, waiting
+    for the ranks' files, then says which one is missing."""
+    report_dir = STATE.config.report_dir
     try:
-        STATE.config.report_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(STATE.config.report_dir) / f"failed-{rank_tag(STATE.ranks)}.json", data, indent=2)
-    except OSError as err:
-        log.warning("sharedcache: could not write this rank's failure report: %s", err)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(report_dir / f"{kind}-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
+    except OSError as e:
+        log.warning("sharedcache: could not write %s's %s file into %s: %s", STATE.key, kind, report_dir, e)
 
 
 def hooks() -> dict[str, Any]:

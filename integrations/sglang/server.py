@@ -222,10 +222,7 @@ class Server:
 
     def _check_alive(self) -> None:
         code = self.proc.poll()
-        if code is not None:
-            failures = self._rank_failures()
-            if failures:
-                raise rank_failure(failures, self.plan.ranks)
+        if code is not None:  # (a rank's own reason, if it wrote one, was raised by wait_ready before this)
             raise ServerFailed(f"the SGLang server exited with code {code} before it was ready.",
                                hint="Its log above says why.")
 
@@ -255,6 +252,16 @@ class Server:
             time.sleep(0.1)
         _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
         return self.proc.returncode
+
+
+def greedy_ids(url: str, input_ids: list[int], max_new_tokens: int, timeout_s: float = 300) -> list[int]:
+    """Token ids a server generates greedily from `input_ids` (always `max_new_tokens` of them): the
+    comparison the tests and benchmarks make between prefill, decode and plain servers."""
+    body = json.dumps({"input_ids": input_ids, "sampling_params": {
+        "max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}}).encode()
+    req = urllib.request.Request(url + "/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return json.loads(r.read())["output_ids"]
 
 
 def _term_with_parent() -> None:

@@ -52,12 +52,9 @@ class SGLangServers:
             f"max_new_tokens={N_TOKENS}", name=role)
 
     def generate(self, role: str, ids: list[int]) -> list[int]:
-        body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": N_TOKENS, "temperature": 0.0,
-                                                                  "ignore_eos": True}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[role]}/generate", body,
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return json.loads(r.read())["output_ids"]
+        from sharedcache_integrations.sglang.server import greedy_ids
+
+        return greedy_ids(f"http://127.0.0.1:{self.ports[role]}", ids, N_TOKENS)
 
 
 def transformers_tokens(model: Path, ids: list[int]) -> list[int]:
