@@ -98,11 +98,14 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
                           hint="Point model.path at a complete Hugging Face model directory.") from None
     engine = cfg["engine"]
     kwargs = {k: engine[k] for k in ("dtype", "device_map") if engine[k] is not None}
-    if str(engine["device_map"] or "cpu").startswith("cuda"):
-        # a server brings its CUDA context up at start; it is not part of loading or attaching
-        torch.cuda.init()
-        torch.empty(1, device=engine["device_map"])
-        prepare_device(engine["device_map"])
+    spread = engine["device_map"] in launch_checks.SPREADING and torch.cuda.is_available()
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if spread else [engine["device_map"]]
+    for device in devices:
+        if str(device or "cpu").startswith("cuda"):
+            # a server brings its CUDA contexts up at start; they are not part of loading or attaching
+            torch.cuda.init()
+            torch.empty(1, device=device)
+            prepare_device(device)
     # a terminal gets one updating line; a log file (systemd, Kubernetes, launch.log) gets log lines
     hf.install(role=role, cache=settings, progress=TerminalProgress() if sys.stderr.isatty() else log_progress)
     try:

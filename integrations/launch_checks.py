@@ -18,6 +18,7 @@ OPEN_MAPPINGS = ("engine.extra_args.", "engine.env.", "engine.router.extra_args.
 HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+SPREADING = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device maps over several GPUs
 
 
 def check(cfg: dict[str, Any], overrides: list[str]) -> None:
@@ -52,9 +53,11 @@ def _check_hf(engine: dict[str, Any]) -> None:
     device = engine["device_map"]
     if device is None:
         return
+    if isinstance(device, str) and device in SPREADING:  # over the GPUs there are (the CPU where there are none)
+        return
     if not isinstance(device, str) or not DEVICE.match(device):
-        _fail("engine.device_map", device, "null (CPU), cpu, cuda or cuda:N: one device (several devices and "
-              "offload are not shared)", "engine.device_map=cuda:0")
+        _fail("engine.device_map", device, "null (CPU), cpu, cuda or cuda:N (one device), or auto, balanced, "
+              "balanced_low_0 or sequential (spread over GPUs; offload is not shared)", "engine.device_map=cuda:0")
     if device.startswith("cuda"):
         _cuda_device("engine.device_map", device)
 

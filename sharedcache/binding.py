@@ -40,9 +40,20 @@ def tensor_refs(model: nn.Module) -> list[TensorRef]:
     return refs
 
 
-def capture(model: nn.Module) -> tuple[list[TensorSlot], list[TensorRef]]:
-    """Slots to plan (tied tensors become aliases by identity) and the refs to rebind."""
+def devices_of(model: nn.Module) -> list[torch.device]:
+    """The devices the model's tensors lie on, in the order its modules first use them."""
+    seen: dict[torch.device, None] = {}
+    for ref in tensor_refs(model):
+        seen.setdefault(ref.get().device, None)
+    return list(seen)
+
+
+def capture(model: nn.Module, device: torch.device | None = None) -> tuple[list[TensorSlot], list[TensorRef]]:
+    """Slots to plan (tied tensors become aliases by identity) and the refs to rebind; with `device`, only
+    the tensors on that device (one part of a model spread over several)."""
     refs = tensor_refs(model)
+    if device is not None:
+        refs = [r for r in refs if r.get().device == device]
     first_name: dict[int, str] = {}
     slots: list[TensorSlot] = []
     for ref in refs:

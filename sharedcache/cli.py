@@ -108,17 +108,21 @@ def _groups(records: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[s
         else:
             index[group] = len(out)
             out.append((group, [r]))
-    return [(g, sorted(m, key=lambda r: r["tp_rank"] or 0) if g is not None else m) for g, m in out]
+    return [(g, sorted(m, key=lambda r: (r["part"] or 0, r["tp_rank"] or 0)) if g is not None else m)
+            for g, m in out]
 
 
 def _group_row(group: str, members: list[dict[str, Any]]) -> tuple[str, ...]:
-    """The server's line: how many of its ranks are published, their total size, one state if they agree."""
-    size = {m["tp_size"] for m in members if m["tp_size"]}
+    """The group's line (a TP server's ranks, or the devices of one spread model): how many of its entries
+    are published, their total size, one state if they agree."""
+    counts = {m["parts"] for m in members if m["parts"]}
+    unit = "devices" if counts else "ranks"
+    size = counts or {m["tp_size"] for m in members if m["tp_size"]}
     expected = f" of {size.pop()}" if len(size) == 1 and not any("-pp" in m["key"] for m in members) else ""
     states = {m["state"] for m in members}
     sizes = [m["size_bytes"] for m in members]
     return tuple(printable(c) for c in (
-        f"{group} ({len(members)}{expected} ranks)", _common(m["model"] for m in members),
+        f"{group} ({len(members)}{expected} {unit})", _common(m["model"] for m in members),
         _common(m["backend"] for m in members), _size(None if None in sizes else sum(sizes)), "",
         states.pop() if len(states) == 1 else "mixed", "", min((m["created"] or "?") for m in members)))
 
@@ -132,7 +136,7 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
     """One published entry as `ls` shows it (None: nothing published there); one bad entry never hides the others."""
     record: dict[str, Any] = {"key": entry.key, "model": None, "backend": None, "size_bytes": None, "owner_pid": None,
                               "state": "?", "mapped_by": None, "created": None, "error": None,
-                              "group": None, "tp_rank": None, "tp_size": None}
+                              "group": None, "tp_rank": None, "tp_size": None, "part": None, "parts": None}
     try:
         if not entry.published():
             return None
@@ -142,7 +146,10 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
                       created=dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S"),
                       tp_rank=m.fingerprint.tp_rank, tp_size=m.fingerprint.tp_size)
         suffix = RANK_SUFFIX.search(entry.key)
-        if suffix and (m.fingerprint.tp_size > 1 or "-pp" in suffix.group()):
+        if m.part is not None:  # one device's share of a spread model: grouped under part 0's key
+            head = entry.key.removesuffix(f"-part{m.part.index}") if m.part.index else entry.key
+            record.update(group=head, part=m.part.index, parts=m.part.count)
+        elif suffix and (m.fingerprint.tp_size > 1 or "-pp" in suffix.group()):
             record["group"] = entry.key[:suffix.start()]
     except (SharedCacheError, OSError) as e:
         record.update(state="corrupt" if isinstance(e, ManifestError) else "refused", error=str(e))

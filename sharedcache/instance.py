@@ -37,6 +37,11 @@ class ModelSource(Protocol):
     # (SGLang's KV pool). Its owner marks the entry settled once done (Instance.mark_settled), and an attacher
     # waits for that before attaching, so that it measures free memory only then (sharedcache.settle).
     settles: bool
+    # Optional, False when absent: the request lets the engine spread the model over several GPUs. A save whose
+    # tensors land on several devices publishes one entry per device (sharedcache.manifest.PartInfo), and asks
+    # `placement(model)` where each module runs ({module path: device}); an attach maps every part and hands
+    # the owner's placement, with this process's devices, to `finish`.
+    spreads: bool
 
     def check(self) -> None:
         """Raise UnsupportedModel before anything loads if the request cannot be shared."""
@@ -51,7 +56,9 @@ class ModelSource(Protocol):
         """The model built on the meta device: right names, shapes and dtypes, no weight memory."""
 
     def finish(self, model: nn.Module, *, attached: bool) -> nn.Module:
-        """Framework work after binding or loading (eval(), generation config, ...); returns the model."""
+        """Framework work after binding or loading (eval(), generation config, ...); returns the model.
+        A spreading source's finish also takes `placement`: {module path: torch device} of an attached
+        spread model (its modules' tensors already lie there), None otherwise."""
 
 
 class Instance:
@@ -64,6 +71,7 @@ class Instance:
         self.role, self.settings, self.source, self.progress = role, settings, source, progress
         self.report: Report | None = None
         self.arena_region: tuple[int, int] | None = None  # address range of the arena this model views
+        self.arena_regions: list[tuple[int, int]] = []  # every device's arena (a spread model has several)
         self._finalizer: weakref.finalize | None = None
         self._claim: Claim | None = None  # what this owner published, until close()
 
@@ -77,7 +85,9 @@ class Instance:
         else:
             s, fallback = self._run_shared(mode)
         try:
-            model = self.source.finish(s.model, attached=s.mode.attaches and fallback is None)
+            attached = s.mode.attaches and fallback is None
+            placed = {"placement": _placement(s) if attached else None} if getattr(self.source, "spreads", False) else {}
+            model = self.source.finish(s.model, attached=attached, **placed)
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{type(self.source).__name__}.finish returned {type(model).__name__}, "
                                 "not a torch module")
@@ -87,6 +97,7 @@ class Instance:
             raise
         if s.arena is not None and fallback is None:
             self.arena_region = s.arena.region()
+            self.arena_regions = [s.arena.region()] + [p.arena.region() for p in s.parts]
         if s.claim is not None:  # a save that published (a failed or fallen-back one has no claim left)
             self._finalizer = weakref.finalize(model, s.claim.close)
             self._claim = s.claim
@@ -150,7 +161,7 @@ class Instance:
 
     def _resolve_mode(self, entry: Entry, fp: Fingerprint, mode: Mode) -> tuple[Mode, Claim | None]:
         if mode is Mode.AUTO:
-            if _compatible_live(entry, fp):
+            if _compatible_live(entry, fp, getattr(self.source, "spreads", False)):
                 mode = Mode.LOAD
             else:
                 try:
@@ -192,21 +203,22 @@ class Instance:
     def _report(self, s: RunState, model: nn.Module, fallback: str | None, total: float) -> Report:
         shared = fallback is None and s.mode is not Mode.OFF
         arena = s.arena if shared else None
-        region = arena.region() if arena is not None else None
-        allocated = weight_bytes_outside(model, region)
-        if arena is not None and arena.owned:
-            allocated += arena.size
+        arenas = [arena] + [p.arena for p in s.parts] if arena is not None else []
+        allocated = weight_bytes_outside(model, [a.region() for a in arenas])
+        allocated += sum(a.size for a in arenas if a.owned)
         attaches = shared and s.mode.attaches
         published = s.layout or s.manifest  # what was packed here, or attached to
+        parts = [_part_row(s.settings.key, s.arena, s.layout or s.manifest)]
+        parts += [_part_row(p.entry.key, p.arena, p.layout or p.manifest) for p in s.parts]
         return Report(
             role=self.role.name, mode=s.mode.value, engine=self.source.engine,
             backend=s.backend.name if (shared and s.backend) else None,
             model=s.fingerprint.model if s.fingerprint else str(getattr(self.source, "path", "")),
             key=self.settings.key, cache_dir=self.settings.dir,
             fingerprint=s.fingerprint.digest() if s.fingerprint else None,
-            tensors=len(s.refs) if shared else 0,
-            bytes_shared=published.payload_bytes if shared and published else 0,
-            arena_bytes=arena.size if arena is not None else 0,
+            tensors=len(s.refs) + sum(len(p.refs) for p in s.parts) if shared else 0,
+            bytes_shared=sum(p["bytes"] for p in parts) if shared and published else 0,
+            arena_bytes=sum(a.size for a in arenas),
             weight_bytes_allocated=allocated,
             phases=list(s.timings),
             attach_seconds=round(sum(p["seconds"] for p in s.timings) - s.wait_seconds, 6) if attaches else None,
@@ -218,7 +230,16 @@ class Instance:
             fallback=fallback,
             layout_digest=s.manifest.arena.layout_digest if s.manifest else None,
             backend_timings={k: round(v, 6) for k, v in arena.timings.items()} if arena is not None else {},
+            parts=parts if shared and s.parts else [],
         )
+
+
+def _part_row(key: str, arena, published) -> dict:
+    """One device's share of a model, for the report."""
+    return {"key": key, "device": str(arena.base.device) if arena is not None else None,
+            "tensors": len(published.tensors) if published is not None else 0,
+            "bytes": published.payload_bytes if published is not None else 0,
+            "arena_bytes": arena.size if arena is not None else 0}
 
 
 _BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, Instance]" = weakref.WeakKeyDictionary()
@@ -229,11 +250,21 @@ def instance_of(model: nn.Module) -> Instance | None:
     return _BY_MODEL.get(model)
 
 
-def _compatible_live(entry: Entry, fp: Fingerprint) -> bool:
+def _compatible_live(entry: Entry, fp: Fingerprint, spreads: bool) -> bool:
     if not entry.published():
         return False
     try:
         manifest = entry.read()
     except ManifestError:
         return False
-    return entry.owner_alive(manifest) and not fp.diff(manifest.fingerprint)
+    differing = [d for d in fp.diff(manifest.fingerprint) if not (spreads and d[0] == "device")]
+    return entry.owner_alive(manifest) and not differing and (spreads or manifest.part is None)
+
+
+def _placement(s: RunState) -> dict[str, torch.device] | None:
+    """An attached spread model's placement on this process's devices (part numbers become the devices
+    its arenas were mapped on, which CUDA_VISIBLE_DEVICES may number otherwise than the owner's)."""
+    if s.placement is None:
+        return None
+    devices = [s.arena.base.device] + [p.arena.base.device for p in s.parts]
+    return {module: devices[part] for module, part in s.placement.items()}

@@ -27,6 +27,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _TENSOR_KEYS = {"name", "kind", "persistent", "dtype", "shape", "stride", "offset", "nbytes", "alias_of"}
 _TOP_KEYS = {"schema", "key", "fingerprint", "fingerprint_digest", "owner", "backend", "handle", "device",
              "arena", "tensors", "checksums", "created"}
+_OPTIONAL_KEYS = {"part"}  # only in the manifests of a model spread over several devices
+_GROUP = re.compile(r"^[0-9a-f]{32}$")
+MAX_PARTS = 64
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,24 @@ class ArenaInfo:
 
 
 @dataclass(frozen=True)
+class PartInfo:
+    """This entry is part `index` of `count` of one model spread over several devices, all published by
+    one owner in one save (`group`). Part 0 is the entry under the user's key and is published last, so a
+    reader that sees it finds the whole group; part i > 0 is `<key>-part<i>`. `placement` maps module
+    paths to part numbers: where each module runs, as the owner's engine placed it."""
+
+    index: int
+    count: int
+    group: str
+    placement: dict[str, int]
+
+
+def part_key(head_key: str, index: int) -> str:
+    """The entry key of part `index` of the model published under `head_key`."""
+    return head_key if index == 0 else f"{head_key}-part{index}"
+
+
+@dataclass(frozen=True)
 class Manifest:
     key: str
     fingerprint: Fingerprint
@@ -75,10 +96,12 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
     created: float
     checksums: dict[str, str] | None = None
+    part: PartInfo | None = None
     schema: int = field(default=SCHEMA_VERSION)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.part is None else {"part": vars(self.part).copy()}
+        return extra | {
             "schema": self.schema,
             "key": self.key,
             "fingerprint": self.fingerprint.to_json(),
@@ -224,7 +247,7 @@ def parse_manifest(data: Any) -> Manifest:
         raise ManifestError(
             f"manifest schema version {schema!r} is not supported (this sharedcache reads version {SCHEMA_VERSION}).",
             hint="Use the same sharedcache version for owner and attacher, or re-publish the entry.")
-    missing, unknown = _TOP_KEYS - set(data), set(data) - _TOP_KEYS
+    missing, unknown = _TOP_KEYS - set(data), set(data) - _TOP_KEYS - _OPTIONAL_KEYS
     _need(not missing, f"missing fields {sorted(missing)}")
     _need(not unknown, f"unknown fields {sorted(unknown)}")
     try:
@@ -257,9 +280,27 @@ def parse_manifest(data: Any) -> Manifest:
         _need(isinstance(checksums, dict) and set(checksums) == names
               and all(isinstance(v, str) for v in checksums.values()),
               "checksums must map every stored tensor name to a hex digest")
+    part = _part(data["part"]) if "part" in data else None
     return Manifest(key=_str(data["key"], "key"), fingerprint=fp, owner=owner, backend=_str(data["backend"], "backend"),
                     handle=handle, device=device, arena=arena, tensors=tensors,
-                    created=float(data["created"]), checksums=checksums)
+                    created=float(data["created"]), checksums=checksums, part=part)
+
+
+def _part(p: Any) -> PartInfo:
+    _need(isinstance(p, dict) and set(p) == {"index", "count", "group", "placement"},
+          "part must have index, count, group, placement")
+    count = _int(p["count"], "part.count", minimum=2)
+    _need(count <= MAX_PARTS, f"part.count must be at most {MAX_PARTS}, got {count}")
+    index = _int(p["index"], "part.index")
+    _need(index < count, f"part.index {index} must be below part.count {count}")
+    _need(isinstance(p["group"], str) and _GROUP.fullmatch(p["group"]), "part.group must be 32 hex digits")
+    placement = p["placement"]
+    _need(isinstance(placement, dict) and 0 < len(placement) <= 1 << 16, "part.placement must be a non-empty object")
+    for name, where in placement.items():
+        _need(name == "" or (isinstance(name, str) and _NAME.fullmatch(name)),
+              f"part.placement key {_short(name)} is not a module path")
+        _need(type(where) is int and 0 <= where < count, f"part.placement[{name!r}] must be a part number below {count}")
+    return PartInfo(index, count, p["group"], placement)
 
 
 def _parse_tensors(raw: Any, arena_size: int) -> tuple[TensorSpec, ...]:

@@ -29,6 +29,7 @@ class Claim:
         self.entry = entry
         self.arena: Arena | None = None  # the arena this owner made, released on close
         self.manifest: Manifest | None = None  # what this owner published, until close
+        self.parts: list[Claim] = []  # a model spread over devices: its other parts, given up after this one
         self._fd: int | None = fd
         self._pid = os.getpid()
 
@@ -83,8 +84,13 @@ class Claim:
                     arena.release()
             finally:
                 fd, self._fd = self._fd, None
-                if fd is not None:
-                    os.close(fd)
+                try:
+                    if fd is not None:
+                        os.close(fd)
+                finally:
+                    parts, self.parts = self.parts, []
+                    for part in parts:
+                        part.close()
 
     def __enter__(self) -> "Claim":
         return self

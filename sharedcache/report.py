@@ -31,6 +31,8 @@ class Report:
     fallback: str | None
     layout_digest: str | None
     backend_timings: dict[str, float]  # the backend's own steps inside the phases (seconds)
+    # a model spread over several devices: one {key, device, tensors, bytes, arena_bytes} per part
+    parts: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # filled by the launcher (generated text, ...)
 
     def to_json(self) -> dict[str, Any]:
@@ -46,6 +48,9 @@ class Report:
             f"weights allocated by this process: {self.weight_bytes_allocated / mb:.1f} MiB",
             "  phases: " + ", ".join(f"{p['name']} {p['seconds'] * 1e3:.1f} ms" for p in self.phases),
         ]
+        if self.parts:
+            lines.append(f"  spread over {len(self.parts)} devices: " + ", ".join(
+                f"{p['device']} {p['bytes'] / mb:.1f} MiB ({p['key']})" for p in self.parts))
         if self.attach_seconds is not None:
             lines.append(f"  attach: {self.attach_seconds * 1e3:.1f} ms (owner pid {self.owner_pid}, "
                          f"{'alive' if self.owner_alive else 'gone'})"
@@ -57,8 +62,9 @@ class Report:
         return "\n".join(lines)
 
 
-def weight_bytes_outside(model: nn.Module, region: tuple[int, int] | None) -> int:
-    """Bytes of the distinct storages behind the model's tensors that lie outside `region`."""
+def weight_bytes_outside(model: nn.Module, regions: list[tuple[int, int]]) -> int:
+    """Bytes of the distinct storages behind the model's tensors that lie outside every one of `regions`
+    (the arenas it views; a spread model has one per device)."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -69,7 +75,7 @@ def weight_bytes_outside(model: nn.Module, region: tuple[int, int] | None) -> in
         if ptr in seen:
             continue
         seen.add(ptr)
-        if region is not None and region[0] <= ptr and ptr + storage.nbytes() <= region[1]:
+        if any(lo <= ptr and ptr + storage.nbytes() <= hi for lo, hi in regions):
             continue
         total += storage.nbytes()
     return total

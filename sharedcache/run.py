@@ -34,6 +34,24 @@ class Takeover:
 
 
 @dataclass
+class Part:
+    """One more device's share of a model spread over several devices (part 0's share is the run's own
+    fields): its entry `<key>-part<index>`, and what the steps make of it, as for the run itself."""
+
+    index: int
+    entry: Entry
+    device: Any = None  # save: the torch device its tensors lie on
+    fingerprint: Fingerprint | None = None
+    claim: Claim | None = None
+    refs: list[TensorRef] = field(default_factory=list)
+    slots: list[TensorSlot] = field(default_factory=list)
+    layout: ArenaLayout | None = None
+    arena: Arena | None = None
+    manifest: Manifest | None = None
+    checksums: dict[str, str] | None = None
+
+
+@dataclass
 class RunState:
     """What the steps of one run share. The first eight fields are given (phases.GIVEN); the steps
     provide the rest, as each declares."""
@@ -59,3 +77,6 @@ class RunState:
     timings: list[dict[str, Any]] = field(default_factory=list)
     load_seconds: float | None = None
     wait_seconds: float = 0.0  # time spent waiting for an owner (not attach work)
+    parts: list[Part] = field(default_factory=list)  # a model spread over several devices: parts 1..n-1
+    placement: dict[str, Any] | None = None  # spread: module path -> torch device, where each module runs
+    group: str | None = None  # spread, save: this save's id, in every part's manifest

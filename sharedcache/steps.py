@@ -37,16 +37,23 @@ log = logging.getLogger(__name__)
 @step("intercept", "save", reads=("source", "entry", "settings"),
       provides=("model", "refs", "slots", "backend", "fingerprint"))
 def intercept_save(s: RunState) -> Fallback | None:
+    import dataclasses
+
     import torch
 
-    from .binding import capture
+    from .binding import capture, devices_of
+    from .devices import device_id
 
     s.entry.check_publishable()
     t0 = time.perf_counter()
     s.model = s.source.load()
     s.load_seconds = time.perf_counter() - t0
     try:
-        s.slots, s.refs = capture(s.model)
+        devices = devices_of(s.model)
+        if len(devices) > 1 and getattr(s.source, "spreads", False):
+            _split(s, devices)
+        else:
+            s.slots, s.refs = capture(s.model)
     except UnsupportedModel as e:
         if s.settings.on_unsupported == "fallback":
             return Fallback(str(e))
@@ -54,60 +61,157 @@ def intercept_save(s: RunState) -> Fallback | None:
     device = s.refs[0].get().device if s.refs else torch.device("cpu")
     s.backend = backends.resolve(s.settings.backend, device, s.settings)
     s.fingerprint = s.source.fingerprint(s.model)
+    if s.parts:  # each part's fingerprint names its own device
+        base, s.fingerprint = s.fingerprint, dataclasses.replace(s.fingerprint, device=device_id(device))
+        for part in s.parts:
+            part.fingerprint = dataclasses.replace(base, device=device_id(part.device))
     return None
+
+
+def _split(s: RunState, devices: list[torch.device]) -> None:
+    """Save: a model spread over several GPUs becomes one part per device, in the order its modules use
+    them; part 0 stays the run's own (the user's key), each other part claims `<key>-part<i>`."""
+    import uuid
+
+    import torch
+
+    from .binding import capture
+    from .cache import CacheDir
+    from .manifest import MAX_PARTS, part_key
+    from .ownership import Claim
+    from .run import Part
+
+    if any(d.type != "cuda" for d in devices) or len(devices) > MAX_PARTS:
+        raise UnsupportedModel(f"the model's tensors lie on {[str(d) for d in devices]}; only a model spread over "
+                               f"at most {MAX_PARTS} GPUs is shared (one arena per GPU), not one offloaded to the "
+                               "CPU or disk.", hint="Load it onto GPUs only, or set cache.on_unsupported=fallback.")
+    number = {d: i for i, d in enumerate(devices)}
+    placement = s.source.placement(s.model) or {}
+    placed = {}
+    for module, where in placement.items():
+        where = torch.device(where)
+        if where not in number:
+            raise UnsupportedModel(f"the device map places {module or 'the model'!r} on {where}, which holds none "
+                                   "of its tensors.", hint="Load it with a device map that covers every module, or "
+                                   "set cache.on_unsupported=fallback.")
+        placed[module] = number[where]
+    if not placed:
+        raise UnsupportedModel(f"the model lies on {[str(d) for d in devices]}, but {s.source.engine} did not say "
+                               "where each module runs, so an attached copy could not run as this one does.",
+                               hint="Load it onto one device, or set cache.on_unsupported=fallback.")
+    s.placement, s.group = placed, uuid.uuid4().hex
+    s.slots, s.refs = capture(s.model, devices[0])
+    for i, device in enumerate(devices[1:], 1):
+        entry = CacheDir(s.entry.root).entry(part_key(s.settings.key, i))
+        entry.check_publishable()
+        part = Part(i, entry, device=device)
+        part.slots, part.refs = capture(s.model, device)
+        part.claim = Claim.take(entry)
+        s.claim.parts.append(part.claim)  # given up with the run's own claim, after it
+        s.parts.append(part)
+    _check_placed(s, [(0, s.refs)] + [(p.index, p.refs) for p in s.parts], devices)
+
+
+def _check_placed(s: RunState, refs_by_part: list, devices: list[torch.device]) -> None:
+    """Every tensor lies where its module runs. One that does not is the same tensor used by modules
+    placed on two devices (tied weights split by the device map): an attached copy would run it elsewhere."""
+    for index, refs in refs_by_part:
+        for ref in refs:
+            module = ref.name.rpartition(".")[0]
+            where = placed_part(s.placement, module)
+            if where is not None and where != index:
+                raise UnsupportedModel(
+                    f"tensor {ref.name!r} lies on {devices[index]}, but the device map runs {module or 'the model'!r} "
+                    f"on {devices[where]}: tied weights split over two devices cannot be shared.",
+                    hint="Place the tied modules on one device (device_map='auto' keeps them together), untie them, "
+                         "or set cache.on_unsupported=fallback.")
+
+
+def placed_part(placement: dict[str, int], module: str) -> int | None:
+    """The part that runs `module`: the placement of its longest listed prefix (None if none is listed)."""
+    while True:
+        if module in placement:
+            return placement[module]
+        if not module:
+            return None
+        module = module.rpartition(".")[0]
 
 
 @step("align", "save", reads=("refs", "slots", "backend", "settings", "entry", "claim"), provides=("layout", "arena"))
 def align_save(s: RunState) -> None:
+    s.layout, s.arena = _pack(s, s.refs, s.slots, s.entry, s.claim)
+    for part in s.parts:
+        part.layout, part.arena = _pack(s, part.refs, part.slots, part.entry, part.claim)
+
+
+def _pack(s: RunState, refs: list, slots: list, entry: Entry, claim) -> tuple:
+    """Plan one device's arena, move its tensors in and rebind them: (layout, arena)."""
     import torch
 
     from .binding import bind, view_of
 
-    device = s.refs[0].get().device
+    device = refs[0].get().device
     granularity = math.lcm(s.backend.granularity(device), s.settings.alignment)
-    s.layout = plan(s.slots, alignment=s.settings.alignment, granularity=granularity)
-    s.arena = s.claim.arena = s.backend.create(s.entry.dir, s.layout.size, device)
-    specs = s.layout.by_name()
+    layout = plan(slots, alignment=s.settings.alignment, granularity=granularity)
+    arena = claim.arena = s.backend.create(entry.dir, layout.size, device)
+    specs = layout.by_name()
     by_root: dict[str, list[TensorRef]] = {}
-    for ref in s.refs:
+    for ref in refs:
         by_root.setdefault(specs[ref.name].alias_of or ref.name, []).append(ref)
     # tensor by tensor: copy, rebind every ref of it, let the original go - peak stays near one copy
+    where = f" on {device}" if s.parts else ""
     shown = Throttle(s.progress, s.role.name, after=1.0, every=0.5)
-    done, total = 0, max(s.layout.payload_bytes, 1)
+    done, total = 0, max(layout.payload_bytes, 1)
     with torch.no_grad():
-        for root, refs in by_root.items():
+        for root, group in by_root.items():
             spec = specs[root]
-            s.arena.commit(spec.offset + spec.nbytes)
-            src = refs[0].get()
-            view = view_of(s.arena.base, spec)
+            arena.commit(spec.offset + spec.nbytes)
+            src = group[0].get()
+            view = view_of(arena.base, spec)
             view.copy_(src)
             grad = src.requires_grad
             del src
-            bind(refs, {root: view}, specs, requires_grad={root: grad})
+            bind(group, {root: view}, specs, requires_grad={root: grad})
             done += spec.nbytes
-            shown.update("packing into the arena", done / 2**30, total / 2**30, "GiB")
-    shown.end(f"packing into the arena: done in {shown.elapsed:.1f}s")
+            shown.update(f"packing into the arena{where}", done / 2**30, total / 2**30, "GiB")
+    shown.end(f"packing into the arena{where}: done in {shown.elapsed:.1f}s")
+    return layout, arena
 
 
 @step("serialize", "save", reads=("arena", "layout", "fingerprint", "backend", "claim"), provides=("manifest",),
       uses=("checksums",))
 def serialize_save(s: RunState) -> None:
-    s.arena.sync()  # every byte lands before anyone can attach
+    from .manifest import PartInfo
+
+    count = len(s.parts) + 1
+    info = (lambda i: PartInfo(i, count, s.group, dict(s.placement))) if s.parts else (lambda i: None)
+    for part in reversed(s.parts):  # part 0, the user's key, last: whoever sees it finds every part
+        part.manifest = _publish(s, part.entry.key, part.fingerprint, part.arena, part.layout, part.claim,
+                                 part.checksums, info(part.index))
+    s.manifest = _publish(s, s.settings.key, s.fingerprint, s.arena, s.layout, s.claim, s.checksums, info(0))
+    log.info("[%s] published %s: %d tensors, %d bytes%s", s.role.name, s.settings.key,
+             len(s.manifest.tensors) + sum(len(p.manifest.tensors) for p in s.parts),
+             s.manifest.payload_bytes + sum(p.manifest.payload_bytes for p in s.parts),
+             f" over {count} devices" if s.parts else "")
+
+
+def _publish(s: RunState, key: str, fingerprint, arena, layout, claim, checksums, part) -> Manifest:
+    arena.sync()  # every byte lands before anyone can attach
     manifest = Manifest(
-        key=s.settings.key, fingerprint=s.fingerprint, owner=Owner.current(), backend=s.backend.name,
-        handle=s.arena.handle, device=s.arena.device,
-        arena=ArenaInfo(s.layout.size, s.layout.granularity, s.layout.alignment, s.layout.digest()),
-        tensors=s.layout.tensors, created=time.time(), checksums=s.checksums)
-    s.claim.publish(manifest)
-    s.manifest = manifest
-    s.arena.seal()  # from now on an in-place write by the owner faults instead of changing every instance
-    log.info("[%s] published %s: %d tensors, %d bytes", s.role.name, s.settings.key,
-             len(manifest.tensors), manifest.payload_bytes)
+        key=key, fingerprint=fingerprint, owner=Owner.current(), backend=s.backend.name,
+        handle=arena.handle, device=arena.device,
+        arena=ArenaInfo(layout.size, layout.granularity, layout.alignment, layout.digest()),
+        tensors=layout.tensors, created=time.time(), checksums=checksums, part=part)
+    claim.publish(manifest)
+    arena.seal()  # from now on an in-place write by the owner faults instead of changing every instance
+    return manifest
 
 
 @step("verify", "save", reads=("arena", "layout"), provides=("checksums",))
 def verify_save(s: RunState) -> None:
     s.checksums = _checksums(s.arena.base, s.layout.tensors)
+    for part in s.parts:
+        part.checksums = _checksums(part.arena.base, part.layout.tensors)
 
 
 # ---------------------------------------------------------------- load
@@ -186,7 +290,7 @@ def serialize_load(s: RunState) -> Fallback | Takeover | None:
 def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fallback:
     """Check and map `manifest` while holding the entry: True when mapped, False when the entry changed
     meanwhile (try the new one), a Fallback or an error when it cannot be used."""
-    differences = s.fingerprint.diff(manifest.fingerprint)
+    differences = _differences(s, manifest)
     if differences:
         err = FingerprintMismatch(s.settings.key, differences)
         if s.settings.on_mismatch == "fallback":
@@ -218,6 +322,65 @@ def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fal
             return False
         raise
     s.backend = backend
+    if manifest.part is not None:
+        return _attach_parts(s, manifest, backend, deadline)
+    s.parts, s.placement = [], None
+    return True
+
+
+def _differences(s: RunState, manifest: Manifest) -> list[tuple]:
+    """What differs between the request and a published head entry. A request that lets the engine spread
+    the model takes the devices the owner chose, each part checked on its own GPU; one that names a single
+    device cannot use a model spread over several."""
+    spreads = getattr(s.source, "spreads", False)
+    differences = [d for d in s.fingerprint.diff(manifest.fingerprint) if not (spreads and d[0] == "device")]
+    if manifest.part is not None and not spreads:
+        differences.append(("devices", 1, manifest.part.count))
+    return differences
+
+
+def _attach_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool:
+    """Map parts 1..n-1 of a spread model whose head (part 0) is mapped: True when all are, False when the
+    head was replaced meanwhile (the caller tries the new one). Each part holds its attach lock as long as
+    its mapping lives, as the head does."""
+    from .cache import CacheDir
+    from .manifest import part_key
+    from .run import Part
+
+    s.parts = []
+    for index in range(1, head.part.count):
+        entry = CacheDir(s.entry.root).entry(part_key(s.settings.key, index))
+        hold = entry.hold_for_attach() if entry.published() else None
+        try:
+            try:
+                manifest = entry.read() if hold is not None else None
+            except ManifestError:
+                manifest = None
+            if manifest is None or manifest.part is None or \
+                    (manifest.part.group, manifest.part.index, manifest.part.count) != (head.part.group, index,
+                                                                                       head.part.count):
+                if _republished(s.entry, head) and time.monotonic() < deadline:
+                    if hold is not None:
+                        os.close(hold)
+                    return False
+                raise ManifestError(f"entry {s.settings.key!r} is part 0 of {head.part.count}, but part {index} "
+                                    f"({entry.dir}) is missing or from another save.",
+                                    hint="Start the prefill again so that it publishes every part, or remove the "
+                                         "entries with `sharedcache gc`.")
+            differing = [d[0] for d in head.fingerprint.diff(manifest.fingerprint) if d[0] != "device"]
+            if differing or manifest.backend != head.backend or manifest.owner != head.owner:
+                raise ManifestError(f"part {index} of entry {s.settings.key!r} does not match part 0 (differing: "
+                                    f"{differing or ['backend or owner']}).",
+                                    hint="Remove the entries with `sharedcache gc` and start the prefill again.")
+            arena = backend.attach(entry.dir, manifest)
+        except BaseException:
+            if hold is not None:
+                os.close(hold)
+            raise
+        if arena.lifetime is not None:
+            weakref.finalize(arena.lifetime, os.close, hold).atexit = False
+        s.parts.append(Part(index, entry, fingerprint=manifest.fingerprint, arena=arena, manifest=manifest))
+    s.placement = dict(head.part.placement)
     return True
 
 
@@ -246,9 +409,16 @@ def _republished(entry: Entry, manifest: Manifest) -> bool:
 def align_load(s: RunState) -> None:
     from .binding import bind, check_against, view_of
 
-    specs = {t.name: t for t in s.manifest.tensors}
+    specs, views = {}, {}
+    for manifest, arena in [(s.manifest, s.arena)] + [(p.manifest, p.arena) for p in s.parts]:
+        for spec in manifest.tensors:
+            if spec.name in specs:
+                raise ManifestError(f"tensor {spec.name!r} of entry {s.settings.key!r} is published in two parts.",
+                                    hint="Remove the entries with `sharedcache gc` and start the prefill again.")
+            specs[spec.name] = spec
+            if spec.alias_of is None:
+                views[spec.name] = view_of(arena.base, spec)
     check_against(s.refs, s.expected, specs)
-    views = {name: view_of(s.arena.base, spec) for name, spec in specs.items() if spec.alias_of is None}
     bind(s.refs, views, specs, requires_grad=False)
 
 
@@ -257,8 +427,10 @@ def verify_load(s: RunState) -> None:
     if s.manifest.checksums is None:
         raise ManifestError(f"entry {s.settings.key!r} carries no checksums to verify against.",
                             hint="Add 'verify' before 'serialize' to the prefill role's phases.")
-    ours = _checksums(s.arena.base, s.manifest.tensors)
-    bad = sorted(n for n, d in ours.items() if s.manifest.checksums.get(n) != d)
+    bad = []
+    for manifest, arena in [(s.manifest, s.arena)] + [(p.manifest, p.arena) for p in s.parts]:
+        ours = _checksums(arena.base, manifest.tensors)
+        bad += sorted(n for n, d in ours.items() if (manifest.checksums or {}).get(n) != d)
     if bad:
         raise IntegrityError(f"bound bytes differ from the published checksums for {len(bad)} tensors, "
                              f"e.g. {bad[:3]}.", hint="The arena was modified after publishing; restart the prefill.")

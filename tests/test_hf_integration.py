@@ -67,7 +67,7 @@ def test_verify_catches_bytes_changed_after_publishing(owner, cache_dir, models)
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    ({"device_map": {"model": "cpu", "lm_head": "disk"}}, "several devices or offloads"),
+    ({"device_map": {"model": "cpu", "lm_head": "disk"}}, "offloads the model to the CPU or disk"),
     ({"quantization_config": {"load_in_4bit": True, "quant_method": "bitsandbytes"}}, "bitsandbytes"),
     ({"offload_folder": "/tmp/x"}, "offload"),
 ])

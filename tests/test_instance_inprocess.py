@@ -401,3 +401,98 @@ def test_ls_shows_the_ranks_of_one_server_as_one_group(cache, make):
     records = {r["key"]: r for r in json.loads(cli("ls", "--json", "--dir", str(cache)).stdout)}
     assert records["tp-server-tp2"]["group"] == "tp-server" and records["tp-server-tp2"]["tp_rank"] == 2
     assert records["single"]["group"] is None and records["single"]["tp_size"] == 1
+
+
+# ---------------------------------------------------------------- a model spread over several devices
+# (the whole round trip needs two GPUs: tests/gpu/test_hf_multi_device.py; here, what a CPU can show)
+
+class SpreadSource(SeqSource):
+    """A source whose request lets the engine spread the model (device_map='auto' over GPUs); its load
+    leaves the last layer offloaded to the meta device, as a CPU/disk offload does."""
+
+    spreads = True
+
+    def load(self) -> nn.Module:
+        model = super().load()
+        model[2].to("meta")
+        return model
+
+    def placement(self, model):
+        return {str(i): next(m.parameters()).device for i, m in enumerate(model)}
+
+    def finish(self, model, *, attached: bool, placement=None):
+        self.placed = placement
+        return super().finish(model, attached=attached)
+
+
+def test_a_model_offloaded_beside_its_device_is_refused_and_nothing_is_claimed(cache, make):
+    with pytest.raises(Exception) as err:
+        make("prefill", SpreadSource()).run()
+    assert type(err.value).__name__ == "UnsupportedModel"
+    assert "'cpu', 'meta'" in str(err.value) and "not one offloaded to the CPU or disk" in str(err.value)
+    assert not list(cache.glob("*/manifest.json")) and not (cache / f"{KEY}-part1").exists()
+    model = make("prefill", SpreadSource(), on_unsupported="fallback").run()  # the user's choice: load unshared
+    from sharedcache.kit import instance_of
+
+    assert instance_of(model).report.fallback and not list(cache.glob("*/manifest.json"))
+    make("prefill", SeqSource()).run()  # the key was given back: a plain save takes it
+
+
+def _as_part_zero(cache: Path, count: int = 2):
+    """Rewrite the published entry's manifest as part 0 of `count` (as a spread save writes its head)."""
+    from sharedcache.manifest import PartInfo, read_manifest, write_manifest
+
+    path = cache / KEY / "manifest.json"
+    head = dataclasses.replace(read_manifest(path), part=PartInfo(0, count, "ab" * 16, {"0": 0, "1": 0, "2": 1}))
+    write_manifest(path, head)
+    assert read_manifest(path) == head  # the part record round-trips
+    return head
+
+
+def test_a_spread_entry_needs_every_part_and_a_request_that_spreads(cache, make):
+    from sharedcache import ManifestError
+
+    owner = make("prefill", SeqSource()).run()  # its entry lives as long as the model
+    assert owner is not None
+    _as_part_zero(cache)
+    with pytest.raises(FingerprintMismatch) as err:  # asked for one device: cannot use a model spread over two
+        make("decode", SeqSource()).run()
+    assert "differing fields: devices" in str(err.value)
+    with pytest.raises(ManifestError) as err:
+        make("decode", SpreadSource()).run()
+    assert f"part 1 ({cache / (KEY + '-part1')}) is missing or from another save" in str(err.value)
+
+
+def test_ls_groups_the_parts_of_a_spread_model(cache, make):
+    from helpers import cli
+
+    owner = make("prefill", SeqSource()).run()  # its entry lives as long as the model
+    assert owner is not None
+    _as_part_zero(cache, count=3)
+    out = cli("ls", "--dir", str(cache))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith(f"{KEY} (1 of 3 devices)") for line in lines), out.stdout
+    assert any(line.startswith(f"  {KEY} ") for line in lines), out.stdout
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("index", 2, "part.index 2 must be below part.count 2"),
+    ("count", 1, "part.count must be an integer in [2, 2**63)"),
+    ("group", "../x", "part.group must be 32 hex digits"),
+    ("placement", {"0": 7}, "part.placement['0'] must be a part number below 2"),
+])
+def test_a_bad_part_record_is_refused_naming_it(cache, make, field, value, words):
+    from sharedcache import ManifestError
+    from sharedcache.manifest import read_manifest
+
+    owner = make("prefill", SeqSource()).run()  # its entry lives as long as the model
+    assert owner is not None
+    _as_part_zero(cache)
+    path = cache / KEY / "manifest.json"
+    data = json.loads(path.read_text())
+    data["part"][field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as err:
+        read_manifest(path)
+    assert words in str(err.value)

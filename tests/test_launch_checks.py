@@ -13,7 +13,7 @@ BAD = [  # (overrides, words the one line must hold)
     (("+cache.wait_timout_s=5",), "adds the key 'cache.wait_timout_s'"),
     (("engine.dtype=bf16",), "engine.dtype='bf16' cannot work: it must be one of auto, float32, float16, bfloat16"),
     (("engine.device_map=cuda",), "engine.device_map='cuda' cannot work: it must be a device this machine has"),
-    (("engine.device_map=auto",), "one device (several devices and offload are not shared)"),
+    (("engine.device_map=disk",), "or auto, balanced, balanced_low_0 or sequential (spread over GPUs; offload is not shared)"),
     (("engine=sglang", "engine.tp_size=0"), "engine.tp_size=0 cannot work"),
     (("engine=sglang", "engine.mem_fraction_static.decode=40"), "engine.mem_fraction_static.decode=40 cannot work"),
     (("engine=sglang", "engine.dtype=bf16"), "engine.dtype='bf16' cannot work"),

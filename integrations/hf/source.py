@@ -37,7 +37,10 @@ class HFSource:
         self._dir: Path | None = None
         self._identity: tuple[str, tuple] | None = None
         self._loading_info: tuple | None = None  # what from_pretrained returned beside the model, if a tuple
-        device = _single_device(kwargs.get("device_map"))
+        device_map = kwargs.get("device_map")
+        # several GPUs: the core publishes one part per device; self.device then only names the first
+        self.spreads = _spreads(device_map)
+        device = torch.device("cuda", 0) if self.spreads else _single_device(device_map)
         self.device = resolve_device(device) if device is not None else None  # a bare "cuda": its index
 
     # -------------------------------------------------------------- ModelSource
@@ -50,9 +53,10 @@ class HFSource:
             raise UnsupportedModel("from_pretrained with output_loading_info, state_dict or gguf_file is not shared.",
                                    hint="Drop that option, or set cache.on_unsupported=fallback.")
         if self.device is None:
-            raise UnsupportedModel(f"device_map={k.get('device_map')!r} spreads the model over several devices or "
-                                   "offloads it; one arena holds one device's tensors.",
-                                   hint="Use a single device (device_map='cpu' or 'cuda:0'), or set "
+            raise UnsupportedModel(f"device_map={k.get('device_map')!r} offloads the model to the CPU or disk, or "
+                                   "mixes them with GPUs; offloaded weights cannot be shared.",
+                                   hint="Use one device (device_map='cpu' or 'cuda:0') or GPUs only "
+                                        "(device_map='auto' or a map of GPU numbers), or set "
                                         "cache.on_unsupported=fallback.")
         if k.get("offload_folder") or k.get("offload_state_dict"):
             raise UnsupportedModel("offloaded weights (offload_folder) cannot be shared.",
@@ -96,7 +100,15 @@ class HFSource:
         with torch.device("meta"), _no_init():
             return self.cls._from_config(self.config(), dtype=self.requested_dtype(), **extra)
 
-    def finish(self, model: nn.Module, *, attached: bool) -> nn.Module:
+    def placement(self, model: nn.Module) -> dict[str, torch.device] | None:
+        """Where each module of a model spread over GPUs runs: the device map transformers dispatched."""
+        hf_map = getattr(model, "hf_device_map", None)
+        return {name: _as_device(where) for name, where in hf_map.items()} if hf_map else None
+
+    def finish(self, model: nn.Module, *, attached: bool,
+               placement: dict[str, torch.device] | None = None) -> nn.Module:
+        if attached and placement:
+            self._dispatch(model, placement)
         if attached:
             from transformers import GenerationConfig
 
@@ -107,6 +119,23 @@ class HFSource:
                 model.generation_config = GenerationConfig.from_model_config(model.config)
             model.eval()
         return model
+
+    def _dispatch(self, model: nn.Module, placement: dict[str, torch.device]) -> None:
+        """Give an attached spread model the hooks a multi-device load gets (inputs follow each block to its
+        GPU), on the owner's placement: its tensors already lie there, so nothing moves."""
+        asked = self.kwargs.get("device_map")
+        if isinstance(asked, dict):
+            ours = {name: _as_device(where) for name, where in asked.items()}
+            differing = sorted(n for n in ours.keys() | placement.keys() if ours.get(n) != placement.get(n))
+            if differing:
+                raise ConfigError(f"device_map places {differing[:3]} otherwise than the owner did "
+                                  f"(owner: {_show(placement, differing)}; asked: {_show(ours, differing)}).",
+                                  hint="Pass the owner's device map, or device_map='auto' to take the owner's "
+                                       "placement as it is.")
+        from accelerate import dispatch_model
+
+        skip = getattr(model, "_skip_keys_device_placement", None)
+        dispatch_model(model, device_map={name: d.index for name, d in placement.items()}, skip_keys=skip)
 
     # -------------------------------------------------------------- helpers
     def returned(self, model: nn.Module) -> Any:
@@ -201,6 +230,33 @@ def _single_device(device_map: Any) -> torch.device | None:
         (only,) = targets
         return torch.device("cuda", int(only)) if only.isdigit() else torch.device(only)
     return None
+
+
+_SPREADING = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _spreads(device_map: Any) -> bool:
+    """Does the device_map let the model lie on several GPUs, and on nothing else?"""
+    if isinstance(device_map, str) and device_map in _SPREADING:
+        return torch.cuda.is_available() and torch.cuda.device_count() > 1
+    if isinstance(device_map, dict):
+        try:
+            targets = {_as_device(v) for v in device_map.values()}
+        except (RuntimeError, ValueError, TypeError):  # "disk", or not a device at all
+            return False
+        return len(targets) > 1 and all(d.type == "cuda" for d in targets)
+    return False
+
+
+def _as_device(where: Any) -> torch.device:
+    """A device map's value as a torch device (GPU numbers are CUDA devices)."""
+    if isinstance(where, int) or (isinstance(where, str) and where.isdigit()):
+        return torch.device("cuda", int(where))
+    return resolve_device(where)
+
+
+def _show(placement: dict[str, torch.device], names: list[str]) -> str:
+    return ", ".join(f"{n or '<model>'}={placement.get(n)}" for n in names[:3])
 
 
 def _split_loading_info(result: Any) -> tuple[nn.Module, tuple | None]:
