@@ -175,7 +175,9 @@ def _hold(instance, settings: CacheSettings) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     instance.close()
-    print(f"removed entry {settings.key!r}; attached instances keep their mapping.", flush=True)
+    others = [p["key"] for p in instance.report.parts[1:]]
+    parts = f" and its other parts {others}" if others else ""
+    print(f"removed entry {settings.key!r}{parts}; attached instances keep their mapping.", flush=True)
 
 
 def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:

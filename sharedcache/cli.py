@@ -190,6 +190,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out += [(f"  {k}", v) for k, v in m.fingerprint.to_json().items() if k != "weights"]
     out += [("  weights", f"{name} ({size} bytes)") for name, size, _ in m.fingerprint.weights]
     out.append(("checksums", "yes" if m.checksums else "no"))
+    if m.part is not None:
+        here = sorted(k for k, v in m.part.placement.items() if v == m.part.index)
+        out.append(("part", f"{m.part.index} of {m.part.count} of one model spread over GPUs (save "
+                            f"{m.part.group[:8]}); runs {len(here)} of its modules, e.g. {here[:3]}"))
     width = max(len(k) for k, _ in out)
     for k, v in out:
         print(f"{k.ljust(width)}  {printable(v)}")

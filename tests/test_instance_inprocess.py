@@ -474,6 +474,8 @@ def test_ls_groups_the_parts_of_a_spread_model(cache, make):
     lines = out.stdout.splitlines()
     assert any(line.startswith(f"{KEY} (1 of 3 devices)") for line in lines), out.stdout
     assert any(line.startswith(f"  {KEY} ") for line in lines), out.stdout
+    shown = cli("inspect", KEY, "--dir", str(cache))
+    assert "0 of 3 of one model spread over GPUs" in shown.stdout and "runs 2 of its modules" in shown.stdout, shown
 
 
 @pytest.mark.parametrize("field,value,words", [
