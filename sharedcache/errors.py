@@ -106,13 +106,13 @@ class FingerprintMismatch(SharedCacheError):
     component = "sharedcache.fingerprint"
     exit_code = ExitCode.CONFIG
 
-    def __init__(self, key: str, differences: list[tuple[str, object, object]]) -> None:
+    def __init__(self, key: str, differences: list[tuple[str, object, object]], hint: str | None = None) -> None:
         self.differences = differences
         fields = ", ".join(name for name, _, _ in differences)
         detail = "; ".join(f"{n}: ours={o!r} published={p!r}" for n, o, p in differences)
         super().__init__(
             f"entry {key!r} was published for another model (differing fields: {fields}). {detail}.",
-            hint="Start the decode with the same model/dtype as the prefill, use another cache.key, "
+            hint=hint or "Start the decode with the same model/dtype as the prefill, use another cache.key, "
             "or set cache.on_mismatch=fallback to load normally instead.",
         )
 

@@ -140,6 +140,15 @@ class Instance:
     def _run_shared(self, mode: Mode) -> tuple[RunState, str | None]:
         fingerprint = self.source.fingerprint(None)
         entry = CacheDir(self.settings.dir).entry(self.settings.key)
+        if getattr(self.source, "spreads", False):  # the parts' keys must be valid too, before anything loads
+            from .manifest import MAX_PARTS, part_key
+
+            try:
+                CacheDir(self.settings.dir).entry(part_key(self.settings.key, MAX_PARTS - 1))
+            except ConfigError:
+                raise ConfigError(f"cache key {self.settings.key!r} is too long for a model spread over GPUs: its "
+                                  f"parts are keyed {part_key(self.settings.key, 1)!r} and so on, at most 128 "
+                                  "characters.", hint="Set a shorter cache.key.") from None
         mode, claim = self._resolve_mode(entry, fingerprint, mode)
         s = self._state(mode, entry, fingerprint, claim)
         try:
@@ -257,8 +266,9 @@ def _compatible_live(entry: Entry, fp: Fingerprint, spreads: bool) -> bool:
         manifest = entry.read()
     except ManifestError:
         return False
-    differing = [d for d in fp.diff(manifest.fingerprint) if not (spreads and d[0] == "device")]
-    return entry.owner_alive(manifest) and not differing and (spreads or manifest.part is None)
+    from .manifest import differences
+
+    return entry.owner_alive(manifest) and not differences(fp, manifest, spreads=spreads)
 
 
 def _placement(s: RunState) -> dict[str, torch.device] | None:

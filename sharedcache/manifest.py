@@ -79,6 +79,19 @@ class PartInfo:
     placement: dict[str, int]
 
 
+def differences(fingerprint: Fingerprint, manifest: Manifest, *, spreads: bool) -> list[tuple[str, Any, Any]]:
+    """What differs between a request's fingerprint and a published head entry (as Fingerprint.diff). A
+    request that lets the engine spread the model over GPUs takes the GPUs the owner's model lies on (each
+    part is then found on its own GPU by UUID), not a CPU entry; a request for one device cannot use a model
+    spread over several ("devices")."""
+    theirs = manifest.fingerprint
+    on_gpus = spreads and theirs.device.startswith("cuda:")
+    found = [d for d in fingerprint.diff(theirs) if not (on_gpus and d[0] == "device")]
+    if manifest.part is not None and not spreads:
+        found.append(("devices", 1, manifest.part.count))
+    return found
+
+
 def part_key(head_key: str, index: int) -> str:
     """The entry key of part `index` of the model published under `head_key`."""
     return head_key if index == 0 else f"{head_key}-part{index}"

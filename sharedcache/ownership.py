@@ -75,22 +75,27 @@ class Claim:
         """Unpublish, release the arena, give the key up: each step even if the one before failed."""
         if os.getpid() != self._pid:  # a forked child running its parent's finalizer: not ours to undo
             return
-        try:
-            self.unpublish()
-        finally:
+        parts, self.parts = self.parts, []
+        # the head's manifest first (the model vanishes whole), its lock last (no new owner meanwhile)
+        steps = [self.unpublish, self._release_arena, *(part.close for part in parts), self._release_lock]
+        failed: BaseException | None = None
+        for undo in steps:
             try:
-                arena, self.arena = self.arena, None
-                if arena is not None:
-                    arena.release()
-            finally:
-                fd, self._fd = self._fd, None
-                try:
-                    if fd is not None:
-                        os.close(fd)
-                finally:
-                    parts, self.parts = self.parts, []
-                    for part in parts:
-                        part.close()
+                undo()
+            except BaseException as e:  # noqa: BLE001 - the remaining steps still run; the first error is raised
+                failed = failed or e
+        if failed is not None:
+            raise failed
+
+    def _release_arena(self) -> None:
+        arena, self.arena = self.arena, None
+        if arena is not None:
+            arena.release()
+
+    def _release_lock(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> "Claim":
         return self

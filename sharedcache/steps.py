@@ -4,17 +4,18 @@ the orchestrator (sharedcache.instance) to act on.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from . import backends
-from .errors import (ArenaError, AttachTimeout, ConfigError, FingerprintMismatch, IntegrityError, ManifestError,
-                     OwnerGone, UnsupportedModel)
+from .errors import (ArenaError, AttachTimeout, ConfigError, EntryOwned, FingerprintMismatch, IntegrityError,
+                     ManifestError, OwnerGone, UnsupportedModel)
 from .layout import TensorSlot, plan
 from .manifest import ArenaInfo, Manifest, Owner
 from .phases import step
@@ -61,9 +62,9 @@ def intercept_save(s: RunState) -> Fallback | None:
     device = s.refs[0].get().device if s.refs else torch.device("cpu")
     s.backend = backends.resolve(s.settings.backend, device, s.settings)
     s.fingerprint = s.source.fingerprint(s.model)
-    if s.parts:  # each part's fingerprint names its own device
+    if getattr(s.source, "spreads", False):  # where the engine put it, not the request's first GPU
         base, s.fingerprint = s.fingerprint, dataclasses.replace(s.fingerprint, device=device_id(device))
-        for part in s.parts:
+        for part in s.parts:  # each part's fingerprint names its own device
             part.fingerprint = dataclasses.replace(base, device=device_id(part.device))
     return None
 
@@ -106,7 +107,12 @@ def _split(s: RunState, devices: list[torch.device]) -> None:
         entry.check_publishable()
         part = Part(i, entry, device=device)
         part.slots, part.refs = capture(s.model, device)
-        part.claim = Claim.take(entry)
+        try:
+            part.claim = Claim.take(entry)
+        except EntryOwned as e:
+            raise EntryOwned(f"this model's part on {device} needs the key {entry.key!r}, derived from "
+                             f"cache.key={s.settings.key!r}, and {e.message}",
+                             hint="Choose a cache.key whose -part<i> keys nothing else uses.") from None
         s.claim.parts.append(part.claim)  # given up with the run's own claim, after it
         s.parts.append(part)
     _check_placed(s, [(0, s.refs)] + [(p.index, p.refs) for p in s.parts], devices)
@@ -118,7 +124,7 @@ def _check_placed(s: RunState, refs_by_part: list, devices: list[torch.device]) 
     for index, refs in refs_by_part:
         for ref in refs:
             module = ref.name.rpartition(".")[0]
-            where = placed_part(s.placement, module)
+            where = placed_part(s.placement, ref.name)  # a map may name a tensor itself
             if where is not None and where != index:
                 raise UnsupportedModel(
                     f"tensor {ref.name!r} lies on {devices[index]}, but the device map runs {module or 'the model'!r} "
@@ -127,21 +133,38 @@ def _check_placed(s: RunState, refs_by_part: list, devices: list[torch.device]) 
                          "or set cache.on_unsupported=fallback.")
 
 
-def placed_part(placement: dict[str, int], module: str) -> int | None:
-    """The part that runs `module`: the placement of its longest listed prefix (None if none is listed)."""
+def placed_part(placement: dict[str, int], name: str) -> int | None:
+    """The part that runs the module or tensor `name`: the placement of its longest listed prefix (None if
+    none is listed)."""
     while True:
-        if module in placement:
-            return placement[module]
-        if not module:
+        if name in placement:
+            return placement[name]
+        if not name:
             return None
-        module = module.rpartition(".")[0]
+        name = name.rpartition(".")[0]
 
 
 @step("align", "save", reads=("refs", "slots", "backend", "settings", "entry", "claim"), provides=("layout", "arena"))
 def align_save(s: RunState) -> None:
-    s.layout, s.arena = _pack(s, s.refs, s.slots, s.entry, s.claim)
-    for part in s.parts:
-        part.layout, part.arena = _pack(s, part.refs, part.slots, part.entry, part.claim)
+    with _current_device_kept(bool(s.parts)):
+        s.layout, s.arena = _pack(s, s.refs, s.slots, s.entry, s.claim)
+        for part in s.parts:
+            part.layout, part.arena = _pack(s, part.refs, part.slots, part.entry, part.claim)
+
+
+@contextlib.contextmanager
+def _current_device_kept(several: bool) -> Iterator[None]:
+    """A backend makes the device it works on current; over several GPUs, give the caller its own back."""
+    import torch
+
+    if not (several and torch.cuda.is_available()):
+        yield
+        return
+    index = torch.cuda.current_device()
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(index)
 
 
 def _pack(s: RunState, refs: list, slots: list, entry: Entry, claim) -> tuple:
@@ -290,9 +313,16 @@ def serialize_load(s: RunState) -> Fallback | Takeover | None:
 def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fallback:
     """Check and map `manifest` while holding the entry: True when mapped, False when the entry changed
     meanwhile (try the new one), a Fallback or an error when it cannot be used."""
+    if manifest.part is not None and manifest.part.index:
+        head = s.settings.key.removesuffix(f"-part{manifest.part.index}")
+        raise ConfigError(f"entry {s.settings.key!r} is part {manifest.part.index} of {manifest.part.count} of a "
+                          f"model spread over GPUs, published under {head!r}.",
+                          hint=f"Attach with cache.key={head}; its other parts come with it.")
     differences = _differences(s, manifest)
     if differences:
-        err = FingerprintMismatch(s.settings.key, differences)
+        spread_hint = ("Load with a device map that spreads the model (device_map='auto') with the owner's GPUs "
+                       "visible, or set cache.on_mismatch=fallback.") if differences[-1][0] == "devices" else None
+        err = FingerprintMismatch(s.settings.key, differences, hint=spread_hint)
         if s.settings.on_mismatch == "fallback":
             return Fallback(str(err))
         raise err
@@ -329,25 +359,25 @@ def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fal
 
 
 def _differences(s: RunState, manifest: Manifest) -> list[tuple]:
-    """What differs between the request and a published head entry. A request that lets the engine spread
-    the model takes the devices the owner chose, each part checked on its own GPU; one that names a single
-    device cannot use a model spread over several."""
-    spreads = getattr(s.source, "spreads", False)
-    differences = [d for d in s.fingerprint.diff(manifest.fingerprint) if not (spreads and d[0] == "device")]
-    if manifest.part is not None and not spreads:
-        differences.append(("devices", 1, manifest.part.count))
-    return differences
+    from .manifest import differences
+
+    return differences(s.fingerprint, manifest, spreads=getattr(s.source, "spreads", False))
 
 
 def _attach_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool:
     """Map parts 1..n-1 of a spread model whose head (part 0) is mapped: True when all are, False when the
     head was replaced meanwhile (the caller tries the new one). Each part holds its attach lock as long as
     its mapping lives, as the head does."""
+    s.parts = []
+    with _current_device_kept(True):
+        return _attach_other_parts(s, head, backend, deadline)
+
+
+def _attach_other_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool:
     from .cache import CacheDir
     from .manifest import part_key
     from .run import Part
 
-    s.parts = []
     for index in range(1, head.part.count):
         entry = CacheDir(s.entry.root).entry(part_key(s.settings.key, index))
         hold = entry.hold_for_attach() if entry.published() else None
@@ -372,7 +402,13 @@ def _attach_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool
                 raise ManifestError(f"part {index} of entry {s.settings.key!r} does not match part 0 (differing: "
                                     f"{differing or ['backend or owner']}).",
                                     hint="Remove the entries with `sharedcache gc` and start the prefill again.")
-            arena = backend.attach(entry.dir, manifest)
+            try:
+                arena = backend.attach(entry.dir, manifest)
+            except ArenaError:  # the owner stopped meanwhile (part 0 goes first): try the new head, as for one
+                if _republished(s.entry, head) and time.monotonic() < deadline:
+                    os.close(hold)
+                    return False
+                raise
         except BaseException:
             if hold is not None:
                 os.close(hold)

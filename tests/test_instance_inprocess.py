@@ -498,3 +498,39 @@ def test_a_bad_part_record_is_refused_naming_it(cache, make, field, value, words
     with pytest.raises(ManifestError) as err:
         read_manifest(path)
     assert words in str(err.value)
+
+
+def test_a_part_key_given_as_the_key_names_the_head(cache, make):
+    from sharedcache import ConfigError
+    from sharedcache.manifest import PartInfo, read_manifest, write_manifest
+
+    owner = make("prefill", SeqSource(), key=f"{KEY}-part1").run()
+    assert owner is not None
+    path = cache / f"{KEY}-part1" / "manifest.json"
+    write_manifest(path, dataclasses.replace(read_manifest(path), part=PartInfo(1, 2, "cd" * 16, {"0": 0, "1": 1})))
+    with pytest.raises(ConfigError) as err:
+        make("decode", SpreadSource(), key=f"{KEY}-part1").run()
+    assert f"Attach with cache.key={KEY};" in str(err.value)
+
+
+def test_a_spread_key_too_long_for_its_parts_is_refused_before_loading(cache, make):
+    from sharedcache import ConfigError
+
+    source = SpreadSource()
+    with pytest.raises(ConfigError) as err:
+        make("prefill", source, key="k" * 125).run()
+    assert "too long for a model spread over GPUs" in str(err.value) and source.loads == 0
+
+
+def test_an_owner_gives_back_every_part_even_when_one_fails_to_close(cache):
+    """Closing the head's claim runs every step: a part whose teardown fails does not keep the next one."""
+    from sharedcache.cache import CacheDir
+    from sharedcache.ownership import Claim
+
+    entries = [CacheDir(cache).entry(k) for k in (KEY, f"{KEY}-part1", f"{KEY}-part2")]
+    head, broken, last = (Claim.take(e) for e in entries)
+    head.parts = [broken, last]
+    os.close(broken._fd)  # its lock fd is gone: its close raises
+    with pytest.raises(OSError):
+        head.close()
+    assert not entries[0].claimed() and not entries[2].claimed()

@@ -217,11 +217,9 @@ def _single_device(device_map: Any) -> torch.device | None:
     if isinstance(device_map, (torch.device, int)):
         return torch.device("cuda", device_map) if isinstance(device_map, int) else device_map
     if isinstance(device_map, str):
-        if device_map == "auto":
+        if device_map in _SPREADING:  # over the GPUs there are: one GPU, or the CPU where there is none
             return torch.device("cuda", 0) if torch.cuda.is_available() and torch.cuda.device_count() == 1 \
                 else (torch.device("cpu") if not torch.cuda.is_available() else None)
-        if device_map in ("balanced", "balanced_low_0", "sequential"):
-            return None
         return torch.device(device_map)
     if isinstance(device_map, dict):
         targets = {str(v) for v in device_map.values()}
