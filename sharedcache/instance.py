@@ -140,11 +140,11 @@ class Instance:
     def _run_shared(self, mode: Mode) -> tuple[RunState, str | None]:
         fingerprint = self.source.fingerprint(None)
         entry = CacheDir(self.settings.dir).entry(self.settings.key)
-        if getattr(self.source, "spreads", False):  # the parts' keys must be valid too, before anything loads
-            from .manifest import MAX_PARTS, part_key
+        if getattr(self.source, "spreads", False) and not mode.attaches:  # before anything loads: the parts' keys
+            from .manifest import part_key
 
             try:
-                CacheDir(self.settings.dir).entry(part_key(self.settings.key, MAX_PARTS - 1))
+                CacheDir(self.settings.dir).entry(part_key(self.settings.key, max(torch.cuda.device_count() - 1, 1)))
             except ConfigError:
                 raise ConfigError(f"cache key {self.settings.key!r} is too long for a model spread over GPUs: its "
                                   f"parts are keyed {part_key(self.settings.key, 1)!r} and so on, at most 128 "

@@ -82,8 +82,11 @@ class Claim:
         for undo in steps:
             try:
                 undo()
-            except BaseException as e:  # noqa: BLE001 - the remaining steps still run; the first error is raised
-                failed = failed or e
+            except BaseException as e:  # noqa: BLE001 - the remaining steps still run; one error is raised after
+                if failed is None or (isinstance(failed, Exception) and not isinstance(e, Exception)):
+                    failed, e = e, failed  # a Ctrl-C or exit outranks an error; the other one is logged
+                if e is not None:
+                    log.warning("giving up entry %s: %s", self.entry.key, e)
         if failed is not None:
             raise failed
 

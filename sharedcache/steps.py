@@ -344,16 +344,17 @@ def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fal
         raise OwnerGone(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "
                         f"backend {backend.name} cannot attach without it: {why}.",
                         hint="Start the prefill again, then attach.")
-    try:
-        s.arena = backend.attach(s.entry.dir, manifest)
-    except ArenaError:  # an owner replaced meanwhile takes its files and handles with it
-        if _republished(s.entry, manifest) and time.monotonic() < deadline:
-            log.info("[%s] the owner changed while attaching; trying the new entry", s.role.name)
-            return False
-        raise
-    s.backend = backend
-    if manifest.part is not None:
-        return _attach_parts(s, manifest, backend, deadline)
+    with _current_device_kept(manifest.part is not None):  # a spread model's GPUs: the caller's stays current
+        try:
+            s.arena = backend.attach(s.entry.dir, manifest)
+        except ArenaError:  # an owner replaced meanwhile takes its files and handles with it
+            if _republished(s.entry, manifest) and time.monotonic() < deadline:
+                log.info("[%s] the owner changed while attaching; trying the new entry", s.role.name)
+                return False
+            raise
+        s.backend = backend
+        if manifest.part is not None:
+            return _attach_parts(s, manifest, backend, deadline)
     s.parts, s.placement = [], None
     return True
 
@@ -368,16 +369,11 @@ def _attach_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool
     """Map parts 1..n-1 of a spread model whose head (part 0) is mapped: True when all are, False when the
     head was replaced meanwhile (the caller tries the new one). Each part holds its attach lock as long as
     its mapping lives, as the head does."""
-    s.parts = []
-    with _current_device_kept(True):
-        return _attach_other_parts(s, head, backend, deadline)
-
-
-def _attach_other_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool:
     from .cache import CacheDir
     from .manifest import part_key
     from .run import Part
 
+    s.parts = []
     for index in range(1, head.part.count):
         entry = CacheDir(s.entry.root).entry(part_key(s.settings.key, index))
         hold = entry.hold_for_attach() if entry.published() else None
