@@ -16,19 +16,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from sglang_serving import REPO, nvidia_smi  # bench/ is this script's directory
+
 PROBE = REPO / "tests" / "gpu" / "spread_probe.py"
 
 
 def nvml_mib_by_gpu(pid: int) -> list[int]:
     """MiB that process `pid` holds on each GPU, in the GPUs' index order (NVML, through nvidia-smi)."""
-    gpus = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
-                          text=True, check=True).stdout
-    order = {uuid.strip(): int(i) for i, uuid in (line.split(",") for line in gpus.strip().splitlines())}
-    apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory",
-                           "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True).stdout
+    gpus = nvidia_smi("--query-gpu=index,uuid", "--format=csv,noheader")
+    order = {uuid.strip(): int(i) for i, uuid in (line.split(",") for line in gpus.splitlines())}
+    apps = nvidia_smi("--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader,nounits")
     used = [0] * len(order)
-    for line in apps.strip().splitlines():
+    for line in apps.splitlines():
         p, uuid, mib = (x.strip() for x in line.split(","))
         if int(p) == pid:
             used[order[uuid]] += int(mib)
@@ -81,8 +80,7 @@ def main() -> None:
     rows.append(row("decode (attached)", dec))
     decode.communicate("go\n")
     owner.communicate("go\n")
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                            capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    driver = nvidia_smi("--query-gpu=name,driver_version,memory.total", "--format=csv,noheader").splitlines()
     result = {
         "machine": platform.node(), "gpus": driver, "torch": torch.__version__,
         "transformers": transformers.__version__, "model_dir": a.model_dir, "device_map": a.device_map,

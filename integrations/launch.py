@@ -89,6 +89,7 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     from transformers import AutoTokenizer
 
     from sharedcache_integrations import hf
+    from sharedcache_integrations.hf.config import SPREADING
 
     path = model_dir(cfg["model"])
     try:
@@ -98,7 +99,7 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
                           hint="Point model.path at a complete Hugging Face model directory.") from None
     engine = cfg["engine"]
     kwargs = {k: engine[k] for k in ("dtype", "device_map") if engine[k] is not None}
-    spread = engine["device_map"] in launch_checks.SPREADING and torch.cuda.is_available()
+    spread = engine["device_map"] in SPREADING and torch.cuda.is_available()
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if spread else [engine["device_map"]]
     for device in devices:
         if str(device or "cpu").startswith("cuda"):

@@ -12,13 +12,13 @@ import re
 from typing import Any, Callable
 
 from sharedcache import ConfigError
+from sharedcache_integrations.hf.config import SPREADING
 
 # Mappings that take keys of the user's choosing (`+engine.extra_args.attention_backend=triton`).
 OPEN_MAPPINGS = ("engine.extra_args.", "engine.env.", "engine.router.extra_args.", "hydra.")
 HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-SPREADING = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device maps over several GPUs
 
 
 def check(cfg: dict[str, Any], overrides: list[str]) -> None:

@@ -23,7 +23,8 @@ from .progress import ProgressFn, log_progress
 from .report import Report, weight_bytes_outside
 from .roles import Mode, Role
 from .settings import CacheSettings
-from .run import Fallback, RunState, Takeover
+from .manifest import differences, part_key
+from .run import Fallback, RunState, Takeover, spreads
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ class Instance:
         self.role, self.settings, self.source, self.progress = role, settings, source, progress
         self.report: Report | None = None
         self.arena_region: tuple[int, int] | None = None  # address range of the arena this model views
-        self.arena_regions: list[tuple[int, int]] = []  # every device's arena (a spread model has several)
         self._finalizer: weakref.finalize | None = None
         self._claim: Claim | None = None  # what this owner published, until close()
 
@@ -86,7 +86,7 @@ class Instance:
             s, fallback = self._run_shared(mode)
         try:
             attached = s.mode.attaches and fallback is None
-            placed = {"placement": _placement(s) if attached else None} if getattr(self.source, "spreads", False) else {}
+            placed = {"placement": _placement(s) if attached else None} if s.spreads else {}
             model = self.source.finish(s.model, attached=attached, **placed)
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{type(self.source).__name__}.finish returned {type(model).__name__}, "
@@ -97,7 +97,6 @@ class Instance:
             raise
         if s.arena is not None and fallback is None:
             self.arena_region = s.arena.region()
-            self.arena_regions = [s.arena.region()] + [p.arena.region() for p in s.parts]
         if s.claim is not None:  # a save that published (a failed or fallen-back one has no claim left)
             self._finalizer = weakref.finalize(model, s.claim.close)
             self._claim = s.claim
@@ -140,9 +139,7 @@ class Instance:
     def _run_shared(self, mode: Mode) -> tuple[RunState, str | None]:
         fingerprint = self.source.fingerprint(None)
         entry = CacheDir(self.settings.dir).entry(self.settings.key)
-        if getattr(self.source, "spreads", False) and not mode.attaches:  # before anything loads: the parts' keys
-            from .manifest import part_key
-
+        if spreads(self.source) and not mode.attaches:  # before anything loads: the parts' keys
             try:
                 CacheDir(self.settings.dir).entry(part_key(self.settings.key, max(torch.cuda.device_count() - 1, 1)))
             except ConfigError:
@@ -170,7 +167,7 @@ class Instance:
 
     def _resolve_mode(self, entry: Entry, fp: Fingerprint, mode: Mode) -> tuple[Mode, Claim | None]:
         if mode is Mode.AUTO:
-            if _compatible_live(entry, fp, getattr(self.source, "spreads", False)):
+            if _compatible_live(entry, fp, spreads(self.source)):
                 mode = Mode.LOAD
             else:
                 try:
@@ -212,7 +209,7 @@ class Instance:
     def _report(self, s: RunState, model: nn.Module, fallback: str | None, total: float) -> Report:
         shared = fallback is None and s.mode is not Mode.OFF
         arena = s.arena if shared else None
-        arenas = [arena] + [p.arena for p in s.parts] if arena is not None else []
+        arenas = [a for _, a in s.mapped()] if arena is not None else []
         allocated = weight_bytes_outside(model, [a.region() for a in arenas])
         allocated += sum(a.size for a in arenas if a.owned)
         attaches = shared and s.mode.attaches
@@ -266,8 +263,6 @@ def _compatible_live(entry: Entry, fp: Fingerprint, spreads: bool) -> bool:
         manifest = entry.read()
     except ManifestError:
         return False
-    from .manifest import differences
-
     return entry.owner_alive(manifest) and not differences(fp, manifest, spreads=spreads)
 
 
@@ -276,5 +271,5 @@ def _placement(s: RunState) -> dict[str, torch.device] | None:
     its arenas were mapped on, which CUDA_VISIBLE_DEVICES may number otherwise than the owner's)."""
     if s.placement is None:
         return None
-    devices = [s.arena.base.device] + [p.arena.base.device for p in s.parts]
+    devices = [arena.base.device for _, arena in s.mapped()]
     return {module: devices[part] for module, part in s.placement.items()}

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from .settings import CacheSettings
 
 
+def spreads(source: Any) -> bool:
+    """Does the source let its engine spread the model over several GPUs (ModelSource.spreads; optional)?"""
+    return bool(getattr(source, "spreads", False))
+
+
 @dataclass(frozen=True)
 class Fallback:
     """Give up sharing and load normally, for `reason`."""
@@ -80,3 +85,11 @@ class RunState:
     parts: list[Part] = field(default_factory=list)  # a model spread over several devices: parts 1..n-1
     placement: dict[str, Any] | None = None  # spread: module path -> torch device, where each module runs
     group: str | None = None  # spread, save: this save's id, in every part's manifest
+
+    @property
+    def spreads(self) -> bool:
+        return spreads(self.source)
+
+    def mapped(self) -> list[tuple[Manifest, Arena]]:
+        """(manifest, arena) of every device the run published or attached, its own first."""
+        return [(self.manifest, self.arena)] + [(p.manifest, p.arena) for p in self.parts]

@@ -17,11 +17,13 @@ from . import backends
 from .errors import (ArenaError, AttachTimeout, ConfigError, EntryOwned, FingerprintMismatch, IntegrityError,
                      ManifestError, OwnerGone, UnsupportedModel)
 from .layout import TensorSlot, plan
-from .manifest import ArenaInfo, Manifest, Owner
+from .cache import CacheDir
+from .manifest import MAX_PARTS, ArenaInfo, Manifest, Owner, PartInfo, differences, part_key
+from .ownership import Claim
 from .phases import step
 from .progress import Throttle
 from .roles import Mode
-from .run import Fallback, RunState, Takeover
+from .run import Fallback, Part, RunState, Takeover
 from .waiting import Outcome, wait_for_owner
 
 if TYPE_CHECKING:  # torch comes with the first step, so that validating a role's order stays light
@@ -51,7 +53,7 @@ def intercept_save(s: RunState) -> Fallback | None:
     s.load_seconds = time.perf_counter() - t0
     try:
         devices = devices_of(s.model)
-        if len(devices) > 1 and getattr(s.source, "spreads", False):
+        if len(devices) > 1 and s.spreads:
             _split(s, devices)
         else:
             s.slots, s.refs = capture(s.model)
@@ -62,7 +64,7 @@ def intercept_save(s: RunState) -> Fallback | None:
     device = s.refs[0].get().device if s.refs else torch.device("cpu")
     s.backend = backends.resolve(s.settings.backend, device, s.settings)
     s.fingerprint = s.source.fingerprint(s.model)
-    if getattr(s.source, "spreads", False):  # where the engine put it, not the request's first GPU
+    if s.spreads:  # where the engine put it, not the request's first GPU
         base, s.fingerprint = s.fingerprint, dataclasses.replace(s.fingerprint, device=device_id(device))
         for part in s.parts:  # each part's fingerprint names its own device
             part.fingerprint = dataclasses.replace(base, device=device_id(part.device))
@@ -77,10 +79,6 @@ def _split(s: RunState, devices: list[torch.device]) -> None:
     import torch
 
     from .binding import capture
-    from .cache import CacheDir
-    from .manifest import MAX_PARTS, part_key
-    from .ownership import Claim
-    from .run import Part
 
     if any(d.type != "cuda" for d in devices) or len(devices) > MAX_PARTS:
         raise UnsupportedModel(f"the model's tensors lie on {[str(d) for d in devices]}; only a model spread over "
@@ -204,8 +202,6 @@ def _pack(s: RunState, refs: list, slots: list, entry: Entry, claim) -> tuple:
 @step("serialize", "save", reads=("arena", "layout", "fingerprint", "backend", "claim"), provides=("manifest",),
       uses=("checksums",))
 def serialize_save(s: RunState) -> None:
-    from .manifest import PartInfo
-
     count = len(s.parts) + 1
     info = (lambda i: PartInfo(i, count, s.group, dict(s.placement))) if s.parts else (lambda i: None)
     for part in reversed(s.parts):  # part 0, the user's key, last: whoever sees it finds every part
@@ -318,11 +314,11 @@ def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fal
         raise ConfigError(f"entry {s.settings.key!r} is part {manifest.part.index} of {manifest.part.count} of a "
                           f"model spread over GPUs, published under {head!r}.",
                           hint=f"Attach with cache.key={head}; its other parts come with it.")
-    differences = _differences(s, manifest)
-    if differences:
+    differing = differences(s.fingerprint, manifest, spreads=s.spreads)
+    if differing:
         spread_hint = ("Load with a device map that spreads the model (device_map='auto') with the owner's GPUs "
-                       "visible, or set cache.on_mismatch=fallback.") if differences[-1][0] == "devices" else None
-        err = FingerprintMismatch(s.settings.key, differences, hint=spread_hint)
+                       "visible, or set cache.on_mismatch=fallback.") if differing[-1][0] == "devices" else None
+        err = FingerprintMismatch(s.settings.key, differing, hint=spread_hint)
         if s.settings.on_mismatch == "fallback":
             return Fallback(str(err))
         raise err
@@ -359,20 +355,10 @@ def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fal
     return True
 
 
-def _differences(s: RunState, manifest: Manifest) -> list[tuple]:
-    from .manifest import differences
-
-    return differences(s.fingerprint, manifest, spreads=getattr(s.source, "spreads", False))
-
-
 def _attach_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool:
     """Map parts 1..n-1 of a spread model whose head (part 0) is mapped: True when all are, False when the
     head was replaced meanwhile (the caller tries the new one). Each part holds its attach lock as long as
     its mapping lives, as the head does."""
-    from .cache import CacheDir
-    from .manifest import part_key
-    from .run import Part
-
     s.parts = []
     for index in range(1, head.part.count):
         entry = CacheDir(s.entry.root).entry(part_key(s.settings.key, index))
@@ -442,7 +428,7 @@ def align_load(s: RunState) -> None:
     from .binding import bind, check_against, view_of
 
     specs, views = {}, {}
-    for manifest, arena in [(s.manifest, s.arena)] + [(p.manifest, p.arena) for p in s.parts]:
+    for manifest, arena in s.mapped():
         for spec in manifest.tensors:
             if spec.name in specs:
                 raise ManifestError(f"tensor {spec.name!r} of entry {s.settings.key!r} is published in two parts.",
@@ -460,7 +446,7 @@ def verify_load(s: RunState) -> None:
         raise ManifestError(f"entry {s.settings.key!r} carries no checksums to verify against.",
                             hint="Add 'verify' before 'serialize' to the prefill role's phases.")
     bad = []
-    for manifest, arena in [(s.manifest, s.arena)] + [(p.manifest, p.arena) for p in s.parts]:
+    for manifest, arena in s.mapped():
         ours = _checksums(arena.base, manifest.tensors)
         bad += sorted(n for n, d in ours.items() if (manifest.checksums or {}).get(n) != d)
     if bad:

@@ -6,6 +6,9 @@ from typing import Any, Mapping
 
 from sharedcache.kit import config_digest
 
+# device_map names with which transformers spreads a model over the GPUs there are (the CPU where there are none)
+SPREADING = ("auto", "balanced", "balanced_low_0", "sequential")
+
 # keys of `PretrainedConfig.to_dict()` that say nothing about the weights' bytes: dtype has a fingerprint
 # field of its own, and the transformers version that wrote the config is not the model
 NOT_IDENTITY = ("dtype", "torch_dtype", "transformers_version")

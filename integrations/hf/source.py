@@ -12,7 +12,7 @@ from torch import nn
 from sharedcache import ConfigError, Fingerprint, UnsupportedModel
 from sharedcache.kit import checkpoint_fingerprint, resolve_device, weight_files
 
-from .config import hf_config_digest
+from .config import SPREADING, hf_config_digest
 
 # from_pretrained options that only matter for fetching files; safe to forward to config loading
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
@@ -215,9 +215,9 @@ def _single_device(device_map: Any) -> torch.device | None:
     if device_map is None:
         return torch.device("cpu")
     if isinstance(device_map, (torch.device, int)):
-        return torch.device("cuda", device_map) if isinstance(device_map, int) else device_map
+        return _as_device(device_map)
     if isinstance(device_map, str):
-        if device_map in _SPREADING:  # over the GPUs there are: one GPU, or the CPU where there is none
+        if device_map in SPREADING:  # over the GPUs there are: one GPU, or the CPU where there is none
             return torch.device("cuda", 0) if torch.cuda.is_available() and torch.cuda.device_count() == 1 \
                 else (torch.device("cpu") if not torch.cuda.is_available() else None)
         return torch.device(device_map)
@@ -226,16 +226,13 @@ def _single_device(device_map: Any) -> torch.device | None:
         if len(targets) != 1 or targets & {"disk"}:
             return None
         (only,) = targets
-        return torch.device("cuda", int(only)) if only.isdigit() else torch.device(only)
+        return _as_device(only)
     return None
-
-
-_SPREADING = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _spreads(device_map: Any) -> bool:
     """Does the device_map let the model lie on several GPUs, and on nothing else?"""
-    if isinstance(device_map, str) and device_map in _SPREADING:
+    if isinstance(device_map, str) and device_map in SPREADING:
         return torch.cuda.is_available() and torch.cuda.device_count() > 1
     if isinstance(device_map, dict):
         try:
