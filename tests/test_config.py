@@ -268,3 +268,30 @@ def test_configured_works_inside_a_hydra_app_of_the_callers_own(tmp_path):
         role, settings = configured("decode", f"cache.dir={tmp_path}")
         assert role.name == "decode" and settings.dir == str(tmp_path)
         assert GlobalHydra.instance().hydra is outer  # the caller's Hydra is given back
+
+
+def test_sglang_pd_over_cuda_ipc_sets_mooncakes_transport_for_both_servers(launcher, models):
+    import shlex
+
+    for role in ("prefill", "decode"):
+        words = shlex.split(_dry_run(launcher, models["tiny"], role, "engine.disaggregation.mooncake_protocol=nvlink_intra")
+                            .splitlines()[0])
+        env = dict(w.split("=", 1) for w in words[:words.index("-m") - 1])
+        assert env["MC_INTRANODE_NVLINK"] == "true", role  # Mooncake's CUDA IPC transport, not its TCP fallback
+        assert env["SGLANG_MOONCAKE_CUSTOM_MEM_POOL"] == "INTRA_NODE_NVLINK", role  # metadata on the GPU too
+        assert "--disaggregation-transfer-backend mooncake " in " ".join(words) + " "
+    plain = _dry_run(launcher, models["tiny"], "plain", "engine.disaggregation.mooncake_protocol=nvlink_intra")
+    assert "MC_INTRANODE_NVLINK" not in plain.splitlines()[0], "a server outside PD moves no KV"
+
+
+def test_sglang_transport_that_cannot_apply_is_refused_before_any_server_starts(launcher, models):
+    for overrides, words in ((("engine.disaggregation.transfer_backend=mooncake_tcp",
+                               "engine.disaggregation.mooncake_protocol=nvlink_intra"),
+                              "applies to transfer_backend=mooncake, not 'mooncake_tcp'"),
+                             (("engine.disaggregation.mooncake_protocol=carrier_pigeon",),
+                              "'carrier_pigeon' is not one this launcher knows")):
+        proc = launcher.run("decode", "engine=sglang", "engine.dry_run=true", f"model.path={models['tiny']}",
+                            *overrides)
+        assert proc.popen.returncode == 2, proc.output()
+        assert words in proc.output()
+        assert "sglang.launch_server" not in proc.output()

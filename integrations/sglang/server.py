@@ -25,6 +25,13 @@ from sharedcache import ConfigError, SharedCacheError
 from . import ENV, KEY_ENV, DIR_ENV, OVERRIDES_ENV, REPORT_ENV, ROLE_ENV, plugin_env
 
 SWITCHES = (ENV, ROLE_ENV, KEY_ENV, DIR_ENV, OVERRIDES_ENV, REPORT_ENV)
+# engine.disaggregation.mooncake_protocol -> the environment SGLang's mooncake backend and Mooncake read.
+# nvlink_intra: MC_INTRANODE_NVLINK makes Mooncake install its CUDA IPC transport (without it Mooncake logs "Using TCP
+# transport (no HCA detected)" and quietly moves the KV over loopback TCP, as it did in a run on an H200), and SGLang's
+# INTRA_NODE_NVLINK switch keeps the first token's metadata on the GPU, where that transport reads it.
+MOONCAKE_PROTOCOLS = {
+    "nvlink_intra": {"MC_INTRANODE_NVLINK": "true", "SGLANG_MOONCAKE_CUSTOM_MEM_POOL": "INTRA_NODE_NVLINK"},
+}
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +74,24 @@ def _flags(extra: dict[str, Any]) -> list[str]:
     return out
 
 
+def _transport_env(dis: dict[str, Any]) -> dict[str, str]:
+    """The environment that selects Mooncake's transport; the prefill and the decode must agree on it."""
+    protocol = dis.get("mooncake_protocol")
+    if protocol is None:
+        return {}
+    if protocol not in MOONCAKE_PROTOCOLS:
+        raise ConfigError(f"engine.disaggregation.mooncake_protocol={protocol!r} is not one this launcher knows "
+                          f"({', '.join(MOONCAKE_PROTOCOLS)}).",
+                          hint="Use nvlink_intra for prefill and decode on one host, or null for SGLang's default "
+                               "(RDMA; transfer_backend=mooncake_tcp for TCP). Anything else Mooncake reads can be set "
+                               "through engine.env.")
+    if dis["transfer_backend"] != "mooncake":
+        raise ConfigError(f"engine.disaggregation.mooncake_protocol={protocol} applies to transfer_backend=mooncake, "
+                          f"not {dis['transfer_backend']!r}.",
+                          hint="Set engine.disaggregation.transfer_backend=mooncake, or mooncake_protocol=null.")
+    return dict(MOONCAKE_PROTOCOLS[protocol])
+
+
 def plan_server(cfg: dict[str, Any], model_path: Path, role_core: dict[str, Any], out: Path) -> ServerPlan:
     """The SGLang server for a cache role (prefill, decode, auto, plain)."""
     engine, role = cfg["engine"], cfg["role"]["name"]
@@ -87,6 +112,8 @@ def plan_server(cfg: dict[str, Any], model_path: Path, role_core: dict[str, Any]
     # the plugin's switches are this config's alone: ones exported in the shell (a README recipe) must not turn
     # a plain server into a sharing one, nor change a sharing one's role
     env = {name: "" for name in SWITCHES}
+    if pd_mode:
+        env.update(_transport_env(engine["disaggregation"]))
     env.update({k: str(v) for k, v in engine["env"].items()})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     report_dir = None
