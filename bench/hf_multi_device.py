@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def main() -> None:
     owner.communicate("go\n")
     driver = nvidia_smi("--query-gpu=name,driver_version,memory.total", "--format=csv,noheader").splitlines()
     result = {
-        "machine": platform.node(), "gpus": driver, "torch": torch.__version__,
+        "machine": platform.node(), "gpus": driver, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "torch": torch.__version__,
         "transformers": transformers.__version__, "model_dir": a.model_dir, "device_map": a.device_map,
         "rows": rows,
         "logits_equal": len({r["logits_sha256"] for r in rows}) == 1,
@@ -96,8 +98,11 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# transformers model spread over {len(r['gpus'])} GPUs (device_map={r['device_map']!r})", "",
-             f"{r['gpus'][0]} (x{len(r['gpus'])}); torch {r['torch']}, transformers {r['transformers']}; model "
+    spread = len(r["rows"][0]["hf_device_map_devices"])  # the GPUs the model runs on, not the machine's count
+    seen = f"; CUDA_VISIBLE_DEVICES={r['cuda_visible_devices']}" if r.get("cuda_visible_devices") else ""
+    lines = [f"# transformers model spread over {spread} GPUs (device_map={r['device_map']!r})", "",
+             f"{r['gpus'][0]} (x{len(r['gpus'])} on the machine{seen}); torch {r['torch']}, "
+             f"transformers {r['transformers']}; model "
              f"{r['model_dir']}. Each row is its own process, in this order, side by side in one run "
              "(`bench/hf_multi_device.py`).", "",
              "| process | from_pretrained (s) | attach (s) | weight bytes allocated | NVML MiB per GPU | parts |",

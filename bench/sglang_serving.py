@@ -195,10 +195,32 @@ def run_load(servers: list[Server], args, work: Path, wl: str, conc: int, watch:
             "server_log_peaks": {s.name: batch_peaks(read_from(s.log, offsets[s.name])) for s in watch}}
 
 
+PROBE_IDS = [1, 400, 1200, 33, 7000, 15, 298, 4096, 61, 2]
+PLAIN_TOKENS = REPO / "bench" / "results" / "h200-sglang-gpu-tests.json"  # a plain server's, this checkpoint
+
+
+def probe_tokens(server: Server) -> dict:
+    body = json.dumps({"input_ids": PROBE_IDS, "sampling_params": {"max_new_tokens": 16, "temperature": 0.0,
+                                                                   "ignore_eos": True}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/generate", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        tokens = json.loads(r.read()).get("output_ids")
+    expected = json.loads(PLAIN_TOKENS.read_text())["tokens"]
+    return {"server": server.name, "tokens": tokens, "equal_plain": tokens == expected}
+
+
 def read_from(path: Path, offset: int) -> str:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read().decode(errors="replace")
+
+
+def transfer_overrides(args) -> tuple[str, ...]:
+    out = (f"engine.disaggregation.transfer_backend={args.transfer_backend}",)
+    if args.mooncake_protocol:
+        out += (f"engine.disaggregation.mooncake_protocol={args.mooncake_protocol}",)
+    return out
 
 
 def start_servers(setup: str, args, cache_dir: Path, work: Path) -> tuple[list[Server], list[dict]]:
@@ -208,7 +230,7 @@ def start_servers(setup: str, args, cache_dir: Path, work: Path) -> tuple[list[S
     pd = args.mode == "pd"
     own = () if setup == "shared" else ("role.mode=off", "role.phases=[]")  # the roles' servers, no cache
     roles = ("prefill", "decode") if (pd or setup == "shared") else ("plain", "plain")
-    mode = ((f"engine.disaggregation.transfer_backend={args.transfer_backend}",) if pd else
+    mode = (transfer_overrides(args) if pd else
             ("engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null"))
 
     def server(i: int) -> Server:
@@ -235,8 +257,7 @@ def start_servers(setup: str, args, cache_dir: Path, work: Path) -> tuple[list[S
 def start_router(setup: str, args, servers: list[Server], cache_dir: Path, work: Path) -> Server:
     """sglang-router's PD router in front of the setup's prefill and decode servers, once it answers."""
     port = free_port()
-    router = Server("router", f"{setup}-router", args, cache_dir, work,
-                    f"engine.disaggregation.transfer_backend={args.transfer_backend}",
+    router = Server("router", f"{setup}-router", args, cache_dir, work, *transfer_overrides(args),
                     f"engine.port.prefill={servers[0].port}", f"engine.port.decode={servers[1].port}",
                     f"engine.router.port={port}", port=port)
     router.wait_ready(args.ready_timeout)  # launch.py reports as soon as the router process runs
@@ -311,6 +332,9 @@ def run_setup(setup: str, args, results: dict, save) -> None:
         if args.mode == "pd":
             servers.append(start_router(setup, args, servers, cache_dir, work))
             targets = [servers[-1]]
+        # the numbers count only if the setup serves the right tokens: greedy, against a plain server's
+        entry["probe"] = [probe_tokens(s) for s in targets]
+        save()
         # the long workload first: it is where KV capacity binds, and what the throughput target is set on
         for wl, concs in (("long-8k", args.long_conc), ("random-1k", args.random_conc)):
             for conc in concs:
@@ -368,6 +392,9 @@ def main() -> None:
                     help="pd: prefill + decode servers in PD mode behind sglang-router's PD router (one client); "
                          "replicas: two servers without PD, one client each")
     ap.add_argument("--transfer-backend", default="mooncake_tcp", help="PD KV transfer (mooncake_tcp: no RDMA)")
+    ap.add_argument("--mooncake-protocol", default=None,
+                    help="engine.disaggregation.mooncake_protocol, with --transfer-backend mooncake (nvlink_intra: "
+                         "KV copied GPU to GPU through CUDA IPC)")
     ap.add_argument("--first-mem", type=float, default=0.45, help="mem_fraction_static of the first server")
     ap.add_argument("--second-mem", type=float, default=0.80, help="of the second (of what the first left free)")
     ap.add_argument("--random-conc", default="32,128", help="concurrency per client, random-1k workload")

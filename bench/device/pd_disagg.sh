@@ -2,24 +2,32 @@
 # One device call: PD disaggregation on one GPU through launch.py (prefill, decode, router), KV moved by
 # Mooncake over TCP, requests through sglang-router's PD router. Carry .pdbundle (mooncake-transfer-engine-
 # cuda13 and sglang-router, unpacked, as tar.xz) on a machine where bench/device/setup.sh already ran.
+# PD_EXTRA: more launch.py overrides (e.g. "engine.disaggregation.transfer_backend=mooncake
+# engine.disaggregation.mooncake_protocol=nvlink_intra"); PD_TAG names this run's outputs. It stops only the
+# processes it started, so it may run beside another benchmark on another GPU.
 source bench/device/setup.sh || exit 1
 python3 -c "import importlib.metadata as m; from mooncake.engine import TransferEngine; import sglang_router; \
 print('mooncake', m.version('mooncake-transfer-engine-cuda13'), 'sglang-router', m.version('sglang-router'))" || exit 1
-C="engine=sglang model.path=/tmp/llama8b cache.key=pd8b cache.dir=/dev/shm/sc-pd cache.wait_timeout_s=600
+P=pd${PD_TAG:+-$PD_TAG}; export PD_RUN=/tmp/$P PD_OUT=$OUT/$P
+C="engine=sglang model.path=/tmp/llama8b cache.key=pd8b cache.dir=/dev/shm/sc-$P cache.wait_timeout_s=600
  engine.disaggregation.transfer_backend=mooncake_tcp +engine.extra_args.attention_backend=triton
  +engine.extra_args.sampling_backend=pytorch +engine.extra_args.grammar_backend=none
- +engine.extra_args.cuda_graph_max_bs_decode=16 +engine.extra_args.disable_radix_cache=true"
-python3 launch.py role=prefill $C hydra.run.dir=/tmp/pd/prefill > "$OUT/pd-prefill.log" 2>&1 &
-python3 launch.py role=decode $C hydra.run.dir=/tmp/pd/decode > "$OUT/pd-decode.log" 2>&1 &
+ +engine.extra_args.cuda_graph_max_bs_decode=16 +engine.extra_args.disable_radix_cache=true $PD_EXTRA"
+rm -rf $PD_RUN
+python3 launch.py role=prefill $C hydra.run.dir=$PD_RUN/prefill > "$PD_OUT-prefill.log" 2>&1 &
+pids=$!
+python3 launch.py role=decode $C hydra.run.dir=$PD_RUN/decode > "$PD_OUT-decode.log" 2>&1 &
+pids="$pids $!"
 for i in $(seq 1 ${PD_READY_S:-240}); do
-  [ -f /tmp/pd/prefill/report.json ] && [ -f /tmp/pd/decode/report.json ] && break; sleep 1; done
-python3 launch.py role=router $C hydra.run.dir=/tmp/pd/router > "$OUT/pd-router.log" 2>&1 &
-python3 - <<'PY' 2>&1 | tee "$OUT/pd-result.log"
-import json, time, urllib.request
+  [ -f $PD_RUN/prefill/report.json ] && [ -f $PD_RUN/decode/report.json ] && break; sleep 1; done
+python3 launch.py role=router $C hydra.run.dir=$PD_RUN/router > "$PD_OUT-router.log" 2>&1 &
+pids="$pids $!"
+python3 - <<'PY' 2>&1 | tee "$PD_OUT-result.log"
+import json, os, time, urllib.request
 ids = [1, 400, 1200, 33, 7000, 15, 298, 4096, 61, 2]
 body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": 16, "temperature": 0.0,
                    "ignore_eos": True}}).encode()
-expected = json.load(open("bench/results/h100-sglang-gpu-tests.json"))["tokens"]
+expected = json.load(open("bench/results/h200-sglang-gpu-tests.json"))["tokens"]  # a plain server's
 out, err = None, None
 for _ in range(60):
     try:
@@ -32,7 +40,7 @@ for _ in range(60):
 reports = {}
 for role in ("prefill", "decode"):
     try:
-        reports[role] = json.load(open(f"/tmp/pd/{role}/report.json"))
+        reports[role] = json.load(open(f"{os.environ['PD_RUN']}/{role}/report.json"))
     except OSError as e:
         reports[role] = {"error": repr(e)}
 res = {"router_output_ids": out and out.get("output_ids"), "expected_plain_tokens": expected,
@@ -41,6 +49,8 @@ res = {"router_output_ids": out and out.get("output_ids"), "expected_plain_token
        "prefill": {k: reports["prefill"].get(k) for k in ("mode", "pd_mode", "backend")},
        "decode_kv_pool_tokens": (reports["decode"].get("ranks") or [{}])[0].get("kv_pool_tokens")}
 print(json.dumps(res, indent=2))
-json.dump(res, open(__import__("os").environ["OUT"] + "/pd-result.json", "w"), indent=2)
+json.dump(res, open(os.environ["PD_OUT"] + "-result.json", "w"), indent=2)
 PY
-pkill -TERM -f "launch.py role=" ; sleep 15; pkill -KILL -f "sglang" ; true
+kill -TERM $pids 2>/dev/null  # each launch.py stops its own server
+for i in $(seq 1 60); do kill -0 $pids 2>/dev/null || break; sleep 1; done
+true

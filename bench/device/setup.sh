@@ -22,7 +22,11 @@ if [ -f .pdbundle/pd.tar.xz ] && [ ! -f /tmp/pdsite/.ready ]; then
   mkdir -p /tmp/pdsite && tar -xJf .pdbundle/pd.tar.xz -C /tmp/pdsite && touch /tmp/pdsite/.ready || return 1
 fi
 [ -f /tmp/pdsite/.ready ] && export PYTHONPATH=/tmp/site:/tmp/pdsite
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+# once per machine and checkout: scripts that run at once on a warm machine each source this file
+if [ "$(cat /tmp/site/.sharedcache-editable 2>/dev/null)" != "$PWD" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+  echo "$PWD" > /tmp/site/.sharedcache-editable
+fi
 python3 - <<'PY' || return 1
 import importlib.metadata as m, torch
 assert any(e.name == "sharedcache" for e in m.entry_points(group="sglang.srt.plugins")), "plugin entry point missing"
