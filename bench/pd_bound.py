@@ -8,7 +8,9 @@ prefill plus its share of every decode step it takes part in:
 where step(B) is the decode step time with B requests at the workload's context, and B is at most what the decode
 server's KV pool holds. Both terms come from `sglang.bench_one_batch` on the same card (a static batch, no server,
 no sharedcache: bench/device/sglang_one_batch.sh). The pools come from the serving benchmark's result. The bound
-says what the pools can buy, and how far the served numbers are from it.
+says what the pools can buy, and how far the served numbers are from it. It is a little optimistic: the steps are
+measured over the first 64 output tokens, while a served request's context grows to input + output, and it counts
+no time for the KV transfer or for switching between the two processes.
 
     python bench/pd_bound.py --one-batch bench/results/h200-sglang-one-batch-triton.jsonl \
         --serving bench/results/h200-sglang-serving-nvlink.json
@@ -68,7 +70,10 @@ def main() -> None:
     steps = step_times(a.one_batch, inp)
     rows = {}
     for name, entry in serving["setups"].items():
-        decode = [v for v in entry["servers"].values() if v["role"] == "decode"][0]
+        decodes = [v for v in entry["servers"].values() if v["role"] == "decode"]
+        if not decodes:
+            raise SystemExit(f"[bound] setup {name} of {a.serving} has no decode server: the bound is for PD runs")
+        decode = decodes[0]
         held = decode["kv_pool_tokens"] / (inp + out)  # the decode batch once the load saturates the pool
         best = max(runs[name], key=lambda r: r["output_throughput"], default=None)
         at_best = best and ceiling(steps, min(held, best["concurrency_per_client"]), out)
@@ -86,6 +91,8 @@ def main() -> None:
         result["ceiling_ratio_at_largest_measured_batch"] = round(ceiling(steps, max(steps), out) / base, 3)
         need = next((b for b in range(1, 513) if ceiling(steps, b, out) >= a.target * base), None)
         result[f"decode_batch_for_{a.target}x"] = need
+        # beyond the largest batch measured, step(B) is the last two points' line carried on
+        result[f"decode_batch_for_{a.target}x_extrapolated"] = need is None or need > max(steps)
         result[f"decode_pool_tokens_for_{a.target}x"] = need and need * (inp + out)
     print(json.dumps(result, indent=2))
 

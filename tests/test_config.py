@@ -290,8 +290,9 @@ def test_sglang_transport_that_cannot_apply_is_refused_before_any_server_starts(
                               "applies to transfer_backend=mooncake, not 'mooncake_tcp'"),
                              (("engine.disaggregation.mooncake_protocol=carrier_pigeon",),
                               "'carrier_pigeon' is not one this launcher knows")):
-        proc = launcher.run("decode", "engine=sglang", "engine.dry_run=true", f"model.path={models['tiny']}",
-                            *overrides)
-        assert proc.popen.returncode == 2, proc.output()
-        assert words in proc.output()
-        assert "sglang.launch_server" not in proc.output()
+        for role in ("decode", "plain", "router"):  # a typo shows before PD, whichever server starts first
+            proc = launcher.run(role, "engine=sglang", "engine.dry_run=true", f"model.path={models['tiny']}",
+                                *overrides)
+            assert proc.popen.returncode == 2, (role, proc.output())
+            assert words in proc.output(), role
+            assert "sglang.launch_server" not in proc.output() and "launch_router" not in proc.output()

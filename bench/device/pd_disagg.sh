@@ -4,7 +4,9 @@
 # cuda13 and sglang-router, unpacked, as tar.xz) on a machine where bench/device/setup.sh already ran.
 # PD_EXTRA: more launch.py overrides (e.g. "engine.disaggregation.transfer_backend=mooncake
 # engine.disaggregation.mooncake_protocol=nvlink_intra"); PD_TAG names this run's outputs. It stops only the
-# processes it started, so it may run beside another benchmark on another GPU.
+# processes it started, so it may run beside another benchmark on another GPU (the caller sets
+# CUDA_VISIBLE_DEVICES). Two of these at once also need their own ports in PD_EXTRA (engine.port.prefill,
+# engine.port.decode, engine.router.port, engine.disaggregation.bootstrap_port): the probe below asks :8000.
 source bench/device/setup.sh || exit 1
 python3 -c "import importlib.metadata as m; from mooncake.engine import TransferEngine; import sglang_router; \
 print('mooncake', m.version('mooncake-transfer-engine-cuda13'), 'sglang-router', m.version('sglang-router'))" || exit 1

@@ -8,25 +8,33 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # NVLink multicast stays off on shared machines (the device tool's KINDS.md says why)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ ! -f /tmp/site/.sharedcache-ready ]; then
-  mkdir -p /tmp/site
-  tar -xJf .gpubundle/sglang-site.tar.xz -C /tmp/site || return 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-  touch /tmp/site/.sharedcache-ready
-fi
-# the checkpoint is generated with the image's own transformers, before the bundle's shadows it
-# (SETUP_MODEL_8B=0: a call that needs another model generates its own)
-[ "${SETUP_MODEL_8B:-1}" = 1 ] && { python3 bench/make_model.py --out /tmp/llama8b || return 1; }
+_sc_install() {  # each step once per machine (and the checkout once per path); markers only after success
+  if [ ! -f /tmp/site/.sharedcache-ready ]; then
+    mkdir -p /tmp/site
+    tar -xJf .gpubundle/sglang-site.tar.xz -C /tmp/site || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+    touch /tmp/site/.sharedcache-ready
+  fi
+  # the checkpoint is generated with the image's own transformers, before the bundle's shadows it
+  # (SETUP_MODEL_8B=0: a call that needs another model generates its own)
+  if [ "${SETUP_MODEL_8B:-1}" = 1 ]; then python3 bench/make_model.py --out /tmp/llama8b || return 1; fi
+  if [ -f .pdbundle/pd.tar.xz ] && [ ! -f /tmp/pdsite/.ready ]; then
+    mkdir -p /tmp/pdsite && tar -xJf .pdbundle/pd.tar.xz -C /tmp/pdsite && touch /tmp/pdsite/.ready || return 1
+  fi
+  if [ "$(cat /tmp/site/.sharedcache-editable 2>/dev/null)" != "$PWD" ]; then
+    PYTHONPATH=/tmp/site python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/sc-pip.log 2>&1 \
+      || { cat /tmp/sc-pip.log; return 1; }
+    echo "$PWD" > /tmp/site/.sharedcache-editable
+  fi
+}
+# scripts started at once in one call each source this file: the first installs, the others wait for it
+exec 9>/tmp/sc-setup.lock
+flock 9
+_sc_install; _sc_rc=$?
+flock -u 9
+[ $_sc_rc = 0 ] || return 1
 export PYTHONPATH=/tmp/site
-if [ -f .pdbundle/pd.tar.xz ] && [ ! -f /tmp/pdsite/.ready ]; then
-  mkdir -p /tmp/pdsite && tar -xJf .pdbundle/pd.tar.xz -C /tmp/pdsite && touch /tmp/pdsite/.ready || return 1
-fi
 [ -f /tmp/pdsite/.ready ] && export PYTHONPATH=/tmp/site:/tmp/pdsite
-# once per machine and checkout: scripts that run at once on a warm machine each source this file
-if [ "$(cat /tmp/site/.sharedcache-editable 2>/dev/null)" != "$PWD" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
-  echo "$PWD" > /tmp/site/.sharedcache-editable
-fi
 python3 - <<'PY' || return 1
 import importlib.metadata as m, torch
 assert any(e.name == "sharedcache" for e in m.entry_points(group="sglang.srt.plugins")), "plugin entry point missing"

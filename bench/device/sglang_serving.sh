@@ -5,7 +5,7 @@
 # (an earlier call carried .gpubundle and .whl), carry .pdbundle; see setup.sh.
 # With two GPUs the setups run at once, shared on GPU 0 and unshared on GPU 1, and are merged: one call
 # holds both, on identical cards that do not contend. SHARED_GPU=1 swaps the cards, to tell a card's
-# speed from the setup's; UNSHARED_GPU picks the other card (default: the other of GPUs 0 and 1), so a four-GPU
+# speed from the setup's; UNSHARED_GPU picks the other card (default: the other of its pair, 0-1 or 2-3), so a four-GPU
 # machine can hold two such pairs at once. With one GPU they run one after the other.
 source bench/device/setup.sh || exit 1
 run() {  # run <out> <extra args...>
@@ -19,7 +19,7 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   shared_gpu=${SHARED_GPU:-0}
   CUDA_VISIBLE_DEVICES=$shared_gpu run $W-shared --setups shared "$@" > "$OUT/sglang-serving${TAG:+-$TAG}-shared.log" 2>&1 &
   a=$!
-  CUDA_VISIBLE_DEVICES=${UNSHARED_GPU:-$((1 - shared_gpu))} run $W-unshared --setups unshared "$@" \
+  CUDA_VISIBLE_DEVICES=${UNSHARED_GPU:-$((shared_gpu ^ 1))} run $W-unshared --setups unshared "$@" \
     > "$OUT/sglang-serving${TAG:+-$TAG}-unshared.log" 2>&1 &
   b=$!
   wait $a; ra=$?

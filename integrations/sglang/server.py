@@ -75,8 +75,9 @@ def _flags(extra: dict[str, Any]) -> list[str]:
 
 
 def _transport_env(dis: dict[str, Any]) -> dict[str, str]:
-    """The environment that selects Mooncake's transport; the prefill and the decode must agree on it."""
-    protocol = dis.get("mooncake_protocol")
+    """The environment that selects Mooncake's transport; the prefill and the decode must agree on it. Checked for
+    every role (a router or plain server started from the same config would otherwise hide a typo until PD)."""
+    protocol = dis["mooncake_protocol"]
     if protocol is None:
         return {}
     if protocol not in MOONCAKE_PROTOCOLS:
@@ -112,8 +113,9 @@ def plan_server(cfg: dict[str, Any], model_path: Path, role_core: dict[str, Any]
     # the plugin's switches are this config's alone: ones exported in the shell (a README recipe) must not turn
     # a plain server into a sharing one, nor change a sharing one's role
     env = {name: "" for name in SWITCHES}
-    if pd_mode:
-        env.update(_transport_env(engine["disaggregation"]))
+    transport = _transport_env(engine["disaggregation"])
+    if pd_mode:  # a server outside PD moves no KV
+        env.update(transport)
     env.update({k: str(v) for k, v in engine["env"].items()})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     report_dir = None
@@ -128,6 +130,7 @@ def plan_router(cfg: dict[str, Any]) -> ServerPlan:
     """sglang-router's PD router in front of the prefill and decode servers of this config."""
     engine = cfg["engine"]
     router, dis, host = engine["router"], engine["disaggregation"], engine["host"]
+    _transport_env(dis)  # the servers behind it are started from this config too
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
             "--prefill", f"http://{host}:{_per_role(engine, 'port', 'prefill')}", str(dis["bootstrap_port"]),
             "--decode", f"http://{host}:{_per_role(engine, 'port', 'decode')}",
