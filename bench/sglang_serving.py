@@ -199,14 +199,21 @@ PROBE_IDS = [1, 400, 1200, 33, 7000, 15, 298, 4096, 61, 2]
 PLAIN_TOKENS = REPO / "bench" / "results" / "h200-sglang-gpu-tests.json"  # a plain server's, this checkpoint
 
 
-def probe_tokens(server: Server) -> dict:
+def greedy_probe(port: int, timeout: float = 120) -> list[int] | None:
+    """The 16 greedy tokens the server (or router) on `port` answers to PROBE_IDS."""
     body = json.dumps({"input_ids": PROBE_IDS, "sampling_params": {"max_new_tokens": 16, "temperature": 0.0,
                                                                    "ignore_eos": True}}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/generate", body,
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        tokens = json.loads(r.read()).get("output_ids")
-    expected = json.loads(PLAIN_TOKENS.read_text())["tokens"]
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read()).get("output_ids")
+
+
+def plain_tokens() -> list[int]:
+    return json.loads(PLAIN_TOKENS.read_text())["tokens"]
+
+
+def probe_tokens(server: Server, expected: list[int]) -> dict:
+    tokens = greedy_probe(server.port)
     return {"server": server.name, "tokens": tokens, "equal_plain": tokens == expected}
 
 
@@ -333,7 +340,8 @@ def run_setup(setup: str, args, results: dict, save) -> None:
             servers.append(start_router(setup, args, servers, cache_dir, work))
             targets = [servers[-1]]
         # the numbers count only if the setup serves the right tokens: greedy, against a plain server's
-        entry["probe"] = [probe_tokens(s) for s in targets]
+        expected = plain_tokens()
+        entry["probe"] = [probe_tokens(s, expected) for s in targets]
         save()
         # the long workload first: it is where KV capacity binds, and what the throughput target is set on
         for wl, concs in (("long-8k", args.long_conc), ("random-1k", args.random_conc)):

@@ -25,17 +25,14 @@ for i in $(seq 1 ${PD_READY_S:-240}); do
 python3 launch.py role=router $C hydra.run.dir=$PD_RUN/router > "$PD_OUT-router.log" 2>&1 &
 pids="$pids $!"
 python3 - <<'PY' 2>&1 | tee "$PD_OUT-result.log"
-import json, os, time, urllib.request
-ids = [1, 400, 1200, 33, 7000, 15, 298, 4096, 61, 2]
-body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": 16, "temperature": 0.0,
-                   "ignore_eos": True}}).encode()
-expected = json.load(open("bench/results/h200-sglang-gpu-tests.json"))["tokens"]  # a plain server's
-out, err = None, None
-for _ in range(60):
+import json, os, sys, time
+sys.path.insert(0, "bench")
+from sglang_serving import greedy_probe, plain_tokens  # the serving benchmark's probe and reference
+expected = plain_tokens()
+tokens, err = None, None
+for _ in range(60):  # the router answers once both servers registered
     try:
-        req = urllib.request.Request("http://127.0.0.1:8000/generate", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            out = json.loads(r.read())
+        tokens = greedy_probe(8000)
         break
     except Exception as e:
         err = repr(e); time.sleep(2)
@@ -45,8 +42,8 @@ for role in ("prefill", "decode"):
         reports[role] = json.load(open(f"{os.environ['PD_RUN']}/{role}/report.json"))
     except OSError as e:
         reports[role] = {"error": repr(e)}
-res = {"router_output_ids": out and out.get("output_ids"), "expected_plain_tokens": expected,
-       "equal": bool(out) and out.get("output_ids") == expected, "last_error": err,
+res = {"router_output_ids": tokens, "expected_plain_tokens": expected,
+       "equal": bool(tokens) and tokens == expected, "last_error": err,
        "decode": {k: reports["decode"].get(k) for k in ("mode", "weight_bytes_allocated", "attach_seconds", "pd_mode")},
        "prefill": {k: reports["prefill"].get(k) for k in ("mode", "pd_mode", "backend")},
        "decode_kv_pool_tokens": (reports["decode"].get("ranks") or [{}])[0].get("kv_pool_tokens")}

@@ -13,18 +13,18 @@ run() {  # run <out> <extra args...>
   timeout ${BENCH_TIMEOUT:-540} python3 bench/sglang_serving.py --model /tmp/llama8b --out "$out" \
     --budget-s ${BENCH_BUDGET:-380} "$@"
 }
-W=/tmp/serving${TAG:+-$TAG}  # TAG: this pair's folders and outputs, when two pairs run at once
+T=${TAG:+-$TAG}  # TAG: this pair's folders and outputs, when two pairs run at once
+W=/tmp/serving$T
 rm -rf $W $W-shared $W-unshared  # an earlier call's run on a warm machine
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   shared_gpu=${SHARED_GPU:-0}
-  CUDA_VISIBLE_DEVICES=$shared_gpu run $W-shared --setups shared "$@" > "$OUT/sglang-serving${TAG:+-$TAG}-shared.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$shared_gpu run $W-shared --setups shared "$@" > "$OUT/sglang-serving$T-shared.log" 2>&1 &
   a=$!
   CUDA_VISIBLE_DEVICES=${UNSHARED_GPU:-$((shared_gpu ^ 1))} run $W-unshared --setups unshared "$@" \
-    > "$OUT/sglang-serving${TAG:+-$TAG}-unshared.log" 2>&1 &
+    > "$OUT/sglang-serving$T-unshared.log" 2>&1 &
   b=$!
   wait $a; ra=$?
   wait $b; rb=$?
-  T=${TAG:+-$TAG}
   tail -n 20 "$OUT"/sglang-serving$T-*.log
   python3 bench/sglang_serving.py --model /tmp/llama8b --out $W \
     --merge $W-shared/sglang-serving.json $W-unshared/sglang-serving.json 2>&1 | tee "$OUT/sglang-serving$T.log"
@@ -34,9 +34,9 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     tar -C $W-$d -czf "$OUT/serving-logs$T-$d.tgz" --exclude='*.jsonl' . 2>/dev/null
   done
 else
-  run $W "$@" 2>&1 | tee "$OUT/sglang-serving${TAG:+-$TAG}.log"
+  run $W "$@" 2>&1 | tee "$OUT/sglang-serving$T.log"
   rc=$?
-  tar -C $W -czf "$OUT/serving-logs${TAG:+-$TAG}.tgz" --exclude='*.jsonl' . 2>/dev/null
+  tar -C $W -czf "$OUT/serving-logs$T.tgz" --exclude='*.jsonl' . 2>/dev/null
 fi
-cp $W/sglang-serving.json "$OUT/sglang-serving${TAG:+-$TAG}.json" 2>/dev/null
+cp $W/sglang-serving.json "$OUT/sglang-serving$T.json" 2>/dev/null
 exit $rc
