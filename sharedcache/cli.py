@@ -13,6 +13,7 @@ from typing import Any
 from .cache import OWNER_FILE, TEMP_FILE, CacheDir, Entry, EntryState
 from . import __version__
 from .errors import ConfigError, EntryOwned, ExitCode, ManifestError, SharedCacheError, StorageError
+from .manifest import head_key
 from .ownership import Claim
 from .settle import SETTLED_NAME
 
@@ -147,8 +148,7 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
                       tp_rank=m.fingerprint.tp_rank, tp_size=m.fingerprint.tp_size)
         suffix = RANK_SUFFIX.search(entry.key)
         if m.part is not None:  # one device's share of a spread model: grouped under part 0's key
-            head = entry.key.removesuffix(f"-part{m.part.index}") if m.part.index else entry.key
-            record.update(group=head, part=m.part.index, parts=m.part.count)
+            record.update(group=head_key(entry.key, m.part.index), part=m.part.index, parts=m.part.count)
         elif suffix and (m.fingerprint.tp_size > 1 or "-pp" in suffix.group()):
             record["group"] = entry.key[:suffix.start()]
     except (SharedCacheError, OSError) as e:

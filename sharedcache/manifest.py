@@ -97,6 +97,11 @@ def part_key(head_key: str, index: int) -> str:
     return head_key if index == 0 else f"{head_key}-part{index}"
 
 
+def head_key(key: str, index: int) -> str:
+    """The key the model is published under, from the key of its part `index` (part_key's inverse)."""
+    return key.removesuffix(f"-part{index}") if index else key
+
+
 @dataclass(frozen=True)
 class Manifest:
     key: str

@@ -83,7 +83,7 @@ class RunState:
     load_seconds: float | None = None
     wait_seconds: float = 0.0  # time spent waiting for an owner (not attach work)
     parts: list[Part] = field(default_factory=list)  # a model spread over several devices: parts 1..n-1
-    placement: dict[str, Any] | None = None  # spread: module path -> torch device, where each module runs
+    placement: dict[str, Any] | None = None  # spread: module path -> the part (device) it runs on
     group: str | None = None  # spread, save: this save's id, in every part's manifest
 
     @property

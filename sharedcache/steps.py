@@ -18,7 +18,7 @@ from .errors import (ArenaError, AttachTimeout, ConfigError, EntryOwned, Fingerp
                      ManifestError, OwnerGone, UnsupportedModel)
 from .layout import TensorSlot, plan
 from .cache import CacheDir
-from .manifest import MAX_PARTS, ArenaInfo, Manifest, Owner, PartInfo, differences, part_key
+from .manifest import MAX_PARTS, ArenaInfo, Manifest, Owner, PartInfo, differences, head_key, part_key
 from .ownership import Claim
 from .phases import step
 from .progress import Throttle
@@ -296,8 +296,7 @@ def serialize_load(s: RunState) -> Fallback | Takeover | None:
         if isinstance(outcome, Fallback):
             os.close(found.hold)
             return outcome
-        if s.arena.lifetime is not None:  # held while the mapping lives; else (a backend that cannot say) until exit
-            weakref.finalize(s.arena.lifetime, os.close, found.hold).atexit = False
+        _hold_while_mapped(s.arena, found.hold)
         break
     if not s.owner_alive:
         log.warning("[%s] owner pid %d of %s is gone; attaching to the arena it left", s.role.name,
@@ -306,11 +305,18 @@ def serialize_load(s: RunState) -> Fallback | Takeover | None:
     return None
 
 
+def _hold_while_mapped(arena, hold: int) -> None:
+    """Keep the entry's attach lock `hold` while the mapping lives (gc leaves a held entry alone); with a backend
+    that cannot say how long that is, until the process exits."""
+    if arena.lifetime is not None:
+        weakref.finalize(arena.lifetime, os.close, hold).atexit = False
+
+
 def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fallback:
     """Check and map `manifest` while holding the entry: True when mapped, False when the entry changed
     meanwhile (try the new one), a Fallback or an error when it cannot be used."""
     if manifest.part is not None and manifest.part.index:
-        head = s.settings.key.removesuffix(f"-part{manifest.part.index}")
+        head = head_key(s.settings.key, manifest.part.index)
         raise ConfigError(f"entry {s.settings.key!r} is part {manifest.part.index} of {manifest.part.count} of a "
                           f"model spread over GPUs, published under {head!r}.",
                           hint=f"Attach with cache.key={head}; its other parts come with it.")
@@ -379,7 +385,7 @@ def _attach_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool
                                     f"({entry.dir}) is missing or from another save.",
                                     hint="Start the prefill again so that it publishes every part, or remove the "
                                          "entries with `sharedcache gc`.")
-            differing = [d[0] for d in head.fingerprint.diff(manifest.fingerprint) if d[0] != "device"]
+            differing = [d[0] for d in differences(head.fingerprint, manifest, spreads=True)]
             if differing or manifest.backend != head.backend or manifest.owner != head.owner:
                 raise ManifestError(f"part {index} of entry {s.settings.key!r} does not match part 0 (differing: "
                                     f"{differing or ['backend or owner']}).",
@@ -395,8 +401,7 @@ def _attach_parts(s: RunState, head: Manifest, backend, deadline: float) -> bool
             if hold is not None:
                 os.close(hold)
             raise
-        if arena.lifetime is not None:
-            weakref.finalize(arena.lifetime, os.close, hold).atexit = False
+        _hold_while_mapped(arena, hold)
         s.parts.append(Part(index, entry, fingerprint=manifest.fingerprint, arena=arena, manifest=manifest))
     s.placement = dict(head.part.placement)
     return True

@@ -217,9 +217,8 @@ def _single_device(device_map: Any) -> torch.device | None:
     if isinstance(device_map, (torch.device, int)):
         return _as_device(device_map)
     if isinstance(device_map, str):
-        if device_map in SPREADING:  # over the GPUs there are: one GPU, or the CPU where there is none
-            return torch.device("cuda", 0) if torch.cuda.is_available() and torch.cuda.device_count() == 1 \
-                else (torch.device("cpu") if not torch.cuda.is_available() else None)
+        if device_map in SPREADING:  # not spreading (see _spreads): the one GPU there is, or the CPU without one
+            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return torch.device(device_map)
     if isinstance(device_map, dict):
         targets = {str(v) for v in device_map.values()}
