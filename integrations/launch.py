@@ -127,7 +127,7 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     if "generated" in report.extra:
         print(f"  generated: {report.extra['generated']!r}  (tokens {report.extra['generated_tokens']})")
     print(f"  report: {out / cfg['report_file']}", flush=True)
-    if cfg["role"]["hold"] and report.mode == "save" and report.fallback is None:
+    if cfg["role"]["hold"] and report.owns:
         _hold(instance, settings)
     return report.to_json()
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from .roles import Mode
+
 
 @dataclass
 class Report:
@@ -34,6 +36,16 @@ class Report:
     # a model spread over several devices: one {key, device, tensors, bytes, arena_bytes} per part
     parts: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # filled by the launcher (generated text, ...)
+
+    @property
+    def attached(self) -> bool:
+        """This instance maps a published entry (load or placeholder mode, no fallback)."""
+        return self.fallback is None and Mode(self.mode).attaches
+
+    @property
+    def owns(self) -> bool:
+        """This instance published the entry and owns it (save mode, no fallback)."""
+        return self.fallback is None and Mode(self.mode) is Mode.SAVE
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

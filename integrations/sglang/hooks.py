@@ -52,10 +52,21 @@ class RankState:
         return f"{self.config.settings.key}-{rank_tag(self.ranks)}"
 
     @property
+    def owns(self) -> bool:
+        """Did this rank publish its model's arena (and own the entry)?"""
+        report = getattr(self.instance, "report", None)
+        return report is not None and report.owns
+
+    @property
+    def attached(self) -> bool:
+        """Is this rank's model bound to an arena another server published?"""
+        report = getattr(self.instance, "report", None)
+        return report is not None and report.attached
+
+    @property
     def shared(self) -> bool:
         """Is this rank's model the arena (owner) or bound to it (attached)?"""
-        report = getattr(self.instance, "report", None)
-        return report is not None and report.fallback is None and report.mode != "off"
+        return self.owns or self.attached
 
 
 STATE: RankState | None = None
@@ -110,9 +121,8 @@ def _load_and_size(original, runner, *args, **kwargs):
     # back, or an auto instance becomes the owner). Attaching allocates nothing, so free memory measured
     # afterwards is what this rank may size from; a rank that loaded weights keeps SGLang's own baseline.
     model = original(runner, *args, **kwargs)
-    report = STATE.report or {}
-    if STATE.shared and report.get("mode") in ("load", "placeholder"):
-        compat.set_weight_load_gib(runner, report["weight_bytes_allocated"] / 2**30)
+    if STATE.attached:
+        compat.set_weight_load_gib(runner, STATE.report["weight_bytes_allocated"] / 2**30)
         _size_from_now(runner, at_start)
     return model
 
@@ -140,7 +150,7 @@ def _around_init_model_worker(original, scheduler, *args, **kwargs):
     try:
         result = original(scheduler, *args, **kwargs)
         if STATE.instance is not None and STATE.report is not None:
-            if STATE.report["mode"] == "save" and STATE.shared:
+            if STATE.owns:
                 STATE.instance.mark_settled()
             _write_report(scheduler)
         return result
@@ -161,7 +171,7 @@ def agree_across_ranks(instance, state: RankState) -> None:
     others attached would serve, but with less KV than its peers (SGLang sizes every rank's pool to the
     smallest) and a weight copy nobody asked for; that is a broken prefill to fix, not a server to run."""
     report = instance.report
-    mine = {"rank": rank_tag(state.ranks), "shared": report.fallback is None and report.mode != "off",
+    mine = {"rank": rank_tag(state.ranks), "shared": report.attached or report.owns,
             "why": report.fallback}
     outcomes = compat.gather_from_ranks(mine)
     problem = disagreement(outcomes)
@@ -194,7 +204,7 @@ def _refuse_weight_update(op: str):
 
 
 def _refusal(op: str) -> tuple[bool, str]:
-    role = "owns" if STATE.report and STATE.report["mode"] == "save" else "is attached to"
+    role = "owns" if STATE.owns else "is attached to"
     message = (f"[sharedcache] {op} refused: this server {role} the shared weights of cache "
                f"entry {STATE.key!r}, which other servers map; updating them in place would change their weights "
                f"too. Start a prefill with the new weights under another cache.key and restart the decodes on it.")

@@ -61,14 +61,13 @@ class SharedCacheLoader(BaseModelLoader):
         instance = Instance(state.config.role, settings, source)
         model = instance.run()
         report = instance.report
-        if report.mode == "save" and report.fallback is None:  # before the wait for the peers: a SIGTERM then
+        if report.owns:  # before the wait for the peers: a SIGTERM then
             _unpublish_on_sigterm(instance)                   # must not leave the published entry behind
         agree_across_ranks(instance, state)
         # An attached rank maps memory that its owner allocated before this rank measured its baseline,
         # so it is already missing from "free": reporting it as preloaded (0.5.23's term) would hold back
         # slack for weights this rank does not hold. An owner (or a fallback) reports what its loader did.
-        attached = report.mode in ("load", "placeholder") and report.fallback is None
-        self.preloaded_weights_bytes = 0 if attached else compat.inner_preloaded_bytes(self.inner)
+        self.preloaded_weights_bytes = 0 if report.attached else compat.inner_preloaded_bytes(self.inner)
         state.instance = instance
         state.report = _rank_report(state.ranks, report, model, self.preloaded_weights_bytes)
         return model
