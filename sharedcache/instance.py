@@ -17,14 +17,14 @@ from torch import nn
 from .cache import CacheDir, Entry
 from .errors import ConfigError, ManifestError, SharedCacheError, UnsupportedModel
 from .fingerprint import Fingerprint
-from .ownership import Claim
+from .ownership import Claim, give_up
 from .phases import steps_for
 from .progress import ProgressFn, log_progress
 from .report import Report, weight_bytes_outside
 from .roles import Mode, Role
 from .settings import CacheSettings
 from .manifest import differences, part_key
-from .run import Fallback, RunState, Takeover, spreads
+from .run import Fallback, Part, RunState, Takeover, spreads
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Instance:
         self.report: Report | None = None
         self.arena_region: tuple[int, int] | None = None  # address range of the arena this model views
         self._finalizer: weakref.finalize | None = None
-        self._claim: Claim | None = None  # what this owner published, until close()
+        self._claim: Claim | None = None  # the head's claim: what this owner published, until close()
 
     # ---------------------------------------------------------------- public
     def run(self) -> nn.Module:
@@ -95,11 +95,12 @@ class Instance:
         except BaseException:
             self._abandon(s)  # no model comes out, so nothing stays published for it
             raise
-        if s.arena is not None and fallback is None:
-            self.arena_region = s.arena.region()
-        if s.claim is not None:  # a save that published (a failed or fallen-back one has no claim left)
-            self._finalizer = weakref.finalize(model, s.claim.close)
-            self._claim = s.claim
+        if s.head.arena is not None and fallback is None:
+            self.arena_region = s.head.arena.region()
+        claims = s.claims()
+        if claims:  # a save that published (a failed or fallen-back one has no claim left)
+            self._finalizer = weakref.finalize(model, give_up, claims)
+            self._claim = claims[0]
         _BY_MODEL[model] = self
         return model
 
@@ -134,7 +135,8 @@ class Instance:
 
     def _state(self, mode: Mode, entry: Entry | None, fingerprint: Fingerprint | None,
                claim: Claim | None = None) -> RunState:
-        return RunState(self.role, mode, self.settings, self.source, entry, fingerprint, claim, self.progress)
+        head = Part(0, entry=entry, fingerprint=fingerprint, claim=claim)
+        return RunState(self.role, mode, self.settings, self.source, [head], progress=self.progress)
 
     def _run_shared(self, mode: Mode) -> tuple[RunState, str | None]:
         fingerprint = self.source.fingerprint(None)
@@ -200,30 +202,33 @@ class Instance:
     @staticmethod
     def _abandon(s: RunState) -> None:
         """Undo what a failed or redirected run did: nothing half-published stays behind."""
-        claim, s.claim, arena, s.arena = s.claim, None, s.arena, None
-        if claim is not None:
-            claim.close()  # the manifest if published, the arena it made, the key
-        elif arena is not None and arena.owned:
-            arena.release()
+        claims = s.claims()
+        arenas = [p.arena for p in s.parts if p.claim is None and p.arena is not None and p.arena.owned]
+        for p in s.parts:
+            p.claim = p.arena = None
+        try:
+            give_up(claims)  # the manifests if published, the arenas they made, the keys
+        finally:
+            for arena in arenas:
+                arena.release()
 
     def _report(self, s: RunState, model: nn.Module, fallback: str | None, total: float) -> Report:
         shared = fallback is None and s.mode is not Mode.OFF
-        arena = s.arena if shared else None
-        arenas = [a for _, a in s.mapped()] if arena is not None else []
+        arena = s.head.arena if shared else None
+        arenas = [p.arena for p in s.parts] if arena is not None else []
         allocated = weight_bytes_outside(model, [a.region() for a in arenas])
         allocated += sum(a.size for a in arenas if a.owned)
         attaches = shared and s.mode.attaches
-        published = s.layout or s.manifest  # what was packed here, or attached to
-        parts = [_part_row(s.settings.key, s.arena, s.layout or s.manifest)]
-        parts += [_part_row(p.entry.key, p.arena, p.layout or p.manifest) for p in s.parts]
+        parts = [_part_row(p) for p in s.parts] if shared else []
+        manifest = s.head.manifest
         return Report(
             role=self.role.name, mode=s.mode.value, engine=self.source.engine,
             backend=s.backend.name if (shared and s.backend) else None,
-            model=s.fingerprint.model if s.fingerprint else str(getattr(self.source, "path", "")),
+            model=s.head.fingerprint.model if s.head.fingerprint else str(getattr(self.source, "path", "")),
             key=self.settings.key, cache_dir=self.settings.dir,
-            fingerprint=s.fingerprint.digest() if s.fingerprint else None,
-            tensors=len(s.refs) + sum(len(p.refs) for p in s.parts) if shared else 0,
-            bytes_shared=sum(p["bytes"] for p in parts) if shared and published else 0,
+            fingerprint=s.head.fingerprint.digest() if s.head.fingerprint else None,
+            tensors=sum(len(p.refs) for p in s.parts) if shared else 0,
+            bytes_shared=sum(p["bytes"] for p in parts),
             arena_bytes=sum(a.size for a in arenas),
             weight_bytes_allocated=allocated,
             phases=list(s.timings),
@@ -231,21 +236,22 @@ class Instance:
             wait_seconds=round(s.wait_seconds, 6),
             load_seconds=round(s.load_seconds, 6) if s.load_seconds is not None else None,
             total_seconds=round(total, 6),
-            owner_pid=s.manifest.owner.pid if s.manifest else None,
+            owner_pid=manifest.owner.pid if manifest else None,
             owner_alive=s.owner_alive,
             fallback=fallback,
-            layout_digest=s.manifest.arena.layout_digest if s.manifest else None,
+            layout_digest=manifest.arena.layout_digest if manifest else None,
             backend_timings={k: round(v, 6) for k, v in arena.timings.items()} if arena is not None else {},
-            parts=parts if shared and s.parts else [],
+            parts=parts if s.spread else [],
         )
 
 
-def _part_row(key: str, arena, published) -> dict:
+def _part_row(p: Part) -> dict:
     """One device's share of a model, for the report."""
-    return {"key": key, "device": str(arena.base.device) if arena is not None else None,
+    published = p.layout or p.manifest  # what was packed here, or attached to
+    return {"key": p.entry.key, "device": str(p.arena.base.device) if p.arena is not None else None,
             "tensors": len(published.tensors) if published is not None else 0,
             "bytes": published.payload_bytes if published is not None else 0,
-            "arena_bytes": arena.size if arena is not None else 0}
+            "arena_bytes": p.arena.size if p.arena is not None else 0}
 
 
 _BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, Instance]" = weakref.WeakKeyDictionary()
@@ -271,5 +277,5 @@ def _placement(s: RunState) -> dict[str, torch.device] | None:
     its arenas were mapped on, which CUDA_VISIBLE_DEVICES may number otherwise than the owner's)."""
     if s.placement is None:
         return None
-    devices = [arena.base.device for _, arena in s.mapped()]
+    devices = [p.arena.base.device for p in s.parts]
     return {module: devices[part] for module, part in s.placement.items()}

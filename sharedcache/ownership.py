@@ -1,9 +1,11 @@
-"""An owner's hold on its entry, from the claim to the last teardown step.
+"""An owner's hold on its entries, from the claim to the last teardown step.
 
-The claim is an exclusive flock on `owner.lock` that lives as long as the owner. While holding it
-the owner may publish one manifest; closing the claim undoes everything the owner made, in order:
-the manifest (if it is still ours), the arena's backing, the lock. Each step runs even if the one
-before failed, and a forked child never undoes its parent's publication.
+A claim is an exclusive flock on one entry's `owner.lock` that lives as long as the owner. While holding
+it the owner may publish one manifest. A model of several device parts holds one claim per part, and
+gives them up as a group (`give_up`): every manifest first, the head's before the others (the model
+vanishes whole), then every arena's backing, then the locks, the head's last (no new owner of the key
+meanwhile). Each step runs even if the one before failed, and a forked child never undoes its parent's
+publication.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ class Claim:
         self.entry = entry
         self.arena: Arena | None = None  # the arena this owner made, released on close
         self.manifest: Manifest | None = None  # what this owner published, until close
-        self.parts: list[Claim] = []  # a model spread over devices: its other parts, given up after this one
         self._fd: int | None = fd
         self._pid = os.getpid()
 
@@ -37,6 +38,11 @@ class Claim:
     def take(cls, entry: Entry, *, retry_s: float | None = None) -> "Claim":
         """Become `entry`'s owner (EntryOwned if another live instance is)."""
         return cls(entry, entry.claim() if retry_s is None else entry.claim(retry_s=retry_s))
+
+    @property
+    def mine(self) -> bool:
+        """False in a forked child: its parent's publication is not the child's to undo."""
+        return os.getpid() == self._pid
 
     @property
     def published(self) -> bool:
@@ -57,7 +63,7 @@ class Claim:
     def unpublish(self) -> None:
         """Remove our manifest if it still stands; attached instances keep their mappings."""
         manifest, self.manifest = self.manifest, None
-        if manifest is None or os.getpid() != self._pid:
+        if manifest is None or not self.mine:
             return
         try:
             with self.entry.write_lock():
@@ -73,29 +79,14 @@ class Claim:
 
     def close(self) -> None:
         """Unpublish, release the arena, give the key up: each step even if the one before failed."""
-        if os.getpid() != self._pid:  # a forked child running its parent's finalizer: not ours to undo
-            return
-        parts, self.parts = self.parts, []
-        # the head's manifest first (the model vanishes whole), its lock last (no new owner meanwhile)
-        steps = [self.unpublish, self._release_arena, *(part.close for part in parts), self._release_lock]
-        failed: BaseException | None = None
-        for undo in steps:
-            try:
-                undo()
-            except BaseException as e:  # noqa: BLE001 - the remaining steps still run; one error is raised after
-                if failed is None or (isinstance(failed, Exception) and not isinstance(e, Exception)):
-                    failed, e = e, failed  # a Ctrl-C or exit outranks an error; the other one is logged
-                if e is not None:
-                    log.warning("giving up entry %s: %s", self.entry.key, e)
-        if failed is not None:
-            raise failed
+        give_up([self])
 
-    def _release_arena(self) -> None:
+    def release_arena(self) -> None:
         arena, self.arena = self.arena, None
         if arena is not None:
             arena.release()
 
-    def _release_lock(self) -> None:
+    def release_lock(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
@@ -117,3 +108,23 @@ class Claim:
                     path.unlink(missing_ok=True)
                 except OSError as e:  # a directory in its place is not ours to remove; gc reports it
                     log.warning("left %s in place: %s", path, e.strerror)
+
+
+def give_up(claims: list[Claim]) -> None:
+    """Undo what the owner of `claims` (one model's parts, head first) made: every manifest, then every
+    arena, then every lock, the head's last. Every step runs; one error is raised after the others are
+    logged, a Ctrl-C or exit before any error."""
+    claims = [c for c in claims if c.mine]  # a forked child running its parent's finalizer: not ours to undo
+    steps = [c.unpublish for c in claims] + [c.release_arena for c in claims] + \
+            [c.release_lock for c in reversed(claims)]
+    failed: BaseException | None = None
+    for undo in steps:
+        try:
+            undo()
+        except BaseException as e:  # noqa: BLE001 - the remaining steps still run; one error is raised after
+            if failed is None or (isinstance(failed, Exception) and not isinstance(e, Exception)):
+                failed, e = e, failed  # a Ctrl-C or exit outranks an error; the other one is logged
+            if e is not None:
+                log.warning("giving up entry %s: %s", undo.__self__.entry.key, e)
+    if failed is not None:
+        raise failed

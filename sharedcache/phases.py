@@ -1,8 +1,10 @@
 """The phases of one instance and the steps that do their work, with what each step reads and provides.
 
 A step is a function registered for one (phase, plan) by the `step` decorator (the built-in ones are
-in sharedcache.steps). It declares the fields of the run state it reads, the ones it provides, and
-the ones it uses only when an earlier step provided them. A role's order is checked against these
+in sharedcache.steps_save and sharedcache.steps_load). It declares the fields of the run state it
+reads, the ones it provides, and the ones it uses only when an earlier step provided them; a field of
+the model's device parts is named `parts.<field>` (sharedcache.run.Part), and a step that adds parts
+provides `parts`. A role's order is checked against these
 declarations when the config is read, before anything loads: every field a step reads must be
 provided by a step before it, and a step that provides what another uses must not come after it.
 save runs intercept -> align -> serialize (capture, pack, publish); load runs intercept ->
@@ -21,8 +23,10 @@ if TYPE_CHECKING:
 
 StepFn = Callable[["RunState"], "object | None"]
 
-# what the orchestrator puts in the run state before the first step
-GIVEN = frozenset({"role", "mode", "settings", "source", "entry", "fingerprint", "claim", "progress"})
+# what the orchestrator puts in the run state before the first step: part 0 with its entry, the
+# fingerprint a normal load would have and (save) its claim
+GIVEN = frozenset({"role", "mode", "settings", "source", "progress", "parts", "parts.index", "parts.entry",
+                   "parts.fingerprint", "parts.claim", "wait_seconds"})
 
 
 @dataclass(frozen=True)
@@ -81,23 +85,28 @@ def validate_order(role: str, plan: str, order: tuple[str, ...]) -> None:
     missing = [n for n, p in PHASES.items() if p.required and n not in order]
     if missing:
         raise ConfigError(f"role {role!r}: a {plan} plan needs phases {missing}; order given: {list(order)}.")
-    provider = {field: s.phase for s in steps_for(plan, order) for field in s.provides}
+    steps = steps_for(plan, order)
     have = set(GIVEN)
-    for i, s in enumerate(steps_for(plan, order)):
+    for s in steps:
         lacking = [f for f in s.reads if f not in have]
         if lacking:
-            needed = sorted({provider[f] for f in lacking if f in provider})
+            needed = _providers(steps, lacking, but=s)
             raise ConfigError(
                 f"role {role!r} ({plan}): phase {s.phase!r} needs {needed or 'a phase providing ' + str(lacking)} "
                 f"before it (it reads {lacking}); order given: {list(order)}.",
                 hint=f"Put {needed or lacking} earlier in role.phases.")
-        late = sorted({provider[f] for f in s.uses if f in provider and f not in have})
+        late = [f for f in s.uses if f not in have and _providers(steps, [f], but=s)]
         if late:
+            needed = _providers(steps, late, but=s)
             raise ConfigError(
-                f"role {role!r} ({plan}): phase {s.phase!r} needs {late} before it (it uses "
-                f"{[f for f in s.uses if provider.get(f) in late]} when present); order given: {list(order)}.",
-                hint=f"Put {late} before {s.phase!r} in role.phases.")
+                f"role {role!r} ({plan}): phase {s.phase!r} needs {needed} before it (it uses {late} when "
+                f"present); order given: {list(order)}.", hint=f"Put {needed} before {s.phase!r} in role.phases.")
         have.update(s.provides)
+
+
+def _providers(steps: list[Step], fields: list[str], *, but: Step) -> list[str]:
+    """The phases other than `but` that provide any of `fields`."""
+    return sorted({s.phase for s in steps if s is not but and set(fields) & set(s.provides)})
 
 
 def phase_table() -> str:
@@ -114,9 +123,14 @@ def phase_table() -> str:
     return "\n".join(lines)
 
 
+BUILTIN_STEPS = ("steps_save", "steps_load")  # modules whose steps register themselves on import
+
+
 def _load_builtin_steps() -> None:
     """The built-in steps register themselves on import (torch with them: a model is about to load)."""
-    importlib.import_module(f"{__package__}.steps")
+    for module in BUILTIN_STEPS:
+        importlib.import_module(f"{__package__}.{module}")
+
 
 
 register_phase("intercept", doc="save: run the framework's own load and capture the model; "

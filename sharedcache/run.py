@@ -1,4 +1,9 @@
-"""One run's state, shared by its steps, and what a step returns when the run must go another way."""
+"""One run's state, shared by its steps, and what a step returns when the run must go another way.
+
+A model is a list of device parts: one device is a run with one part, a model spread over N GPUs has
+N, part 0 (the head) under the user's key, the others under `<key>-part<i>`. Every per-device field
+lives on the Part; every per-device step loops over `RunState.parts` once.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,14 +45,15 @@ class Takeover:
 
 @dataclass
 class Part:
-    """One more device's share of a model spread over several devices (part 0's share is the run's own
-    fields): its entry `<key>-part<index>`, and what the steps make of it, as for the run itself."""
+    """One device's share of a model: its entry (the user's key for part 0, `<key>-part<index>` for the
+    others) and what the steps make of it. A load keeps the skeleton's tensors on part 0 until align binds
+    each to the part that publishes it."""
 
     index: int
-    entry: Entry
+    entry: Entry | None  # None only in a run that does not share (mode off)
     device: Any = None  # save: the torch device its tensors lie on
     fingerprint: Fingerprint | None = None
-    claim: Claim | None = None
+    claim: Claim | None = None  # save: this owner's hold on the part's entry
     refs: list[TensorRef] = field(default_factory=list)
     slots: list[TensorSlot] = field(default_factory=list)
     layout: ArenaLayout | None = None
@@ -58,38 +64,39 @@ class Part:
 
 @dataclass
 class RunState:
-    """What the steps of one run share. The first eight fields are given (phases.GIVEN); the steps
-    provide the rest, as each declares."""
+    """What the steps of one run share. The orchestrator gives the fields in phases.GIVEN (part 0 with its
+    entry, fingerprint and claim among them); the steps provide the rest, as each declares."""
 
     role: Role
     mode: Mode
     settings: CacheSettings
     source: Any  # a ModelSource (sharedcache.instance)
-    entry: Entry | None
-    fingerprint: Fingerprint | None
-    claim: Claim | None = None  # save: this owner's hold on the entry
+    parts: list[Part]
     progress: ProgressFn | None = None
     backend: Backend | None = None
     model: nn.Module | None = None
-    refs: list[TensorRef] = field(default_factory=list)
-    slots: list[TensorSlot] = field(default_factory=list)
     expected: dict[str, TensorSlot] = field(default_factory=dict)
-    layout: ArenaLayout | None = None
-    arena: Arena | None = None
-    manifest: Manifest | None = None
-    checksums: dict[str, str] | None = None
     owner_alive: bool | None = None
     timings: list[dict[str, Any]] = field(default_factory=list)
     load_seconds: float | None = None
     wait_seconds: float = 0.0  # time spent waiting for an owner (not attach work)
-    parts: list[Part] = field(default_factory=list)  # a model spread over several devices: parts 1..n-1
-    placement: dict[str, Any] | None = None  # spread: module path -> the part (device) it runs on
+    placement: dict[str, Any] | None = None  # spread: module path -> the part number it runs on
     group: str | None = None  # spread, save: this save's id, in every part's manifest
+
+    @property
+    def head(self) -> Part:
+        """Part 0, under the user's key: published last, attached first."""
+        return self.parts[0]
+
+    @property
+    def spread(self) -> bool:
+        """Does this run hold more than one device part?"""
+        return len(self.parts) > 1
 
     @property
     def spreads(self) -> bool:
         return spreads(self.source)
 
-    def mapped(self) -> list[tuple[Manifest, Arena]]:
-        """(manifest, arena) of every device the run published or attached, its own first."""
-        return [(self.manifest, self.arena)] + [(p.manifest, p.arena) for p in self.parts]
+    def claims(self) -> list[Claim]:
+        """The claims this run holds, head first."""
+        return [p.claim for p in self.parts if p.claim is not None]

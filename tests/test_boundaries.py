@@ -105,3 +105,36 @@ def test_the_transformers_config_digest_is_unchanged_by_its_move_out_of_the_core
     assert hf_config_digest(config) == "ebacc5720dd34646f6620bd6e0611d4e743cd00a08bee653255923d99eea5730"
     assert hf_config_digest(config, context_len=8, is_generation=True, model_impl=None) == \
         "da2ab02ad59080060b3c8bd9f1fc15c7bc26c249a1628da6f946023a77d0e9fc"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_POSITIONAL = 320, 60, 5
+
+
+def _functions(folder: str):
+    for path in _sources(folder):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path, node
+
+
+def test_every_core_module_stays_one_idea_in_size():
+    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in _sources("sharedcache")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not long, f"core modules over {MAX_MODULE_LINES} lines: split them by idea: {long}"
+
+
+def test_no_product_function_is_longer_than_a_screen():
+    long = [f"{_where(p, f.lineno)} {f.name} ({f.end_lineno - f.lineno + 1} lines)"
+            for folder in ("sharedcache", "integrations") for p, f in _functions(folder)
+            if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_no_core_function_takes_more_than_five_positional_arguments():
+    def positional(f) -> int:
+        names = [a.arg for a in (*f.args.posonlyargs, *f.args.args)]
+        return len(names) - (1 if names[:1] in (["self"], ["cls"]) else 0)
+
+    wide = [f"{_where(p, f.lineno)} {f.name} ({positional(f)})" for p, f in _functions("sharedcache")
+            if positional(f) > MAX_POSITIONAL]
+    assert not wide, f"make the options keyword-only or pass a record: {wide}"

@@ -523,14 +523,39 @@ def test_a_spread_key_too_long_for_its_parts_is_refused_before_loading(cache, ma
 
 
 def test_an_owner_gives_back_every_part_even_when_one_fails_to_close(cache):
-    """Closing the head's claim runs every step: a part whose teardown fails does not keep the next one."""
+    """Giving up a model's parts runs every step: a part whose teardown fails does not keep the next one."""
     from sharedcache.cache import CacheDir
-    from sharedcache.ownership import Claim
+    from sharedcache.ownership import Claim, give_up
 
     entries = [CacheDir(cache).entry(k) for k in (KEY, f"{KEY}-part1", f"{KEY}-part2")]
     head, broken, last = (Claim.take(e) for e in entries)
-    head.parts = [broken, last]
     os.close(broken._fd)  # its lock fd is gone: its close raises
     with pytest.raises(OSError):
-        head.close()
+        give_up([head, broken, last])
     assert not entries[0].claimed() and not entries[2].claimed()
+
+
+def test_a_spread_owner_unpublishes_every_part_before_it_gives_a_key_up(cache, make):
+    """The group's order: no manifest of the model stands by the time any of its keys can be claimed again,
+    and the head's key is the last one given up."""
+    import dataclasses as dc
+
+    from sharedcache.cache import CacheDir
+    from sharedcache.ownership import Claim, give_up
+
+    owner = make("prefill", SeqSource(), key="source").run()  # published while `owner` lives
+    published = CacheDir(cache).entry("source").read()
+    entries = [CacheDir(cache).entry(k) for k in (KEY, f"{KEY}-part1", f"{KEY}-part2")]
+    claims = [Claim.take(e) for e in entries]
+    for claim in claims:
+        claim.publish(dc.replace(published, key=claim.entry.key))
+    seen = []  # at each lock given back: which key, and which manifests still stand
+    for claim in claims:
+        def release_lock(c=claim, release=claim.release_lock):
+            seen.append((c.entry.key, [e.published() for e in entries]))
+            release()
+        claim.release_lock = release_lock
+    give_up(claims)
+    assert [key for key, _ in seen] == [e.key for e in reversed(entries)]
+    assert all(standing == [False, False, False] for _, standing in seen)
+    assert not any(e.claimed() for e in entries) and owner is not None
