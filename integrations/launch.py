@@ -1,12 +1,14 @@
 """Start one instance of a role:  sharedcache launch role=prefill | role=decode [overrides...]
 (in a checkout also `python launch.py ...`, the same launcher with the same overrides and run directories).
 
+What it starts for a role is that role's declaration in conf/role/<name>.yaml (`launch.runs`, the
+`launch.engines` it starts with, `hold`, `generate`; checked by launch_checks.role_launch), never its name.
 engine=hf (default): the prefill (save) loads the model, publishes it and holds it until
 SIGINT/SIGTERM; a decode (load) attaches zero-copy, generates greedily from `prompt` and
 writes report.json into its Hydra run directory.
 engine=sglang: starts an SGLang server for the role (the sharedcache plugin loads or attaches
 the weights in each TP rank), writes the gathered report, serves until SIGINT/SIGTERM;
-role=router starts sglang-router's PD router in front of the prefill and decode servers.
+a role that runs `router` starts sglang-router's PD router in front of the prefill and decode servers.
 """
 from __future__ import annotations
 
@@ -83,7 +85,8 @@ def model_dir(model_cfg: dict[str, Any]) -> Path:
     return ensure_embedded_model(Path(emb["dir"]).expanduser(), EmbeddedSpec.from_mapping(emb["spec"]))
 
 
-def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) -> dict[str, Any]:
+def run_hf(cfg: dict[str, Any], declared: launch_checks.RoleLaunch, role: Role, settings: CacheSettings,
+           out: Path) -> dict[str, Any]:
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -120,14 +123,14 @@ def run_hf(cfg: dict[str, Any], role: Role, settings: CacheSettings, out: Path) 
     report = instance.report
     report.extra.update(pid=os.getpid(), run_dir=str(out),
                         versions={"torch": torch.__version__, "transformers": transformers.__version__})
-    if cfg["role"]["generate"]:
+    if declared.generate:
         report.extra.update(_generate(cfg, model, tokenizer))
     _write_report(out / cfg["report_file"], report.to_json())
     print(report.summary())
     if "generated" in report.extra:
         print(f"  generated: {report.extra['generated']!r}  (tokens {report.extra['generated_tokens']})")
     print(f"  report: {out / cfg['report_file']}", flush=True)
-    if cfg["role"]["hold"] and report.owns:
+    if declared.hold and report.owns:
         _hold(instance, settings)
     return report.to_json()
 
@@ -181,14 +184,11 @@ def _hold(instance, settings: CacheSettings) -> None:
     print(f"removed entry {settings.key!r}{parts}; attached instances keep their mapping.", flush=True)
 
 
-def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
+def run_sglang(cfg: dict[str, Any], declared: launch_checks.RoleLaunch, role: Role, out: Path) -> None:
     """Start SGLang (or its PD router) for the role, gather the ranks' reports, serve until SIGTERM."""
     from sharedcache_integrations.sglang import server as sgl
 
-    if role.name == "holder":
-        raise ConfigError("role=holder runs with engine=hf; an SGLang prefill holds its weights itself.",
-                          hint="Use role=prefill with engine=sglang.")
-    if role.name == "router":
+    if declared.runs == "router":
         plan = sgl.plan_router(cfg)
     else:
         plan = sgl.plan_server(cfg, model_dir(cfg["model"]), core_role(cfg), out)
@@ -215,7 +215,7 @@ def run_sglang(cfg: dict[str, Any], role: Role, out: Path) -> None:
         report = sgl.gather(reports)
         report.update(role=role.name, engine="sglang", launcher_pid=os.getpid(), server_pid=server.proc.pid,
                       url=plan.url, pd_mode=plan.pd_mode, run_dir=str(out))
-        if cfg["role"]["generate"] and plan.url and not plan.pd_mode:  # PD servers answer through the router
+        if declared.generate and plan.url and not plan.pd_mode:  # PD servers answer through the router
             report.update(server.generate(cfg["prompt"], cfg["max_new_tokens"]))
         _write_report(out / cfg["report_file"], report)
         print(f"[launch] {role.name}: SGLang serving at {plan.url or 'the router port'} (pid {server.proc.pid}); "
@@ -260,12 +260,12 @@ def main(dcfg: DictConfig) -> None:
         launch_checks.check(cfg, list(HydraConfig.get().overrides.task))
         role = role_of(cfg)
         settings = CacheSettings.from_mapping(cfg["cache"])
+        declared = launch_checks.role_launch(cfg)
+        declared.check_engine(cfg["engine"]["name"])  # one the role does not start with: the role's own line
         if cfg["engine"]["name"] == "sglang":
-            run_sglang(cfg, role, out)
+            run_sglang(cfg, declared, role, out)
         elif cfg["engine"]["name"] == "hf":
-            if role.name == "router":
-                raise ConfigError("role=router needs engine=sglang.", hint="Add engine=sglang.")
-            run_hf(cfg, role, settings, out)
+            run_hf(cfg, declared, role, settings, out)
     except SharedCacheError as e:
         log.error("%s", e)  # Hydra's logging shows it on the console and keeps it in the run dir's log
         _write_failure(out / cfg["report_file"], e)

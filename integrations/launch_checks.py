@@ -3,12 +3,14 @@
 The values live in conf/; this module only says what each may be, so that a wrong type, an unknown key
 or an impossible combination (CUDA on a machine without it, an engine whose package is missing) fails at
 start with one line naming the key and the fix, instead of a traceback after a model attached. The cache
-and role groups are checked by the core's own constructors (CacheSettings, Role).
+and role groups are checked by the core's own constructors (CacheSettings, Role); what a role does at launch
+(its `hold`, `generate` and `launch` keys, which the core does not read) is checked here (`role_launch`).
 """
 from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from sharedcache import ConfigError
@@ -19,6 +21,27 @@ OPEN_MAPPINGS = ("engine.extra_args.", "engine.env.", "engine.router.extra_args.
 HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# What launch.py can start for a role (role.launch.runs), and on which engines it can start it.
+RUNS = {"model": ("hf", "sglang"), "router": ("sglang",)}
+LAUNCH_KEYS = ("runs", "engines", "refusal")
+
+
+@dataclass(frozen=True)
+class RoleLaunch:
+    """What launch.py does with the composed role, as conf/role/<name>.yaml declares it."""
+
+    name: str
+    runs: str  # model: the engine loads or attaches the model; router: sglang-router's PD router, no model
+    engines: tuple[str, ...]  # the engines it starts with
+    hold: bool  # an instance that published the weights keeps them until SIGINT/SIGTERM (engine=hf)
+    generate: bool  # greedy generation from `prompt` once the model is there
+    refusal: tuple[str, str] | None  # (message after "role=<name> ", hint) for any other engine
+
+    def check_engine(self, engine: str) -> None:
+        """Raise the role's own refusal when `engine` is not one it starts with."""
+        if engine not in self.engines:
+            message, hint = self.refusal
+            raise ConfigError(f"role={self.name} {message}", hint=hint)
 
 
 def check(cfg: dict[str, Any], overrides: list[str]) -> None:
@@ -29,6 +52,47 @@ def check(cfg: dict[str, Any], overrides: list[str]) -> None:
     if not isinstance(cfg["prompt"], str):
         _fail("prompt", cfg["prompt"], "a string", 'prompt="Shared weights, one copy:"')
     ENGINE_CHECKS.get(cfg["engine"]["name"], _unknown_engine)(cfg["engine"])
+    role_launch(cfg)
+
+
+def role_launch(cfg: dict[str, Any]) -> RoleLaunch:
+    """The composed role's launch declarations (`hold`, `generate`, `launch`), each value checked."""
+    role = cfg["role"]
+    launch = role.get("launch")
+    if not isinstance(launch, dict):
+        raise ConfigError(f"role {role['name']!r} declares no launch block, so launch.py cannot tell what to start "
+                          f"for it (role.launch={launch!r}).",
+                          hint=f"Add one to conf/role/{role['name']}.yaml as the packaged roles have it, e.g. "
+                               "launch: {runs: model, engines: [hf, sglang], refusal: null}.")
+    if sorted(launch) != sorted(LAUNCH_KEYS):
+        _fail("role.launch", sorted(launch), f"a block with the keys {', '.join(LAUNCH_KEYS)}",
+              "launch: {runs: model, engines: [hf, sglang], refusal: null}")
+    for key in ("hold", "generate"):
+        if not isinstance(role.get(key), bool):
+            _fail(f"role.{key}", role.get(key), "true or false", f"role.{key}=false")
+    if launch["runs"] not in RUNS:
+        _fail("role.launch.runs", launch["runs"], "model (the engine loads or attaches the model) or router "
+              "(sglang-router's PD router, no model)", "role.launch.runs=model")
+    engines = launch["engines"]
+    allowed = RUNS[launch["runs"]]
+    if not isinstance(engines, list) or not engines or not all(e in allowed for e in engines):
+        _fail("role.launch.engines", engines, f"a list of the engines that can start runs={launch['runs']} "
+              f"({', '.join(allowed)})", f"role.launch.engines=[{','.join(allowed)}]")
+    return RoleLaunch(role["name"], launch["runs"], tuple(engines), role["hold"], role["generate"],
+                      _refusal(launch["refusal"], every=set(engines) >= set(ENGINE_CHECKS)))
+
+
+def _refusal(refusal: Any, *, every: bool) -> tuple[str, str] | None:
+    """role.launch.refusal: null for a role every engine starts, else {message, hint}."""
+    if refusal is None and every:
+        return None
+    if not isinstance(refusal, dict) or sorted(refusal) != ["hint", "message"] or \
+            not all(isinstance(v, str) and v for v in refusal.values()):
+        _fail("role.launch.refusal", refusal, "{message, hint}: why another engine is refused (after "
+              "'role=<name> ') and what to do instead" + ("" if every else ", since role.launch.engines leaves "
+                                                          "an engine out"),
+              'role.launch.refusal={message:"needs engine=sglang.",hint:"Add engine=sglang."}')
+    return refusal["message"], refusal["hint"]
 
 
 def _no_new_keys(overrides: list[str]) -> None:

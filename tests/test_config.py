@@ -296,3 +296,60 @@ def test_sglang_transport_that_cannot_apply_is_refused_before_any_server_starts(
             assert proc.popen.returncode == 2, (role, proc.output())
             assert words in proc.output(), role
             assert "sglang.launch_server" not in proc.output() and "launch_router" not in proc.output()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_what_the_launcher_starts_for_a_role_is_what_its_yaml_declares(role):
+    """launch.py acts on the role's declarations (role_launch, check_engine), for every engine, not on its name."""
+    from omegaconf import OmegaConf
+
+    from sharedcache_integrations import launch_checks
+
+    raw = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "role" / f"{role}.yaml"))
+    for engine in sorted(launch_checks.ENGINE_CHECKS):
+        declared = launch_checks.role_launch(compose([f"role={role}", f"engine={engine}"]))
+        assert (declared.name, declared.runs, list(declared.engines), declared.hold, declared.generate) == \
+            (raw["name"], raw["launch"]["runs"], raw["launch"]["engines"], raw["hold"], raw["generate"])
+        if engine in raw["launch"]["engines"]:
+            declared.check_engine(engine)
+            continue
+        with pytest.raises(ConfigError) as info:
+            declared.check_engine(engine)
+        assert (info.value.message, info.value.hint) == (f"role={role} {raw['launch']['refusal']['message']}",
+                                                         raw["launch"]["refusal"]["hint"])
+
+
+@pytest.mark.parametrize("override,words", [
+    ("role.launch.runs=serve", "role.launch.runs='serve' cannot work: it must be model"),
+    ("role.launch.engines=[vllm]", "role.launch.engines=['vllm'] cannot work"),
+    ("role.launch.engines=[hf]", "role.launch.refusal=None cannot work"),
+    ("role.hold=maybe", "role.hold='maybe' cannot work: it must be true or false"),
+    ("role.launch=null", "role 'prefill' declares no launch block"),
+    ("role.launch.runs=router", "role.launch.engines=['hf', 'sglang'] cannot work: it must be a list of the engines "
+                                "that can start runs=router (sglang)"),  # only SGLang starts a router
+])
+def test_a_launch_declaration_that_cannot_work_is_one_line(override, words):
+    from sharedcache_integrations import launch_checks
+
+    with pytest.raises(ConfigError) as info:
+        launch_checks.role_launch(compose([override]))
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_role_of_the_users_own_does_what_it_declares_whatever_its_name(launcher, models, tmp_path):
+    """Copies of the packaged router and decode under names of the user's own (on Hydra's search path): the
+    launcher starts a router for one and refuses engine=hf for the other because their YAML says so."""
+    extra = tmp_path / "extra"
+    (extra / "role").mkdir(parents=True)
+    router = (REPO / "conf" / "role" / "router.yaml").read_text()
+    (extra / "role" / "gateway.yaml").write_text(router.replace("name: router", "name: gateway"))
+    decode = (REPO / "conf" / "role" / "decode.yaml").read_text().replace("name: decode", "name: mydecode")
+    decode = decode.replace("  engines: [hf, sglang]", "  engines: [sglang]").replace(
+        "  refusal: null", '  refusal: {message: "serves with engine=sglang only.", hint: "Add engine=sglang."}')
+    (extra / "role" / "mydecode.yaml").write_text(decode)
+    search = f"hydra.searchpath=[file://{extra}]"
+    gateway = _dry_run(launcher, models["tiny"], "gateway", search)
+    assert "-m sglang_router.launch_router --pd-disaggregation" in gateway.splitlines()[0]
+    mine = launcher.run("mydecode", search, f"model.path={models['tiny']}")
+    assert mine.popen.returncode == 2 and "role=mydecode serves with engine=sglang only." in mine.output()
+    assert mine.report()["hint"] == "Add engine=sglang."

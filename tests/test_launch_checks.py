@@ -20,6 +20,8 @@ BAD = [  # (overrides, words the one line must hold)
     (("engine=sglang", "engine.mem_fraction_static=0.4"), "engine.mem_fraction_static=0.4 cannot work: it must be "
                                                           "a table by role. For example: "
                                                           "engine.mem_fraction_static.decode=0.4"),
+    (("role.launch.engines=[vllm]",), "role.launch.engines=['vllm'] cannot work: it must be a list of the engines "
+                                      "that can start runs=model (hf, sglang)"),
 ]
 
 
