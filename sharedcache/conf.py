@@ -64,7 +64,7 @@ def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-LAUNCHER_ROLE_KEYS = ("hold", "generate")  # role keys for launch.py, not for the core
+LAUNCHER_ROLE_KEYS = ("hold", "generate", "launch")  # role keys for launch.py, not for the core
 
 
 def core_role(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -36,8 +36,7 @@ class Role:
     def from_mapping(cls, m: Mapping[str, Any]) -> "Role":
         from .phases import validate_order  # phases import roles; keep the cycle lazy
 
-        # `launch` declares what launch.py starts for the role (integrations/launch_checks.py reads it), not the core
-        known = {"name", "mode", "phases", "description", "launch"}
+        known = {"name", "mode", "phases", "description"}
         unknown = set(m) - known
         if unknown:
             raise ConfigError(f"unknown role keys {sorted(unknown)} (known: {sorted(known)}).")
