@@ -6,9 +6,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .layout import LAYOUT_VERSION
+
+if TYPE_CHECKING:  # a type only: the manifest module imports this one
+    from .manifest import Manifest
 
 # files whose bytes are weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -61,6 +64,19 @@ class Fingerprint:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def differences(fingerprint: Fingerprint, manifest: Manifest, *, spreads: bool) -> list[tuple[str, Any, Any]]:
+    """What differs between a request's fingerprint and a published head entry (as Fingerprint.diff): the
+    one rule for which fields may differ between an attacher and a manifest. A request that lets the engine spread the model over GPUs takes the GPUs the owner's model lies on (each
+    part is then found on its own GPU by UUID), not a CPU entry; a request for one device cannot use a model
+    spread over several ("devices")."""
+    theirs = manifest.fingerprint
+    on_gpus = spreads and theirs.device.startswith("cuda:")
+    found = [d for d in fingerprint.diff(theirs) if not (on_gpus and d[0] == "device")]
+    if manifest.part is not None and not spreads:
+        found.append(("devices", 1, manifest.part.count))
+    return found
 
 
 _TYPES = {"engine": "str", "engine_version": "str", "model": "str", "revision": "str|None",

@@ -27,7 +27,7 @@ import time
 import weakref
 from pathlib import Path
 
-from .cache import Entry, ensure_private_dir, open_lock
+from .cache import Entry, EntryState, ensure_private_dir, open_lock
 from .errors import AttachTimeout, ManifestError, StorageError
 from .files import write_json_atomic
 from .manifest import Manifest
@@ -107,12 +107,14 @@ def _settle_state(entry: Entry, until_published: bool) -> tuple[Manifest | None,
             if entry.published():
                 raise
             return None, "its manifest is being replaced"
-        alive, claimed = manifest.owner.running(), entry.claimed()
-        if alive and claimed:
+        held = entry.liveness(manifest)
+        if held is EntryState.REBOOTED:  # its owner is gone too: replaced if someone holds the entry
+            held = EntryState.REPLACING if entry.claimed() else None
+        if held is EntryState.LIVE:
             if is_settled(entry, manifest):
                 return manifest, None
             return None, f"owner pid {manifest.owner.pid} is still allocating its engine's memory"
-        if claimed:
+        if held is EntryState.REPLACING:
             return None, f"owner pid {manifest.owner.pid} is gone and a new owner is loading"
         return manifest, None  # orphaned: nobody will allocate more for it
     if entry.claimed():

@@ -14,7 +14,8 @@ from sharedcache.binding import view_of
 from sharedcache.cache import CacheDir
 from sharedcache.conf import compose
 from sharedcache.layout import TensorSlot, plan
-from sharedcache.manifest import ArenaInfo, Manifest, Owner, read_manifest, write_manifest
+from sharedcache.manifest import ArenaInfo, Manifest, Owner, write_manifest
+from sharedcache.manifest_parse import read_manifest
 
 SETTINGS = CacheSettings.from_mapping(compose([])["cache"])  # the packaged defaults: backends take no others
 

@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -37,7 +39,8 @@ from sharedcache.conf import compose
 from sharedcache.errors import ManifestError, SharedCacheError
 from sharedcache.fingerprint import Fingerprint
 from sharedcache.layout import ITEMSIZE, TensorSlot, TensorSpec, contiguous_stride, layout_digest, plan
-from sharedcache.manifest import ArenaInfo, Manifest, Owner, read_manifest, write_manifest
+from sharedcache.manifest import ArenaInfo, Manifest, Owner, write_manifest
+from sharedcache.manifest_parse import read_manifest
 
 SETTINGS = CacheSettings.from_mapping(compose([])["cache"])  # backends take the packaged defaults, none of their own
 
@@ -863,3 +866,16 @@ def test_garbage_manifest_is_a_manifest_error(cache_dir, body):
     path.write_bytes(body)
     with pytest.raises(ManifestError, match="not valid JSON|top level|schema"):
         read_manifest(path)
+
+
+def test_the_reader_and_the_record_import_in_either_order():
+    """manifest_parse imports the record; the names it took from the record stay importable from there."""
+    code = ("import sys, sharedcache.{first}; "
+            "from sharedcache import fingerprint, manifest, manifest_parse; "
+            "from sharedcache.manifest import differences, parse_manifest, read_manifest; "
+            "assert read_manifest is manifest_parse.read_manifest and parse_manifest is manifest_parse.parse_manifest; "
+            "assert differences is fingerprint.differences; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    for first in ("manifest_parse", "manifest"):
+        out = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr

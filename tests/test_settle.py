@@ -3,6 +3,8 @@ engine has allocated everything it keeps, and instances size one at a time per d
 processes (launch.py), real lock files."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -10,8 +12,10 @@ import time
 
 import pytest
 
-from sharedcache import AttachTimeout
+from sharedcache import AttachTimeout, Fingerprint
 from sharedcache.cache import CacheDir
+from sharedcache.layout import TensorSpec, layout_digest
+from sharedcache.manifest import ArenaInfo, Manifest, Owner, write_manifest
 from sharedcache.settle import SizingTurn, is_settled, mark_settled, wait_settled
 
 KEY = "settle-tiny"
@@ -52,6 +56,45 @@ def test_nothing_to_wait_for_when_nobody_claims_the_key(cache_dir):
     assert wait_settled(entry, timeout_s=5, until_published=False, role="auto") is None  # auto saves itself
     with pytest.raises(AttachTimeout, match="no owner has published it yet"):
         wait_settled(entry, timeout_s=0.2, until_published=True, role="decode")
+
+
+def _manifest(**owner) -> Manifest:
+    """A valid manifest published by this process, or by the owner `owner` changes it into."""
+    spec = TensorSpec("w", "param", True, "float32", (2,), (1,), 0, 8)
+    fp = Fingerprint("test", "1", "/m", None, "c" * 64, (), "float32", None, "cpu", 0, 1)
+    return Manifest(KEY, fp, dataclasses.replace(Owner.current(), **owner), "cpu_shm", {"file": "arena-x.bin"},
+                    {"type": "cpu", "index": None, "uuid": None},
+                    ArenaInfo(4096, 4096, 256, layout_digest((spec,), 4096, 256)), (spec,), 1.0)
+
+
+@pytest.mark.parametrize("owner, claimed, waits_for", [
+    ({}, True, "still allocating its engine's memory"),  # live
+    ({}, False, None),  # running, but nobody holds the entry: nobody allocates for it
+    ({"pid": 2**31 - 1}, True, "is gone and a new owner is loading"),  # no such process: replacing
+    ({"pid": 2**31 - 1}, False, None),  # orphaned
+    ({"boot_id": "before-the-reboot"}, True, "is gone and a new owner is loading"),
+    ({"boot_id": "before-the-reboot"}, False, None),
+])
+def test_what_an_attacher_waits_for_follows_the_owners_liveness(cache_dir, owner, claimed, waits_for):
+    entry = CacheDir(cache_dir).entry(KEY).ensure()
+    manifest = _manifest(**owner)
+    write_manifest(entry.manifest_path, manifest)
+    fd = entry.claim(retry_s=0) if claimed else None
+    try:
+        if waits_for is None:
+            assert wait_settled(entry, timeout_s=5, until_published=True, role="decode") == manifest
+            return
+        with pytest.raises(AttachTimeout, match=waits_for):
+            wait_settled(entry, timeout_s=0.2, until_published=True, role="decode")
+        mark_settled(entry, manifest)  # counts only for a live owner
+        if owner:
+            with pytest.raises(AttachTimeout, match=waits_for):
+                wait_settled(entry, timeout_s=0.2, until_published=True, role="decode")
+        else:
+            assert wait_settled(entry, timeout_s=5, until_published=True, role="decode") == manifest
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 HOLD_TURN = """
