@@ -5,17 +5,16 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import sys
 from typing import Any
 
-from .cache import OWNER_FILE, TEMP_FILE, CacheDir, Entry, EntryState
+from .cache import CacheDir, Entry
+from .collect import sweep
 from . import __version__
-from .errors import ConfigError, EntryOwned, ExitCode, ManifestError, SharedCacheError, StorageError
+from .errors import ConfigError, ExitCode, ManifestError, SharedCacheError
+from .keys import split_rank_key
 from .manifest import head_key
-from .ownership import Claim
-from .settle import SETTLED_NAME
 
 
 def _cache_dir(args: argparse.Namespace) -> str:
@@ -83,9 +82,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-RANK_SUFFIX = re.compile(r"-(?:pp\d+-)?tp\d+$")  # the SGLang plugin keys a server's entries <key>-[pp<p>-]tp<r>
-
-
 def _row(r: dict[str, Any], *, indent: bool = False) -> tuple[str, ...]:
     return tuple(printable(c) for c in (
         ("  " if indent else "") + r["key"], r["model"] or "?", r["backend"] or "?", _size(r["size_bytes"]),
@@ -119,13 +115,19 @@ def _group_row(group: str, members: list[dict[str, Any]]) -> tuple[str, ...]:
     counts = {m["parts"] for m in members if m["parts"]}
     unit = "devices" if counts else "ranks"
     size = counts or {m["tp_size"] for m in members if m["tp_size"]}
-    expected = f" of {size.pop()}" if len(size) == 1 and not any("-pp" in m["key"] for m in members) else ""
+    expected = f" of {size.pop()}" if len(size) == 1 and not any(_pipeline_rank(m["key"]) for m in members) else ""
     states = {m["state"] for m in members}
     sizes = [m["size_bytes"] for m in members]
     return tuple(printable(c) for c in (
         f"{group} ({len(members)}{expected} {unit})", _common(m["model"] for m in members),
         _common(m["backend"] for m in members), _size(None if None in sizes else sum(sizes)), "",
         states.pop() if len(states) == 1 else "mixed", "", min((m["created"] or "?") for m in members)))
+
+
+def _pipeline_rank(key: str) -> bool:
+    """A pipeline stage's rank (`<key>-pp<p>-tp<r>`): its group holds more entries than one stage's TP size."""
+    rank = split_rank_key(key)
+    return rank is not None and rank[1] is not None
 
 
 def _common(values) -> str:
@@ -146,11 +148,11 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
                       state=entry.state(m).label, mapped_by=entry.mapped_by(m),
                       created=dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S"),
                       tp_rank=m.fingerprint.tp_rank, tp_size=m.fingerprint.tp_size)
-        suffix = RANK_SUFFIX.search(entry.key)
+        rank = split_rank_key(entry.key)  # a parallel server's ranks are keyed <key>-[pp<p>-]tp<r>
         if m.part is not None:  # one device's share of a spread model: grouped under part 0's key
             record.update(group=head_key(entry.key, m.part.index), part=m.part.index, parts=m.part.count)
-        elif suffix and (m.fingerprint.tp_size > 1 or "-pp" in suffix.group()):
-            record["group"] = entry.key[:suffix.start()]
+        elif rank and (m.fingerprint.tp_size > 1 or rank[1] is not None):
+            record["group"] = rank[0]
     except (SharedCacheError, OSError) as e:
         record.update(state="corrupt" if isinstance(e, ManifestError) else "refused", error=str(e))
     return record
@@ -210,119 +212,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Remove entries nothing can use: dead owner, other boot, unreadable manifest, leftovers of an owner
-    that never published. Never touched: an entry whose owner lives or that a new owner is claiming (the
-    owner lock), one that an instance is attached or attaching to (the attach lock, held from before an
-    attacher re-reads the manifest until its mapping dies), and one whose directory or files are not
-    what sharedcache made (reported). The slow checks run first; the locks are then taken without waiting
-    and the entry removed only if it did not change meanwhile."""
+    """Remove entries nothing can use (sharedcache.collect says which, and how it keeps out of an owner's
+    or an attacher's way); say what went and what stayed, and why."""
     removed = kept = 0
     verb = "would remove" if args.dry_run else "removed"
-    for entry in CacheDir(_cache_dir(args)).entries():
-        listed = _shows_in_ls(entry)
-        try:
-            outcome = _collect(entry, dry_run=args.dry_run)
-        except (SharedCacheError, OSError) as e:  # reported, and the other entries still collected
-            outcome = f"kept: {e}"
-        if outcome is None or outcome.startswith("kept"):
-            kept += listed
-            if outcome:
-                print(printable(f"{entry.key} {outcome}"))
-        else:
+    for verdict in sweep(CacheDir(_cache_dir(args)), dry_run=args.dry_run):
+        if verdict.removed:
             removed += 1
-            print(printable(f"{verb} {entry.key}: {outcome}"))
+            print(printable(f"{verb} {verdict.key}: {verdict.why}"))
+            continue
+        kept += verdict.listed
+        if verdict.why is not None:
+            print(printable(f"{verdict.key} kept: {verdict.why}"))
     print(f"gc: {removed} {verb}, {kept} kept" + (" (dry run: nothing was removed)" if args.dry_run else ""))
     return 0
-
-
-def _shows_in_ls(entry: Entry) -> bool:
-    """Counted as `ls` counts: something published, or an entry whose check fails (listed as refused)."""
-    try:
-        return entry.published()
-    except (SharedCacheError, OSError):
-        return True
-
-
-def _collect(entry: Entry, *, dry_run: bool) -> str | None:
-    """Remove `entry` if nothing can use it: why it went, None if it is in use, or 'kept: why'."""
-    if not entry.check():  # gone meanwhile; or not what sharedcache made (raises, reported)
-        return None
-    before = _snapshot(entry)
-    why = _collectable(entry)
-    if why is None:
-        return None
-    try:
-        claim = Claim.take(entry, retry_s=0)  # an owner that publishes nothing: closing it only gives the key up
-    except EntryOwned:
-        return None  # someone became the owner meanwhile (any other refusal is reported)
-    with claim:
-        unused = entry.lock_unused()
-        if unused is None:
-            return None  # an instance is attached, or attaching right now
-        try:
-            if _snapshot(entry) != before:
-                return None
-            if dry_run:  # it would go: nothing owns, maps or attaches to it, and it did not change meanwhile
-                return why
-            with entry.write_lock():
-                paths = [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry)]
-                left = [problem for problem in map(_remove, paths) if problem]
-        finally:
-            os.close(unused)
-    return f"kept: {'; '.join(left)}" if left else why
-
-
-def _leftovers(entry: Entry) -> list:
-    """Arena files, handle sockets and half-written manifests or marks (an owner killed inside the rename)."""
-    try:
-        names = os.listdir(entry.dir)
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise StorageError.from_os(e, f"listing cache entry directory {entry.dir}") from None
-    return [entry.dir / n for n in sorted(names) if OWNER_FILE.fullmatch(n) or TEMP_FILE.fullmatch(n)]
-
-
-def _remove(path) -> str | None:
-    """Unlink one file of an entry; a directory in its place is not ours to remove: say so."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        return f"{path} is a directory, not a file sharedcache made; remove it by hand"
-    except OSError as e:
-        return f"cannot remove {path}: {e.strerror}"
-    return None
-
-
-def _snapshot(entry: Entry) -> tuple:
-    """What gc decided on: the manifest's identity (never its contents: it may be a FIFO) and the
-    leftover files present."""
-    try:
-        st = os.lstat(entry.manifest_path)
-        manifest = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
-    except OSError:
-        manifest = None
-    return manifest, [p.name for p in _leftovers(entry)]
-
-
-def _collectable(entry: Entry) -> str | None:
-    """Why the entry can go, or None to keep it."""
-    if entry.claimed():
-        return None  # a live owner, or one still loading
-    if not entry.published():
-        return "files left by an owner that never published" if _leftovers(entry) else None
-    try:
-        m = entry.read()
-    except ManifestError as e:
-        return f"unreadable manifest ({e})"
-    if m.owner.running() or entry.mapped_by(m):
-        return None  # a pid that runs again, or a process still mapping the arena: not for gc to judge
-    state = entry.state(m)
-    if state is EntryState.REBOOTED:
-        return "published before the last reboot"
-    return f"owner pid {m.owner.pid} is gone ({state.label})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ that need torch import it when called.
 - devices: `resolve_device`, `device_index`, `device_id` (which physical device, by UUID);
 - fingerprints: `checkpoint_fingerprint` for a model directory, with `config_digest` and `weight_files`;
 - files: `write_json_atomic` (a reader sees the old file or the new one, never part of one);
+- rank keys: `rank_key` / `rank_suffix` name one rank of a parallel server (`<key>-tp<r>`,
+  `<key>-pp<p>-tp<r>`), `split_rank_key` reads such a key back (sharedcache.keys);
 - memory sizing: `SizingTurn` (see sharedcache.settle);
 - instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it;
 - launchers (the Hydra launcher in integrations/launch.py, the SGLang plugin's switches): `conf_dir`,
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .devices import device_id, device_index, resolve_device
 from .files import write_json_atomic
 from .fingerprint import Fingerprint, config_digest, weight_files
+from .keys import rank_key, rank_suffix, split_rank_key
 from .layout import dtype_name
 
 if TYPE_CHECKING:
@@ -36,7 +39,8 @@ __all__ = [
     "SizingTurn", "TerminalProgress", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role",
     "entry_key",
     "device_id", "device_index", "dtype_name", "instance_of", "log_progress", "prepare_device", "process_age",
-    "register_resolvers", "resolve_device", "role_of", "weight_files", "write_json_atomic",
+    "rank_key", "rank_suffix", "register_resolvers", "resolve_device", "role_of", "split_rank_key", "weight_files",
+    "write_json_atomic",
 ]
 # exported names whose modules are imported only when an integration asks for them
 _LAZY = {"SizingTurn": "settle", "TerminalProgress": "progress", "log_progress": "progress", "conf_dir": "conf",

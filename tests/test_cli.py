@@ -108,3 +108,41 @@ def test_sharedcache_launch_is_the_launcher_from_any_directory(tmp_path, cache_d
     finally:
         prefill.terminate()
         prefill.wait(60)
+
+
+def test_rank_keys_are_built_and_read_back_by_one_definition():
+    """The SGLang plugin keys a rank's entry with the kit's `rank_key`; `ls` reads it back with `split_rank_key`."""
+    import sharedcache.kit as kit
+    from sharedcache.kit import rank_key, rank_suffix, split_rank_key
+
+    assert {"rank_key", "rank_suffix", "split_rank_key"} <= set(kit.__all__)
+    assert rank_key("m", tp_rank=3) == "m-tp3" and rank_key("m-1.5", tp_rank=1, pp_rank=2) == "m-1.5-pp2-tp1"
+    assert rank_suffix(tp_rank=0) == "tp0" and rank_suffix(tp_rank=10, pp_rank=1) == "pp1-tp10"
+    assert split_rank_key("m-tp3") == ("m", None, 3) and split_rank_key("a-b-pp2-tp10") == ("a-b", 2, 10)
+    for key in ("m-tp3", "m-pp2-tp1", "a-tp1-tp10", "report-pp0-tp7"):
+        base, pp, tp = split_rank_key(key)
+        assert rank_key(base, tp_rank=tp, pp_rank=pp) == key
+    for key in ("m", "m-tp", "m-tpx", "mtp3", "m-tp3-part1", "m-pp1", "m-tp1\n"):
+        assert split_rank_key(key) is None, key
+    assert split_rank_key("m-pp-tp1") == ("m-pp", None, 1)  # only a whole suffix is a rank
+
+
+def test_gc_removes_the_leftovers_of_an_owner_that_never_published(cache_dir):
+    """sharedcache.collect decides and removes; a dry run decides the same and leaves the files."""
+    from sharedcache.cache import CacheDir
+    from sharedcache.collect import sweep
+
+    entry = cache_dir / "never-published"
+    entry.mkdir(mode=0o700)
+    for name in ("owner.lock", "attach.lock", "arena-x.bin", ".manifest.json.123.tmp"):
+        (entry / name).touch(mode=0o600)
+    (entry / "notes.txt").touch(mode=0o600)  # not a file sharedcache makes: never removed
+    why = "files left by an owner that never published"
+    dry = list(sweep(CacheDir(cache_dir), dry_run=True))
+    assert [(v.key, v.removed, v.why, v.listed) for v in dry] == [("never-published", True, why, False)]
+    assert (entry / "arena-x.bin").exists()
+    out = cli("gc", "--dir", str(cache_dir))
+    assert out.returncode == 0 and out.stdout.splitlines() == [f"removed never-published: {why}",
+                                                               "gc: 1 removed, 0 kept"], out.stdout + out.stderr
+    assert sorted(p.name for p in entry.iterdir()) == ["attach.lock", "notes.txt", "owner.lock", "write.lock"]
+    assert [(v.removed, v.why) for v in sweep(CacheDir(cache_dir), dry_run=False)] == [(False, None)]

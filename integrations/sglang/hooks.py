@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sharedcache import ConfigError, ExitCode, Mode, SharedCacheError
-from sharedcache.kit import SizingTurn, device_id, resolve_device, write_json_atomic
+from sharedcache.kit import SizingTurn, device_id, rank_key, rank_suffix, resolve_device, write_json_atomic
 
 from . import PluginConfig, compat
 
@@ -49,7 +49,7 @@ class RankState:
 
     @property
     def key(self) -> str:
-        return f"{self.config.settings.key}-{rank_tag(self.ranks)}"
+        return rank_key(self.config.settings.key, **_rank(self.ranks))
 
     @property
     def owns(self) -> bool:
@@ -90,9 +90,14 @@ def _around_get_model_loader(original, *args, **kwargs):
 
 
 def rank_tag(ranks: dict[str, int]) -> str:
-    """Entry key and report suffix: `tp<r>`, or `pp<p>-tp<r>` with pipeline parallelism."""
-    tp = f"tp{ranks['tp_rank']}"
-    return f"pp{ranks['pp_rank']}-{tp}" if ranks["pp_size"] > 1 else tp
+    """This rank's name in its entry's key, its report files and messages: `tp<r>`, or `pp<p>-tp<r>` with
+    pipeline parallelism."""
+    return rank_suffix(**_rank(ranks))
+
+
+def _rank(ranks: dict[str, int]) -> dict[str, int | None]:
+    """This rank as the kit's rank keys take it: no pipeline rank without pipeline parallelism."""
+    return {"tp_rank": ranks["tp_rank"], "pp_rank": ranks["pp_rank"] if ranks["pp_size"] > 1 else None}
 
 
 def _around_runner_load_model(original, runner, *args, **kwargs):
@@ -238,7 +243,7 @@ def _write_rank_file(kind: str, data: dict[str, Any]) -> None:
     report_dir = STATE.config.report_dir
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(report_dir / f"{kind}-{rank_tag(STATE.ranks)}.json", data, indent=2, sort_keys=True)
+        write_json_atomic(report_dir / f"{rank_key(kind, **_rank(STATE.ranks))}.json", data, indent=2, sort_keys=True)
     except OSError as e:
         log.warning("sharedcache: could not write %s's %s file into %s: %s", STATE.key, kind, report_dir, e)
 

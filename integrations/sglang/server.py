@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sharedcache import ConfigError, SharedCacheError
+from sharedcache.kit import split_rank_key
 
 from . import ENV, KEY_ENV, DIR_ENV, OVERRIDES_ENV, REPORT_ENV, ROLE_ENV, plugin_env
 
@@ -146,8 +146,9 @@ _PEER_FAILURE_GRACE_S = 5  # after one rank failed, how long its peers get to wr
 
 
 def _rank_order(path: Path) -> tuple[int, ...]:
-    """failed-pp1-tp10.json after failed-pp1-tp2.json: by the numbers in the name, not as text."""
-    return tuple(int(n) for n in re.findall(r"\d+", path.name))
+    """failed-pp1-tp10.json after failed-pp1-tp2.json: by the ranks in the name, not as text."""
+    rank = split_rank_key(path.stem)
+    return () if rank is None else (rank[1] or 0, rank[2])
 
 
 def rank_failure(failures: list[dict[str, Any]], ranks: int) -> ServerFailed:

@@ -1,0 +1,144 @@
+"""`sharedcache gc`'s removal policy: which entries nothing can use, and removing them without racing an
+owner or an attacher. The CLI prints what `sweep` decided; a dry run decides the same way and removes nothing.
+
+Removed: an entry whose owner is gone (dead, or from another boot), one whose manifest cannot be read, and
+the leftovers of an owner that never published. Never touched: an entry whose owner lives or that a new owner
+is claiming (the owner lock), one that an instance is attached or attaching to (the attach lock, held from
+before an attacher re-reads the manifest until its mapping dies), and one whose directory or files are not
+what sharedcache made (reported). The slow checks run first; the locks are then taken without waiting and the
+entry removed only if it did not change meanwhile.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .cache import OWNER_FILE, TEMP_FILE, CacheDir, Entry, EntryState
+from .errors import EntryOwned, ManifestError, SharedCacheError, StorageError
+from .ownership import Claim
+from .settle import SETTLED_NAME
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What gc did with one entry directory."""
+
+    key: str
+    removed: bool  # removed, or in a dry run: would be
+    why: str | None  # why it went; why it was kept where that needs saying (None: in use, or nothing there)
+    listed: bool  # `ls` lists it: counted among the kept ones when it stays
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """An entry gc meant to remove but could not remove all of."""
+
+    reason: str
+
+
+def sweep(cache: CacheDir, *, dry_run: bool) -> Iterator[Verdict]:
+    """Every entry of `cache` in listing order, removed (dry run: judged) one at a time. One entry that
+    cannot be judged or removed is kept and reported; the others are still collected."""
+    for entry in cache.entries():
+        listed = _shows_in_ls(entry)  # before the entry can go
+        try:
+            why = _collect(entry, dry_run=dry_run)
+        except (SharedCacheError, OSError) as e:
+            yield Verdict(entry.key, removed=False, why=str(e), listed=listed)
+            continue
+        if isinstance(why, _Kept):
+            yield Verdict(entry.key, removed=False, why=why.reason, listed=listed)
+        else:
+            yield Verdict(entry.key, removed=why is not None, why=why, listed=listed)
+
+
+def _shows_in_ls(entry: Entry) -> bool:
+    """Counted as `ls` counts: something published, or an entry whose check fails (listed as refused)."""
+    try:
+        return entry.published()
+    except (SharedCacheError, OSError):
+        return True
+
+
+def _collect(entry: Entry, *, dry_run: bool) -> str | _Kept | None:
+    """Remove `entry` if nothing can use it: why it went, None if it is in use, or why it stayed."""
+    if not entry.check():  # gone meanwhile; or not what sharedcache made (raises, reported)
+        return None
+    before = _snapshot(entry)
+    why = _collectable(entry)
+    if why is None:
+        return None
+    try:
+        claim = Claim.take(entry, retry_s=0)  # an owner that publishes nothing: closing it only gives the key up
+    except EntryOwned:
+        return None  # someone became the owner meanwhile (any other refusal is reported)
+    with claim:
+        unused = entry.lock_unused()
+        if unused is None:
+            return None  # an instance is attached, or attaching right now
+        try:
+            if _snapshot(entry) != before:
+                return None
+            if dry_run:  # it would go: nothing owns, maps or attaches to it, and it did not change meanwhile
+                return why
+            with entry.write_lock():
+                paths = [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry)]
+                left = [problem for problem in map(_remove, paths) if problem]
+        finally:
+            os.close(unused)
+    return _Kept("; ".join(left)) if left else why
+
+
+def _leftovers(entry: Entry) -> list[Path]:
+    """Arena files, handle sockets and half-written manifests or marks (an owner killed inside the rename)."""
+    try:
+        names = os.listdir(entry.dir)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StorageError.from_os(e, f"listing cache entry directory {entry.dir}") from None
+    return [entry.dir / n for n in sorted(names) if OWNER_FILE.fullmatch(n) or TEMP_FILE.fullmatch(n)]
+
+
+def _remove(path: Path) -> str | None:
+    """Unlink one file of an entry; a directory in its place is not ours to remove: say so."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return f"{path} is a directory, not a file sharedcache made; remove it by hand"
+    except OSError as e:
+        return f"cannot remove {path}: {e.strerror}"
+    return None
+
+
+def _snapshot(entry: Entry) -> tuple:
+    """What gc decided on: the manifest's identity (never its contents: it may be a FIFO) and the
+    leftover files present."""
+    try:
+        st = os.lstat(entry.manifest_path)
+        manifest = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    except OSError:
+        manifest = None
+    return manifest, [p.name for p in _leftovers(entry)]
+
+
+def _collectable(entry: Entry) -> str | None:
+    """Why the entry can go, or None to keep it."""
+    if entry.claimed():
+        return None  # a live owner, or one still loading
+    if not entry.published():
+        return "files left by an owner that never published" if _leftovers(entry) else None
+    try:
+        m = entry.read()
+    except ManifestError as e:
+        return f"unreadable manifest ({e})"
+    if m.owner.running() or entry.mapped_by(m):
+        return None  # a pid that runs again, or a process still mapping the arena: not for gc to judge
+    state = entry.state(m)
+    if state is EntryState.REBOOTED:
+        return "published before the last reboot"
+    return f"owner pid {m.owner.pid} is gone ({state.label})"
