@@ -21,7 +21,8 @@ from typing import Iterator
 
 from .errors import ConfigError, EntryError, EntryOwned, SharedCacheError, StorageError
 from .files import check_private_dir, ensure_private_dir, exists, flock_within, lstat_or_none, open_lock
-from .manifest import MANIFEST_NAME, Manifest, boot_id, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, boot_id
+from .manifest_parse import read_manifest
 
 _CLAIM_RETRY_S = 0.5
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

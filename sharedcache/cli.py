@@ -9,12 +9,11 @@ import shutil
 import sys
 from typing import Any
 
+from . import __version__
 from .cache import CacheDir, Entry
 from .collect import sweep
-from . import __version__
 from .errors import ConfigError, ExitCode, ManifestError, SharedCacheError
-from .keys import split_rank_key
-from .manifest import head_key
+from .keys import head_key, split_rank_key
 
 
 def _cache_dir(args: argparse.Namespace) -> str:

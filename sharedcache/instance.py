@@ -16,14 +16,14 @@ from torch import nn
 
 from .cache import CacheDir, Entry
 from .errors import ConfigError, ManifestError, SharedCacheError, UnsupportedModel
-from .fingerprint import Fingerprint
+from .fingerprint import Fingerprint, differences
 from .ownership import Claim, give_up
 from .phases import steps_for
 from .progress import ProgressFn, log_progress
 from .report import Report, weight_bytes_outside
 from .roles import Mode, Role
 from .settings import CacheSettings
-from .manifest import differences, part_key
+from .keys import part_key
 from .run import Fallback, Part, RunState, Takeover, spreads
 
 log = logging.getLogger(__name__)

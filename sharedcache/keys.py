@@ -1,10 +1,23 @@
-"""Entry keys of the ranks of one parallel server: `<key>-tp<r>`, or `<key>-pp<p>-tp<r>` with pipeline
-parallelism. Defined once here: the SGLang plugin keys each rank's entry and names its report files with
-`rank_key` (exported through `sharedcache.kit`); `sharedcache ls` gathers a server's entries with
-`split_rank_key`."""
+"""The formats of derived entry keys, each defined once here.
+
+- A model spread over several devices: part 0 under the user's key, part i under `<key>-part<i>`
+  (`part_key`, and `head_key` its inverse).
+- The ranks of one parallel server: `<key>-tp<r>`, or `<key>-pp<p>-tp<r>` with pipeline parallelism. The
+  SGLang plugin keys each rank's entry and names its report files with `rank_key` (exported through
+  `sharedcache.kit`); `sharedcache ls` gathers a server's entries with `split_rank_key`."""
 from __future__ import annotations
 
 import re
+
+def part_key(head_key: str, index: int) -> str:
+    """The entry key of part `index` of the model published under `head_key`."""
+    return head_key if index == 0 else f"{head_key}-part{index}"
+
+
+def head_key(key: str, index: int) -> str:
+    """The key the model is published under, from the key of its part `index` (part_key's inverse)."""
+    return key.removesuffix(f"-part{index}") if index else key
+
 
 _RANK_SUFFIX = re.compile(r"-(?:pp([0-9]+)-)?tp([0-9]+)\Z")
 

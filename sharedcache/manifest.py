@@ -8,14 +8,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .files import write_json_atomic
-from .fingerprint import Fingerprint, differences  # noqa: F401 - differences: kept here for its importers
+from .fingerprint import Fingerprint
 from .layout import TensorSpec
-
-if TYPE_CHECKING:  # kept here lazily, see __getattr__ below
-    from .manifest_parse import parse_manifest, read_manifest  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -67,16 +64,6 @@ class PartInfo:
     count: int
     group: str
     placement: dict[str, int]
-
-
-def part_key(head_key: str, index: int) -> str:
-    """The entry key of part `index` of the model published under `head_key`."""
-    return head_key if index == 0 else f"{head_key}-part{index}"
-
-
-def head_key(key: str, index: int) -> str:
-    """The key the model is published under, from the key of its part `index` (part_key's inverse)."""
-    return key.removesuffix(f"-part{index}") if index else key
 
 
 @dataclass(frozen=True)
@@ -131,13 +118,3 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
 
 
 # ---------------------------------------------------------------- names kept here for their importers
-
-def __getattr__(name: str) -> Any:
-    """read_manifest and parse_manifest live in sharedcache.manifest_parse (and differences in
-    sharedcache.fingerprint); modules that import them from here still can. Looked up lazily, because
-    manifest_parse imports this module."""
-    if name in ("read_manifest", "parse_manifest"):
-        from . import manifest_parse
-
-        return getattr(manifest_parse, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,10 @@ from . import backends
 from .cache import CacheDir, Entry
 from .errors import (ArenaError, AttachTimeout, ConfigError, FingerprintMismatch, IntegrityError, ManifestError,
                      OwnerGone, UnsupportedModel)
+from .fingerprint import differences
 from .layout import TensorSlot
-from .manifest import Manifest, differences, head_key, part_key
+from .keys import head_key, part_key
+from .manifest import Manifest
 from .phases import step
 from .roles import Mode
 from .run import Fallback, Part, RunState, Takeover

@@ -16,7 +16,8 @@ from . import backends
 from .cache import CacheDir
 from .errors import EntryOwned, UnsupportedModel
 from .layout import plan
-from .manifest import MAX_PARTS, ArenaInfo, Manifest, Owner, PartInfo, part_key
+from .keys import part_key
+from .manifest import MAX_PARTS, ArenaInfo, Manifest, Owner, PartInfo
 from .ownership import Claim
 from .phases import step
 from .progress import Throttle

@@ -137,7 +137,7 @@ def test_gc_keeps_an_entry_a_decode_is_attaching_to(published, cache_dir, models
     _orphan(published, cache_dir)
     code = f"""
         import sys
-        from sharedcache import steps
+        from sharedcache import steps_load as steps
         attach = steps._attach_held
         def paused(s, manifest, deadline):
             print("read", flush=True)

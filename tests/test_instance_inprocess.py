@@ -440,7 +440,8 @@ def test_a_model_offloaded_beside_its_device_is_refused_and_nothing_is_claimed(c
 
 def _as_part_zero(cache: Path, count: int = 2):
     """Rewrite the published entry's manifest as part 0 of `count` (as a spread save writes its head)."""
-    from sharedcache.manifest import PartInfo, read_manifest, write_manifest
+    from sharedcache.manifest import PartInfo, write_manifest
+    from sharedcache.manifest_parse import read_manifest
 
     path = cache / KEY / "manifest.json"
     head = dataclasses.replace(read_manifest(path), part=PartInfo(0, count, "ab" * 16, {"0": 0, "1": 0, "2": 1}))
@@ -486,7 +487,7 @@ def test_ls_groups_the_parts_of_a_spread_model(cache, make):
 ])
 def test_a_bad_part_record_is_refused_naming_it(cache, make, field, value, words):
     from sharedcache import ManifestError
-    from sharedcache.manifest import read_manifest
+    from sharedcache.manifest_parse import read_manifest
 
     owner = make("prefill", SeqSource()).run()  # its entry lives as long as the model
     assert owner is not None
@@ -502,7 +503,8 @@ def test_a_bad_part_record_is_refused_naming_it(cache, make, field, value, words
 
 def test_a_part_key_given_as_the_key_names_the_head(cache, make):
     from sharedcache import ConfigError
-    from sharedcache.manifest import PartInfo, read_manifest, write_manifest
+    from sharedcache.manifest import PartInfo, write_manifest
+    from sharedcache.manifest_parse import read_manifest
 
     owner = make("prefill", SeqSource(), key=f"{KEY}-part1").run()
     assert owner is not None
