@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -21,20 +21,20 @@ if TYPE_CHECKING:
 @dataclass
 class Arena:
     """A live arena in this process. `base` keeps the mapping alive: the memory is
-    unmapped only when `base` and every view of it are gone."""
+    unmapped only when `base` and every view of it are gone.
+
+    This class is an attacher's arena: nothing to commit, sync, seal or give back. A backend's owner
+    arena subclasses it and overrides `commit`, `sync`, `seal` and `_drop_claim` with its own steps."""
 
     base: torch.Tensor  # uint8, arena size
     handle: dict[str, Any]  # what goes into the manifest
     device: dict[str, Any]
     owned: bool
-    _release: Callable[[], None] | None = field(default=None, repr=False)
-    _commit: Callable[[int], None] | None = field(default=None, repr=False)
-    _sync: Callable[[], None] | None = field(default=None, repr=False)
-    _seal: Callable[[], None] | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the backend's own steps
     # an object that lives exactly as long as the mapping (torch's views keep it alive): what the core ties
     # the attacher's hold on the entry to; None: the mapping's life cannot be observed
     lifetime: Any = field(default=None, repr=False)
+    _released: bool = field(default=False, init=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -47,25 +47,23 @@ class Arena:
     def commit(self, upto: int) -> None:
         """Owner: make bytes [0, upto) writable. Backends that back the arena lazily (cuda_vmm maps
         physical chunks as the originals are freed) do the work here; others have nothing to do."""
-        if self._commit is not None:
-            self._commit(upto)
 
     def sync(self) -> None:
         """Owner: wait until every write into the arena has landed, before publishing it."""
-        if self._sync is not None:
-            self._sync()
 
     def seal(self) -> None:
         """Owner, once published: make its own mapping read-only where the backend can, so that a write
         into a shared weight faults in the owner instead of silently changing what attachers compute."""
-        if self._seal is not None:
-            self._seal()
 
     def release(self) -> None:
-        """Drop this process's claim on the backing memory (owner: unpublish it). Views stay valid."""
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
+        """Drop this process's claim on the backing memory (owner: unpublish it). Views stay valid.
+        Idempotent: the backend's part runs at most once, even if it raised the first time."""
+        if not self._released:
+            self._released = True
+            self._drop_claim()
+
+    def _drop_claim(self) -> None:
+        """The backend's part of `release` (an owner's: unpublish the memory); nothing for an attacher."""
 
 
 class Backend(abc.ABC):

@@ -26,6 +26,24 @@ from ..manifest import Manifest
 from .base import Arena, Backend
 
 
+_CPU = {"type": "cpu", "index": None, "uuid": None}  # the manifest's device record (each arena gets a copy)
+
+
+class _OwnerArena(Arena):
+    """The owner's arena: its file is removed on release (attachers' mappings stay valid), and its
+    mapping is made read-only once published."""
+
+    def __init__(self, base: torch.Tensor, mm: mmap.mmap, path: Path) -> None:
+        super().__init__(base, {"file": path.name}, dict(_CPU), owned=True, lifetime=mm)
+        self._path = path
+
+    def seal(self) -> None:
+        _protect_read_only(self.base)
+
+    def _drop_claim(self) -> None:
+        self._path.unlink(missing_ok=True)
+
+
 class CpuShmBackend(Backend):
     name = "cpu_shm"
     survives_owner = True  # the file outlives its creator until unlinked
@@ -58,9 +76,7 @@ class CpuShmBackend(Backend):
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        return Arena(base, {"file": name}, {"type": "cpu", "index": None, "uuid": None}, owned=True,
-                     _release=lambda: path.unlink(missing_ok=True), _seal=lambda: _protect_read_only(base),
-                     lifetime=mm)
+        return _OwnerArena(base, mm, path)
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         path = _arena_path(entry_dir, manifest)
@@ -79,8 +95,7 @@ class CpuShmBackend(Backend):
             base, mm = _map(fd, manifest.arena.size, path, writable=False)
         finally:
             os.close(fd)
-        return Arena(base, dict(manifest.handle), {"type": "cpu", "index": None, "uuid": None}, owned=False,
-                     lifetime=mm)
+        return Arena(base, dict(manifest.handle), dict(_CPU), owned=False, lifetime=mm)
 
     @classmethod
     def orphan_attachable(cls, entry_dir: Path, manifest: Manifest) -> bool:

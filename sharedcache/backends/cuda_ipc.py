@@ -24,6 +24,18 @@ def _release_on(index: int, fn, ptr: int) -> None:
     cu.quietly(fn, ptr)
 
 
+class _OwnerArena(Arena):
+    """The owner's arena: the allocation is freed when its last view dies (DeviceRange's finalizer), so
+    release has nothing to give back; publishing waits for the device's writes."""
+
+    def __init__(self, base: torch.Tensor, handle: dict, index: int) -> None:
+        super().__init__(base, handle, cu.device_record(index), owned=True)
+        self._index = index
+
+    def sync(self) -> None:
+        cu.settle(self._index)
+
+
 class CudaIpcBackend(Backend):
     name = "cuda_ipc"
     survives_owner = False  # the owner's cuMemFree (or death) frees it under the importers
@@ -46,8 +58,7 @@ class CudaIpcBackend(Backend):
             cu.mem_free(ptr)
             raise
         rng = cu.DeviceRange(ptr, size, index, on_release=lambda: _release_on(index, cu.mem_free, ptr))
-        return Arena(rng.as_tensor(), {"ipc": raw.hex()}, cu.device_record(index), owned=True,
-                     _sync=lambda: cu.settle(index))
+        return _OwnerArena(rng.as_tensor(), {"ipc": raw.hex()}, index)
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         h = manifest.handle

@@ -87,6 +87,30 @@ def _unmap_chunks(index: int, ptr: int, sizes: list[int], reserved: int) -> None
     cu.quietly(cu.address_free, ptr, reserved)
 
 
+class _OwnerArena(Arena):
+    """The owner's arena: chunks mapped as the packing reaches them, their fds served to attachers until
+    release. (The unmapping is the DeviceRange's finalizer's, through `chunks`, which holds no view: the
+    memory goes with the last view, not with this object.)"""
+
+    def __init__(self, base: torch.Tensor, chunks: _OwnerChunks, server: FdServer) -> None:
+        super().__init__(base, chunks.handle, cu.device_record(chunks.index), owned=True)
+        self._chunks, self._server, self._owner_pid = chunks, server, os.getpid()
+
+    def commit(self, upto: int) -> None:
+        self._chunks.commit(upto)
+
+    def sync(self) -> None:
+        cu.settle(self._chunks.index)
+
+    def _drop_claim(self) -> None:
+        if os.getpid() != self._owner_pid:  # a forked child must not tear down its parent's arena
+            return
+        try:
+            self._server.close()
+        finally:
+            self._chunks.close_fds()
+
+
 class CudaVmmBackend(Backend):
     name = "cuda_vmm"
     survives_owner = True
@@ -122,18 +146,7 @@ class CudaVmmBackend(Backend):
         state.commit(1)  # torch views mapped memory only
         base = rng.as_tensor()
         server = FdServer(entry_dir / name, lambda: ({"sizes": list(state.sizes)}, list(state.fds)))
-        owner_pid = os.getpid()
-
-        def release() -> None:
-            if os.getpid() != owner_pid:  # a forked child must not tear down its parent's arena
-                return
-            try:
-                server.close()
-            finally:
-                state.close_fds()
-
-        return Arena(base, handle, cu.device_record(index), owned=True, _release=release,
-                     _commit=state.commit, _sync=lambda: cu.settle(index))
+        return _OwnerArena(base, state, server)
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         settings = self.settings
