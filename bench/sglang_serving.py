@@ -20,12 +20,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,20 +33,8 @@ SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton +engine.extra_args.
 # (input, output) tokens; "long-8k" fills the 8,192-token context of Llama-3-8B (and of bench/make_model.py)
 WORKLOADS = {"random-1k": (1024, 256), "long-8k": (7680, 512)}
 
-
-def free_port() -> int:
-    """A free TCP port below the kernel's ephemeral range (32768+), so that no process asking the kernel
-    for any free port (SGLang's NCCL/gloo ports) can be handed it between now and a server's bind."""
-    import random
-
-    while True:
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+sys.path.insert(0, str(REPO / "tests"))  # one free_port and one SGLang request helper for tests and benchmarks
+from helpers import free_port, sglang_healthy, sglang_request  # noqa: E402
 
 
 class Server:
@@ -83,8 +69,7 @@ class Server:
         return json.loads(report.read_text())
 
     def info(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/server_info", timeout=60) as r:
-            data = json.loads(r.read())
+        data = sglang_request(self.port, "/server_info", timeout=60)
         state = (data.get("internal_states") or [{}])[0]
         return {"kv_pool_tokens": data.get("max_total_num_tokens"),
                 "max_running_requests": state.get("effective_max_running_requests_per_dp"),
@@ -201,11 +186,8 @@ PLAIN_TOKENS = REPO / "bench" / "results" / "h200-sglang-gpu-tests.json"  # a pl
 
 def greedy_probe(port: int, timeout: float = 120) -> list[int] | None:
     """The 16 greedy tokens the server (or router) on `port` answers to PROBE_IDS."""
-    body = json.dumps({"input_ids": PROBE_IDS, "sampling_params": {"max_new_tokens": 16, "temperature": 0.0,
-                                                                   "ignore_eos": True}}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read()).get("output_ids")
+    body = {"input_ids": PROBE_IDS, "sampling_params": {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}}
+    return sglang_request(port, "/generate", body, timeout=timeout).get("output_ids")
 
 
 def plain_tokens() -> list[int]:
@@ -270,12 +252,8 @@ def start_router(setup: str, args, servers: list[Server], cache_dir: Path, work:
     router.wait_ready(args.ready_timeout)  # launch.py reports as soon as the router process runs
     deadline = time.monotonic() + args.ready_timeout
     while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return router
-        except OSError:
-            pass
+        if sglang_healthy(port):
+            return router
         if router.proc.poll() is not None or time.monotonic() > deadline:
             router.stop()
             raise RuntimeError("the PD router did not come up:\n" + router.log.read_text(errors="replace")[-3000:])

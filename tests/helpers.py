@@ -1,15 +1,19 @@
-"""In-process helpers: compose the real config and go through the transformers integration."""
+"""In-process helpers: compose the real config and go through the transformers integration; a free port and
+requests to an SGLang server's HTTP API, for the tests and for bench/ (which imports this module: its
+top-level imports stay light, pytest included)."""
 from __future__ import annotations
 
 import gc
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import pytest
 
 from sharedcache import CacheSettings, Role
 from sharedcache.conf import compose, role_of
@@ -72,6 +76,8 @@ def entry_copy(published, cache_dir, mutate_manifest=None, mutate_arena=None):
 
 def attach_fails(cache_dir, model_path, exc, *patterns, overrides=(), **kwargs):
     """A decode of key k in `cache_dir` fails with `exc` naming `patterns`, and leaves nothing behind."""
+    import pytest
+
     from sharedcache.instance import _BY_MODEL
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -98,3 +104,42 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`sharedcache ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "sharedcache.cli", *args], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range (32768+), so that no process asking the kernel
+    for any free port (SGLang's NCCL/gloo ports) can be handed it between now and a server's bind."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def sglang_request(port: int, path: str, body: dict | None = None, *, timeout: float = 300,
+                   error_answer: bool = False) -> dict:
+    """The JSON answer of the SGLang server (or router) on 127.0.0.1:`port` to a GET of `path`, or to a
+    POST of `body` as JSON. An HTTP error raises, unless `error_answer`: then its own JSON answer is
+    returned (SGLang answers a refused request with 400 and its message)."""
+    url = f"http://127.0.0.1:{port}{path}"
+    req = url if body is None else urllib.request.Request(url, json.dumps(body).encode(),
+                                                           {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if not error_answer:
+            raise
+        return json.loads(e.read())
+
+
+def sglang_healthy(port: int) -> bool:
+    """Does the server (or router) on 127.0.0.1:`port` answer its /health with 200?"""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

@@ -15,12 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Launcher, free_port
+from conftest import REPO, Launcher
+from helpers import free_port, sglang_request
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,13 +57,8 @@ class Servers:
             f"max_new_tokens={N_TOKENS}", *SERVER_FLAGS, *overrides, name=name)
 
     def post(self, name: str, path: str, body: dict) -> dict:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[name]}{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:  # SGLang answers a refused update with 400 and its message
-            return json.loads(e.read())
+        # SGLang answers a refused update with 400 and its message: that answer is what the test reads
+        return sglang_request(self.ports[name], path, body, timeout=300, error_answer=True)
 
     def tokens(self, name: str) -> list[int]:
         out = self.post(name, "/generate", {"input_ids": IDS, "sampling_params": {
@@ -71,8 +66,7 @@ class Servers:
         return out["output_ids"]
 
     def server_info(self, name: str) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/server_info", timeout=30) as r:
-            return json.loads(r.read())
+        return sglang_request(self.ports[name], "/server_info", timeout=30)
 
 
 def process_gpu_mib() -> dict[int, int]:

@@ -13,13 +13,12 @@ import shutil
 import struct
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO
+from helpers import free_port, sglang_healthy, sglang_request
 
 pytestmark = [
     pytest.mark.sglang,
@@ -121,11 +120,7 @@ class PlainSGLang:
         return {"ranks": [json.loads(path.read_text())]}
 
     def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return sglang_healthy(self.port)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -266,14 +261,9 @@ def test_decode_of_a_model_that_cannot_be_shared_falls_back_without_waiting_for_
 
 
 def update_weights_from_disk(port: int, model: Path) -> dict:
-    body = json.dumps({"model_path": str(model)}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/update_weights_from_disk", body,
-                                 {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:  # SGLang answers a failed update with 400 and the message
-        return json.loads(e.read())
+    # SGLang answers a failed update with 400 and the message: that answer is what the tests read
+    return sglang_request(port, "/update_weights_from_disk", {"model_path": str(model)}, timeout=300,
+                          error_answer=True)
 
 
 def test_ctrl_c_while_a_decode_server_waits_for_its_owner_stops_it_with_one_line(launcher, models, monkeypatch):
