@@ -25,6 +25,7 @@ from .roles import Mode, Role
 from .settings import CacheSettings
 from .keys import part_key
 from .run import Fallback, Part, RunState, Takeover, spreads
+from .steps_adopt import adoptable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class ModelSource(Protocol):
     # `placement(model)` where each module runs ({module path: device}); an attach maps every part and hands
     # the owner's placement, with this process's devices, to `finish`.
     spreads: bool
+    # Optional, False when absent: a save may take over the arena its dead predecessor left under the key
+    # (sharedcache.steps_adopt) by building the skeleton and binding it, as an attach does; `finish` then
+    # gets attached=True.
+    adopts: bool
 
     def check(self) -> None:
         """Raise UnsupportedModel before anything loads if the request cannot be shared."""
@@ -85,7 +90,7 @@ class Instance:
         else:
             s, fallback = self._run_shared(mode)
         try:
-            attached = s.mode.attaches and fallback is None
+            attached = (s.mode.attaches or s.adopting) and fallback is None  # a model built as a skeleton
             placed = {"placement": _placement(s) if attached else None} if s.spreads else {}
             model = self.source.finish(s.model, attached=attached, **placed)
             if not isinstance(model, nn.Module):
@@ -151,7 +156,13 @@ class Instance:
         mode, claim = self._resolve_mode(entry, fingerprint, mode)
         s = self._state(mode, entry, fingerprint, claim)
         try:
+            s.adopting = claim is not None and adoptable(entry, fingerprint, self.settings, self.source)
             outcome = self._run_plan(s)
+            if s.adopting and isinstance(outcome, Fallback):  # the skeleton cannot be bound: load as a save does
+                log.warning("[%s] not taking over the arena left under %s: %s; loading", self.role.name,
+                            entry.key, outcome.reason)
+                s = self._resaved(s)
+                outcome = self._run_plan(s)
             if isinstance(outcome, Takeover):  # the would-be owner gave up before publishing: save instead
                 self._abandon(s)
                 s = self._state(Mode.SAVE, entry, fingerprint, outcome.claim)
@@ -184,7 +195,8 @@ class Instance:
 
     def _run_plan(self, s: RunState) -> Fallback | Takeover | None:
         """Run the role's steps for `s.mode` in order; stop at the first that redirects the run."""
-        for st in steps_for(s.mode.plan_key, self.role.phases_for(s.mode)):
+        plan = "adopt" if s.adopting else s.mode.plan_key  # an adopt runs the save order with its own steps
+        for st in steps_for(plan, self.role.phases_for(s.mode)):
             wall, t0 = time.time(), time.perf_counter()
             outcome = st.run(s)
             if outcome is not None:  # the step did not complete: the run goes another way
@@ -198,6 +210,12 @@ class Instance:
         model = self.source.load()
         s.load_seconds = time.perf_counter() - t0
         return model
+
+    def _resaved(self, s: RunState) -> RunState:
+        """A fresh save run that keeps `s`'s claim, after what `s` did is undone."""
+        claim, s.head.claim = s.head.claim, None
+        self._abandon(s)
+        return self._state(Mode.SAVE, s.head.entry, s.head.fingerprint, claim)
 
     @staticmethod
     def _abandon(s: RunState) -> None:
@@ -218,7 +236,7 @@ class Instance:
         arenas = [p.arena for p in s.parts] if arena is not None else []
         allocated = weight_bytes_outside(model, [a.region() for a in arenas])
         allocated += sum(a.size for a in arenas if a.owned)
-        attaches = shared and s.mode.attaches
+        attaches = shared and (s.mode.attaches or s.adopting)
         parts = [_part_row(p) for p in s.parts] if shared else []
         manifest = s.head.manifest
         return Report(
@@ -242,6 +260,7 @@ class Instance:
             layout_digest=manifest.arena.layout_digest if manifest else None,
             backend_timings={k: round(v, 6) for k, v in arena.timings.items()} if arena is not None else {},
             parts=parts if s.spread else [],
+            adopted=shared and s.adopting,
         )
 
 

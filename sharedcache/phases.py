@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 StepFn = Callable[["RunState"], "object | None"]
 
+# a save runs its role's save order; an adopt (a save taking over the arena a dead owner left) runs the same
+# order with its own steps; a load its role's load order
+PLANS = ("save", "adopt", "load")
+
 # what the orchestrator puts in the run state before the first step: part 0 with its entry, the
 # fingerprint a normal load would have and (save) its claim
 GIVEN = frozenset({"role", "mode", "settings", "source", "progress", "parts", "parts.index", "parts.entry",
@@ -114,7 +118,7 @@ def phase_table() -> str:
     _load_builtin_steps()
     lines = ["| phase | plan | step | reads | provides | required |", "|---|---|---|---|---|---|"]
     for name, phase in PHASES.items():
-        for plan in ("save", "load"):
+        for plan in PLANS:
             s = STEPS.get((name, plan))
             if s is not None:
                 reads = ", ".join(s.reads + tuple(f"{u} (if any)" for u in s.uses)) or "-"
@@ -123,7 +127,7 @@ def phase_table() -> str:
     return "\n".join(lines)
 
 
-BUILTIN_STEPS = ("steps_save", "steps_load")  # modules whose steps register themselves on import
+BUILTIN_STEPS = ("steps_save", "steps_load", "steps_adopt")  # modules whose steps register themselves on import
 
 
 def _load_builtin_steps() -> None:

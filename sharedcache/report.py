@@ -35,6 +35,7 @@ class Report:
     backend_timings: dict[str, float]  # the backend's own steps inside the phases (seconds)
     # a model spread over several devices: one {key, device, tensors, bytes, arena_bytes} per part
     parts: list[dict[str, Any]] = field(default_factory=list)
+    adopted: bool = False  # a save that took over the arena its dead predecessor left instead of loading
     extra: dict[str, Any] = field(default_factory=dict)  # filled by the launcher (generated text, ...)
 
     @property
@@ -63,7 +64,10 @@ class Report:
         if self.parts:
             lines.append(f"  spread over {len(self.parts)} devices: " + ", ".join(
                 f"{p['device']} {p['bytes'] / mb:.1f} MiB ({p['key']})" for p in self.parts))
-        if self.attach_seconds is not None:
+        if self.adopted:
+            lines.append(f"  took over the arena its dead predecessor left, in {self.attach_seconds * 1e3:.1f} ms: "
+                         "nothing loaded; this instance owns it now")
+        elif self.attach_seconds is not None:
             lines.append(f"  attach: {self.attach_seconds * 1e3:.1f} ms (owner pid {self.owner_pid}, "
                          f"{'alive' if self.owner_alive else 'gone'})"
                          + (f"; waited {self.wait_seconds:.2f} s for it to publish" if self.wait_seconds >= 0.01 else ""))

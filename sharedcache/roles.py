@@ -55,6 +55,8 @@ class Role:
         plans = _plans_for(name, mode, raw)
         for plan, order in plans.items():
             validate_order(name, plan, order)
+            if plan == "save":  # a save may turn out to adopt its dead predecessor's arena: same order
+                validate_order(name, "adopt", order)
         return cls(name, mode, plans)
 
     def phases_for(self, resolved: Mode) -> tuple[str, ...]:

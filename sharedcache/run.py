@@ -82,6 +82,7 @@ class RunState:
     wait_seconds: float = 0.0  # time spent waiting for an owner (not attach work)
     placement: dict[str, Any] | None = None  # spread: module path -> the part number it runs on
     group: str | None = None  # spread, save: this save's id, in every part's manifest
+    adopting: bool = False  # save: taking over the arena a dead owner left (the adopt plan), not loading
 
     @property
     def head(self) -> Part:

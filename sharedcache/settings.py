@@ -23,6 +23,7 @@ class CacheSettings:
     alignment: int
     vmm_chunk_mib: int  # cuda_vmm: physical chunk size; bounds the save's extra peak memory
     handle_timeout_s: float  # how long an attacher waits for the owner to hand over its handles
+    adopt: bool  # save: take over the arena a dead owner left (same fingerprint) instead of loading again
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "CacheSettings":
@@ -41,6 +42,8 @@ class CacheSettings:
 
         if not isinstance(self.dir, str) or not self.dir:
             raise ConfigError("cache.dir must be a directory path.")
+        if not isinstance(self.adopt, bool):
+            raise ConfigError(f"cache.adopt must be true or false, got {self.adopt!r}.")
         for opt in ("on_mismatch", "on_unsupported"):
             if getattr(self, opt) not in ("error", "fallback"):
                 raise ConfigError(f"cache.{opt} must be 'error' or 'fallback', got {getattr(self, opt)!r}.")

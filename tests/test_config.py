@@ -77,8 +77,9 @@ def test_readme_phase_table_is_the_registered_steps():
     table = readme.split("<!-- phase-table -->\n", 1)[1].split("\n<!-- /phase-table -->", 1)[0]
     assert table == phase_table()
     assert {(p, plan) for p, plan in STEPS} == {(p, plan) for p in ("intercept", "align", "serialize", "verify")
-                                               for plan in ("save", "load")}
-    assert all(s.run.__module__ in ("sharedcache.steps_save", "sharedcache.steps_load") for s in STEPS.values())  # real callables, registered
+                                               for plan in ("save", "adopt", "load")}
+    step_modules = {f"sharedcache.{m}" for m in ("steps_save", "steps_load", "steps_adopt")}
+    assert all(s.run.__module__ in step_modules for s in STEPS.values())  # real callables, registered
 
 
 @pytest.mark.parametrize("override,words", [

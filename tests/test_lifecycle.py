@@ -34,7 +34,7 @@ def test_next_owner_sweeps_arenas_left_by_dead_owners(launcher, cache_dir):
     orphan = entry / "arena-1-deadbeef.bin"  # an owner that died between align and serialize
     orphan.write_bytes(b"\0" * 4096)
     old = {p.name for p in entry.glob("arena-*")}
-    second = launcher.start("prefill", name="second")
+    second = launcher.start("prefill", "cache.adopt=false", name="second")  # loads its own copy: no take-over
     second.wait_report()
     now = {p.name for p in entry.glob("arena-*")}
     assert len(now) == 1 and not now & old, (old, now)

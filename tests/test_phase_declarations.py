@@ -21,21 +21,33 @@ IDENTITY = {"parts", "parts.index"}  # the list of parts and a part's number: al
 
 
 class _Access(ast.NodeVisitor):
-    """The fields a function reads and writes, following the functions of its own module that it calls."""
+    """The fields a function reads and writes, following the functions it calls that are defined in the
+    step modules (its own, or another it imported them from)."""
 
-    def __init__(self, source: str) -> None:
-        tree = ast.parse(source)
-        self.functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    def __init__(self, modules: dict[str, str]) -> None:
+        """`modules`: {module name: its source}."""
+        self.functions = {(m, n.name): n for m, source in modules.items() for n in ast.parse(source).body
+                          if isinstance(n, ast.FunctionDef)}
         self.reads: set[str] = set()
         self.writes: set[str] = set()
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, str]] = set()
+        self._module = ""
 
-    def walk(self, name: str) -> None:
-        if name in self._seen or name not in self.functions:
+    def walk(self, module: str, name: str) -> None:
+        target = (module, name) if (module, name) in self.functions else self._imported(module, name)
+        if target is None or target in self._seen:
             return
-        self._seen.add(name)
-        for statement in self.functions[name].body:
+        self._seen.add(target)
+        outer, self._module = self._module, target[0]
+        for statement in self.functions[target].body:
             self.visit(statement)
+        self._module = outer
+
+    def _imported(self, module: str, name: str) -> tuple[str, str] | None:
+        """Where a name a step module imported from another step module is defined."""
+        fn = getattr(sys.modules.get(module), name, None)
+        where = (getattr(fn, "__module__", None), name)
+        return where if where in self.functions else None
 
     def _field(self, node: ast.AST) -> str | None:
         """The run-state field an expression names: s.<f>, s.head.<f> or p.<f> (parts.<f>)."""
@@ -81,13 +93,16 @@ class _Access(ast.NodeVisitor):
         if isinstance(func, ast.Name) and func.id == "Part":  # a new part, with the fields it is made with
             self.writes.update(f"parts.{k.arg}" for k in node.keywords)
         if isinstance(func, ast.Name):
-            self.walk(func.id)
+            self.walk(self._module, func.id)
         self.generic_visit(node)
 
 
 def _access(step) -> _Access:
-    access = _Access(inspect.getsource(sys.modules[step.run.__module__]))
-    access.walk(step.run.__name__)
+    from sharedcache.phases import BUILTIN_STEPS
+
+    names = [f"sharedcache.{m}" for m in BUILTIN_STEPS]
+    access = _Access({m: inspect.getsource(sys.modules[m]) for m in names})
+    access.walk(step.run.__module__, step.run.__name__)
     return access
 
 
@@ -125,7 +140,7 @@ def test_every_declared_field_is_a_field_of_the_run_or_of_a_part():
 
 def test_the_walk_sees_reads_writes_mutations_and_helpers():
     """The checker itself: each kind of access it must see, in source made for the purpose."""
-    access = _Access(textwrap.dedent('''
+    access = _Access({"probe": textwrap.dedent('''
         def step(s):
             s.model = s.source.load()
             s.wait_seconds += 1
@@ -137,8 +152,8 @@ def test_the_walk_sees_reads_writes_mutations_and_helpers():
                 p.layout = p.slots
                 p.claim.arena = s.settings.key
             del s.parts[1:]
-    '''))
-    access.walk("step")
+    ''')})
+    access.walk("probe", "step")
     assert access.reads == {"source", "wait_seconds", "parts", "parts.entry", "parts.slots", "parts.claim",
                             "settings"}
     assert access.writes == {"model", "wait_seconds", "parts", "parts.entry", "parts.arena", "parts.layout"}

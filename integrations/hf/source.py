@@ -29,6 +29,7 @@ _LOAD_KWARGS = set(_HUB_KWARGS) | {
 
 class HFSource:
     engine = "transformers"
+    adopts = True  # a save may take over a dead owner's arena: the skeleton binds to it as an attach's does
 
     def __init__(self, cls: type, original: Callable, path: str | os.PathLike, args: tuple,
                  kwargs: dict[str, Any]) -> None:

@@ -70,6 +70,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     survives_owner: ClassVar[bool]  # do attached instances keep working after the owner dies?
     attach_needs_owner: ClassVar[bool]  # can a new instance attach only while the owner lives?
+    adopts: ClassVar[bool] = False  # can a new owner take over the arena a dead owner left (`adopt`)?
 
     def __init__(self, settings: "CacheSettings") -> None:
         self.settings = settings  # the composed cache group: a backend has no defaults of its own
@@ -87,6 +88,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena: ...
+
+    def adopt(self, entry_dir: Path, manifest: Manifest) -> Arena:
+        """A new owner, holding the entry, takes over the arena its dead predecessor published: mapped as an
+        attacher maps it (this process allocates nothing), given back on release as the owner's own."""
+        raise NotImplementedError(f"backend {self.name} cannot hand a dead owner's arena to a new owner.")
 
     @classmethod
     def orphan_attachable(cls, entry_dir: Path, manifest: Manifest) -> bool:

@@ -44,10 +44,23 @@ class _OwnerArena(Arena):
         self._path.unlink(missing_ok=True)
 
 
+class _AdoptedArena(Arena):
+    """An arena a dead owner left, taken over by a new owner: mapped read-only as an attacher maps it (the
+    new owner allocated none of it), its file removed on release as the owner's own."""
+
+    def __init__(self, mapped: Arena, path: Path) -> None:
+        super().__init__(mapped.base, mapped.handle, mapped.device, owned=False, lifetime=mapped.lifetime)
+        self._path = path
+
+    def _drop_claim(self) -> None:
+        self._path.unlink(missing_ok=True)
+
+
 class CpuShmBackend(Backend):
     name = "cpu_shm"
     survives_owner = True  # the file outlives its creator until unlinked
     attach_needs_owner = False
+    adopts = True  # the file a dead owner left is there to map: a restarted owner takes it over
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -96,6 +109,9 @@ class CpuShmBackend(Backend):
         finally:
             os.close(fd)
         return Arena(base, dict(manifest.handle), dict(_CPU), owned=False, lifetime=mm)
+
+    def adopt(self, entry_dir: Path, manifest: Manifest) -> Arena:
+        return _AdoptedArena(self.attach(entry_dir, manifest), _arena_path(entry_dir, manifest))
 
     @classmethod
     def orphan_attachable(cls, entry_dir: Path, manifest: Manifest) -> bool:
