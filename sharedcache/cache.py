@@ -162,7 +162,7 @@ class Entry:
 
     def owner_alive(self, manifest: Manifest) -> bool:
         """The process that published `manifest` is running and still holds the entry."""
-        return manifest.owner.running() and self.claimed()
+        return self.liveness(manifest) is EntryState.LIVE
 
     def liveness(self, manifest: Manifest) -> EntryState | None:
         """The owner's side of the state: REBOOTED, LIVE or REPLACING; None when nobody holds the entry

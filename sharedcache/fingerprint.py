@@ -68,9 +68,10 @@ class Fingerprint:
 
 def differences(fingerprint: Fingerprint, manifest: Manifest, *, spreads: bool) -> list[tuple[str, Any, Any]]:
     """What differs between a request's fingerprint and a published head entry (as Fingerprint.diff): the
-    one rule for which fields may differ between an attacher and a manifest. A request that lets the engine spread the model over GPUs takes the GPUs the owner's model lies on (each
-    part is then found on its own GPU by UUID), not a CPU entry; a request for one device cannot use a model
-    spread over several ("devices")."""
+    one rule for which fields may differ between an attacher and a manifest. A request that lets the engine
+    spread the model over GPUs takes the GPUs the owner's model lies on (each part is then found on its own
+    GPU by UUID), not a CPU entry; a request for one device cannot use a model spread over several
+    ("devices")."""
     theirs = manifest.fingerprint
     on_gpus = spreads and theirs.device.startswith("cuda:")
     found = [d for d in fingerprint.diff(theirs) if not (on_gpus and d[0] == "device")]

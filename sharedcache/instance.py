@@ -259,7 +259,7 @@ class Instance:
             fallback=fallback,
             layout_digest=manifest.arena.layout_digest if manifest else None,
             backend_timings={k: round(v, 6) for k, v in arena.timings.items()} if arena is not None else {},
-            parts=parts if s.spread else [],
+            parts=parts if s.several_parts else [],
             adopted=shared and s.adopting,
         )
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 
-def part_key(head_key: str, index: int) -> str:
-    """The entry key of part `index` of the model published under `head_key`."""
-    return head_key if index == 0 else f"{head_key}-part{index}"
+
+def part_key(key: str, index: int) -> str:
+    """The entry key of part `index` of the model published under `key`."""
+    return key if index == 0 else f"{key}-part{index}"
 
 
 def head_key(key: str, index: int) -> str:

@@ -115,16 +115,17 @@ def give_up(claims: list[Claim]) -> None:
     arena, then every lock, the head's last. Every step runs; one error is raised after the others are
     logged, a Ctrl-C or exit before any error."""
     claims = [c for c in claims if c.mine]  # a forked child running its parent's finalizer: not ours to undo
-    steps = [c.unpublish for c in claims] + [c.release_arena for c in claims] + \
-            [c.release_lock for c in reversed(claims)]
-    failed: BaseException | None = None
-    for undo in steps:
+    steps = [(c, c.unpublish) for c in claims] + [(c, c.release_arena) for c in claims] + \
+            [(c, c.release_lock) for c in reversed(claims)]
+    failed: tuple[BaseException, str] | None = None
+    for claim, undo in steps:
         try:
             undo()
         except BaseException as e:  # noqa: BLE001 - the remaining steps still run; one error is raised after
-            if failed is None or (isinstance(failed, Exception) and not isinstance(e, Exception)):
-                failed, e = e, failed  # a Ctrl-C or exit outranks an error; the other one is logged
-            if e is not None:
-                log.warning("giving up entry %s: %s", undo.__self__.entry.key, e)
+            this = (e, claim.entry.key)
+            if failed is None or (isinstance(failed[0], Exception) and not isinstance(e, Exception)):
+                failed, this = this, failed  # a Ctrl-C or exit outranks an error; the other one is logged
+            if this is not None:
+                log.warning("giving up entry %s: %s", this[1], this[0])
     if failed is not None:
-        raise failed
+        raise failed[0]

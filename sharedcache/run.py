@@ -90,8 +90,8 @@ class RunState:
         return self.parts[0]
 
     @property
-    def spread(self) -> bool:
-        """Does this run hold more than one device part?"""
+    def several_parts(self) -> bool:
+        """Does this run hold more than one device part (a model spread over several devices)?"""
         return len(self.parts) > 1
 
     @property

@@ -63,7 +63,8 @@ def _stand_in(s: RunState) -> None:
         table[ref.attr] = nn.Parameter(empty, requires_grad=False) if ref.kind == "param" else empty
 
 
-@step("serialize", "load", reads=("parts.entry", "parts.fingerprint", "settings", "role", "source", "progress"),
+@step("serialize", "load", reads=("parts.entry", "parts.fingerprint", "settings", "role", "source", "progress",
+                                  "wait_seconds"),
       provides=("wait_seconds", "owner_alive", "backend", "placement", "parts", "parts.entry", "parts.fingerprint",
                 "parts.arena", "parts.manifest"))
 def serialize_load(s: RunState) -> Fallback | Takeover | None:
@@ -136,10 +137,6 @@ def _check_usable(s: RunState, manifest: Manifest) -> Fallback | None:
         raise ConfigError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, "
                           f"but cache.backend={s.settings.backend!r}.",
                           hint="Use the same cache.backend on both sides, or 'auto'.")
-    if manifest.backend not in backends.known_backends():
-        raise ManifestError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, which this "
-                            f"sharedcache does not know (known: {backends.known_backends()}).",
-                            hint="Remove the entry, or use the same sharedcache version on both sides.")
     return None
 
 
@@ -151,6 +148,10 @@ def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fal
         return refused
     if getattr(s.source, "settles", False) and not _wait_settled(s, manifest):
         return False  # the owner changed while settling: check the new one
+    if manifest.backend not in backends.known_backends():
+        raise ManifestError(f"entry {s.settings.key!r} was published with backend {manifest.backend!r}, which this "
+                            f"sharedcache does not know (known: {backends.known_backends()}).",
+                            hint="Remove the entry, or use the same sharedcache version on both sides.")
     backend = backends.get_backend(manifest.backend, s.settings)
     s.owner_alive = s.head.entry.owner_alive(manifest)
     if not s.owner_alive and backend.attach_needs_owner:

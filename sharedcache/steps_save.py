@@ -151,11 +151,11 @@ def placed_part(placement: dict[str, int], name: str) -> int | None:
         name = name.rpartition(".")[0]
 
 
-@step("align", "save", reads=("settings", "backend", "progress", "role", "parts.refs", "parts.slots",
-                              "parts.entry", "parts.claim"),
+@step("align", "save", reads=("settings", "backend", "progress", "role", "parts.device", "parts.refs",
+                              "parts.slots", "parts.entry", "parts.claim"),
       provides=("parts.layout", "parts.arena"))
 def align_save(s: RunState) -> None:
-    with current_device_kept(s.spread):
+    with current_device_kept(s.several_parts):
         for p in s.parts:
             _pack(s, p)
 
@@ -182,7 +182,7 @@ def _pack(s: RunState, p: Part) -> None:
 
     from .binding import bind, view_of
 
-    device = p.refs[0].get().device
+    device = p.device
     granularity = math.lcm(s.backend.granularity(device), s.settings.alignment)
     p.layout = plan(p.slots, alignment=s.settings.alignment, granularity=granularity)
     p.arena = p.claim.arena = s.backend.create(p.entry.dir, p.layout.size, device)
@@ -190,7 +190,7 @@ def _pack(s: RunState, p: Part) -> None:
     by_root: dict[str, list[TensorRef]] = {}
     for ref in p.refs:
         by_root.setdefault(specs[ref.name].alias_of or ref.name, []).append(ref)
-    where = f" on {device}" if s.spread else ""
+    where = f" on {device}" if s.several_parts else ""
     shown = Throttle(s.progress, s.role.name, after=1.0, every=0.5)
     done, total = 0, max(p.layout.payload_bytes, 1)
     with torch.no_grad():
@@ -216,12 +216,12 @@ def serialize_save(s: RunState) -> None:
         _publish(s, p)
     log.info("[%s] published %s: %d tensors, %d bytes%s", s.role.name, s.settings.key,
              sum(len(p.manifest.tensors) for p in s.parts), sum(p.manifest.payload_bytes for p in s.parts),
-             f" over {len(s.parts)} devices" if s.spread else "")
+             f" over {len(s.parts)} devices" if s.several_parts else "")
 
 
 def _publish(s: RunState, p: Part) -> None:
     p.arena.sync()  # every byte lands before anyone can attach
-    part = PartInfo(p.index, len(s.parts), s.group, dict(s.placement)) if s.spread else None
+    part = PartInfo(p.index, len(s.parts), s.group, dict(s.placement)) if s.several_parts else None
     p.manifest = Manifest(
         key=p.entry.key, fingerprint=p.fingerprint, owner=Owner.current(), backend=s.backend.name,
         handle=p.arena.handle, device=p.arena.device,
