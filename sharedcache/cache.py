@@ -28,6 +28,7 @@ _CLAIM_RETRY_S = 0.5
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ARENA_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.bin$")  # cpu_shm arena files; nothing else is one
 OWNER_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.(bin|sock)$")  # what an owner leaves: arenas, fd sockets
+MEMFD_ARENA = re.compile(r"^[0-9]{1,10}-[0-9a-f]{12}$")  # a cpu_memfd arena's id, in its handle and memfd name
 TEMP_FILE = re.compile(r"^\.[a-z]+\.json\.\d+(\.[0-9a-f]+)?\.tmp$")  # a manifest or mark being written
 
 
@@ -37,6 +38,7 @@ class EntryState(str, enum.Enum):
     LIVE = "live"  # its owner runs and holds the entry
     REPLACING = "replacing"  # its owner is gone and a new owner is loading
     ORPHANED = "orphaned"  # its owner is gone; the arena can still be attached without it
+    SERVED = "served"  # its owner is gone; a process that maps the arena hands it on (sharedcache.handon)
     UNUSABLE = "unusable"  # its owner is gone with what an attach needs (an attach says exactly why)
     REBOOTED = "rebooted"  # published before the last reboot: never attached to
 
@@ -48,7 +50,7 @@ class EntryState(str, enum.Enum):
     @property
     def attachable_now(self) -> bool:
         """A waiting attacher goes ahead (an unusable entry so that its attach names the reason)."""
-        return self in (EntryState.LIVE, EntryState.ORPHANED, EntryState.UNUSABLE)
+        return self in (EntryState.LIVE, EntryState.ORPHANED, EntryState.SERVED, EntryState.UNUSABLE)
 
 
 @dataclass(frozen=True)
@@ -185,18 +187,21 @@ class Entry:
             backend = backend_class(manifest.backend)
         except SharedCacheError:
             return EntryState.UNUSABLE
-        if backend.attach_needs_owner:
+        if not backend.orphan_attachable(self.dir, manifest):
             return EntryState.UNUSABLE
-        return EntryState.ORPHANED if backend.orphan_attachable(self.dir, manifest) else EntryState.UNUSABLE
+        return EntryState.SERVED if backend.attach_needs_owner else EntryState.ORPHANED
 
     def mapped_by(self, manifest: Manifest) -> list[int] | None:
-        """Pids of the processes that map this entry's arena file (cpu_shm); None where the
-        backend leaves no trace in /proc (GPU memory)."""
-        name = manifest.handle.get("file")
-        if not isinstance(name, str) or not ARENA_FILE.fullmatch(name):
+        """Pids of the processes that map this entry's arena (a cpu_shm file, a cpu_memfd by its name); None
+        where the backend leaves no trace in /proc (GPU memory)."""
+        name, arena = manifest.handle.get("file"), manifest.handle.get("arena")
+        if isinstance(arena, str) and MEMFD_ARENA.fullmatch(arena):  # cpu_memfd: the memfd's name
+            path = f" /memfd:sharedcache-{arena} (deleted)".encode()
+        elif isinstance(name, str) and ARENA_FILE.fullmatch(name):
+            # /proc/<pid>/maps shows resolved paths as bytes, with a newline in a name written as \012
+            path = b" " + os.fsencode(os.path.realpath(self.dir / name)).replace(b"\n", b"\\012")
+        else:
             return None
-        # /proc/<pid>/maps shows resolved paths as bytes, with a newline in a name written as \012
-        path = b" " + os.fsencode(os.path.realpath(self.dir / name)).replace(b"\n", b"\\012")
         pids = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():

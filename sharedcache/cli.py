@@ -84,7 +84,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _row(r: dict[str, Any], *, indent: bool = False) -> tuple[str, ...]:
     return tuple(printable(c) for c in (
         ("  " if indent else "") + r["key"], r["model"] or "?", r["backend"] or "?", _size(r["size_bytes"]),
-        r["owner_pid"] or "?", r["state"], _pids(r["mapped_by"]), r["created"] or "?"))
+        r["owner_pid"] or "?", _state(r), _pids(r["mapped_by"]), r["created"] or "?"))
+
+
+def _state(r: dict[str, Any]) -> str:
+    """The state, and who hands the arena on where that is not its owner (`served by <pid>`)."""
+    server = r["server_pid"]
+    return f"{r['state']} by {server}" if server is not None and server != r["owner_pid"] else r["state"]
 
 
 def _size(size: int | None) -> str:
@@ -137,7 +143,7 @@ def _common(values) -> str:
 def _listing(entry: Entry) -> dict[str, Any] | None:
     """One published entry as `ls` shows it (None: nothing published there); one bad entry never hides the others."""
     record: dict[str, Any] = {"key": entry.key, "model": None, "backend": None, "size_bytes": None, "owner_pid": None,
-                              "state": "?", "mapped_by": None, "created": None, "error": None,
+                              "state": "?", "server_pid": None, "mapped_by": None, "created": None, "error": None,
                               "group": None, "tp_rank": None, "tp_size": None, "part": None, "parts": None}
     try:
         if not entry.published():
@@ -145,6 +151,7 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
         m = entry.read()
         record.update(model=m.fingerprint.model, backend=m.backend, size_bytes=m.arena.size, owner_pid=m.owner.pid,
                       state=entry.state(m).label, mapped_by=entry.mapped_by(m),
+                      server_pid=m.server.pid if m.server is not None else None,
                       created=dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S"),
                       tp_rank=m.fingerprint.tp_rank, tp_size=m.fingerprint.tp_size)
         rank = split_rank_key(entry.key)  # a parallel server's ranks are keyed <key>-[pp<p>-]tp<r>
@@ -181,6 +188,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out: list[tuple[str, Any]] = [
         ("key", m.key), ("state", entry.state(m).label),
         ("owner", f"pid {m.owner.pid} on {m.owner.host}, uid {m.owner.uid}, boot {m.owner.boot_id[:8]}"),
+        *([("served by", f"pid {m.server.pid}, which maps the arena and took over handing it on")]
+          if m.server is not None else []),
         ("mapped by", _pids(entry.mapped_by(m))),
         ("created", dt.datetime.fromtimestamp(m.created).isoformat(timespec="seconds")),
         ("backend", f"{m.backend}  handle {m.handle}"), ("device", m.device),

@@ -139,6 +139,8 @@ def _collectable(entry: Entry) -> str | None:
     if m.owner.running() or entry.mapped_by(m):
         return None  # a pid that runs again, or a process still mapping the arena: not for gc to judge
     state = entry.state(m)
+    if state is EntryState.SERVED:
+        return None  # a process that maps the arena hands it on: in use by definition
     if state is EntryState.REBOOTED:
         return "published before the last reboot"
     return f"owner pid {m.owner.pid} is gone ({state.label})"

@@ -79,10 +79,15 @@ class Manifest:
     created: float
     checksums: dict[str, str] | None = None
     part: PartInfo | None = None
+    # who serves the arena's handles when not the owner: a surviving mapper that took over after the owner
+    # died (sharedcache.handon); None while the owner serves them, or where a backend serves nothing
+    server: Owner | None = None
     schema: int = field(default=SCHEMA_VERSION)
 
     def to_json(self) -> dict[str, Any]:
         extra = {} if self.part is None else {"part": vars(self.part).copy()}
+        if self.server is not None:
+            extra["server"] = vars(self.server).copy()
         return extra | {
             "schema": self.schema,
             "key": self.key,
@@ -97,6 +102,12 @@ class Manifest:
             "checksums": self.checksums,
             "created": self.created,
         }
+
+    def same_arena(self, other: "Manifest") -> bool:
+        """Do both describe the same arena? A handle that names its arena (`arena`) stays that arena when a
+        surviving mapper takes over serving it under another socket."""
+        ours, theirs = self.handle.get("arena"), other.handle.get("arena")
+        return ours == theirs if ours is not None or theirs is not None else self.handle == other.handle
 
     @property
     def payload_bytes(self) -> int:

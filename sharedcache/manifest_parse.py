@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _TENSOR_KEYS = {"name", "kind", "persistent", "dtype", "shape", "stride", "offset", "nbytes", "alias_of"}
 _TOP_KEYS = {"schema", "key", "fingerprint", "fingerprint_digest", "owner", "backend", "handle", "device",
              "arena", "tensors", "checksums", "created"}
-_OPTIONAL_KEYS = {"part"}  # only in the manifests of a model spread over several devices
+_OPTIONAL_KEYS = {"part", "server"}  # a model spread over devices; an arena a surviving mapper serves
 _GROUP = re.compile(r"^[0-9a-f]{32}$")
 _MAX_INT = 2**63 - 1  # what the kernel and the drivers take as a size or an offset
 _HANDLE_VALUE = re.compile(r"^[A-Za-z0-9_.:/+=-]{1,256}$")
@@ -111,9 +111,10 @@ def parse_manifest(data: Any) -> Manifest:
           "arena.layout_digest does not match the tensor table (edited or corrupt)")
     checksums = _checksums(data["checksums"], tensors)
     part = _part(data["part"]) if "part" in data else None
+    server = _owner(data["server"], "server") if "server" in data else None
     return Manifest(key=_str(data["key"], "key"), fingerprint=fp, owner=owner, backend=_str(data["backend"], "backend"),
                     handle=handle, device=device, arena=arena, tensors=tensors,
-                    created=float(data["created"]), checksums=checksums, part=part)
+                    created=float(data["created"]), checksums=checksums, part=part, server=server)
 
 
 def _fail(what: str) -> NoReturn:
@@ -155,12 +156,12 @@ def _fingerprint(raw: Any, digest: Any) -> Fingerprint:
     return fp
 
 
-def _owner(o: Any) -> Owner:
+def _owner(o: Any, what: str = "owner") -> Owner:
     _need(isinstance(o, dict) and set(o) == {"pid", "host", "boot_id", "uid", "start_ticks"},
-          "owner must have pid, host, boot_id, uid, start_ticks")
-    return Owner(_int(o["pid"], "owner.pid", minimum=1), _str(o["host"], "owner.host"),
-                 _str(o["boot_id"], "owner.boot_id"), _int(o["uid"], "owner.uid"),
-                 _int(o["start_ticks"], "owner.start_ticks"))
+          f"{what} must have pid, host, boot_id, uid, start_ticks")
+    return Owner(_int(o["pid"], f"{what}.pid", minimum=1), _str(o["host"], f"{what}.host"),
+                 _str(o["boot_id"], f"{what}.boot_id"), _int(o["uid"], f"{what}.uid"),
+                 _int(o["start_ticks"], f"{what}.start_ticks"))
 
 
 def _arena(a: Any) -> ArenaInfo:

@@ -71,7 +71,7 @@ class Claim:
                     current = self.entry.read()
                 except ManifestError:
                     current = None
-                if current is not None and current.owner.pid == os.getpid() and current.handle == manifest.handle:
+                if current is not None and current.owner.pid == os.getpid() and current.same_arena(manifest):
                     self.entry.manifest_path.unlink(missing_ok=True)
                     clear_settled(self.entry)
         except (OSError, SharedCacheError) as e:  # e.g. the entry directory was removed or replaced meanwhile

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import backends
 from .cache import Entry
-from .errors import FingerprintMismatch, ManifestError, SharedCacheError
+from .errors import FingerprintMismatch, HandoverError, ManifestError, SharedCacheError
 from .fingerprint import Fingerprint, differences
 from .manifest import Owner, boot_id
 from .phases import step
@@ -65,13 +65,18 @@ step("align", "adopt", reads=("settings", "expected", "parts.manifest", "parts.a
 step("verify", "adopt", reads=("settings", "parts.arena", "parts.manifest"))(verify_load)
 
 
-@step("serialize", "adopt", reads=("role", "settings", "parts.manifest", "parts.claim", "parts.arena"),
+@step("serialize", "adopt", reads=("role", "settings", "parts.entry", "parts.manifest", "parts.claim",
+                                   "parts.arena"),
       provides=("parts.manifest",))
 def serialize_adopt(s: RunState) -> None:
     p = s.head
     dead = p.manifest.owner.pid
-    p.manifest = dataclasses.replace(p.manifest, owner=Owner.current(), created=time.time())
-    p.claim.publish(p.manifest)  # the same arena, layout and checksums, under this owner
+    current = p.entry.read()  # a surviving mapper may have taken over serving the arena since intercept read it
+    if not current.same_arena(p.manifest):
+        raise HandoverError(f"entry {s.settings.key!r} changed while it was being taken over.",
+                            hint="Start the prefill again.")
+    p.manifest = dataclasses.replace(current, owner=Owner.current(), created=time.time())
+    p.claim.publish(p.manifest)  # the same arena, layout and checksums (and its server), under this owner
     p.claim.arena = p.arena  # the owner's from now on: given back (its file removed) when this owner stops
     log.info("[%s] took over %s from its dead owner (pid %d): %d tensors, %d bytes, nothing loaded",
              s.role.name, s.settings.key, len(p.manifest.tensors), p.manifest.payload_bytes, dead)

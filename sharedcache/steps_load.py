@@ -154,7 +154,7 @@ def _attach_held(s: RunState, manifest: Manifest, deadline: float) -> bool | Fal
                             hint="Remove the entry, or use the same sharedcache version on both sides.")
     backend = backends.get_backend(manifest.backend, s.settings)
     s.owner_alive = s.head.entry.owner_alive(manifest)
-    if not s.owner_alive and backend.attach_needs_owner:
+    if not s.owner_alive and backend.attach_needs_owner and not backend.orphan_attachable(s.head.entry.dir, manifest):
         why = ("its memory died with it" if not backend.survives_owner
                else "only a live owner can hand over its memory handles")
         raise OwnerGone(f"the owner (pid {manifest.owner.pid}) of entry {s.settings.key!r} is dead and "

@@ -28,6 +28,7 @@ class BackendSpec:
 # `auto` tries a device type's backends in this order
 _BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
     BackendSpec("cpu_shm", "cpu_shm", "CpuShmBackend", "cpu"),
+    BackendSpec("cpu_memfd", "cpu_memfd", "CpuMemfdBackend", "cpu"),
     BackendSpec("cuda_vmm", "cuda_vmm", "CudaVmmBackend", "cuda"),
     BackendSpec("cuda_ipc", "cuda_ipc", "CudaIpcBackend", "cuda"),
 )}

@@ -38,7 +38,7 @@ class _OwnerArena(Arena):
         self._path = path
 
     def seal(self) -> None:
-        _protect_read_only(self.base)
+        protect_read_only(self.base)
 
     def _drop_claim(self) -> None:
         self._path.unlink(missing_ok=True)
@@ -83,7 +83,7 @@ class CpuShmBackend(Backend):
                 os.posix_fallocate(fd, 0, size)  # fail now with ENOSPC, not later with SIGBUS
             except OSError as e:
                 raise StorageError.from_os(e, f"reserving {size} bytes for arena file {path}") from None
-            base, mm = _map(fd, size, path, writable=True)
+            base, mm = map_fd(fd, size, path, writable=True)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -105,7 +105,7 @@ class CpuShmBackend(Backend):
             raise StorageError.from_os(e, f"opening arena file {path}") from None
         try:
             _check_arena_file(os.fstat(fd), path, manifest)
-            base, mm = _map(fd, manifest.arena.size, path, writable=False)
+            base, mm = map_fd(fd, manifest.arena.size, path, writable=False)
         finally:
             os.close(fd)
         return Arena(base, dict(manifest.handle), dict(_CPU), owned=False, lifetime=mm)
@@ -146,7 +146,7 @@ def _arena_path(entry_dir: Path, manifest: Manifest) -> Path:
     return entry_dir / name
 
 
-def _map(fd: int, size: int, path: Path, *, writable: bool) -> tuple[torch.Tensor, mmap.mmap]:
+def map_fd(fd: int, size: int, path: Path, *, writable: bool) -> tuple[torch.Tensor, mmap.mmap]:
     """The tensor viewing the mapping, and the mmap object whose life is the mapping's (the tensor's
     storage holds it: munmap happens when the last view dies)."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -159,7 +159,7 @@ def _map(fd: int, size: int, path: Path, *, writable: bool) -> tuple[torch.Tenso
         return torch.frombuffer(mm, dtype=torch.uint8), mm
 
 
-def _protect_read_only(base: torch.Tensor) -> None:
+def protect_read_only(base: torch.Tensor) -> None:
     """mprotect the owner's mapping to PROT_READ (it starts page-aligned and spans whole pages)."""
     import ctypes
 

@@ -1,0 +1,130 @@
+"""Handing an arena on after its owner died, with no daemon.
+
+The memory of an fd-handle backend (cpu_memfd; CUDA VMM's POSIX fds behave the same) lives while any
+process holds one of its fds or maps it, and a received fd can be passed on after its exporter exited.
+So every process that maps such an arena keeps the fds it received, in a Relay. One relay at a time,
+elected by the arena's serve lock (`serve-<arena>.lock` in the entry: an exclusive flock the kernel
+releases when its holder dies), serves the fds over a Unix socket of its own: the owner from the start,
+and once it died the first surviving mapper to take the lock, which then names its socket and itself
+(`server`) in the manifest. New attachers and a restarted owner get the memory from whoever serves it,
+and the entry stays published with its fingerprint. When the last process holding the memory ends, the
+memory goes, and the entry is stale.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+from .backends.fdpass import FdServer
+from .cache import Entry
+from .errors import ManifestError, SharedCacheError
+from .files import exists, open_lock
+from .manifest import Owner, write_manifest
+
+log = logging.getLogger(__name__)
+POLL_S = 0.1  # how often a waiting relay asks for the serve lock: the longest a hand-on waits to start
+
+
+def serve_lock(entry_dir: Path, arena: str) -> Path:
+    return entry_dir / f"serve-{arena}.lock"
+
+
+def served(entry_dir: Path, arena: str) -> bool:
+    """Does a live process hold, and so serve, this arena's memory?"""
+    path = serve_lock(entry_dir, arena)
+    if not exists(path):
+        return False
+    fd = open_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+class Relay:
+    """This process's hold on an fd-handle arena it maps: the fds (the memory lives while they are open), and
+    the turn to serve them. The owner's relay serves from the start; an attacher's waits for the serve lock
+    and takes over when the process that held it is gone. Close it when the mapping goes (the backend ties
+    that to the mapping's lifetime); closing twice is harmless, and a forked child closes nothing."""
+
+    def __init__(self, entry_dir: Path, arena: str, fds: list[int], header: dict[str, Any], *,
+                 owner: bool) -> None:
+        self.entry_dir, self.arena, self.header = entry_dir, arena, header
+        self.socket: str | None = None  # the socket this relay serves on, while it serves
+        self._fds, self._server = list(fds), None
+        self._stop, self._pid, self._closed = threading.Event(), os.getpid(), False
+        self._lock = open_lock(serve_lock(entry_dir, arena))
+        self._thread: threading.Thread | None = None
+        if owner:  # a new arena: nobody else can hold its lock yet
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.socket = self._serve()
+        else:
+            self._thread = threading.Thread(target=self._wait_turn, daemon=True, name=f"sharedcache-relay-{arena}")
+            self._thread.start()
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    def _serve(self) -> str:
+        name = f"arena-{os.getpid()}-{secrets.token_hex(6)}.sock"
+        self._server = FdServer(self.entry_dir / name, lambda: (dict(self.header), list(self._fds)))
+        return name
+
+    def _wait_turn(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            except OSError:  # closed under us: the relay is going away
+                return
+            try:
+                self._take_over()
+            except (OSError, SharedCacheError) as e:  # the entry was removed or is not ours to write: nothing to do
+                log.warning("could not take over serving arena %s: %s", self.arena, e)
+            return
+
+    def _take_over(self) -> None:
+        """Elected: serve the fds and name this process in the manifest, if the entry still publishes our arena
+        (an owner that unpublished on purpose, or a new arena in its place, leaves nothing to hand on)."""
+        entry = Entry(self.entry_dir.parent, self.entry_dir.name)
+        with entry.write_lock():
+            try:
+                manifest = entry.read()
+            except ManifestError:
+                return
+            if manifest.handle.get("arena") != self.arena or self._stop.is_set():
+                return
+            self.socket = self._serve()
+            handed = dataclasses.replace(manifest, handle={**manifest.handle, "socket": self.socket},
+                                         server=Owner.current())
+            write_manifest(entry.manifest_path, handed)
+        log.info("serving arena %s of %s after its server (pid %d) went away", self.arena, entry.key,
+                 (manifest.server or manifest.owner).pid)
+
+    def close(self) -> None:
+        """Stop serving and waiting, give the fds and the lock back (the mapping itself stays valid)."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        try:
+            if self._server is not None:
+                self._server.close()
+        finally:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+            os.close(self._lock)

@@ -1,0 +1,119 @@
+"""Weights outlive their owner without a daemon (issue 23, item 1, on the CPU): with cpu_memfd the memory
+lives while any process holds it, every mapper keeps the fd, and when the owner dies a surviving mapper
+serves it to new attachers and to a restarted owner. Real processes through launch.py, SIGKILL, real
+memfds passed over Unix sockets."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+from helpers import cli
+from sharedcache.cache import CacheDir, EntryState
+from sharedcache.handon import served
+
+KEY = "sc-llama-tiny"
+MEMFD = "cache.backend=cpu_memfd"
+
+
+def _attached_probe(cache_dir, sc_home) -> subprocess.Popen:
+    """A decode in its own process, attached and waiting for a line on stdin before it generates and exits."""
+    probe = subprocess.Popen([sys.executable, str(REPO / "tests" / "probe.py"), "--role", "decode", "--cache-dir",
+                              str(cache_dir), "--model", "tiny", "--home", str(sc_home), "--wait-stdin"], cwd=REPO,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(probe.stdout.readline()) == {"attached": True}, probe.stderr.read()
+    return probe
+
+
+def _finish(probe: subprocess.Popen) -> dict:
+    out, err = probe.communicate("go\n", timeout=300)
+    assert probe.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _served_by(entry, pid: int, timeout: float = 30) -> None:
+    """Until the manifest names `pid` as the process that serves the arena (a hand-on takes ~0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = entry.read()
+        if m.server is not None and m.server.pid == pid:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} never took over serving {entry.key}: {entry.read().server}")
+
+
+def test_a_surviving_decode_hands_the_arena_on_after_its_owner_is_killed(launcher, cache_dir, sc_home):
+    prefill = launcher.start("prefill", MEMFD, name="prefill")
+    pre = prefill.wait_report()
+    assert pre["backend"] == "cpu_memfd" and not list((cache_dir / KEY).glob("arena-*.bin"))  # no file to collect
+    entry = CacheDir(cache_dir).entry(KEY)
+    survivor = _attached_probe(cache_dir, sc_home)
+    try:
+        prefill.stop(signal.SIGKILL)
+        _served_by(entry, survivor.pid)
+        assert entry.state(entry.read()) is EntryState.SERVED
+        ls = cli("ls", "--dir", str(cache_dir)).stdout
+        assert f"served by {survivor.pid}" in ls and str(survivor.pid) in ls.split("served by")[1], ls
+        late = launcher.run("decode", name="late")  # attaches through the survivor's socket
+        dec = late.report()
+        assert late.popen.returncode == 0, late.output()
+        assert dec["owner_alive"] is False and dec["weight_bytes_allocated"] == 0
+        assert dec["logits_sha256"] == pre["logits_sha256"]
+        assert _finish(survivor)["logits_sha256"] == pre["logits_sha256"]
+    finally:
+        survivor.kill()
+    # the last holder is gone, and the memory with it: nothing to attach, a retryable refusal, gc removes it
+    assert entry.state(entry.read()) is EntryState.UNUSABLE
+    refused = launcher.run("decode", "cache.wait_timeout_s=5", name="refused")
+    assert refused.popen.returncode == 3 and "cannot attach without it" in refused.output(), refused.output()
+    gc = cli("gc", "--dir", str(cache_dir))
+    assert "1 removed" in gc.stdout, gc.stdout + gc.stderr
+
+
+def test_a_restarted_owner_takes_the_arena_over_from_the_mapper_that_serves_it(launcher, cache_dir, sc_home):
+    first = launcher.start("prefill", MEMFD, name="first")
+    pre = first.wait_report()
+    entry = CacheDir(cache_dir).entry(KEY)
+    survivor = _attached_probe(cache_dir, sc_home)
+    try:
+        first.stop(signal.SIGKILL)
+        _served_by(entry, survivor.pid)
+        second = launcher.start("prefill", MEMFD, name="second")
+        rep = second.wait_report()
+        assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0, second.output()
+        assert rep["logits_sha256"] == pre["logits_sha256"]
+        m = entry.read()
+        assert m.owner.pid == second.popen.pid and m.server.pid == survivor.pid and entry.owner_alive(m)
+        _finish(survivor)  # the mapper that served goes: the new owner serves its own arena again
+        _served_by(entry, second.popen.pid)
+        after = launcher.run("decode", name="after")
+        dec = after.report()
+        assert after.popen.returncode == 0 and dec["owner_pid"] == second.popen.pid and dec["owner_alive"]
+        assert dec["logits_sha256"] == pre["logits_sha256"] and dec["weight_bytes_allocated"] == 0
+        assert second.stop() == 0
+        assert not entry.published()
+    finally:
+        survivor.kill()
+
+
+def test_an_owner_stopped_on_purpose_is_not_handed_on(launcher, cache_dir, sc_home):
+    prefill = launcher.start("prefill", MEMFD, name="prefill")
+    prefill.wait_report()
+    entry = CacheDir(cache_dir).entry(KEY)
+    arena = entry.read().handle["arena"]
+    attached = _attached_probe(cache_dir, sc_home)
+    try:
+        assert prefill.stop() == 0  # SIGTERM: unpublished, new attaches refused, attached ones keep working
+        deadline = time.monotonic() + 30
+        while not served(entry.dir, arena):  # the attached decode's relay took its turn...
+            assert time.monotonic() < deadline, "no relay took the serve lock"
+            time.sleep(0.05)
+        with entry.write_lock():  # ...and, holding the entry's write lock meanwhile, decided
+            pass
+        assert not entry.published()  # nothing to hand on: the owner unpublished on purpose
+        _finish(attached)
+    finally:
+        attached.kill()
