@@ -29,6 +29,7 @@ _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ARENA_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.bin$")  # cpu_shm arena files; nothing else is one
 OWNER_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.(bin|sock)$")  # what an owner leaves: arenas, fd sockets
 MEMFD_ARENA = re.compile(r"^[0-9]{1,10}-[0-9a-f]{12}$")  # a cpu_memfd arena's id, in its handle and memfd name
+SERVE_LOCK = re.compile(r"^serve-[0-9]{1,10}-[0-9a-f]{12}\.lock$")  # an arena's turn to serve (sharedcache.handon)
 TEMP_FILE = re.compile(r"^\.[a-z]+\.json\.\d+(\.[0-9a-f]+)?\.tmp$")  # a manifest or mark being written
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .cache import OWNER_FILE, TEMP_FILE, CacheDir, Entry, EntryState
+from .cache import OWNER_FILE, SERVE_LOCK, TEMP_FILE, CacheDir, Entry, EntryState
 from .errors import EntryOwned, ManifestError, SharedCacheError, StorageError
 from .ownership import Claim
 from .settle import SETTLED_NAME
@@ -84,7 +84,7 @@ def _collect(entry: Entry, *, dry_run: bool) -> str | _Kept | None:
             if dry_run:  # it would go: nothing owns, maps or attaches to it, and it did not change meanwhile
                 return why
             with entry.write_lock():
-                paths = [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry)]
+                paths = [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry), *_serve_locks(entry)]
                 left = [problem for problem in map(_remove, paths) if problem]
         finally:
             os.close(unused)
@@ -100,6 +100,15 @@ def _leftovers(entry: Entry) -> list[Path]:
     except OSError as e:
         raise StorageError.from_os(e, f"listing cache entry directory {entry.dir}") from None
     return [entry.dir / n for n in sorted(names) if OWNER_FILE.fullmatch(n) or TEMP_FILE.fullmatch(n)]
+
+
+def _serve_locks(entry: Entry) -> list[Path]:
+    """The serve locks of the entry's arenas (sharedcache.handon): removed along with what gc collects, when
+    nothing maps an arena of the entry any more, never as a reason to collect it."""
+    try:
+        return [entry.dir / n for n in sorted(os.listdir(entry.dir)) if SERVE_LOCK.fullmatch(n)]
+    except FileNotFoundError:
+        return []
 
 
 def _remove(path: Path) -> str | None:

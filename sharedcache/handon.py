@@ -32,6 +32,7 @@ POLL_S = 0.1  # how often a waiting relay asks for the serve lock: the longest a
 
 
 def serve_lock(entry_dir: Path, arena: str) -> Path:
+    """The arena's turn to serve; gc removes it with the entry (sharedcache.cache.SERVE_LOCK)."""
     return entry_dir / f"serve-{arena}.lock"
 
 

@@ -69,8 +69,10 @@ def test_a_surviving_decode_hands_the_arena_on_after_its_owner_is_killed(launche
     assert entry.state(entry.read()) is EntryState.UNUSABLE
     refused = launcher.run("decode", "cache.wait_timeout_s=5", name="refused")
     assert refused.popen.returncode == 3 and "cannot attach without it" in refused.output(), refused.output()
+    assert list(entry.dir.glob("serve-*.lock"))
     gc = cli("gc", "--dir", str(cache_dir))
     assert "1 removed" in gc.stdout, gc.stdout + gc.stderr
+    assert not entry.published() and not list(entry.dir.glob("serve-*.lock"))  # the dead arena's turn goes too
 
 
 def test_a_restarted_owner_takes_the_arena_over_from_the_mapper_that_serves_it(launcher, cache_dir, sc_home):
