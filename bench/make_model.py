@@ -2,6 +2,8 @@
 
     python bench/make_model.py --out /tmp/llama8b [--layers 32]
     python bench/make_model.py --out /tmp/llama70w --shape llama-3-70b --layers 22   # 70B's width, 41.9 GB
+    python bench/make_model.py --out /tmp/llama14b --shape llama-14b    # 48 layers, 14.5 B params, 27.0 GiB
+    python bench/make_model.py --out /tmp/llama24b --shape llama-24b    # 40 layers, 24.0 B params, 44.6 GiB
 
 Weights are drawn on the GPU (seeded), saved as safetensors shards with the project's
 byte-level tokenizer, filled up to the model's 128,256 ids so that every id it emits decodes to text
@@ -17,16 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Llama-3's widths (hidden, intermediate, attention heads, KV heads); the depth is --layers
-SHAPES = {"llama-3-8b": (4096, 14336, 32, 8), "llama-3-70b": (8192, 28672, 64, 8)}
+# Llama-3's widths (hidden, intermediate, attention heads, KV heads); the depth is --layers. The 14B- and
+# 24B-class shapes are Llama-style (head dim 128, 8 KV heads, Llama-3's vocabulary) at the widths of the
+# common 14B (Qwen2.5-14B's hidden and MLP) and 24B (Mistral-Small-24B's hidden and MLP) models.
+SHAPES = {"llama-3-8b": (4096, 14336, 32, 8), "llama-3-70b": (8192, 28672, 64, 8),
+          "llama-14b": (5120, 13824, 40, 8), "llama-24b": (5120, 32768, 40, 8)}
+LAYERS = {"llama-14b": 48, "llama-24b": 40}  # their depth unless --layers says otherwise (others: 32)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=None, help="default: 48 for llama-14b, 40 for llama-24b, else 32")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3-8b")
     a = ap.parse_args()
+    a.layers = a.layers or LAYERS.get(a.shape, 32)
     out = Path(a.out)
     spec = {"layers": a.layers, "shape": a.shape, "dtype": "bfloat16", "seed": 0, "tokenizer": "bytes+filler"}
     marker = out / ".complete"

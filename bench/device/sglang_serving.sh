@@ -1,42 +1,52 @@
 #!/usr/bin/env bash
-# One device call: bench/sglang_serving.py on the GPU machine, results and server logs under $OUT.
-#   device run: bash bench/device/sglang_serving.sh [--free-gib 77.8] [--mode replicas] ...
-# PD mode (the default) needs the transfer engine and router: on a machine where setup.sh already ran
-# (an earlier call carried .gpubundle and .whl), carry .pdbundle; see setup.sh.
-# With two GPUs the setups run at once, shared on GPU 0 and unshared on GPU 1, and are merged: one call
-# holds both, on identical cards that do not contend. SHARED_GPU=1 swaps the cards, to tell a card's
-# speed from the setup's; UNSHARED_GPU picks the other card (default: the other of its pair, 0-1 or 2-3), so a four-GPU
-# machine can hold two such pairs at once. With one GPU they run one after the other.
-source bench/device/setup.sh || exit 1
-run() {  # run <out> <extra args...>
-  local out=$1; shift
-  timeout ${BENCH_TIMEOUT:-540} python3 bench/sglang_serving.py --model /tmp/llama8b --out "$out" \
-    --budget-s ${BENCH_BUDGET:-380} "$@"
-}
-T=${TAG:+-$TAG}  # TAG: this pair's folders and outputs, when two pairs run at once
-W=/tmp/serving$T
-rm -rf $W $W-shared $W-unshared  # an earlier call's run on a warm machine
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  shared_gpu=${SHARED_GPU:-0}
-  CUDA_VISIBLE_DEVICES=$shared_gpu run $W-shared --setups shared "$@" > "$OUT/sglang-serving$T-shared.log" 2>&1 &
-  a=$!
-  CUDA_VISIBLE_DEVICES=${UNSHARED_GPU:-$((shared_gpu ^ 1))} run $W-unshared --setups unshared "$@" \
-    > "$OUT/sglang-serving$T-unshared.log" 2>&1 &
-  b=$!
-  wait $a; ra=$?
-  wait $b; rb=$?
-  tail -n 20 "$OUT"/sglang-serving$T-*.log
-  python3 bench/sglang_serving.py --model /tmp/llama8b --out $W \
-    --merge $W-shared/sglang-serving.json $W-unshared/sglang-serving.json 2>&1 | tee "$OUT/sglang-serving$T.log"
-  rc=$(( ra || rb ))
-  for d in shared unshared; do
-    cp $W-$d/sglang-serving.json "$OUT/sglang-serving$T-$d.json" 2>/dev/null
-    tar -C $W-$d -czf "$OUT/serving-logs$T-$d.tgz" --exclude='*.jsonl' . 2>/dev/null
-  done
-else
-  run $W "$@" 2>&1 | tee "$OUT/sglang-serving$T.log"
-  rc=$?
-  tar -C $W -czf "$OUT/serving-logs$T.tgz" --exclude='*.jsonl' . 2>/dev/null
+# One device call: one setup of one model, one phase, through bench/sglang_serving.py (method v2; bench/README.md,
+# "Serving method (v2)"), on one GPU. Setups are never run at the same time: one call each, one after the other.
+#   bash bench/device/sglang_serving.sh MODEL SETUP PHASE [sglang_serving.py run arguments...]
+#   MODEL: 8b | 14b | 24b    SETUP: shared | unshared | colocated    PHASE: tune | sweep | goodput
+#   e.g. bash bench/device/sglang_serving.sh 14b shared sweep --free-gib 77 --splits 65536
+# Carry .pdbundle (and, on a fresh machine, .gpubundle and .whl: see setup.sh).
+# The checkpoint is generated once per machine as /tmp/llama<MODEL> with the image's transformers; when the disk
+# cannot hold it beside the others they are removed first (KEEP_MODELS=1: never).
+# Cells already measured are skipped: those of bench/results/<card>-serving-v2.json (committed: it travels with
+# the tree) and of this warm machine's earlier calls (/tmp/serving-v2). --wall-s is what is left of the call
+# (CALL_S, default 590 s) so that it ends with its files written; --budget-s counts load seconds only.
+# Out: serving-v2-part-*.json (this call's cells), <card>-serving-v2.{json,md} (all cells merged, summarised),
+# serving-<model>-<setup>-<phase>.log, serving-logs-<model>-<setup>-<phase>.tgz (the servers' logs).
+T0=$SECONDS
+if [ $# -lt 3 ]; then echo "usage: $0 MODEL SETUP PHASE [run arguments]" >&2; exit 2; fi
+model=$1 setup=$2 phase=$3
+shift 3
+case $model in
+  8b) shape=llama-3-8b need=20 ;;
+  14b) shape=llama-14b need=33 ;;
+  24b) shape=llama-24b need=50 ;;
+  *) echo "[serving] MODEL is 8b, 14b or 24b, not '$model'" >&2; exit 2 ;;
+esac
+M=/tmp/llama$model
+if [ ! -f $M/.complete ]; then
+  avail=$(df -BG --output=avail /tmp | tail -1 | tr -dc 0-9)
+  if [ "${KEEP_MODELS:-0}" != 1 ] && [ "$avail" -lt "$need" ]; then
+    for d in /tmp/llama8b /tmp/llama14b /tmp/llama24b; do [ "$d" != "$M" ] && rm -rf "$d"; done
+  fi
+  python3 bench/make_model.py --out $M --shape $shape || exit 1  # before setup.sh: the image's transformers
 fi
-cp $W/sglang-serving.json "$OUT/sglang-serving$T.json" 2>/dev/null
+export SETUP_MODEL_8B=0
+source bench/device/setup.sh || exit 1
+W=/tmp/serving-v2
+mkdir -p $W/out $W/old
+name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "${CUDA_VISIBLE_DEVICES:-0}" | head -1)
+card=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from sglang_serving import card_slug; \
+print(card_slug(sys.argv[1]))" "$name") || exit 1
+earlier=$(ls $W/out/serving-v2-part-*.json 2>/dev/null)
+[ -n "$earlier" ] && mv $earlier $W/old/  # an earlier call's parts: known below, not this call's output
+known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json 2>/dev/null)"
+left=$(( ${CALL_S:-590} - (SECONDS - T0) - 25 ))
+tag=$model-$setup-$phase
+timeout $(( left + 15 )) python3 bench/sglang_serving.py run --model $M --tag $model --setup $setup \
+  --phase $phase --out $W/out --results $known --wall-s $left --commit "${COMMIT:-}" "$@" 2>&1 \
+  | tee "$OUT/serving-$tag.log"
+rc=${PIPESTATUS[0]}
+cp $W/out/$card-serving-v2.json $W/latest.json 2>/dev/null
+cp $W/out/serving-v2-part-*.json $W/out/$card-serving-v2.json $W/out/$card-serving-v2.md "$OUT"/ 2>/dev/null
+tar -C $W/out -czf "$OUT/serving-logs-$tag.tgz" work-$model-$setup 2>/dev/null
 exit $rc

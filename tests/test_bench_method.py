@@ -1,0 +1,627 @@
+"""The serving benchmark's method on the CPU (bench/sglang_serving.py, bench/pd_bound.py; issue 22): the
+statistics against known values, the steady window, the rules that void or refuse a comparison, the goodput
+search, SGLang's log lines as the committed runs wrote them, pd_bound's band on the committed one-batch and
+serving results, and the load generator against a small streaming server (a stand-in for SGLang's /generate,
+chunked server-sent events)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import pd_bound as pb  # noqa: E402
+import sglang_serving as ss  # noqa: E402
+from helpers import free_port  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+LOGS = RESULTS / "h200-sglang-serving-logs"
+
+# copied from bench/results/h200-sglang-serving-logs/pd-nvlink-shared.tgz (shared-2.log, shared-1.log) and
+# replicas-shared.tgz (shared-1.log): a PD decode, a PD prefill and a colocated server's lines
+DECODE_LINE = ("[2026-11-28 18:52:50] Decode batch, #running-req: 3, #token: 123041, token usage: 0.46, "
+               "pre-allocated usage: 0.37, #prealloc-req: 0, #transfer-req: 13, #retracted-req: 0, cuda graph: True, "
+               "gen throughput (token/s): 153.58, #queue-req: 0")
+PREFILL_LINE = ("[2026-11-28 18:53:44] Prefill batch, #new-seq: 2, #new-token: 8192, #cached-token: 0, token usage: "
+                "0.15, #running-req: 0, #queue-req: 27, #pending-token: 221696, #bootstrap-req: 0, #inflight-req: 2, "
+                "#optimistic-req: 0, cuda graph: True, input throughput (token/s): 14700.47")
+COLOCATED_LINE = ("[2026-11-28 07:47:48] Decode batch, #running-req: 1, #token: 7696, token usage: 0.05, "
+                  "cuda graph: True, gen throughput (token/s): 0.93, #queue-req: 0")
+
+
+def committed_log(archive: str, member_suffix: str) -> str:
+    with tarfile.open(LOGS / archive) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(member_suffix))
+        return tar.extractfile(member).read().decode(errors="replace")
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_t_quantiles_match_the_table_and_interpolate_beyond_it():
+    assert ss.t975(1) == 12.706 and ss.t975(2) == 4.303 and ss.t975(30) == 2.042
+    assert abs(ss.t975(35) - 2.030) < 0.002  # exact: 2.0301
+    assert abs(ss.t975(1000) - 1.962) < 0.002  # exact: 1.9623
+    with pytest.raises(ValueError):
+        ss.t975(0)
+
+
+def test_mean_ci_against_known_values():
+    m, hw = ss.mean_ci([1, 2, 3])
+    assert m == 2 and abs(hw - 4.303 / math.sqrt(3)) < 1e-9  # sd 1, n 3
+    m, hw = ss.mean_ci(range(1, 11))
+    assert m == 5.5 and abs(hw - 2.262 * 3.0276503540974917 / math.sqrt(10)) < 1e-9
+    assert ss.mean_ci([4.0]) == (4.0, None) and ss.mean_ci([]) == (None, None)
+    r, hw = ss.ratio_ci(110, 11, 100, 10)
+    assert r == pytest.approx(1.1) and hw == pytest.approx(1.1 * math.sqrt(0.02))
+    assert ss.percentile([1, 2, 3, 4], 50) == 2.5 and ss.percentile(range(101), 99) == 99
+
+
+# ---------------------------------------------------------------- the steady window
+
+def request(sent, chunk_times, tokens=None, end=None, error=None, out=None):
+    tokens = tokens or list(range(1, len(chunk_times) + 1))
+    return ss.Request(0, 100, out or tokens[-1] if tokens else 0, sent, list(zip(chunk_times, tokens)), end, error)
+
+
+def test_steady_window_excludes_the_first_and_last_share():
+    assert ss.steady_window(0, 100, 0.15) == pytest.approx((15, 85))
+    assert ss.steady_window(10, 20, 0) == (10, 20)
+    assert ss.load_seconds(120, 0.15) == pytest.approx(171.4286, rel=1e-4)
+    for bad in ((0, 10, 0.5), (5, 5, 0.1), (0, 10, -0.1)):
+        with pytest.raises(ValueError):
+            ss.steady_window(*bad)
+
+
+def test_window_counts_only_tokens_that_arrived_inside_it():
+    ramp = request(0.0, [1, 5, 14.9], end=15)        # all before the window
+    steady = request(10.0, [16, 20, 50, 84.9, 85])  # 4 inside, the last at hi is out
+    batch = request(20.0, [30, 40], tokens=[5, 9])  # a chunk of 5 tokens, then one of 4
+    reqs = [ramp, steady, batch]
+    assert ss.window_tokens(reqs, 15, 85) == 4 + 9
+    lat = ss.window_latencies(reqs, 15, 85)
+    assert lat["ttft_ms_p50"] == 10000.0  # only the request sent at 20 s counts (TTFT 10 s)
+    gaps = list(batch.gaps())
+    assert gaps == [(40, 2.5, 4)]  # a chunk of 4 tokens after 10 s: 2.5 s each
+
+
+def test_request_summary_and_slo_judgement():
+    fast = request(20.0, [20.5, 20.55, 20.6], end=20.6).summary()
+    slow_first = request(21.0, [25.0, 25.01], end=25.01).summary()
+    jerky = request(22.0, [22.2, 22.4, 22.42], end=22.42).summary()  # one 200 ms gap: its p99 ITL
+    failed = request(23.0, [], error="HTTP 400: too long").summary()
+    cut_early = request(84.0, []).summary()        # cut at 85 after 1 s without a token: not judged
+    cut_late = request(80.0, []).summary()         # cut at 85 after 5 s without a token: a miss
+    cut_running = request(30.0, [30.2, 30.25]).summary()  # cut while running, on time so far: met
+    reqs = [fast, slow_first, jerky, failed, cut_early, cut_late, cut_running]
+    verdicts = [ss.judge(r, 85, 3.0, 0.1) for r in reqs]
+    assert verdicts == [True, False, False, False, None, False, True]
+    assert ss.attainment(reqs, 15, 85, 85, 3.0, 0.1) == (2, 6)
+    assert ss.attainment(reqs, 15, 85, 85, 3.0, 0.3) == (3, 6)  # a looser ITL SLO
+
+
+def test_request_sequence_is_seeded_and_lengths_vary_in_range():
+    a = [s for _, s in zip(range(50), ss.request_specs(7, 2048, 512, 0.5, 128256))]
+    b = [s for _, s in zip(range(50), ss.request_specs(7, 2048, 512, 0.5, 128256))]
+    assert [(len(x.input_ids), x.output_len, x.input_ids[:3]) for x in a] == \
+        [(len(x.input_ids), x.output_len, x.input_ids[:3]) for x in b]
+    assert all(1024 <= len(x.input_ids) <= 2048 and 256 <= x.output_len <= 512 for x in a)
+    assert len({len(x.input_ids) for x in a}) > 40  # they vary
+    assert all(ss.LOW_ID <= t < 128256 for x in a for t in x.input_ids)
+    fixed = next(ss.request_specs(7, 100, 10, 1.0, 1000))
+    assert (len(fixed.input_ids), fixed.output_len) == (100, 10)
+    assert ss.mean_lengths(2048, 2048, 0.5) == (1536, 1536)
+
+
+# ---------------------------------------------------------------- the rules
+
+def test_setups_that_differ_in_points_are_refused():
+    assert ss.check_same_points({"shared": [16, 32, 8], "unshared": [8, 16, 32]}) == [8, 16, 32]
+    with pytest.raises(ss.MethodError, match="differ in points.*shared: \\[16, 32\\]; unshared: \\[16\\]"):
+        ss.check_same_points({"shared": [16, 32], "unshared": [16]})
+    with pytest.raises(ss.MethodError):
+        ss.compare({16: {0: 700.0}, 32: {0: 760.0}}, {16: {0: 670.0}}, None)
+
+
+def test_control_point_void_rule():
+    assert ss.control_verdict([1.0, 0.98, 1.029]) == (True, None)
+    ok, why = ss.control_verdict([1.01, 1.04, 0.99])
+    assert not ok and "1.040" in why and "3%" in why
+    assert ss.control_verdict([])[0] is False
+    assert ss.control_verdict([0.96], tol=0.05) == (True, None)
+
+
+def test_saturation_and_overlap_rules():
+    assert ss.saturation_verdict([8, 16, 32, 48], 17.4) == (True, None)
+    ok, why = ss.saturation_verdict([8, 16, 24], 17.4)
+    assert not ok and "only 1 point" in why
+    assert ss.saturation_verdict([8, 16], None)[0] is False
+    cell = lambda cid, setup, t0, host="a": {"id": cid, "setup": setup, "host": host, "t_start_epoch": t0,
+                                            "duration_s": 100}
+    cells = [cell("s1", "shared", 0), cell("u1", "unshared", 150), cell("u2", "unshared", 50, host="b"),
+             cell("s2", "shared", 300), cell("u3", "unshared", 350)]
+    assert ss.overlapping_cells(cells) == [("s2", "u3")]
+
+
+def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft=0.5, itl99=0.03, t0=None,
+                   window=120.0):
+    args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k", inp=2048, outp=2048, range_ratio=0.5,
+                              setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0)
+    load = "rate" if phase == "goodput" else "concurrency"
+    c = ss.cell_base(args, split, phase, load, point, repeat)
+    duration = ss.load_seconds(window, 0.15)
+    lo, hi = ss.steady_window(0, duration, 0.15)
+    reqs = [[round(lo + k, 3), 2000, 2000, 2000, ttft, itl99, lo + k + 60, None] for k in range(20)]
+    order = {"shared": 0, "unshared": 1, "colocated": 2}[setup]
+    c.update({"t_start_epoch": t0 if t0 is not None else 1e6 + 10000 * order + 1000 * repeat + point,
+              "duration_s": duration, "window_s": [lo, hi], "output_tok_s": tok_s, "host": "h", "waves": 2,
+              "requests": reqs, "server_stats": {}, "stopped_early": False, "ttft_ms_p99": ttft * 1000,
+              "itl_ms_p99": itl99 * 1000})
+    return c
+
+
+def start(setup, split, pool, free=77.0):
+    return {"id": f"{setup}-{split}", "model": "14b", "free_gib": free, "setup": setup, "split": split,
+            "workloads": ["2k2k"], "t_epoch": 0, "decode_pool_tokens": pool, "error": None}
+
+
+SHARED = {8: 400.0, 16: 760.0, 32: 1300.0, 48: 1500.0, 64: 1520.0}
+UNSHARED = {8: 398.0, 16: 700.0, 32: 760.0, 48: 770.0, 64: 765.0}
+
+
+def sweep(setup, values, repeats=3, control_shift=1.0, **kw):
+    out = []
+    for r in range(repeats):
+        for p, v in values.items():
+            shift = control_shift if p == 8 and r == 1 else 1.0
+            out.append(synthetic_cell(setup, p, r, v * shift * (1 + 0.002 * r), **kw))
+    return out
+
+
+def test_a_clean_comparison_gives_the_headline_numbers():
+    cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
+    starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]  # 40000 / 3072: 13 requests
+    res = ss.build_results({"cells": cells, "starts": starts, "environments": [{"gpu_name": "NVIDIA H100 80GB HBM3"}]})
+    tuned = res["groups"]["14b/77g/2k2k"]["comparisons"]["tuned"]
+    assert tuned["void"] == [] and tuned["repeats"] == 3
+    assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1520 / 770, rel=1e-3)
+    assert tuned["saturated_point_a"] == 64 and tuned["saturated_point_b"] == 48
+    assert len(res["control_ratios"]) == 3 and all(abs(r - 1) < 0.01 for r in res["control_ratios"])
+    assert res["repeats"] == 3 and res["card"] == "NVIDIA H100 80GB HBM3" and res["void"] == {}
+    for key in ss.HEADLINE:
+        assert key in res
+    assert res["goodput_ratio_14b_2k2k"] is None and res["feasibility_24b_unshared"] is None  # not measured
+    assert res["groups"]["14b/77g/2k2k"]["setups"]["shared"]["concurrency_at_slo"]["65536"] == 64
+    assert "| 64 | 3 | 1523.0 |" in ss.render_markdown(res)
+
+
+def test_a_control_point_off_by_more_than_3_percent_voids_the_run():
+    cells = sweep("shared", SHARED, control_shift=1.05) + sweep("unshared", UNSHARED)
+    starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
+    res = ss.build_results({"cells": cells, "starts": starts, "environments": []})
+    assert res["throughput_ratio_14b_2k2k"] is None
+    (reason,) = res["void"]["14b/77g/2k2k tuned"]
+    assert "control point reads 1.05" in reason
+
+
+def test_unequal_sweeps_and_short_sweeps_are_refused_in_the_summary():
+    shared = {p: v for p, v in SHARED.items()}
+    unshared = {p: v for p, v in UNSHARED.items() if p != 64}
+    res = ss.build_results({"cells": sweep("shared", shared) + sweep("unshared", unshared),
+                            "starts": [start("unshared", 65536, 40000)], "environments": []})
+    assert "differ in points" in res["void"]["14b/77g/2k2k tuned"][0]
+    assert res["throughput_ratio_14b_2k2k"] is None
+    # the same points, but the unshared pool holds 30 requests: only 48 and 64 are past it... then only 64
+    res = ss.build_results({"cells": sweep("shared", SHARED) + sweep("unshared", UNSHARED),
+                            "starts": [start("unshared", 65536, 3072 * 50)], "environments": []})
+    assert "not swept past saturation" in res["void"]["14b/77g/2k2k tuned"][0]
+
+
+def test_tuned_and_fixed_splits_are_reported_apart():
+    cells = (sweep("shared", SHARED, split=65536) + sweep("unshared", UNSHARED, split=65536)
+             + sweep("unshared", {p: v * (1.1 if p > 8 else 1) for p, v in UNSHARED.items()}, split=32768)
+             + [synthetic_cell("unshared", 64, 0, 700, split=65536, phase="tune"),
+                synthetic_cell("unshared", 64, 0, 840, split=32768, phase="tune")])
+    starts = [start("unshared", 65536, 40000), start("unshared", 32768, 45000)]
+    res = ss.build_results({"cells": cells, "starts": starts, "environments": []})
+    g = res["groups"]["14b/77g/2k2k"]
+    assert g["setups"]["unshared"]["tuned_split"] == 32768 and g["setups"]["unshared"]["tuned_by"] == "tune point"
+    assert g["comparisons"]["tuned"]["splits"] == {"shared": 65536, "unshared": 32768}
+    assert g["comparisons"]["tuned"]["saturated_ratio"] == pytest.approx(1520 / 847, rel=1e-3)
+    assert g["comparisons"]["fixed split 65536"]["saturated_ratio"] == pytest.approx(1520 / 770, rel=1e-3)
+    assert res["throughput_ratio_14b_2k2k"] == g["comparisons"]["tuned"]["saturated_ratio"]
+
+
+def test_fewer_repeats_and_short_windows_are_listed_as_deviations():
+    cells = sweep("shared", SHARED, repeats=2, window=60) + sweep("unshared", UNSHARED, repeats=2, window=60)
+    res = ss.build_results({"cells": cells, "starts": [start("unshared", 65536, 40000)], "environments": []})
+    dev = res["groups"]["14b/77g/2k2k"]["deviations"]
+    assert any("window 60 s < 120 s" in d for d in dev) and any("fewer than 3 repeats" in d for d in dev)
+    assert res["repeats"] == 2
+
+
+def test_merging_parts_keeps_the_newer_of_a_cell_measured_twice():
+    old = synthetic_cell("shared", 16, 0, 700.0, t0=100)
+    new = synthetic_cell("shared", 16, 0, 720.0, t0=200)
+    other = synthetic_cell("unshared", 16, 0, 690.0, t0=300)
+    merged = ss.merge_docs([{"cells": [new]}, {"cells": [old, other]}])
+    assert [c["output_tok_s"] for c in merged["cells"]] == [720.0, 690.0]
+    assert merged["replaced"] == [{"id": old["id"], "t_start_epoch": 100, "output_tok_s": 700.0}]
+    assert old["id"] == "14b|77g|2k2k|shared|65536|sweep|conc16|r0"
+
+
+def test_feasibility_reports_what_the_unshared_setup_did():
+    cells = [synthetic_cell("shared", p, r, 100.0 * p, ttft=0.4 if p <= 32 else 4.0) for r in range(3)
+             for p in (8, 16, 32, 48)]
+    for c in cells:
+        c.update(model="24b")
+        c["id"] = ss.cell_id(c)
+    failed = {**start("unshared", 65536, None), "model": "24b",
+              "error": "RuntimeError: unshared-65536-decode did not come up:\n... CUDA out of memory ..."}
+    res = ss.build_results({"cells": cells, "starts": [failed, {**start("shared", 65536, 200000), "model": "24b"}],
+                            "environments": []})
+    assert res["feasibility_24b_shared_concurrency_at_slo"] == 32
+    assert res["feasibility_24b_unshared"].startswith("could not start: RuntimeError: unshared-65536-decode did not") \
+        and res["feasibility_24b_unshared"].endswith("CUDA out of memory ...")
+
+
+# ---------------------------------------------------------------- goodput
+
+def trial(rate: float, capacity: float, window=(15.0, 85.0)) -> list[list]:
+    """Synthetic latency records of a Poisson run: below capacity every request is served at once; above it the
+    queue grows and each request waits (rate - capacity) x its arrival time more than the one before."""
+    n = int(rate * (window[1] - window[0]))
+    out = []
+    for k in range(n):
+        sent = window[0] + k / rate
+        wait = max(0.0, (rate - capacity) / capacity * (sent - window[0]))
+        out.append([sent, 1000, 100, 100, 0.3 + wait, 0.04, sent + wait + 5, None])
+    return out
+
+
+def test_goodput_search_converges_below_capacity():
+    capacity, verdicts, tried = 2.0, {}, []
+    while (rate := ss.next_rate(verdicts, hi0=3.0, rel_tol=0.05)) is not None:
+        tried.append(rate)
+        verdicts[rate] = ss.passes([ss.attainment(trial(rate, capacity), 15, 85, 85, 3.0, 0.06)])
+        assert len(tried) < 20
+    g = ss.goodput(verdicts)
+    assert tried[0] == 3.0 and not verdicts[3.0]
+    assert 1.9 <= g <= 2.2 and not any(ok for r, ok in verdicts.items() if r > g + 1e-9)
+
+
+def test_goodput_grows_while_everything_passes_and_takes_the_pass_below_the_lowest_fail():
+    assert ss.next_rate({}, 2.0) == 2.0 and ss.next_rate({}, 2.0, max_rate=1.5) == 1.5
+    assert ss.next_rate({2.0: True}, 2.0) == 3.0
+    assert ss.next_rate({2.0: True, 3.0: True, 4.5: True, 6.75: True}, 2.0) == 8.0  # capped at 4 x hi0
+    assert ss.next_rate({8.0: True}, 2.0) is None
+    assert ss.goodput({1.0: True, 2.0: False, 3.0: True}) == 1.0  # a pass above a fail does not count
+    assert ss.goodput({1.0: False}) is None
+    assert ss.passes([(99, 100)]) and not ss.passes([(98, 100)]) and not ss.passes([(0, 0)])
+    assert ss.passes([(50, 50), (48, 50)], need=0.97) and not ss.passes([(50, 50), (48, 50)])
+
+
+# ---------------------------------------------------------------- SGLang's log lines
+
+def test_log_lines_parse_as_sglang_wrote_them():
+    d = ss.parse_batch_line(DECODE_LINE)
+    assert d["kind"] == "decode" and d["running_req"] == 3 and d["transfer_req"] == 13 and d["token"] == 123041
+    assert d["token_usage"] == 0.46 and d["pre_allocated_usage"] == 0.37 and d["gen_throughput_token_s"] == 153.58
+    assert d["cuda_graph"] is True and d["queue_req"] == 0
+    assert d["t"] == time.mktime((2026, 11, 28, 18, 52, 50, 0, 0, -1))
+    p = ss.parse_batch_line(PREFILL_LINE)
+    assert p["kind"] == "prefill" and p["inflight_req"] == 2 and p["queue_req"] == 27 and p["new_token"] == 8192
+    assert p["input_throughput_token_s"] == 14700.47 and p["bootstrap_req"] == 0
+    c = ss.parse_batch_line(COLOCATED_LINE)
+    assert c["running_req"] == 1 and "transfer_req" not in c
+    assert ss.parse_batch_line("[2026-11-28 18:51:57] INFO:     127.0.0.1:51394 - \"GET /health HTTP/1.1\" 200") is None
+    assert ss.parse_batch_line("[2026-11-28 18:52:50 TP0] " + DECODE_LINE.split("] ", 1)[1])["running_req"] == 3
+
+
+def test_batch_stats_of_a_committed_run_match_its_recorded_peaks():
+    decode = ss.batch_lines(committed_log("pd-nvlink-shared.tgz", "shared-2.log"))
+    prefill = ss.batch_lines(committed_log("pd-nvlink-shared.tgz", "shared-1.log"))
+    recorded = json.loads((RESULTS / "h200-sglang-serving-nvlink.json").read_text())["setups"]["shared"]["runs"]
+    t0, t1 = min(x["t"] for x in decode), max(x["t"] for x in decode) + 1
+    st = ss.batch_stats(decode + prefill, t0, t1)
+    assert st["decode_running_max"] == max(r["server_log_peaks"]["shared-2"]["running"] for r in recorded) == 24
+    assert st["decode_in_transfer_max"] == max(r["server_log_peaks"]["shared-2"]["in_transfer"] for r in recorded)
+    assert st["decode_lines"] == sum(1 for x in decode if x["kind"] == "decode") and st["prefill_lines"] > 50
+    assert 0 < st["decode_running_mean"] < 24 and st["prefill_inflight_max"] >= 1 and st["prefill_pool_use_max"] < 1
+    half = ss.batch_stats(decode, t0, (t0 + t1) / 2)
+    assert 0 < half["decode_lines"] < st["decode_lines"]
+
+
+# ---------------------------------------------------------------- pd_bound
+
+def test_pd_bound_band_on_the_committed_one_batch_results():
+    steps = pb.step_times(RESULTS / "h200-sglang-one-batch-triton.jsonl", 7680)
+    pools = {"shared": 266904, "unshared": 142405}  # h200-sglang-serving-nvlink.json's decode pools
+    assert pb.admitted(pools["shared"], pb.per_request_tokens("full", 7680, 512)) == 32
+    assert pb.admitted(pools["unshared"], pb.per_request_tokens("sglang", 7680, 512)) == 16  # 7680 + 256 + 512
+    assert pb.admitted(pools["unshared"], 8192, held=1.2) == 15
+    no_held = pb.band({"one-batch": steps}, pools, 7680, 512, {"shared": [0], "unshared": [0]})
+    ratios = [v["setups"]["shared"]["tok_s"] / v["setups"]["unshared"]["tok_s"] for v in no_held["variants"]]
+    assert ratios == pytest.approx([942.7 / 819.3, 938.1 / 804.4], abs=2e-3)  # integer admission: 32/17, 31/16
+    held = pb.band({"one-batch": steps}, pools, 7680, 512, {"shared": [0, 2], "unshared": [0, 2]})
+    assert held["ratio"]["low"] == pytest.approx(942.7 / 819.3, abs=2e-3) and held["ratio"]["high"] > 1.18
+    s = held["setups"]["shared"]
+    assert s["low_tok_s"] < s["high_tok_s"] == 942.7
+
+
+def test_pd_bound_from_the_served_logs_of_the_committed_run():
+    a = argparse.Namespace(
+        one_batch=RESULTS / "h200-sglang-one-batch-triton.jsonl", serving=RESULTS / "h200-sglang-serving-nvlink.json",
+        workload="long-8k", group=None, one_batch_input=0, pools="", guard_s=2.0, reserve=512, decode_log=[],
+        prefill_log=[])
+    base = pb.bound(a)
+    assert base["legacy_saturated_ceiling_ratio"] == 1.149  # the first version's number, reproduced
+    tmp = {}
+    for setup in ("shared", "unshared"):
+        for i, role in ((1, "prefill"), (2, "decode")):
+            tmp[(setup, role)] = committed_log(f"pd-nvlink-{setup}.tgz", f"{setup}-{i}.log")
+    served = pb.served_steps([tmp[("shared", "decode")], tmp[("unshared", "decode")]],
+                             [tmp[("shared", "prefill")], tmp[("unshared", "prefill")]])
+    assert len(served) >= 4 and served[max(served)] > served[min(served)]  # steps grow with the batch
+    assert pb.step_at(served, 16) < base["decode_step_s"]["one-batch"][16]  # without prefill beside: faster
+    assert pb.mean_in_transfer(tmp[("unshared", "decode")]) > 0
+    sources = {"one-batch": pb.step_times(a.one_batch, 7680), "served": {0: base["prefill_one_request_s"], **served}}
+    b = pb.band(sources, base["pools"], 7680, 512, {"shared": [0, 16.2], "unshared": [0, 5.3]})
+    assert 1.0 < b["ratio"]["low"] < 1.149 < b["ratio"]["high"] < 1.2
+    assert len(b["variants"]) == 2 * 2 * 2
+
+
+def test_theil_sen_ignores_an_outlier():
+    pts = [(b, 0.008 + 0.0003 * b) for b in range(1, 20)] + [(5, 1.0)]
+    a, c = pb.theil_sen(pts)
+    assert a == pytest.approx(0.008, abs=1e-6) and c == pytest.approx(0.0003, abs=1e-7)
+
+
+# ---------------------------------------------------------------- the load generator against a streaming server
+
+class StreamServer:
+    """/generate as SGLang streams it: chunked server-sent events with cumulative meta_info.completion_tokens,
+    one token every `step` seconds; a prompt over `max_input` ids gets a 400. Writes SGLang-style `Decode batch`
+    lines with the number of running streams to `log` every 0.1 s."""
+
+    def __init__(self, log: Path, step: float = 0.004, max_input: int = 1500) -> None:
+        self.port, self.step, self.max_input, self.log = free_port(), step, max_input, log
+        self.running = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.ready.wait(5)
+        self.stop_log = threading.Event()
+        threading.Thread(target=self._write_log, daemon=True).start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self.ready.set()
+        self.loop.run_forever()
+
+    def _write_log(self) -> None:
+        with open(self.log, "a") as f:
+            while not self.stop_log.wait(0.1):
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                f.write(f"[{stamp}] Decode batch, #running-req: {self.running}, #token: 0, token usage: 0.10, "
+                        f"pre-allocated usage: 0.00, #prealloc-req: 0, #transfer-req: 1, #retracted-req: 0, "
+                        f"cuda graph: True, gen throughput (token/s): 100.00, #queue-req: 0\n")
+                f.flush()
+
+    async def _handle(self, reader, writer) -> None:
+        length, streaming = 0, False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = json.loads(await reader.readexactly(length))
+        try:
+            if len(body["input_ids"]) > self.max_input:
+                msg = b'{"error": {"message": "too long"}}'
+                writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(msg), msg))
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            self.running, streaming = self.running + 1, True
+            for n in range(1, body["sampling_params"]["max_new_tokens"] + 1):
+                await asyncio.sleep(self.step)
+                event = b'data: {"text": "x\\"completion_tokens\\": 999", "output_ids": [5], ' \
+                        b'"meta_info": {"id": "a", "completion_tokens": %d}}\n\n' % n
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+            done = b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.running -= 1 if streaming else 0
+            writer.close()
+
+    async def _shutdown(self) -> None:
+        self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        self.stop_log.set()
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def stream_server(tmp_path):
+    server = StreamServer(tmp_path / "decode.log")
+    yield server
+    server.close()
+
+
+def test_closed_loop_keeps_the_concurrency_and_cuts_at_the_end(stream_server):
+    specs = ss.request_specs(3, 200, 40, 0.5, 5000)
+    t0 = time.perf_counter()
+    reqs = asyncio.run(ss.closed_loop("127.0.0.1", stream_server.port, specs, 4, 1.0, t0))
+    assert 1.0 <= time.perf_counter() - t0 < 1.5
+    done = [r for r in reqs if r.end is not None]
+    cut = [r for r in reqs if r.end is None]
+    assert 1 <= len(cut) <= 4 and all(r.error is None for r in reqs)  # at most one running per client at the end
+    assert all(r.chunks[-1][1] == r.output_len for r in done) and len(done) >= 8
+    assert [r.chunks[i][1] for r in done[:1] for i in range(3)] == [1, 2, 3]  # the escaped text did not fool it
+    assert ss.window_tokens(reqs, 0.15, 0.85) > 0
+
+
+def test_open_loop_arrivals_drain_and_errors(stream_server):
+    specs = ss.request_specs(5, 200, 20, 0.5, 5000)
+    t0 = time.perf_counter()
+    reqs, stopped = asyncio.run(ss.open_loop("127.0.0.1", stream_server.port, specs, 20.0, 1.0, t0, seed=1,
+                                             drain_s=5, lo=0.15, ttft_slo=3.0, allowed_misses=5))
+    assert not stopped and 8 <= len(reqs) <= 40 and all(r.end is not None and not r.error for r in reqs)
+    gaps = [b.sent - a.sent for a, b in zip(reqs, reqs[1:])]
+    assert max(gaps) > 2 * min(gaps)  # exponential, not even, spacing
+    long = ss.request_specs(5, 4000, 20, 1.0, 5000)  # over the server's limit: every request refused
+    reqs, stopped = asyncio.run(ss.open_loop("127.0.0.1", stream_server.port, long, 50.0, 1.0, time.perf_counter(),
+                                             seed=1, drain_s=5, lo=0.0, ttft_slo=3.0, allowed_misses=2))
+    assert stopped and 3 <= len(reqs) < 20 and all("HTTP 400" in r.error for r in reqs if r.error)
+
+
+def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tmp_path):
+    args = argparse.Namespace(tag="8b", free_gib=0.0, workload_name="tiny", inp=100, outp=30, range_ratio=0.5,
+                              setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
+                              window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6)
+    fake = argparse.Namespace(port=stream_server.port, log=stream_server.log, name="decode", role="decode")
+    time.sleep(0.3)  # a few log lines before the load
+    cell = ss.measure(ss.cell_base(args, 4096, "sweep", "concurrency", 3, 0), fake, [fake], args)
+    assert cell["id"] == "8b|0g|tiny|shared|4096|sweep|conc3|r0" and cell["duration_s"] >= 2.0
+    assert cell["window_s"] == pytest.approx([0.3, 1.7]) and cell["output_tok_s"] > 100
+    assert cell["requests_failed"] == 0 and cell["attainment"][0] == cell["attainment"][1] > 0
+    assert cell["ttft_ms_p99"] < 1000 and 3 <= cell["itl_ms_p50"] < 60
+    stats = cell["server_stats"]["decode"]
+    assert stats["decode_lines"] >= 5 and stats["decode_in_transfer_mean"] == 1 and stats["decode_running_max"] >= 1
+    assert len(cell["requests"][0]) == len(ss.REQUEST_FIELDS)
+    res = ss.build_results({"cells": [cell], "starts": [], "environments": []})
+    assert res["groups"]["8b/card/tiny"]["setups"]["shared"]["sweeps"]["4096"][0]["repeats"] == 1
+
+
+class FakeServer:
+    """Stands where a launch.py server would, pointing at the streaming server."""
+
+    def __init__(self, role: str, stream: StreamServer) -> None:
+        self.role, self.name, self.port, self.log, self.ready_s = role, f"fake-{role}", stream.port, stream.log, 1.0
+        self.proc = argparse.Namespace(poll=lambda: None, pid=0)
+
+    def info(self) -> dict:
+        return {"kv_pool_tokens": 5000 if self.role == "decode" else 2000, "max_running_requests": 64,
+                "memory_usage_gb": 1.0}
+
+    def stop(self) -> None:
+        pass
+
+
+def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stream_server, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 5000, "max_position_embeddings": 4096}))
+
+    def fake_start(setup, split, args, cache_dir, work, servers):
+        servers += [FakeServer(r, stream_server) for r in ("prefill", "decode", "router")]
+        return [{"ranks": [{"weight_bytes_allocated": 0}]}, {"ranks": [{"weight_bytes_allocated": 0}]}]
+
+    monkeypatch.setattr(ss, "start_setup", fake_start)
+    monkeypatch.setattr(ss, "greedy_probe", lambda port: [7, 7, 7])
+    monkeypatch.setattr(ss, "server_gpu_mib", lambda server, used: 0)
+    out = tmp_path / "out"
+    base = ["run", "--model", str(model), "--tag", "8b", "--setup", "shared", "--out", str(out), "--splits", "4096",
+            "--workload", "tiny=100:20", "--window-s", "0.35", "--settle-timeout", "0.1", "--commit", "abc"]
+
+    def call(*extra):
+        monkeypatch.setattr(sys, "argv", ["sglang_serving.py", *base, *extra])
+        ss.main()
+
+    call("--points", "2", "--control-point", "1", "--repeats", "2")
+    results = json.loads((out / "gpu-serving-v2.json").read_text())
+    assert [c["id"].split("|", 6)[-1] for c in results["cells"]] == \
+        ["conc1|r0", "conc2|r0", "conc1|r1", "conc2|r1"]  # repeat by repeat over the points
+    assert results["starts"][0]["decode_pool_tokens"] == 5000 and results["starts"][0]["probe_tokens"] == [7, 7, 7]
+    assert all(c["commit"] == "abc" and c["start_id"] == results["starts"][0]["id"] for c in results["cells"])
+    call("--points", "2", "--control-point", "1", "--repeats", "2", "--results", str(out / "gpu-serving-v2.json"))
+    again = json.loads((out / "gpu-serving-v2.json").read_text())
+    assert len(again["cells"]) == 4 and len(again["starts"]) == 1  # nothing left: no server started
+    call("--phase", "goodput", "--rate-max", "40", "--results", str(out / "gpu-serving-v2.json"))
+    final = json.loads((out / "gpu-serving-v2.json").read_text())
+    rates = [c["point"] for c in final["cells"] if c["phase"] == "goodput"]
+    best = sum(c["output_tok_s"] for c in final["cells"] if c["point"] == 2 and c["phase"] == "sweep") / 2
+    assert rates == [round(best / 15, 3), 40.0]  # from the sweep's saturated requests/s (mean output 15), up
+    g = final["groups"]["8b/card/tiny"]["setups"]["shared"]["goodput"]["4096"]
+    assert g["goodput_req_s"] == 40.0 and not g["bracketed"]  # every rate passed, up to --rate-max
+    call("--points", "2", "--repeats", "3", "--budget-s", "0.1", "--results", str(out / "gpu-serving-v2.json"))
+    assert len(json.loads((out / "gpu-serving-v2.json").read_text())["cells"]) == len(final["cells"])
+
+
+def test_pd_bound_reads_a_v2_results_file(tmp_path):
+    cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
+    for c in cells:
+        c["server_stats"] = {"decode": {"decode_in_transfer_mean": 2.0 if c["setup"] == "shared" else 1.0}}
+    res = ss.build_results({"cells": cells, "starts": [start("shared", 65536, 300000), start("unshared", 65536, 40000)],
+                            "environments": []})
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(res))
+    a = argparse.Namespace(one_batch=RESULTS / "h200-sglang-one-batch-triton.jsonl", serving=path, workload=None,
+                           group="14b/77g/2k2k", one_batch_input=7680, pools="", guard_s=2.0, reserve=512,
+                           decode_log=[], prefill_log=[])
+    out = pb.bound(a)
+    assert out["pools"] == {"shared": 300000, "unshared": 40000} and out["lengths"] == {"input": 1536, "output": 1536}
+    assert out["held_in_transfer"] == {"shared": [0.0, 2.0], "unshared": [0.0, 1.0]}
+    assert out["setups"]["shared"]["served_tok_s"] == pytest.approx(1523.0)
+    assert out["ratio"]["low"] <= out["ratio"]["high"] and len(out["variants"]) == 4
+
+
+@pytest.mark.parametrize("setup", ["shared", "unshared", "colocated"])
+def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_path):
+    """The launch.py overrides of every server, composed with the real config and planned as launch.py does."""
+    from sharedcache.conf import compose, core_role
+    from sharedcache_integrations import launch_checks
+    from sharedcache_integrations.sglang import server as sgl
+
+    args = argparse.Namespace(model=tmp_path, tag="14b", bootstrap_port=23456, server_flags=ss.SERVER_FLAGS,
+                              graph_max_bs=128, prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.85,
+                              transfer_backend="mooncake", mooncake_protocol="nvlink_intra")
+    roles = ("plain",) if setup == "colocated" else ("prefill", "decode")
+    argvs = {}
+    for role in roles:
+        overrides = ss.launch_overrides(role, args, tmp_path / "cache", 21000, *ss.role_overrides(setup, role, 65536,
+                                                                                                    args))
+        cfg = compose(overrides)
+        launch_checks.check(cfg, overrides)
+        plan = sgl.plan_server(cfg, tmp_path, core_role(cfg), tmp_path)
+        argv = plan.argv
+        argvs[role] = dict(zip(argv, argv[1:]))
+        assert argvs[role]["--port"] == "21000" and "--disable-prefill-cuda-graph" in argv
+        assert (plan.report_dir is not None) == (setup == "shared")  # the plugin runs in the shared setup only
+        if role != "plain":
+            assert plan.env.get("MC_INTRANODE_NVLINK") and argvs[role]["--disaggregation-mode"] == role
+            assert argvs[role]["--disaggregation-bootstrap-port"] == "23456"
+    if setup == "colocated":
+        assert argvs["plain"]["--mem-fraction-static"] == "0.85" and "--disaggregation-mode" not in argvs["plain"]
+        assert "--max-total-tokens" not in argvs["plain"] and argvs["plain"]["--cuda-graph-max-bs-decode"] == "128"
+        return
+    assert argvs["prefill"]["--max-total-tokens"] == "65536" and argvs["prefill"]["--mem-fraction-static"] == "0.9"
+    assert "--max-total-tokens" not in argvs["decode"] and argvs["decode"]["--mem-fraction-static"] == "0.88"
+    router = ss.launch_overrides("router", args, tmp_path / "cache", 0, *ss.transfer_overrides(args),
+                                 "engine.port.prefill=21001", "engine.port.decode=21002", "engine.router.port=21003")
+    cfg = compose(router)
+    launch_checks.check(cfg, router)
+    argv = sgl.plan_router(cfg).argv
+    assert argv[argv.index("--prefill") + 1:argv.index("--prefill") + 3] == ["http://127.0.0.1:21001", "23456"]
+    assert argv[argv.index("--decode") + 1] == "http://127.0.0.1:21002" and "--mini-lb" in argv
