@@ -119,3 +119,30 @@ def test_an_owner_stopped_on_purpose_is_not_handed_on(launcher, cache_dir, sc_ho
         _finish(attached)
     finally:
         attached.kill()
+
+
+def test_the_hand_on_passes_from_mapper_to_mapper_until_the_last_one_goes(launcher, cache_dir, sc_home):
+    """Two decodes map the arena; the owner is killed, one of them serves; it is killed too, and the other
+    takes over: a new decode still attaches, with the same logits, and no process ever loaded again."""
+    prefill = launcher.start("prefill", MEMFD, name="prefill")
+    pre = prefill.wait_report()
+    entry = CacheDir(cache_dir).entry(KEY)
+    mappers = [_attached_probe(cache_dir, sc_home) for _ in range(2)]
+    try:
+        prefill.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while entry.read().server is None:
+            assert time.monotonic() < deadline, "no mapper took over"
+            time.sleep(0.05)
+        first = next(m for m in mappers if m.pid == entry.read().server.pid)
+        other = next(m for m in mappers if m is not first)
+        first.kill()  # the serving mapper dies too, without any chance to clean up
+        first.wait()
+        _served_by(entry, other.pid)
+        late = launcher.run("decode", name="late")
+        assert late.popen.returncode == 0, late.output()
+        assert late.report()["logits_sha256"] == pre["logits_sha256"]
+        assert _finish(other)["logits_sha256"] == pre["logits_sha256"]
+    finally:
+        for m in mappers:
+            m.kill()
