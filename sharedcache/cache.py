@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConfigError, EntryError, EntryOwned, SharedCacheError, StorageError
-from .files import check_private_dir, ensure_private_dir, exists, flock_within, lstat_or_none, open_lock
+from .files import check_private_dir, ensure_private_dir, exists, flock_within, lock_held, lstat_or_none, open_lock
 from .manifest import MANIFEST_NAME, Manifest, boot_id
 from .manifest_parse import read_manifest
 
@@ -151,17 +151,7 @@ class Entry:
 
     def claimed(self) -> bool:
         """True while some process holds the owner lock (an owner, or a saver still loading)."""
-        path = self.dir / "owner.lock"
-        if not self.check() or not exists(path):
-            return False
-        fd = open_lock(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+        return self.check() and lock_held(self.dir / "owner.lock")
 
     def owner_alive(self, manifest: Manifest) -> bool:
         """The process that published `manifest` is running and still holds the entry."""

@@ -107,6 +107,21 @@ def open_lock(path: Path) -> int:
     return fd
 
 
+def lock_held(path: Path) -> bool:
+    """Does some process hold the flock on the lock file `path` exclusively (False when there is no such file)?
+    A probe: it takes the lock shared for an instant, never waits."""
+    if not exists(path):
+        return False
+    fd = open_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = None, sort_keys: bool = False,
                       mode: int = 0o666, sync_dir: bool = False) -> None:
     """Write `data` as JSON to `path` so that a reader sees the old file or the new one, never part of one.

@@ -24,7 +24,7 @@ from typing import Any
 from .backends.fdpass import FdServer
 from .cache import Entry
 from .errors import ManifestError, SharedCacheError
-from .files import exists, open_lock
+from .files import lock_held, open_lock
 from .manifest import Owner, write_manifest
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,7 @@ def serve_lock(entry_dir: Path, arena: str) -> Path:
 
 def served(entry_dir: Path, arena: str) -> bool:
     """Does a live process hold, and so serve, this arena's memory?"""
-    path = serve_lock(entry_dir, arena)
-    if not exists(path):
-        return False
-    fd = open_lock(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return lock_held(serve_lock(entry_dir, arena))
 
 
 class Relay:

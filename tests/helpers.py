@@ -143,3 +143,18 @@ def sglang_healthy(port: int) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def attached_decode(cache_dir: Path, home: Path, model: str = "tiny", *overrides: str) -> subprocess.Popen:
+    """A decode in its own process (tests/probe.py), attached and waiting for a line on stdin before it
+    generates and exits; its last stdout line is then its JSON report."""
+    extra = [arg for o in overrides for arg in ("--override", o)]
+    probe = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "probe.py"), "--role", "decode",
+                              "--cache-dir", str(cache_dir), "--model", model, "--home", str(home), *extra,
+                              "--wait-stdin"], cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = probe.stdout.readline()
+    if not line or json.loads(line) != {"attached": True}:
+        probe.kill()
+        raise AssertionError(f"the decode did not attach: {line!r} {probe.stderr.read()[-3000:]}")
+    return probe

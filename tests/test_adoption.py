@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
-from conftest import REPO
+from helpers import attached_decode
 from sharedcache.cache import CacheDir
 
 KEY = "sc-llama-tiny"  # the launcher's key for the tiny embedded model
-
-
-def _attached_probe(cache_dir, sc_home) -> subprocess.Popen:
-    """A decode in its own process, attached and waiting for a line on stdin before it generates."""
-    probe = subprocess.Popen([sys.executable, str(REPO / "tests" / "probe.py"), "--role", "decode", "--cache-dir",
-                              str(cache_dir), "--model", "tiny", "--home", str(sc_home), "--wait-stdin"], cwd=REPO,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert json.loads(probe.stdout.readline()) == {"attached": True}, probe.stderr.read()
-    return probe
 
 
 def test_a_killed_prefill_restarted_takes_its_arena_over_instead_of_loading(launcher, cache_dir, sc_home):
@@ -27,7 +16,7 @@ def test_a_killed_prefill_restarted_takes_its_arena_over_instead_of_loading(laun
     pre = first.wait_report()
     entry = CacheDir(cache_dir).entry(KEY)
     arenas = sorted(p.name for p in entry.dir.glob("arena-*"))
-    before = _attached_probe(cache_dir, sc_home)  # a decode mapping the arena across both owners
+    before = attached_decode(cache_dir, sc_home)  # a decode mapping the arena across both owners
     try:
         first.stop(signal.SIGKILL)
         second = launcher.start("prefill", name="second")

@@ -7,25 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
-from conftest import REPO
-from helpers import cli
+from helpers import attached_decode, cli
 from sharedcache.cache import CacheDir, EntryState
 from sharedcache.handon import served
 
 KEY = "sc-llama-tiny"
 MEMFD = "cache.backend=cpu_memfd"
-
-
-def _attached_probe(cache_dir, sc_home) -> subprocess.Popen:
-    """A decode in its own process, attached and waiting for a line on stdin before it generates and exits."""
-    probe = subprocess.Popen([sys.executable, str(REPO / "tests" / "probe.py"), "--role", "decode", "--cache-dir",
-                              str(cache_dir), "--model", "tiny", "--home", str(sc_home), "--wait-stdin"], cwd=REPO,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert json.loads(probe.stdout.readline()) == {"attached": True}, probe.stderr.read()
-    return probe
 
 
 def _finish(probe: subprocess.Popen) -> dict:
@@ -50,7 +39,7 @@ def test_a_surviving_decode_hands_the_arena_on_after_its_owner_is_killed(launche
     pre = prefill.wait_report()
     assert pre["backend"] == "cpu_memfd" and not list((cache_dir / KEY).glob("arena-*.bin"))  # no file to collect
     entry = CacheDir(cache_dir).entry(KEY)
-    survivor = _attached_probe(cache_dir, sc_home)
+    survivor = attached_decode(cache_dir, sc_home)
     try:
         prefill.stop(signal.SIGKILL)
         _served_by(entry, survivor.pid)
@@ -79,7 +68,7 @@ def test_a_restarted_owner_takes_the_arena_over_from_the_mapper_that_serves_it(l
     first = launcher.start("prefill", MEMFD, name="first")
     pre = first.wait_report()
     entry = CacheDir(cache_dir).entry(KEY)
-    survivor = _attached_probe(cache_dir, sc_home)
+    survivor = attached_decode(cache_dir, sc_home)
     try:
         first.stop(signal.SIGKILL)
         _served_by(entry, survivor.pid)
@@ -106,7 +95,7 @@ def test_an_owner_stopped_on_purpose_is_not_handed_on(launcher, cache_dir, sc_ho
     prefill.wait_report()
     entry = CacheDir(cache_dir).entry(KEY)
     arena = entry.read().handle["arena"]
-    attached = _attached_probe(cache_dir, sc_home)
+    attached = attached_decode(cache_dir, sc_home)
     try:
         assert prefill.stop() == 0  # SIGTERM: unpublished, new attaches refused, attached ones keep working
         deadline = time.monotonic() + 30
@@ -127,7 +116,7 @@ def test_the_hand_on_passes_from_mapper_to_mapper_until_the_last_one_goes(launch
     prefill = launcher.start("prefill", MEMFD, name="prefill")
     pre = prefill.wait_report()
     entry = CacheDir(cache_dir).entry(KEY)
-    mappers = [_attached_probe(cache_dir, sc_home) for _ in range(2)]
+    mappers = [attached_decode(cache_dir, sc_home) for _ in range(2)]
     try:
         prefill.stop(signal.SIGKILL)
         deadline = time.monotonic() + 30
