@@ -28,7 +28,7 @@ _CLAIM_RETRY_S = 0.5
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ARENA_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.bin$")  # cpu_shm arena files; nothing else is one
 OWNER_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.(bin|sock)$")  # what an owner leaves: arenas, fd sockets
-MEMFD_ARENA = re.compile(r"^[0-9]{1,10}-[0-9a-f]{12}$")  # a cpu_memfd arena's id, in its handle and memfd name
+ARENA_ID = re.compile(r"^[0-9]{1,10}-[0-9a-f]{12}$")  # an fd-handle arena's id (cpu_memfd, cuda_vmm), in its handle
 SERVE_LOCK = re.compile(r"^serve-[0-9]{1,10}-[0-9a-f]{12}\.lock$")  # an arena's turn to serve (sharedcache.handon)
 TEMP_FILE = re.compile(r"^\.[a-z]+\.json\.\d+(\.[0-9a-f]+)?\.tmp$")  # a manifest or mark being written
 
@@ -186,7 +186,7 @@ class Entry:
         """Pids of the processes that map this entry's arena (a cpu_shm file, a cpu_memfd by its name); None
         where the backend leaves no trace in /proc (GPU memory)."""
         name, arena = manifest.handle.get("file"), manifest.handle.get("arena")
-        if isinstance(arena, str) and MEMFD_ARENA.fullmatch(arena):  # cpu_memfd: the memfd's name
+        if manifest.backend == "cpu_memfd" and isinstance(arena, str) and ARENA_ID.fullmatch(arena):  # the memfd's name
             path = f" /memfd:sharedcache-{arena} (deleted)".encode()
         elif isinstance(name, str) and ARENA_FILE.fullmatch(name):
             # /proc/<pid>/maps shows resolved paths as bytes, with a newline in a name written as \012

@@ -18,17 +18,25 @@ import logging
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from .backends.fdpass import FdServer
-from .cache import Entry
-from .errors import ManifestError, SharedCacheError
+from .backends.fdpass import FdServer, receive_fds
+from .cache import ARENA_ID, Entry
+from .errors import HandoverError, ManifestError, OwnerGone, SharedCacheError
 from .files import lock_held, open_lock
-from .manifest import Owner, write_manifest
+from .manifest import MANIFEST_NAME, Manifest, Owner, write_manifest
+from .manifest_parse import read_manifest
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often a waiting relay asks for the serve lock: the longest a hand-on waits to start
+TAKEOVER_WAIT_S = 1.0  # how long an attach whose server just went away waits for a mapper to take over
+
+
+def new_arena_id() -> str:
+    """A name for a new arena, unique on this machine: its handle's `arena`, its serve lock's name."""
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
 
 
 def serve_lock(entry_dir: Path, arena: str) -> Path:
@@ -41,17 +49,44 @@ def served(entry_dir: Path, arena: str) -> bool:
     return lock_held(serve_lock(entry_dir, arena))
 
 
+def orphan_served(entry_dir: Path, manifest: Manifest) -> bool:
+    """An fd-handle backend's `orphan_attachable`: does a surviving mapper serve the arena the manifest names?"""
+    arena = manifest.handle.get("arena")
+    return isinstance(arena, str) and bool(ARENA_ID.fullmatch(arena)) and served(entry_dir, arena)
+
+
+def receive_served(entry_dir: Path, manifest: Manifest, timeout_s: float) -> tuple[dict, list[int]]:
+    """The fds from the socket the manifest names. A server that went away shows, while a surviving mapper
+    takes over, as a manifest naming another socket soon after: then a HandoverError, so the attach retries."""
+    try:
+        return receive_fds(entry_dir / manifest.handle["socket"], timeout_s)
+    except OwnerGone:
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(POLL_S / 2)
+            try:
+                now = read_manifest(entry_dir / MANIFEST_NAME)
+            except ManifestError:  # unpublished meanwhile: the attach says what that means
+                break
+            if now.handle.get("socket") != manifest.handle["socket"]:
+                raise HandoverError(f"the arena in {entry_dir} changed hands while attaching.") from None
+        raise
+
+
 class Relay:
     """This process's hold on an fd-handle arena it maps: the fds (the memory lives while they are open), and
     the turn to serve them. The owner's relay serves from the start; an attacher's waits for the serve lock
     and takes over when the process that held it is gone. Close it when the mapping goes (the backend ties
-    that to the mapping's lifetime); closing twice is harmless, and a forked child closes nothing."""
+    that to the mapping's lifetime); closing twice is harmless, and a forked child closes nothing.
+
+    The relay owns `fds` (the list itself: an owner whose arena grows chunk by chunk appends to it) and
+    serves `header` as it is when asked (so it may hold lists that grow with it)."""
 
     def __init__(self, entry_dir: Path, arena: str, fds: list[int], header: dict[str, Any], *,
                  owner: bool) -> None:
         self.entry_dir, self.arena, self.header = entry_dir, arena, header
         self.socket: str | None = None  # the socket this relay serves on, while it serves
-        self._fds, self._server = list(fds), None
+        self._fds, self._server = fds, None
         self._stop, self._pid, self._closed = threading.Event(), os.getpid(), False
         self._lock = open_lock(serve_lock(entry_dir, arena))
         self._thread: threading.Thread | None = None
@@ -117,5 +152,5 @@ class Relay:
         finally:
             for fd in self._fds:
                 os.close(fd)
-            self._fds = []
+            self._fds.clear()  # in place: an owner's chunk list is this list
             os.close(self._lock)

@@ -66,8 +66,10 @@ class SharedCacheLoader(BaseModelLoader):
         agree_across_ranks(instance, state)
         # An attached rank maps memory that its owner allocated before this rank measured its baseline,
         # so it is already missing from "free": reporting it as preloaded (0.5.23's term) would hold back
-        # slack for weights this rank does not hold. An owner (or a fallback) reports what its loader did.
-        self.preloaded_weights_bytes = 0 if report.attached else compat.inner_preloaded_bytes(self.inner)
+        # slack for weights this rank does not hold; the same for an owner that took over a dead one's
+        # arena. An owner that loaded (or a fallback) reports what its loader did.
+        took_over = report.attached or report.adopted
+        self.preloaded_weights_bytes = 0 if took_over else compat.inner_preloaded_bytes(self.inner)
         state.instance = instance
         state.report = _rank_report(state.ranks, report, model, self.preloaded_weights_bytes)
         return model
@@ -95,6 +97,7 @@ class SGLangSource:
     """What the core needs to know about one SGLang rank's model (sharedcache.instance.ModelSource)."""
 
     engine = "sglang"
+    adopts = True  # a restarted prefill takes over its dead predecessor's arena: the skeleton binds as a decode's does
     settles = True  # SGLang sizes its KV pool from free memory after loading: attach once the owner settled
 
     def __init__(self, inner, load_config, model_config, device_config, ranks: dict[str, int]) -> None:

@@ -14,25 +14,21 @@ import fcntl
 import mmap
 import os
 import re
-import secrets
 import time
 import weakref
 from pathlib import Path
 
 import torch
 
-from ..cache import MEMFD_ARENA as _ARENA
-from ..errors import ArenaError, HandoverError, IntegrityError, ManifestError, OwnerGone, StorageError
-from ..manifest import MANIFEST_NAME, Manifest
-from ..manifest_parse import read_manifest
+from ..cache import ARENA_ID as _ARENA
+from ..errors import ArenaError, HandoverError, IntegrityError, StorageError
+from ..manifest import Manifest
 from .base import Arena, Backend
 from .cpu_shm import map_fd, protect_read_only
-from .fdpass import receive_fds
 
 _CPU = {"type": "cpu", "index": None, "uuid": None}
 _SOCKET = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.sock$")
 _F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1: no new writable mapping or write(); the owner's own stays
-_TAKEOVER_WAIT_S = 1.0  # how long an attach whose server just went away waits for a mapper to take over
 
 
 class _OwnerArena(Arena):
@@ -80,11 +76,11 @@ class CpuMemfdBackend(Backend):
         return mmap.PAGESIZE
 
     def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
-        from ..handon import Relay
+        from ..handon import Relay, new_arena_id
 
         if device.type != "cpu":
             raise ArenaError(f"cpu_memfd holds CPU tensors only, the model is on {device}.")
-        arena = f"{os.getpid()}-{secrets.token_hex(6)}"
+        arena = new_arena_id()
         fd = os.memfd_create(f"sharedcache-{arena}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             try:
@@ -107,15 +103,14 @@ class CpuMemfdBackend(Backend):
 
     @classmethod
     def orphan_attachable(cls, entry_dir: Path, manifest: Manifest) -> bool:
-        from ..handon import served
+        from ..handon import orphan_served
 
-        arena = manifest.handle.get("arena")
-        return isinstance(arena, str) and bool(_ARENA.fullmatch(arena)) and served(entry_dir, arena)
+        return orphan_served(entry_dir, manifest)
 
     def _map(self, entry_dir: Path, manifest: Manifest) -> tuple[Arena, object]:
         """Receive the fd from whoever serves it, map it read-only, and keep it in a relay that lives as long
         as the mapping."""
-        from ..handon import Relay
+        from ..handon import Relay, receive_served
 
         h = manifest.handle
         if set(h) != {"socket", "arena"} or not _SOCKET.fullmatch(str(h["socket"])) \
@@ -123,7 +118,7 @@ class CpuMemfdBackend(Backend):
             raise HandoverError(f"manifest handle {h!r} does not name a socket and an arena inside the entry.",
                                 hint="Remove the entry and re-publish it.")
         t0 = time.perf_counter()
-        header, fds = _receive(entry_dir, manifest, self.settings.handle_timeout_s)
+        header, fds = receive_served(entry_dir, manifest, self.settings.handle_timeout_s)
         try:
             size = manifest.arena.size
             if len(fds) != 1 or header.get("bytes") != size or os.fstat(fds[0]).st_size < size:
@@ -141,22 +136,3 @@ class CpuMemfdBackend(Backend):
         arena.timings = {"receive_handles": time.perf_counter() - t0}
         return arena, relay
 
-
-def _receive(entry_dir: Path, manifest: Manifest, timeout_s: float) -> tuple[dict, list[int]]:
-    """The fds from the socket the manifest names. A server that went away shows, while a surviving mapper
-    takes over, as a manifest naming another socket soon after: then a HandoverError, so the attach retries."""
-    from ..handon import POLL_S
-
-    try:
-        return receive_fds(entry_dir / manifest.handle["socket"], timeout_s)
-    except OwnerGone:
-        deadline = time.monotonic() + _TAKEOVER_WAIT_S
-        while time.monotonic() < deadline:
-            time.sleep(POLL_S / 2)
-            try:
-                now = read_manifest(entry_dir / MANIFEST_NAME)
-            except ManifestError:  # unpublished meanwhile: the attach says what that means
-                break
-            if now.handle.get("socket") != manifest.handle["socket"]:
-                raise HandoverError(f"the arena in {entry_dir} changed hands while attaching.") from None
-        raise

@@ -1,8 +1,10 @@
 """cuda_ipc (fallback): one cuMemAlloc allocation shared through a legacy CUDA IPC handle
 (hex in the manifest). The memory belongs to the owner: importers must not outlive it,
-so a dead owner's entry is refused."""
+so a dead owner's entry is refused, and nothing can hand it on or take it over after the
+owner died (cuda_vmm can: sharedcache.handon)."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from .base import Arena, Backend
 
 _HEX = re.compile(r"^[0-9a-f]{128}$")
 _GRANULARITY = 2 << 20
+log = logging.getLogger(__name__)
 
 
 def _release_on(index: int, fn, ptr: int) -> None:
@@ -49,6 +52,9 @@ class CudaIpcBackend(Backend):
         return _GRANULARITY  # no VMM query: this backend is the fallback where VMM is missing
 
     def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
+        log.warning("cache.backend=cuda_ipc: the shared weights die with this process. If it crashes, attached "
+                    "instances must stop, none can attach, and a restart loads the model again; cuda_vmm hands "
+                    "the arena on and lets a restart take it over (where the driver supports it).")
         index = device_index(device)
         cu.use_device(index)
         ptr = cu.mem_alloc(size)

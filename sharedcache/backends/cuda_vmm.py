@@ -1,7 +1,11 @@
 """cuda_vmm: the arena is CUDA VMM physical memory (cuMemCreate, POSIX fd handles) mapped
 into one reserved virtual range. The owner serves the fds over a Unix socket; an
 attacher imports and maps them. Imported memory outlives the owner: it is freed only
-when the last process unmaps it.
+when the last process unmaps it and closes its fds.
+
+Every mapper keeps a copy of the fds it received (sharedcache.handon): when the owner dies, a
+surviving mapper serves them to new attachers, and a restarted owner takes the arena over from it
+instead of loading a second copy.
 
 Save path: the virtual range is reserved at once, but physical chunks are created and
 mapped only as the packing reaches them, after the originals already moved have been
@@ -10,24 +14,24 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..cache import ARENA_ID
 from ..errors import ArenaError, HandoverError
 from ..devices import device_index
 from ..layout import align_up
 from ..manifest import Manifest
 from . import cuda_driver as cu
 from .base import Arena, Backend
-from .fdpass import FdServer, receive_fds
 
 _SOCKET = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.sock$")
-_HANDLE_KEYS = {"socket", "chunks", "chunk_bytes"}
-_MAX_CHUNKS = 4096  # each chunk is an fd held by the owner and, briefly, by every attacher
+_HANDLE_KEYS = {"socket", "arena", "chunks", "chunk_bytes"}
+_MAX_CHUNKS = 4096  # each chunk is an fd held by every process that maps the arena
 
 
 @dataclass
@@ -71,11 +75,6 @@ class _OwnerChunks:
     def unmap(self) -> None:
         _unmap_chunks(self.index, self.ptr, self.sizes, self.size)
 
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
 
 def _unmap_chunks(index: int, ptr: int, sizes: list[int], reserved: int) -> None:
     """Unmap each mapped chunk (an unmap must cover whole mappings), then free the reserved range."""
@@ -88,13 +87,13 @@ def _unmap_chunks(index: int, ptr: int, sizes: list[int], reserved: int) -> None
 
 
 class _OwnerArena(Arena):
-    """The owner's arena: chunks mapped as the packing reaches them, their fds served to attachers until
-    release. (The unmapping is the DeviceRange's finalizer's, through `chunks`, which holds no view: the
-    memory goes with the last view, not with this object.)"""
+    """The owner's arena: chunks mapped as the packing reaches them, their fds (the relay's) served to
+    attachers until release. (The unmapping is the DeviceRange's finalizer's, through `chunks`, which holds
+    no view: the memory goes with the last view, not with this object.)"""
 
-    def __init__(self, base: torch.Tensor, chunks: _OwnerChunks, server: FdServer) -> None:
+    def __init__(self, base: torch.Tensor, chunks: _OwnerChunks, relay) -> None:
         super().__init__(base, chunks.handle, cu.device_record(chunks.index), owned=True)
-        self._chunks, self._server, self._owner_pid = chunks, server, os.getpid()
+        self._chunks, self._relay = chunks, relay
 
     def commit(self, upto: int) -> None:
         self._chunks.commit(upto)
@@ -103,18 +102,26 @@ class _OwnerArena(Arena):
         cu.settle(self._chunks.index)
 
     def _drop_claim(self) -> None:
-        if os.getpid() != self._owner_pid:  # a forked child must not tear down its parent's arena
-            return
-        try:
-            self._server.close()
-        finally:
-            self._chunks.close_fds()
+        self._relay.close()  # stops serving and closes the fds (a forked child's call does nothing)
+
+
+class _AdoptedArena(Arena):
+    """An arena a dead owner left, taken over by a new owner: mapped as an attacher maps it; on release its
+    relay stops serving (the memory lives on in every other holder)."""
+
+    def __init__(self, mapped: Arena, relay) -> None:
+        super().__init__(mapped.base, mapped.handle, mapped.device, owned=False, lifetime=mapped.lifetime)
+        self.timings, self._relay = mapped.timings, relay
+
+    def _drop_claim(self) -> None:
+        self._relay.close()
 
 
 class CudaVmmBackend(Backend):
     name = "cuda_vmm"
     survives_owner = True
-    attach_needs_owner = True  # the fds come from the owner's socket
+    attach_needs_owner = True  # the fds come from whoever serves them: the owner, or a mapper after it
+    adopts = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -131,6 +138,8 @@ class CudaVmmBackend(Backend):
         return cu.granularity(device_index(device))
 
     def create(self, entry_dir: Path, size: int, device: torch.device) -> Arena:
+        from ..handon import Relay, new_arena_id
+
         settings = self.settings
         index = device_index(device)
         cu.use_device(index)
@@ -138,26 +147,47 @@ class CudaVmmBackend(Backend):
         if size % gran:
             raise ArenaError(f"arena size {size} is not a multiple of the granularity {gran}.")
         chunk = align_up(settings.vmm_chunk_mib << 20, gran)
-        name = f"arena-{os.getpid()}-{secrets.token_hex(6)}.sock"
-        handle = {"socket": name, "chunks": 0, "chunk_bytes": chunk}
+        arena = new_arena_id()
+        handle = {"socket": "", "arena": arena, "chunks": 0, "chunk_bytes": chunk}
         ptr = cu.address_reserve(size, gran)
         state = _OwnerChunks(ptr, size, index, chunk, handle)
         rng = cu.DeviceRange(ptr, size, index, on_release=state.unmap)
-        state.commit(1)  # torch views mapped memory only
-        base = rng.as_tensor()
-        server = FdServer(entry_dir / name, lambda: ({"sizes": list(state.sizes)}, list(state.fds)))
-        return _OwnerArena(base, state, server)
+        relay = Relay(entry_dir, arena, state.fds, {"sizes": state.sizes}, owner=True)  # both lists grow
+        try:
+            handle["socket"] = relay.socket
+            state.commit(1)  # torch views mapped memory only
+        except BaseException:
+            relay.close()
+            raise
+        return _OwnerArena(rng.as_tensor(), state, relay)
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
-        settings = self.settings
+        return self._map(entry_dir, manifest)[0]
+
+    def adopt(self, entry_dir: Path, manifest: Manifest) -> Arena:
+        mapped, relay = self._map(entry_dir, manifest)
+        return _AdoptedArena(mapped, relay)
+
+    @classmethod
+    def orphan_attachable(cls, entry_dir: Path, manifest: Manifest) -> bool:
+        from ..handon import orphan_served
+
+        return orphan_served(entry_dir, manifest)
+
+    def _map(self, entry_dir: Path, manifest: Manifest) -> tuple[Arena, object]:
+        """Receive the fds from whoever serves them, import and map them read-only, and keep a copy of them
+        in a relay that lives as long as the mapping (so this process can hand the arena on)."""
+        from ..handon import Relay, receive_served
+
         h = manifest.handle
-        if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.fullmatch(h["socket"]):
-            raise HandoverError(f"manifest handle {h!r} does not name an owner socket inside the entry.",
+        if set(h) != _HANDLE_KEYS or not isinstance(h["socket"], str) or not _SOCKET.fullmatch(h["socket"]) \
+                or not ARENA_ID.fullmatch(str(h["arena"])):
+            raise HandoverError(f"manifest handle {h!r} does not name an owner socket and arena inside the entry.",
                                 hint="Remove the entry and re-publish it.")
         index = cu.local_index(manifest)
         cu.use_device(index)
         t0 = time.perf_counter()
-        header, fds = receive_fds(entry_dir / h["socket"], settings.handle_timeout_s)
+        header, fds = receive_served(entry_dir, manifest, self.settings.handle_timeout_s)
         received = time.perf_counter() - t0
         sizes = header.get("sizes")
         if not (isinstance(sizes, list) and all(type(x) is int and x > 0 for x in sizes)
@@ -166,10 +196,31 @@ class CudaVmmBackend(Backend):
                 os.close(fd)
             raise HandoverError(f"the owner sent {len(fds)} chunks of {sizes!r} bytes; the manifest describes "
                                 f"{h['chunks']} chunks, {manifest.arena.size} bytes in all.")
-        arena = _import(fds, sizes, manifest, index)
+        kept = _keep(fds)
+        try:
+            arena = _import(fds, sizes, manifest, index)
+            relay = Relay(entry_dir, h["arena"], kept, {"sizes": list(sizes)}, owner=False)
+        except BaseException:
+            for fd in kept:
+                os.close(fd)
+            raise
+        weakref.finalize(arena.lifetime, relay.close)  # the fds are kept exactly as long as the mapping
         arena.timings = {"receive_handles": received, "import_and_map": time.perf_counter() - t0 - received,
                          "connect": header.get("connect_s", 0.0), "owner_answer": header.get("answered_in_s", 0.0)}
-        return arena
+        return arena, relay
+
+
+def _keep(fds: list[int]) -> list[int]:
+    """A close-on-exec copy of each received fd (importing consumes the originals); on failure none is left."""
+    kept: list[int] = []
+    try:
+        for fd in fds:
+            kept.append(os.dup(fd))  # Python's dup makes the copy non-inheritable
+    except BaseException:
+        for fd in kept + fds:
+            os.close(fd)
+        raise
+    return kept
 
 
 def _import(fds: list[int], sizes: list[int], manifest: Manifest, index: int) -> Arena:

@@ -12,9 +12,11 @@ import pytest
 
 from conftest import REPO
 from sharedcache import ExitCode
+from sharedcache.cache import CacheDir, EntryState
 
 pytestmark = pytest.mark.gpu
 CUDA = ("engine.device_map=cuda",)
+KEY = "sc-llama-100m"  # the launcher's key for the embedded default model
 
 
 def gpu_used_mib() -> int:
@@ -75,17 +77,75 @@ def test_decode_gpu_memory_grows_by_no_more_than_its_context(launcher, cache_dir
     assert dec_growth <= bare_growth + 0.25 * model_mib, (dec_growth, bare_growth, model_mib)
 
 
-def test_vmm_decode_survives_owner_sigkill(launcher, cache_dir, sc_home):
+def _served_by(entry, pid: int, timeout: float = 30) -> None:
+    """Until the manifest names `pid` as the process that serves the arena (a hand-on takes ~0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = entry.read()
+        if m.server is not None and m.server.pid == pid:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} never took over serving {entry.key}: {entry.read().server}")
+
+
+def test_vmm_decode_survives_owner_sigkill_and_hands_the_arena_on(launcher, cache_dir, sc_home):
+    """Issue 23, item 1: the decode keeps the fds it received; once the owner is killed it serves them, so a
+    new decode attaches (0 bytes, same logits); when the last holder goes, new attaches are refused."""
     prefill = launcher.start("prefill", *CUDA, model="default")
     pre = prefill.wait_report()
+    entry = CacheDir(cache_dir).entry(KEY)
     dec = hold_probe("--role", "decode", "--cache-dir", str(cache_dir), "--model", "default", "--home",
                      str(sc_home), "--override", "engine.device_map=cuda")
-    prefill.stop(signal.SIGKILL)
-    result = finish(dec)
+    try:
+        prefill.stop(signal.SIGKILL)
+        _served_by(entry, dec.pid)
+        assert entry.state(entry.read()) is EntryState.SERVED
+        late = launcher.run("decode", *CUDA, model="default", name="late")  # through the survivor's socket
+        rep = late.report()
+        assert late.popen.returncode == 0, late.output()
+        assert rep["owner_alive"] is False and rep["weight_bytes_allocated"] == 0
+        assert rep["logits_sha256"] == pre["logits_sha256"] and rep["generated_tokens"] == pre["generated_tokens"]
+        result = finish(dec)
+    finally:
+        dec.kill()
     assert result["tokens"] == pre["generated_tokens"] and result["logits_sha256"] == pre["logits_sha256"]
-    # a new attach cannot get the handles any more: refused with its reason, not a crash
-    late = launcher.run("decode", *CUDA, "cache.wait_timeout_s=5", model="default")
-    assert late.popen.returncode == ExitCode.RETRY and "is dead" in late.output()  # OwnerGone: start a prefill
+    # the last holder is gone, and the memory with it: refused with its reason, not a crash
+    refused = launcher.run("decode", *CUDA, "cache.wait_timeout_s=5", model="default", name="refused")
+    assert refused.popen.returncode == ExitCode.RETRY and "is dead" in refused.output(), refused.output()
+
+
+def test_vmm_prefill_killed_and_restarted_takes_its_arena_over(launcher, cache_dir, sc_home):
+    """Issue 23, item 2 on the transformers path: the restarted prefill maps the arena its killed predecessor
+    left (served by the decode meanwhile), allocates no weights, owns the entry again; a decode that attaches
+    afterwards gets the same logits, and GPU memory holds one copy throughout."""
+    first = launcher.start("prefill", *CUDA, model="default", name="first")
+    pre = first.wait_report()
+    entry = CacheDir(cache_dir).entry(KEY)
+    dec = hold_probe("--role", "decode", "--cache-dir", str(cache_dir), "--model", "default", "--home",
+                     str(sc_home), "--override", "engine.device_map=cuda")
+    try:
+        first.stop(signal.SIGKILL)
+        _served_by(entry, dec.pid)
+        used_before = gpu_used_mib()
+        second = launcher.start("prefill", *CUDA, model="default", name="second")
+        rep = second.wait_report()
+        assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0 and rep["fallback"] is None, \
+            second.output()
+        assert rep["logits_sha256"] == pre["logits_sha256"] and rep["generated_tokens"] == pre["generated_tokens"]
+        m = entry.read()
+        assert m.owner.pid == second.popen.pid and entry.owner_alive(m) and m.server.pid == dec.pid
+        grown = gpu_used_mib() - used_before  # the second prefill's context and activations, no second copy
+        assert grown < 0.5 * pre["arena_bytes"] / 2**20 + 1024, (grown, pre["arena_bytes"])
+        result = finish(dec)  # the mapper that served goes: the new owner serves its own arena again
+        _served_by(entry, second.popen.pid)
+        after = launcher.run("decode", *CUDA, model="default", name="after")
+        d = after.report()
+        assert after.popen.returncode == 0 and d["owner_pid"] == second.popen.pid and d["owner_alive"]
+        assert d["logits_sha256"] == pre["logits_sha256"] and d["weight_bytes_allocated"] == 0
+        assert second.stop() == 0 and not entry.published()
+    finally:
+        dec.kill()
+    assert result["logits_sha256"] == pre["logits_sha256"]
 
 
 def test_cuda_ipc_dead_owner_is_refused(launcher):

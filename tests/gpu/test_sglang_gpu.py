@@ -3,7 +3,8 @@
 Real `launch.py engine=sglang` servers with CUDA graphs on, on a Llama-3-8B-shaped bf16 checkpoint
 (bench/make_model.py; generated on the machine, nothing downloaded). The tests run in order and share
 the servers of the module: a decode started before its prefill, one started after it, a mismatched
-one, the prefill stopped while a decode serves, and a plain server for the tokens.
+one, the prefill killed (SIGKILL) and restarted while a decode answers, then stopped, and a plain server
+for the tokens.
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import pytest
 
 from conftest import REPO, Launcher
 from helpers import free_port, sglang_request
+from sharedcache.cache import CacheDir
+from sharedcache.kit import rank_key
 
 pytestmark = [
     pytest.mark.gpu,
@@ -149,6 +154,68 @@ def test_update_weights_from_disk_on_a_decode_is_refused(servers):
     assert servers.tokens("decode-after") == servers.state["tokens"]  # still the same weights
 
 
+class Asking:
+    """Greedy requests to one server, back to back on a thread, until stopped: what a client of the decode
+    sees while the prefill beside it dies and restarts."""
+
+    def __init__(self, servers: Servers, name: str) -> None:
+        self.servers, self.name = servers, name
+        self.answers: list[bool] = []  # each answer: the same tokens as the first prefill's?
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._ask, daemon=True)
+        self._thread.start()
+
+    def _ask(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answers.append(self.servers.tokens(self.name) == self.servers.state["tokens"])
+            except Exception as e:  # noqa: BLE001 - every failure is counted and shown by the test
+                self.failures.append(repr(e))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=300)
+
+
+def test_prefill_killed_and_restarted_takes_its_arena_over_while_the_decode_answers(servers):
+    """Issue 23, items 1-2 on SGLang: every process of the prefill's server is SIGKILLed; the decode serves
+    the arena's fds meanwhile, answers every request with the same tokens, and the restarted prefill takes
+    the arena over (0 weight bytes, no second copy in GPU memory) and owns the entry again."""
+    pre, old = servers.state["prefill"], servers.state["prefill_proc"]
+    entry = CacheDir(servers.launcher.cache_dir).entry(rank_key(KEY, tp_rank=0))
+    asking = Asking(servers, "decode-after")
+    try:
+        killed = time.time()
+        os.killpg(os.getpgid(pre["ranks"][0]["pid"]), signal.SIGKILL)  # the server, its scheduler, all of it
+        old.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (entry.read().server or entry.read().owner).pid != servers.state["after"]["ranks"][0]["pid"]:
+            assert time.monotonic() < deadline, f"the decode never took over serving: {entry.read()}"
+            time.sleep(0.05)
+        served = time.time()
+        second = servers.start("prefill", "prefill-restarted")
+        rep = second.wait_report(900)
+        ready = time.time()
+    finally:
+        asking.stop()
+    rank = rep["ranks"][0]
+    assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0 and rep["fallback"] is None, rep
+    assert rank["preloaded_weights_bytes"] == 0 and rank["meta_tensors"] == []
+    assert asking.failures == [] and asking.answers and all(asking.answers), (asking.failures, asking.answers)
+    assert servers.tokens("prefill-restarted") == servers.state["tokens"]
+    m = entry.read()
+    assert m.owner.pid == rank["pid"] and entry.owner_alive(m)
+    used = process_gpu_mib()  # the restarted prefill holds its KV pool and context, not a second copy
+    extra = used[rank["pid"]] - rank["kv_pool_tokens"] * kv_bytes_per_token() / 2**20
+    assert extra < 4096, (used, rank["kv_pool_tokens"])
+    servers.state.update(prefill_proc=second, restart={
+        "killed_at": killed, "served_by_decode_at": served, "restarted_ready_at": ready,
+        "adopt_phases": rank["phases"], "attach_seconds": rank["attach_seconds"],
+        "first_load_phases": pre["ranks"][0]["phases"], "decode_answers": len(asking.answers),
+        "decode_failures": len(asking.failures), "restarted_extra_mib": extra})
+
+
 def test_decode_keeps_answering_after_the_prefill_stops(servers):
     assert servers.state["prefill_proc"].stop(timeout=120) == 0
     assert servers.tokens("decode-after") == servers.state["tokens"]
@@ -162,7 +229,8 @@ def test_plain_server_generates_the_same_tokens(servers):
     info = servers.server_info("plain")
     summary = {"first": servers.state["first"]["ranks"][0], "after": servers.state["after"]["ranks"][0],
                "prefill": servers.state["prefill"]["ranks"][0], "plain_kv_pool_tokens": info["max_total_num_tokens"],
-               "memory": servers.state["memory"], "tokens": servers.state["tokens"]}
+               "memory": servers.state["memory"], "tokens": servers.state["tokens"],
+               "restart": servers.state.get("restart")}
     out = os.environ.get("SHAREDCACHE_GPU_SUMMARY")
     if out:
         Path(out).write_text(json.dumps(summary, indent=2, sort_keys=True))
