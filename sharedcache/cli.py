@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import shutil
@@ -11,8 +12,9 @@ from typing import Any
 
 from . import __version__
 from .cache import CacheDir, Entry
-from .collect import sweep
+from .collect import sweep, sweep_host_copies
 from .errors import ConfigError, ExitCode, ManifestError, SharedCacheError
+from .hostcopy import read_host_copy
 from .keys import head_key, split_rank_key
 
 
@@ -88,9 +90,11 @@ def _row(r: dict[str, Any], *, indent: bool = False) -> tuple[str, ...]:
 
 
 def _state(r: dict[str, Any]) -> str:
-    """The state, and who hands the arena on where that is not its owner (`served by <pid>`)."""
+    """The state, who hands the arena on where that is not its owner (`served by <pid>`), and whether a host
+    copy can refill it (`+host copy`)."""
     server = r["server_pid"]
-    return f"{r['state']} by {server}" if server is not None and server != r["owner_pid"] else r["state"]
+    state = f"{r['state']} by {server}" if server is not None and server != r["owner_pid"] else r["state"]
+    return state + (" +host copy" if r["host_copy_bytes"] and r["state"] != "host copy only" else "")
 
 
 def _size(size: int | None) -> str:
@@ -144,10 +148,13 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
     """One published entry as `ls` shows it (None: nothing published there); one bad entry never hides the others."""
     record: dict[str, Any] = {"key": entry.key, "model": None, "backend": None, "size_bytes": None, "owner_pid": None,
                               "state": "?", "server_pid": None, "mapped_by": None, "created": None, "error": None,
-                              "group": None, "tp_rank": None, "tp_size": None, "part": None, "parts": None}
+                              "group": None, "tp_rank": None, "tp_size": None, "part": None, "parts": None,
+                              "host_copy_bytes": None}
     try:
+        copy = read_host_copy(entry.dir) if entry.check() else None
+        record["host_copy_bytes"] = copy.size if copy is not None else None
         if not entry.published():
-            return None
+            return _host_copy_only(record, copy)
         m = entry.read()
         record.update(model=m.fingerprint.model, backend=m.backend, size_bytes=m.arena.size, owner_pid=m.owner.pid,
                       state=entry.state(m).label, mapped_by=entry.mapped_by(m),
@@ -162,6 +169,15 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
     except (SharedCacheError, OSError) as e:
         record.update(state="corrupt" if isinstance(e, ManifestError) else "refused", error=str(e))
     return record
+
+
+def _host_copy_only(record: dict[str, Any], copy) -> dict[str, Any] | None:
+    """An entry with nothing published but a host copy that the key's next owner refills from."""
+    if copy is None:
+        return None
+    m = copy.manifest
+    return {**record, "model": m.fingerprint.model, "backend": m.backend, "size_bytes": m.arena.size,
+            "state": "host copy only", "created": dt.datetime.fromtimestamp(m.created).strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _pids(pids: list[int] | None) -> str:
@@ -224,7 +240,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     or an attacher's way); say what went and what stayed, and why."""
     removed = kept = 0
     verb = "would remove" if args.dry_run else "removed"
-    for verdict in sweep(CacheDir(_cache_dir(args)), dry_run=args.dry_run):
+    cache = CacheDir(_cache_dir(args))
+    verdicts = itertools.chain(sweep(cache, dry_run=args.dry_run),
+                               sweep_host_copies(cache, every=args.host_copies, dry_run=args.dry_run))
+    for verdict in verdicts:
         if verdict.removed:
             removed += 1
             print(printable(f"{verb} {verdict.key}: {verdict.why}"))
@@ -259,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--json", action="store_true", help="one JSON record per entry")
         if name == "gc":
             sp.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+            sp.add_argument("--host-copies", action="store_true",
+                            help="also remove every host copy (cache.host_copy) that no live owner holds")
         if name == "inspect":
             sp.add_argument("key")
             sp.add_argument("--tensors", type=int, default=20, help="how many tensors to list (-1: all)")

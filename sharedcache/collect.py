@@ -7,6 +7,11 @@ is claiming (the owner lock), one that an instance is attached or attaching to (
 before an attacher re-reads the manifest until its mapping dies), and one whose directory or files are not
 what sharedcache made (reported). The slow checks run first; the locks are then taken without waiting and the
 entry removed only if it did not change meanwhile.
+
+Host copies (sharedcache.hostcopy) are judged apart (`sweep_host_copies`): one that a later owner of the key
+can refill from stays, also when gc removes the stale entry it was copied from; an unfinished or unreadable
+one, or one of another model than the entry publishes, goes; `--host-copies` removes every one whose entry no
+live owner holds.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Iterator
 
 from .cache import OWNER_FILE, SERVE_LOCK, TEMP_FILE, CacheDir, Entry, EntryState
 from .errors import EntryOwned, ManifestError, SharedCacheError, StorageError
+from .hostcopy import HOST_TEMP, discard, read_host_copy
 from .ownership import Claim
 from .settle import SETTLED_NAME
 
@@ -99,7 +105,8 @@ def _leftovers(entry: Entry) -> list[Path]:
         return []
     except OSError as e:
         raise StorageError.from_os(e, f"listing cache entry directory {entry.dir}") from None
-    return [entry.dir / n for n in sorted(names) if OWNER_FILE.fullmatch(n) or TEMP_FILE.fullmatch(n)]
+    return [entry.dir / n for n in sorted(names)
+            if OWNER_FILE.fullmatch(n) or TEMP_FILE.fullmatch(n) or HOST_TEMP.fullmatch(n)]
 
 
 def _serve_locks(entry: Entry) -> list[Path]:
@@ -153,3 +160,46 @@ def _collectable(entry: Entry) -> str | None:
     if state is EntryState.REBOOTED:
         return "published before the last reboot"
     return f"owner pid {m.owner.pid} is gone ({state.label})"
+
+
+def sweep_host_copies(cache: CacheDir, *, every: bool, dry_run: bool) -> Iterator[Verdict]:
+    """The host copies gc removes (all of those no live owner holds with `every`), one entry at a time."""
+    for entry in cache.entries():
+        try:
+            why = _host_copy_collectable(entry, every=every)
+            if why is None:
+                continue
+            try:
+                claim = Claim.take(entry, retry_s=0)  # no owner writes or refills a copy meanwhile
+            except EntryOwned:
+                yield Verdict(entry.key, removed=False, why="host copy kept: a live owner holds the entry",
+                              listed=False)
+                continue
+            with claim:
+                if not dry_run and _host_copy_collectable(entry, every=every) is not None:
+                    discard(entry.dir)
+        except (SharedCacheError, OSError) as e:
+            yield Verdict(entry.key, removed=False, why=f"host copy kept: {e}", listed=False)
+            continue
+        yield Verdict(entry.key, removed=True, why=f"host copy: {why}", listed=False)
+
+
+def _host_copy_collectable(entry: Entry, *, every: bool) -> str | None:
+    """Why the entry's host copy can go, None to keep it (or when there is none)."""
+    if not entry.check():
+        return None
+    try:
+        copy = read_host_copy(entry.dir)
+    except ManifestError as e:
+        return f"unreadable ({e})"
+    if copy is None:
+        return None
+    if every:
+        return "removed on request (--host-copies)"
+    try:
+        published = entry.read() if entry.published() else None
+    except ManifestError:
+        return None  # the entry's own verdict removes the manifest; the copy may still serve the key's next owner
+    if published is not None and not copy.fits(published):
+        return "it holds another model or layout than the entry publishes"
+    return None

@@ -260,7 +260,8 @@ class Instance:
             layout_digest=manifest.arena.layout_digest if manifest else None,
             backend_timings={k: round(v, 6) for k, v in arena.timings.items()} if arena is not None else {},
             parts=parts if s.several_parts else [],
-            adopted=shared and s.adopting,
+            adopted=shared and s.adopting and not arena.owned,
+            refilled=shared and s.adopting and arena.owned,  # a new arena, filled from the host copy
         )
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from . import hostcopy
 from .cache import Entry
 from .errors import ManifestError, SharedCacheError, StorageError
 from .manifest import Manifest, write_manifest
@@ -20,6 +21,7 @@ from .settle import clear_settled
 
 if TYPE_CHECKING:
     from .backends.base import Arena
+    from .hostcopy import HostWriter
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class Claim:
         self.entry = entry
         self.arena: Arena | None = None  # the arena this owner made, released on close
         self.manifest: Manifest | None = None  # what this owner published, until close
+        self.host_writer: HostWriter | None = None  # the background host copy of the arena (sharedcache.hostcopy)
         self._fd: int | None = fd
         self._pid = os.getpid()
 
@@ -82,6 +85,9 @@ class Claim:
         give_up([self])
 
     def release_arena(self) -> None:
+        writer, self.host_writer = self.host_writer, None
+        if writer is not None:  # stopped first: it reads the arena
+            writer.close()
         arena, self.arena = self.arena, None
         if arena is not None:
             arena.release()
@@ -108,6 +114,7 @@ class Claim:
                     path.unlink(missing_ok=True)
                 except OSError as e:  # a directory in its place is not ours to remove; gc reports it
                     log.warning("left %s in place: %s", path, e.strerror)
+        hostcopy.sweep(self.entry.dir, ours)
 
 
 def give_up(claims: list[Claim]) -> None:

@@ -36,6 +36,7 @@ class Report:
     # a model spread over several devices: one {key, device, tensors, bytes, arena_bytes} per part
     parts: list[dict[str, Any]] = field(default_factory=list)
     adopted: bool = False  # a save that took over the arena its dead predecessor left instead of loading
+    refilled: bool = False  # a save that refilled a new arena from the entry's host copy instead of loading
     extra: dict[str, Any] = field(default_factory=dict)  # filled by the launcher (generated text, ...)
 
     @property
@@ -64,7 +65,11 @@ class Report:
         if self.parts:
             lines.append(f"  spread over {len(self.parts)} devices: " + ", ".join(
                 f"{p['device']} {p['bytes'] / mb:.1f} MiB ({p['key']})" for p in self.parts))
-        if self.adopted:
+        if self.refilled:
+            took = self.backend_timings.get("host_refill", 0.0)
+            lines.append(f"  refilled from the host copy in {took:.2f} s ({self.arena_bytes / max(took, 1e-9) / 1e9:.1f} "
+                         "GB/s): nothing read from the checkpoint; this instance owns it now")
+        elif self.adopted:
             lines.append(f"  took over the arena its dead predecessor left, in {self.attach_seconds * 1e3:.1f} ms: "
                          "nothing loaded; this instance owns it now")
         elif self.attach_seconds is not None:

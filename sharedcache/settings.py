@@ -24,6 +24,7 @@ class CacheSettings:
     vmm_chunk_mib: int  # cuda_vmm: physical chunk size; bounds the save's extra peak memory
     handle_timeout_s: float  # how long an attacher waits for the owner to hand over its handles
     adopt: bool  # save: take over the arena a dead owner left (same fingerprint) instead of loading again
+    host_copy: bool  # owner: keep a copy of the arena in host memory that refills the GPU after every process died
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "CacheSettings":
@@ -42,8 +43,9 @@ class CacheSettings:
 
         if not isinstance(self.dir, str) or not self.dir:
             raise ConfigError("cache.dir must be a directory path.")
-        if not isinstance(self.adopt, bool):
-            raise ConfigError(f"cache.adopt must be true or false, got {self.adopt!r}.")
+        for opt in ("adopt", "host_copy"):
+            if not isinstance(getattr(self, opt), bool):
+                raise ConfigError(f"cache.{opt} must be true or false, got {getattr(self, opt)!r}.")
         for opt in ("on_mismatch", "on_unsupported"):
             if getattr(self, opt) not in ("error", "fallback"):
                 raise ConfigError(f"cache.{opt} must be 'error' or 'fallback', got {getattr(self, opt)!r}.")

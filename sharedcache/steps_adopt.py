@@ -1,8 +1,10 @@
 """The built-in steps of an adopt plan: a save that found, under its key, the arena a dead owner published
-for the same model takes it over instead of loading a second copy. It runs in the role's save order:
-intercept builds the skeleton as an attacher does and maps the arena, align binds the skeleton to it,
-serialize publishes it again as this owner's. The orchestrator (sharedcache.instance) chooses this plan
-only while it holds the entry's claim, so no other owner can publish there meanwhile.
+for the same model takes it over instead of loading a second copy; or, where that arena went with the last
+process that held it, refills a new one from the entry's host copy (sharedcache.hostcopy) instead of reading
+the checkpoint. It runs in the role's save order: intercept builds the skeleton as an attacher does and maps
+(or refills) the arena, align binds the skeleton to it, serialize publishes it as this owner's. The
+orchestrator (sharedcache.instance) chooses this plan only while it holds the entry's claim, so no other
+owner can publish there meanwhile.
 """
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import logging
 import time
 from typing import Any
 
-from . import backends
+from . import backends, hostcopy
 from .cache import Entry
-from .errors import FingerprintMismatch, HandoverError, ManifestError, SharedCacheError
+from .errors import FingerprintMismatch, HandoverError, IntegrityError, ManifestError, SharedCacheError
 from .fingerprint import Fingerprint, differences
-from .manifest import Owner, boot_id
+from .manifest import Manifest, Owner, boot_id
 from .phases import step
 from .run import Fallback, RunState, spreads
 from .settings import CacheSettings
@@ -26,37 +28,57 @@ log = logging.getLogger(__name__)
 
 def adoptable(entry: Entry, fingerprint: Fingerprint, settings: CacheSettings, source: Any) -> bool:
     """Save, holding `entry`'s claim: is the arena published there by a dead owner this model's, for a backend
-    that hands it to a new owner, and may this source build the skeleton to bind it? Another model's arena
-    there is refused (FingerprintMismatch) unless cache.on_mismatch=fallback lets this save replace it."""
-    if not (settings.adopt and getattr(source, "adopts", False)) or spreads(source) or not entry.published():
+    that hands it to a new owner, or does the entry keep a host copy of this model, and may this source build
+    the skeleton to bind it? Another model's live arena there is refused (FingerprintMismatch) unless
+    cache.on_mismatch=fallback lets this save replace it."""
+    if not (settings.adopt and getattr(source, "adopts", False)) or spreads(source):
         return False
+    return _orphan(entry, fingerprint, settings) is not None or hostcopy.usable(entry.dir, fingerprint) is not None
+
+
+def _orphan(entry: Entry, fingerprint: Fingerprint, settings: CacheSettings) -> Manifest | None:
+    """The manifest of a dead owner's arena under `entry` that this model can take over, if there is one."""
+    if not entry.published():
+        return None
     try:
         manifest = entry.read()
         backend = backends.backend_class(manifest.backend)
     except (ManifestError, SharedCacheError):  # unreadable, or a backend we do not know: replace it
-        return False
+        return None
     if manifest.part is not None or manifest.owner.boot_id != boot_id() or not backend.adopts \
             or not backend.orphan_attachable(entry.dir, manifest):
-        return False
+        return None
     differing = differences(fingerprint, manifest, spreads=False)
     if differing and settings.on_mismatch != "fallback":
         raise FingerprintMismatch(entry.key, differing, hint=(
             "The arena a dead owner left under this key holds another model; instances may still map it. "
             "Set cache.on_mismatch=fallback to load and publish this model in its place, use another cache.key, "
             "or remove the entry with `sharedcache gc` once nothing maps it."))
-    return not differing
+    return None if differing else manifest
 
 
-@step("intercept", "adopt", reads=("source", "settings", "mode", "parts.entry"),
+@step("intercept", "adopt", reads=("source", "settings", "mode", "parts.entry", "parts.fingerprint"),
       provides=("model", "parts.refs", "expected", "backend", "parts.manifest", "parts.arena"))
 def intercept_adopt(s: RunState) -> Fallback | None:
     refused = intercept_load(s)
     if refused is not None:
         return refused
     p = s.head
-    p.manifest = p.entry.read()  # what the dead owner published; ours to replace, nobody else's meanwhile
-    s.backend = backends.get_backend(p.manifest.backend, s.settings)
-    p.arena = s.backend.adopt(p.entry.dir, p.manifest)  # ours to give back only once published again
+    orphan = _orphan(p.entry, p.fingerprint, s.settings)  # ours to replace, nobody else's meanwhile
+    if orphan is not None:
+        p.manifest = orphan
+        s.backend = backends.get_backend(orphan.backend, s.settings)
+        p.arena = s.backend.adopt(p.entry.dir, orphan)  # ours to give back only once published again
+        return None
+    copy = hostcopy.usable(p.entry.dir, p.fingerprint)
+    if copy is None:
+        return Fallback("the arena its dead owner left went away meanwhile, and the entry keeps no host copy")
+    s.backend = backends.get_backend(copy.manifest.backend, s.settings)
+    try:
+        p.arena = hostcopy.refilled(s.backend, p.entry.dir, copy, s.source.device)
+    except IntegrityError as e:  # the copy is removed: load the checkpoint
+        return Fallback(str(e))
+    p.manifest = copy.manifest
     return None
 
 
@@ -70,6 +92,9 @@ step("verify", "adopt", reads=("settings", "parts.arena", "parts.manifest"))(ver
       provides=("parts.manifest",))
 def serialize_adopt(s: RunState) -> None:
     p = s.head
+    if p.arena.owned:  # refilled from the host copy: a new arena, published as a save publishes one
+        _publish_refilled(s)
+        return
     dead = p.manifest.owner.pid
     current = p.entry.read()  # a surviving mapper may have taken over serving the arena since intercept read it
     if not current.same_arena(p.manifest):
@@ -78,5 +103,20 @@ def serialize_adopt(s: RunState) -> None:
     p.manifest = dataclasses.replace(current, owner=Owner.current(), created=time.time())
     p.claim.publish(p.manifest)  # the same arena, layout and checksums (and its server), under this owner
     p.claim.arena = p.arena  # the owner's from now on: given back (its file removed) when this owner stops
+    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena)
     log.info("[%s] took over %s from its dead owner (pid %d): %d tensors, %d bytes, nothing loaded",
              s.role.name, s.settings.key, len(p.manifest.tensors), p.manifest.payload_bytes, dead)
+
+
+def _publish_refilled(s: RunState) -> None:
+    p = s.head
+    p.arena.sync()
+    p.manifest = dataclasses.replace(p.manifest, owner=Owner.current(), created=time.time(), server=None,
+                                     handle=p.arena.handle, device=p.arena.device)
+    p.claim.publish(p.manifest)
+    p.claim.arena = p.arena
+    p.arena.seal()
+    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena)  # the copy it came from is kept as it is
+    took = p.arena.timings.get("host_refill", 0.0)
+    log.info("[%s] refilled %s from its host copy: %d bytes in %.2fs (%.1f GB/s), nothing read from the checkpoint",
+             s.role.name, s.settings.key, p.manifest.arena.size, took, p.manifest.arena.size / max(took, 1e-9) / 1e9)

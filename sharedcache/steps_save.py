@@ -12,7 +12,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Iterator
 
-from . import backends
+from . import backends, hostcopy
 from .cache import CacheDir
 from .errors import EntryOwned, UnsupportedModel
 from .layout import plan
@@ -229,6 +229,7 @@ def _publish(s: RunState, p: Part) -> None:
         tensors=p.layout.tensors, created=time.time(), checksums=p.checksums, part=part)
     p.claim.publish(p.manifest)
     p.arena.seal()  # from now on an in-place write by the owner faults instead of changing every instance
+    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena)
 
 
 @step("verify", "save", reads=("parts.arena", "parts.layout"), provides=("parts.checksums",))

@@ -67,8 +67,9 @@ class SharedCacheLoader(BaseModelLoader):
         # An attached rank maps memory that its owner allocated before this rank measured its baseline,
         # so it is already missing from "free": reporting it as preloaded (0.5.23's term) would hold back
         # slack for weights this rank does not hold; the same for an owner that took over a dead one's
-        # arena. An owner that loaded (or a fallback) reports what its loader did.
-        took_over = report.attached or report.adopted
+        # arena or refilled one from the host copy (SGLang's loader never ran). An owner that loaded (or a
+        # fallback) reports what its loader did.
+        took_over = report.attached or report.adopted or report.refilled
         self.preloaded_weights_bytes = 0 if took_over else compat.inner_preloaded_bytes(self.inner)
         state.instance = instance
         state.report = _rank_report(state.ranks, report, model, self.preloaded_weights_bytes)

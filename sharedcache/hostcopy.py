@@ -1,0 +1,320 @@
+"""A host copy of a published arena that outlives every process (cache.host_copy, off by default).
+
+GPU memory (and a cpu_memfd) lives only while some process holds it: after a node drain or a restart of
+every engine, the next owner would read the checkpoint again at page-cache speed. With a host copy the owner,
+once published, copies its arena into the entry directory (tmpfs under the default cache.dir) on a thread of
+its own, and a later owner that finds no live arena refills a new one from it: parallel reads into pinned
+staging buffers, copied to the GPU while the next chunk is read, then checked against the content digest.
+The cost is host memory equal to the arena's size, for as long as the copy stays (`sharedcache gc
+--host-copies` removes every copy no process is reading).
+
+<entry>/hostcopy.bin    the arena's bytes
+<entry>/hostcopy.json   the manifest they were published under and their content digest; written last and
+                        removed first, so a record always names a complete copy of those bytes
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import IntegrityError, ManifestError, StorageError
+from .files import write_json_atomic
+from .fingerprint import Fingerprint, differences
+from .manifest import Manifest
+from .manifest_parse import parse_manifest
+
+if TYPE_CHECKING:  # torch is imported where bytes are moved: `sharedcache ls` and gc never need it
+    import torch
+
+    from .backends.base import Arena, Backend
+
+log = logging.getLogger(__name__)
+HOST_FILE, HOST_RECORD = "hostcopy.bin", "hostcopy.json"
+HOST_TEMP = re.compile(r"^\.hostcopy\.bin\.\d+\.[0-9a-f]+\.tmp$")  # a copy being written
+_OUT_CHUNK = 64 << 20  # the background copy's staging buffer
+_IN_CHUNK = 256 << 20  # each of the refill's two staging buffers
+_READERS = 8  # parallel reads per refill chunk: one thread's copy from tmpfs is far below PCIe speed
+_ROW_WORDS = 4096  # the content digest sums 32 KiB rows of 64-bit words
+_BLOCK_WORDS = 8 << 20
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """A complete host copy in an entry directory, and what it holds."""
+
+    path: Path
+    manifest: Manifest  # as published when copied: layout, tensors, checksums, fingerprint, backend
+    digest: str  # content_digest of the bytes
+    copied_seconds: float
+
+    @property
+    def size(self) -> int:
+        return self.manifest.arena.size
+
+    def fits(self, manifest: Manifest) -> bool:
+        """Does this copy hold `manifest`'s model in `manifest`'s layout?"""
+        return (self.manifest.fingerprint.digest() == manifest.fingerprint.digest()
+                and self.manifest.arena == manifest.arena)
+
+
+def read_host_copy(entry_dir: Path) -> HostCopy | None:
+    """The entry's host copy, None if there is none; a ManifestError when its record is not one of ours."""
+    record, data = entry_dir / HOST_RECORD, None
+    try:
+        data = json.loads(record.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ManifestError(f"host copy record {record} cannot be read: {e}.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("digest"), str) \
+            or not isinstance(data.get("copied_seconds"), (int, float)):
+        raise ManifestError(f"host copy record {record} is not a sharedcache host copy record.")
+    copy = HostCopy(entry_dir / HOST_FILE, parse_manifest(data.get("manifest")), data["digest"],
+                    float(data["copied_seconds"]))
+    try:
+        size = os.lstat(copy.path).st_size
+    except FileNotFoundError:
+        raise ManifestError(f"host copy record {record} names no {HOST_FILE} beside it.") from None
+    if size != copy.size:
+        raise ManifestError(f"host copy {copy.path} holds {size} bytes; its record says {copy.size}.")
+    return copy
+
+
+def usable(entry_dir: Path, fingerprint: Fingerprint) -> HostCopy | None:
+    """The entry's host copy if it holds this model (one device part only), else None."""
+    try:
+        copy = read_host_copy(entry_dir)
+    except ManifestError as e:
+        log.warning("ignoring the host copy in %s: %s", entry_dir, e)
+        return None
+    if copy is None or copy.manifest.part is not None or differences(fingerprint, copy.manifest, spreads=False):
+        return None
+    return copy
+
+
+def content_digest(base: torch.Tensor) -> str:
+    """sha256 over the wrapping sums of every 32 KiB row of 64-bit words, computed where the bytes are (a GPU
+    reads 16 GB in milliseconds): a changed, lost or moved row changes it. Not a defence against an adversary
+    (the directory is private); a check that a refill put back what was copied."""
+    import torch
+
+    words = base.view(torch.int64)
+    h = hashlib.sha256(f"{base.numel()}:".encode())
+    for start in range(0, words.numel(), _BLOCK_WORDS):
+        block = words[start:start + _BLOCK_WORDS]
+        rows = block.numel() // _ROW_WORDS
+        sums = block[:rows * _ROW_WORDS].view(rows, _ROW_WORDS).sum(dim=1)
+        if block.numel() % _ROW_WORDS:
+            sums = torch.cat([sums, block[rows * _ROW_WORDS:].sum().view(1)])
+        h.update(sums.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _memory(t: torch.Tensor, offset: int, size: int) -> memoryview:
+    """A buffer over `size` bytes of a CPU tensor's memory from `offset`, for the kernel to read or fill."""
+    return memoryview((ctypes.c_char * size).from_address(t.data_ptr() + offset)).cast("B")
+
+
+class HostWriter:
+    """The owner's background copy of its published arena into the entry directory. Stopped (and its
+    unfinished file removed) when the owner gives the arena up; a copy that already holds these bytes is kept
+    as it is."""
+
+    def __init__(self, entry_dir: Path, manifest: Manifest, base: torch.Tensor) -> None:
+        self.entry_dir, self.manifest = entry_dir, manifest
+        self._base: torch.Tensor | None = base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"sharedcache-hostcopy-{manifest.key}")
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        try:
+            self._write()
+        except (OSError, RuntimeError, StorageError) as e:  # a copy is optional: the owner serves on without it
+            log.warning("no host copy of %s: %s", self.manifest.key, e)
+        finally:
+            self._base = None
+
+    def _write(self) -> None:
+        try:
+            current = read_host_copy(self.entry_dir)
+        except ManifestError:
+            current = None
+        if current is not None and current.fits(self.manifest):
+            return  # the copy a predecessor made holds these bytes already
+        size, free = self.manifest.arena.size, _free_bytes(self.entry_dir)
+        if free < size:
+            raise StorageError(f"{self.entry_dir} has {free} bytes free; a host copy needs {size}.",
+                               hint="Free host memory, or set cache.host_copy=false.")
+        (self.entry_dir / HOST_RECORD).unlink(missing_ok=True)  # a record names whatever hostcopy.bin holds
+        tmp = self.entry_dir / f".{HOST_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            t0 = time.perf_counter()
+            os.posix_fallocate(fd, 0, size)
+            digest = self._copy_out(fd)
+            if digest is None:
+                return
+            os.rename(tmp, self.entry_dir / HOST_FILE)
+            write_json_atomic(self.entry_dir / HOST_RECORD, {
+                "manifest": self.manifest.to_json(), "digest": digest,
+                "copied_seconds": round(time.perf_counter() - t0, 6)}, mode=0o600)
+            log.info("host copy of %s written: %d bytes in %.2fs", self.manifest.key, size, time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+
+    def _copy_out(self, fd: int) -> str | None:
+        """Every byte of the arena into `fd`, then its content digest; None when stopped first."""
+        import torch
+
+        base, size = self._base, self.manifest.arena.size
+        if base.device.type == "cpu":
+            for off in range(0, size, _OUT_CHUNK):
+                if self._stop.is_set():
+                    return None
+                _write_all(fd, _memory(base, off, min(_OUT_CHUNK, size - off)), off)
+            return content_digest(base)
+        with torch.cuda.device(base.device):
+            stream, staging = torch.cuda.Stream(), torch.empty(_OUT_CHUNK, dtype=torch.uint8, pin_memory=True)
+            with torch.cuda.stream(stream):  # beside the engine's work, not in its streams
+                for off in range(0, size, _OUT_CHUNK):
+                    if self._stop.is_set():
+                        return None
+                    n = min(_OUT_CHUNK, size - off)
+                    staging[:n].copy_(base[off:off + n], non_blocking=True)
+                    stream.synchronize()
+                    _write_all(fd, _memory(staging, 0, n), off)
+                return content_digest(base)
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _read_all(fd: int, into: memoryview, offset: int) -> None:
+    while into:
+        n = os.preadv(fd, [into], offset)
+        if n == 0:
+            raise IntegrityError(f"the host copy ended at byte {offset}, before the arena's end.",
+                                 hint="Remove it with `sharedcache gc --host-copies`.")
+        into, offset = into[n:], offset + n
+
+
+def _read_parallel(pool: ThreadPoolExecutor, fd: int, into: torch.Tensor, offset: int, size: int) -> None:
+    """`size` bytes of the file from `offset` into the CPU tensor `into`, in _READERS parallel reads."""
+    piece = -(-size // _READERS)
+    jobs = [pool.submit(_read_all, fd, _memory(into, a, min(piece, size - a)), offset + a)
+            for a in range(0, size, piece)]
+    for job in jobs:
+        job.result()
+
+
+def refill(copy: HostCopy, arena: Arena) -> dict[str, float]:
+    """Fill the new owner's `arena` with the host copy and check its digest: {"host_refill": seconds of the
+    copy, "host_digest": seconds of the check}. An IntegrityError when the bytes are not the copied ones."""
+    size, base = copy.size, arena.base
+    t0 = time.perf_counter()
+    arena.commit(size)
+    fd = os.open(copy.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with ThreadPoolExecutor(_READERS, thread_name_prefix="sharedcache-refill") as pool:
+            if base.device.type == "cpu":
+                _read_parallel(pool, fd, base, 0, size)
+            else:
+                _refill_device(pool, fd, base, size)
+    finally:
+        os.close(fd)
+    arena.sync()
+    t1 = time.perf_counter()
+    if content_digest(base) != copy.digest:
+        raise IntegrityError(f"the bytes refilled from {copy.path} do not match its content digest.",
+                             hint="The host copy was changed or damaged; it is removed and the model loaded.")
+    return {"host_refill": t1 - t0, "host_digest": time.perf_counter() - t1}
+
+
+def _refill_device(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int) -> None:
+    """Two pinned buffers: while one is copied to the GPU, the next chunk is read into the other."""
+    import torch
+
+    with torch.cuda.device(base.device):
+        stream = torch.cuda.Stream()
+        staging = [torch.empty(min(_IN_CHUNK, size), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        copied: list[Any] = [None, None]
+        with torch.cuda.stream(stream):
+            for i, off in enumerate(range(0, size, _IN_CHUNK)):
+                k, n = i % 2, min(_IN_CHUNK, size - off)
+                if copied[k] is not None:
+                    copied[k].synchronize()  # the buffer's last chunk has reached the GPU
+                _read_parallel(pool, fd, staging[k], off, n)
+                base[off:off + n].copy_(staging[k][:n], non_blocking=True)
+                copied[k] = torch.cuda.Event()
+                copied[k].record(stream)
+        stream.synchronize()
+
+
+def refilled(backend: Backend, entry_dir: Path, copy: HostCopy, device: torch.device) -> Arena:
+    """A new arena of `backend` on `device`, filled from the host copy; nothing is left if that fails (a copy
+    that fails its digest is removed)."""
+    arena = backend.create(entry_dir, copy.size, device)
+    try:
+        arena.timings = {**arena.timings, **refill(copy, arena)}
+    except BaseException as e:
+        arena.release()
+        if isinstance(e, IntegrityError):
+            discard(entry_dir)
+        raise
+    return arena
+
+
+def discard(entry_dir: Path) -> None:
+    """Remove the entry's host copy: the record first, so no reader takes a half-removed one."""
+    (entry_dir / HOST_RECORD).unlink(missing_ok=True)
+    (entry_dir / HOST_FILE).unlink(missing_ok=True)
+
+
+def sweep(entry_dir: Path, published: Manifest) -> None:
+    """On publishing (under the claim, so no writer of another owner lives): remove unfinished copies, and a
+    host copy of another model or layout than the one just published."""
+    for name in os.listdir(entry_dir):
+        if HOST_TEMP.fullmatch(name):
+            (entry_dir / name).unlink(missing_ok=True)
+    try:
+        copy = read_host_copy(entry_dir)
+    except ManifestError:
+        copy = None
+        discard(entry_dir)
+    if copy is not None and not copy.fits(published):
+        log.info("removing the host copy in %s: it holds another model or layout", entry_dir)
+        discard(entry_dir)
+
+
+def keep(settings: Any, claim: Any, manifest: Manifest, arena: Arena) -> None:
+    """After publishing: start the host copy where the entry asks for one and a process death can lose the
+    arena (a cpu_shm file outlives every process already)."""
+    if not settings.host_copy or manifest.part is not None or manifest.backend == "cpu_shm":
+        return
+    claim.host_writer = HostWriter(claim.entry.dir, manifest, arena.base)
