@@ -183,3 +183,27 @@ def test_bad_input_on_cuda_is_refused_cleanly(launcher, cache_dir):
     assert dec.popen.returncode == ExitCode.CONFIG and "differing fields: dtype" in dec.output()
     ok = launcher.run("decode", *CUDA, name="good-after")
     assert ok.popen.returncode == 0, ok.output()
+
+
+def test_vmm_prefill_refills_from_its_host_copy_after_every_process_died(launcher, cache_dir):
+    """Issue 23, item 4 on the GPU: the owner copies its arena to host memory in the background; once every
+    process that held the GPU arena is gone, the next prefill refills a new arena from the copy (no checkpoint
+    read), checks its digest, and computes the same logits."""
+    hosted = (*CUDA, "cache.host_copy=true")
+    first = launcher.start("prefill", *hosted, model="default", name="first")
+    pre = first.wait_report()
+    entry = CacheDir(cache_dir).entry(KEY)
+    deadline = time.monotonic() + 120
+    while not (entry.dir / "hostcopy.json").exists():
+        assert time.monotonic() < deadline, first.output()
+        time.sleep(0.05)
+    first.stop(signal.SIGKILL)  # nobody else mapped it: the GPU memory is gone
+    assert entry.state(entry.read()) is EntryState.UNUSABLE
+    second = launcher.start("prefill", *hosted, model="default", name="second")
+    rep = second.wait_report()
+    assert rep["refilled"] is True and rep["load_seconds"] is None and rep["fallback"] is None, second.output()
+    assert rep["backend"] == "cuda_vmm" and rep["backend_timings"]["host_refill"] > 0
+    assert rep["logits_sha256"] == pre["logits_sha256"] and rep["generated_tokens"] == pre["generated_tokens"]
+    dec = launcher.run("decode", *CUDA, model="default", name="decode")
+    assert dec.popen.returncode == 0 and dec.report()["logits_sha256"] == pre["logits_sha256"], dec.output()
+    assert second.stop() == 0
