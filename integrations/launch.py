@@ -262,7 +262,11 @@ def main(dcfg: DictConfig) -> None:
         settings = CacheSettings.from_mapping(cfg["cache"])
         declared = launch_checks.role_launch(cfg)
         declared.check_engine(cfg["engine"]["name"])  # one the role does not start with: the role's own line
-        if cfg["engine"]["name"] == "sglang":
+        if cfg["engine"]["name"] == "sglang" and declared.runs == "hold":
+            from sharedcache_integrations.sglang.holder import run_holder
+
+            run_holder(cfg, settings, out)
+        elif cfg["engine"]["name"] == "sglang":
             run_sglang(cfg, declared, role, out)
         elif cfg["engine"]["name"] == "hf":
             run_hf(cfg, declared, role, settings, out)

@@ -22,7 +22,7 @@ HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # What launch.py can start for a role (role.launch.runs), and on which engines it can start it.
-RUNS = {"model": ("hf", "sglang"), "router": ("sglang",)}
+RUNS = {"model": ("hf", "sglang"), "router": ("sglang",), "hold": ("hf", "sglang")}
 LAUNCH_KEYS = ("runs", "engines", "refusal")
 
 
@@ -31,7 +31,9 @@ class RoleLaunch:
     """What launch.py does with the composed role, as conf/role/<name>.yaml declares it."""
 
     name: str
-    runs: str  # model: the engine loads or attaches the model; router: sglang-router's PD router, no model
+    runs: str  # model: the engine loads or attaches the model; router: sglang-router's PD router, no model;
+    # hold: the weights kept resident with nothing serving (hf: loaded and published by this process; sglang:
+    # the arenas an SGLang owner's ranks published, mapped and kept, sharedcache.holding)
     engines: tuple[str, ...]  # the engines it starts with
     hold: bool  # an instance that published the weights keeps them until SIGINT/SIGTERM (engine=hf)
     generate: bool  # greedy generation from `prompt` once the model is there
@@ -71,8 +73,9 @@ def role_launch(cfg: dict[str, Any]) -> RoleLaunch:
         if not isinstance(role.get(key), bool):
             _fail(f"role.{key}", role.get(key), "true or false", f"role.{key}=false")
     if launch["runs"] not in RUNS:
-        _fail("role.launch.runs", launch["runs"], "model (the engine loads or attaches the model) or router "
-              "(sglang-router's PD router, no model)", "role.launch.runs=model")
+        _fail("role.launch.runs", launch["runs"], "model (the engine loads or attaches the model), router "
+              "(sglang-router's PD router, no model) or hold (the weights kept resident, nothing serving)",
+              "role.launch.runs=model")
     engines = launch["engines"]
     allowed = RUNS[launch["runs"]]
     if not isinstance(engines, list) or not engines or not all(e in allowed for e in engines):

@@ -149,9 +149,10 @@ def test_sglang_plugin_config_that_is_not_ours_is_a_config_error():
             load_plugin_config(raw)
 
 
-def test_sglang_holder_and_hf_router_are_refused_with_what_to_do(launcher, models):
-    holder = launcher.run("holder", "engine=sglang", f"model.path={models['tiny']}")
-    assert holder.popen.returncode == 2 and "role=holder runs with engine=hf" in holder.output()
+def test_an_sglang_holder_with_nothing_published_and_an_hf_router_are_refused_with_what_to_do(launcher, models):
+    holder = launcher.run("holder", "engine=sglang", f"model.path={models['tiny']}", "cache.wait_timeout_s=1")
+    assert holder.popen.returncode == 3, holder.output()  # no sglang needed: the holder starts no server
+    assert "waited 1s for entry 'tiny-tp0'" in holder.output() and "role=prefill" in holder.output()
     router = launcher.run("router")
     assert router.popen.returncode == 2 and "role=router needs engine=sglang" in router.output()
 

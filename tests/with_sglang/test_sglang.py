@@ -40,15 +40,15 @@ class SGLangServers:
         self.launcher, self.model = launcher, model
         self.ports = {"prefill": free_port(), "decode": free_port(), "plain": free_port()}
 
-    def start(self, role: str):
+    def start(self, role: str, *extra: str, name: str | None = None):
         return self.launcher.start(
-            role, "engine=sglang", "engine.device=cpu", "engine.dtype=float32", f"model.path={self.model}",
+            role, *extra, "engine=sglang", "engine.device=cpu", "engine.dtype=float32", f"model.path={self.model}",
             "cache.key=sgl-llama", *(f"engine.port.{r}={p}" for r, p in self.ports.items()),
             # no KV transfer engine (mooncake/nixl) runs on CPU: the two servers run without PD
             "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null",
             "+engine.env.SGLANG_USE_CPU_ENGINE=1", "+engine.extra_args.attention_backend=torch_native",
             "+engine.extra_args.max_total_tokens=2048", "+engine.extra_args.disable_cuda_graph=true",
-            f"max_new_tokens={N_TOKENS}", name=role)
+            f"max_new_tokens={N_TOKENS}", name=name or role)
 
     def generate(self, role: str, ids: list[int]) -> list[int]:
         from sharedcache_integrations.sglang.server import greedy_ids
@@ -190,6 +190,50 @@ def test_prefill_publishes_and_decode_attaches_with_transformers_tokens(launcher
     plain.wait_report(600)  # up and serving
     assert sgl.generate("plain", ids) != expected
     assert plain.stop(timeout=120) == 0, plain.output()
+
+
+def test_an_sglang_holder_keeps_the_weights_and_a_killed_prefill_restarted_takes_them_over(
+        launcher, models, cache_dir, tmp_path, monkeypatch):
+    """Issue 23, items 2-3 on SGLang's CPU engine: a holder (role=holder engine=sglang) maps the prefill's
+    rank arena (cpu_memfd: it dies with its last holder, like GPU memory); the prefill's server is SIGKILLed
+    whole, the holder serves the arena, and the restarted prefill takes it over without reading the checkpoint
+    (spoiled meanwhile), as does a decode started afterwards."""
+    import signal
+
+    from sharedcache.cache import CacheDir
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUB), os.environ.get("PYTHONPATH", "")]))
+    model = tmp_path / "model"
+    shutil.copytree(models["default"], model, copy_function=shutil.copy2)
+    ids = [5, 17, 33, 80, 101, 2, 64, 9]
+    expected = transformers_tokens(model, ids)
+    sgl, memfd = SGLangServers(launcher, model), "cache.backend=cpu_memfd"
+    first = sgl.start("prefill", memfd, name="first")
+    pre = first.wait_report(600)
+    assert pre["backend"] == "cpu_memfd" and sgl.generate("prefill", ids) == expected, pre
+    holder = launcher.start("holder", "engine=sglang", f"model.path={model}", "cache.key=sgl-llama", name="holder")
+    held = holder.wait_report(120)
+    assert held["mode"] == "hold" and [h["key"] for h in held["held"]] == ["sgl-llama-tp0"], held
+    assert held["weight_bytes_allocated"] == 0 and held["arena_bytes"] == pre["arena_bytes"]
+    spoil_weights_keeping_identity(model)  # from here on, reading the checkpoint would show
+    entry = CacheDir(cache_dir).entry("sgl-llama-tp0")
+    os.killpg(os.getpgid(pre["ranks"][0]["pid"]), signal.SIGKILL)  # the whole server, its scheduler first
+    first.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (entry.read().server or entry.read().owner).pid != held["pid"]:
+        assert time.monotonic() < deadline, f"the holder never served the arena: {entry.read()}"
+        time.sleep(0.05)
+    second = sgl.start("prefill", memfd, name="second")
+    rep = second.wait_report(600)
+    assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0 and rep["fallback"] is None, rep
+    assert rep["ranks"][0]["preloaded_weights_bytes"] == 0 and rep["ranks"][0]["meta_tensors"] == []
+    assert sgl.generate("prefill", ids) == expected  # the arena's weights, not the spoiled checkpoint's
+    assert entry.read().owner.pid == rep["ranks"][0]["pid"]
+    decode = sgl.start("decode", memfd, name="decode")
+    dec = decode.wait_report(600)
+    assert dec["weight_bytes_allocated"] == 0 and sgl.generate("decode", ids) == expected, dec
+    for server in (second, decode, holder):
+        assert server.stop(timeout=120) == 0, server.output()
 
 
 def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_at_a_time(launcher, models, tmp_path,

@@ -1,0 +1,62 @@
+"""Keeping published arenas resident with no model and no engine: an arena holder.
+
+An engine that owns its weights (an SGLang prefill: its own loader post-processes them) publishes them in its
+rank processes; a holder maps each rank's arena as an attacher would, holding the entry's attach lock, and keeps
+it. With a backend whose memory outlives its owner and is handed on by its mappers (cuda_vmm, cpu_memfd), the
+weights then stay while the holder lives, whatever happens to the engines: when the owner stops or dies the
+holder (or another mapper) serves the arena, a restarted owner takes it over, and new instances of any role
+attach, so restarting every engine costs their own start-up, not a weight load.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from . import backends
+from .backends.base import Arena
+from .cache import CacheDir
+from .errors import AttachTimeout, ConfigError
+from .manifest import Manifest
+from .progress import ProgressFn, log_progress
+from .settings import CacheSettings
+from .waiting import Outcome, wait_for_owner
+
+
+@dataclass
+class Held:
+    """One entry's arena, mapped and kept by this process."""
+
+    key: str
+    manifest: Manifest
+    arena: Arena | None
+    _hold: int | None  # the entry's attach lock, kept while the arena is held (gc leaves a held entry alone)
+
+    def close(self) -> None:
+        """Stop holding: the attach lock goes now, the mapping and its handles with the last view of it."""
+        hold, self._hold, self.arena = self._hold, None, None
+        if hold is not None:
+            os.close(hold)
+
+
+def hold(settings: CacheSettings, key: str, *, progress: ProgressFn = log_progress) -> Held:
+    """Wait (up to cache.wait_timeout_s) for `key` to be published, then map and keep its arena."""
+    entry = CacheDir(settings.dir).entry(key)
+    found = wait_for_owner(entry, deadline=time.monotonic() + settings.wait_timeout_s,
+                           timeout_s=settings.wait_timeout_s, role="holder", reclaim=False, progress=progress)
+    if found.outcome is not Outcome.PUBLISHED:
+        raise AttachTimeout(f"waited {settings.wait_timeout_s:g}s for entry {key!r} to be published in "
+                            f"{settings.dir}; {found.why}.",
+                            hint="Start the engine that owns the weights (role=prefill) with the same cache.dir and "
+                                 "model, or raise cache.wait_timeout_s.")
+    try:
+        backend = backends.get_backend(found.manifest.backend, settings)
+        if not (backend.survives_owner and backend.adopts):
+            raise ConfigError(f"entry {key!r} was published with backend {found.manifest.backend!r}, whose memory a "
+                              "holder cannot keep once its owner is gone.",
+                              hint="Publish it with cache.backend=cuda_vmm (GPU) or cpu_memfd (CPU).")
+        arena = backend.attach(entry.dir, found.manifest)
+    except BaseException:
+        found.release()
+        raise
+    return Held(key, found.manifest, arena, found.hold)
