@@ -151,7 +151,7 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
                               "group": None, "tp_rank": None, "tp_size": None, "part": None, "parts": None,
                               "host_copy_bytes": None}
     try:
-        copy = read_host_copy(entry.dir) if entry.check() else None
+        copy = _host_copy(entry)
         record["host_copy_bytes"] = copy.size if copy is not None else None
         if not entry.published():
             return _host_copy_only(record, copy)
@@ -169,6 +169,14 @@ def _listing(entry: Entry) -> dict[str, Any] | None:
     except (SharedCacheError, OSError) as e:
         record.update(state="corrupt" if isinstance(e, ManifestError) else "refused", error=str(e))
     return record
+
+
+def _host_copy(entry: Entry):
+    """The entry's host copy; an unreadable one is not shown (gc removes it), and never hides the entry."""
+    try:
+        return read_host_copy(entry.dir) if entry.check() else None
+    except ManifestError:
+        return None
 
 
 def _host_copy_only(record: dict[str, Any], copy) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from .cache import OWNER_FILE, SERVE_LOCK, TEMP_FILE, CacheDir, Entry, EntryState
 from .errors import EntryOwned, ManifestError, SharedCacheError, StorageError
-from .hostcopy import HOST_TEMP, discard, read_host_copy
+from .hostcopy import HOST_FILE, HOST_TEMP, discard, read_host_copy
 from .ownership import Claim
 from .settle import SETTLED_NAME
 
@@ -176,12 +176,14 @@ def sweep_host_copies(cache: CacheDir, *, every: bool, dry_run: bool) -> Iterato
                               listed=False)
                 continue
             with claim:
-                if not dry_run and _host_copy_collectable(entry, every=every) is not None:
+                why = _host_copy_collectable(entry, every=every)  # again, now that no owner can write one
+                if why is not None and not dry_run:
                     discard(entry.dir)
         except (SharedCacheError, OSError) as e:
             yield Verdict(entry.key, removed=False, why=f"host copy kept: {e}", listed=False)
             continue
-        yield Verdict(entry.key, removed=True, why=f"host copy: {why}", listed=False)
+        if why is not None:
+            yield Verdict(entry.key, removed=True, why=f"host copy: {why}", listed=False)
 
 
 def _host_copy_collectable(entry: Entry, *, every: bool) -> str | None:
@@ -192,8 +194,8 @@ def _host_copy_collectable(entry: Entry, *, every: bool) -> str | None:
         copy = read_host_copy(entry.dir)
     except ManifestError as e:
         return f"unreadable ({e})"
-    if copy is None:
-        return None
+    if copy is None:  # none, or one whose owner died between writing it and its record
+        return "unfinished (no record)" if (entry.dir / HOST_FILE).exists() else None
     if every:
         return "removed on request (--host-copies)"
     try:

@@ -19,6 +19,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -87,19 +88,33 @@ class Relay:
         self.entry_dir, self.arena, self.header = entry_dir, arena, header
         self.socket: str | None = None  # the socket this relay serves on, while it serves
         self._fds, self._server = fds, None
+        self._keep: Manifest | None = None  # a holder's: publish the arena again if its owner unpublished it
         self._stop, self._pid, self._closed = threading.Event(), os.getpid(), False
-        self._lock = open_lock(serve_lock(entry_dir, arena))
+        self._closing = threading.Lock()
         self._thread: threading.Thread | None = None
-        if owner:  # a new arena: nobody else can hold its lock yet
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.socket = self._serve()
-        else:
-            self._thread = threading.Thread(target=self._wait_turn, daemon=True, name=f"sharedcache-relay-{arena}")
-            self._thread.start()
+        self._lock = open_lock(serve_lock(entry_dir, arena))
+        try:
+            if owner:  # a new arena: nobody else can hold its lock yet
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.socket = self._serve()
+            else:
+                self._thread = threading.Thread(target=self._wait_turn, daemon=True,
+                                                name=f"sharedcache-relay-{arena}")
+                self._thread.start()
+        except BaseException:
+            os.close(self._lock)
+            raise
+        _LIVE.add(self)
 
     @property
     def serving(self) -> bool:
         return self._server is not None
+
+    def keep_published(self, manifest: Manifest) -> None:
+        """A holder's relay: when the arena's owner unpublishes it on purpose (a clean stop) and no new owner
+        claims the key, publish `manifest` again with this process serving it, so the weights stay reachable
+        (a restarted owner takes them over) instead of being held where nobody can find them."""
+        self._keep = manifest
 
     def _serve(self) -> str:
         name = f"arena-{os.getpid()}-{secrets.token_hex(6)}.sock"
@@ -107,6 +122,8 @@ class Relay:
         return name
 
     def _wait_turn(self) -> None:
+        """Wait for the serve lock; once it is ours, take over, or give the turn back when there is nothing
+        to hand on (another mapper may still have a reason to: a holder) or the take-over failed."""
         while not self._stop.wait(POLL_S):
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,34 +132,43 @@ class Relay:
             except OSError:  # closed under us: the relay is going away
                 return
             try:
-                self._take_over()
-            except (OSError, SharedCacheError) as e:  # the entry was removed or is not ours to write: nothing to do
+                if self._take_over():
+                    return
+            except (OSError, SharedCacheError) as e:  # the entry was removed or is not ours to write
                 log.warning("could not take over serving arena %s: %s", self.arena, e)
-            return
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            if self._keep is None:
+                return  # nothing to hand on: the mapping stays valid, this process just serves nobody
+            self._stop.wait(POLL_S * 5)  # a holder keeps trying while the owner finishes stopping
 
-    def _take_over(self) -> None:
+    def _take_over(self) -> bool:
         """Elected: serve the fds and name this process in the manifest, if the entry still publishes our arena
-        (an owner that unpublished on purpose, or a new arena in its place, leaves nothing to hand on)."""
+        (an owner that unpublished on purpose, or a new arena in its place, leaves nothing to hand on; a
+        holder's relay publishes the arena again once no owner holds the key). True when serving."""
         entry = Entry(self.entry_dir.parent, self.entry_dir.name)
         with entry.write_lock():
             try:
                 manifest = entry.read()
             except ManifestError:
-                return
-            if manifest.handle.get("arena") != self.arena or self._stop.is_set():
-                return
+                manifest = self._keep if self._keep is not None and not entry.claimed() else None
+            if manifest is None or manifest.handle.get("arena") != self.arena or self._stop.is_set():
+                if self._keep is None:
+                    log.info("arena %s of %s is no longer published: nothing to hand on", self.arena, entry.key)
+                return False
             self.socket = self._serve()
             handed = dataclasses.replace(manifest, handle={**manifest.handle, "socket": self.socket},
                                          server=Owner.current())
             write_manifest(entry.manifest_path, handed)
         log.info("serving arena %s of %s after its server (pid %d) went away", self.arena, entry.key,
                  (manifest.server or manifest.owner).pid)
+        return True
 
     def close(self) -> None:
         """Stop serving and waiting, give the fds and the lock back (the mapping itself stays valid)."""
-        if self._closed or os.getpid() != self._pid:
-            return
-        self._closed = True
+        with self._closing:
+            if self._closed or os.getpid() != self._pid:
+                return
+            self._closed = True
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
@@ -154,3 +180,25 @@ class Relay:
                 os.close(fd)
             self._fds.clear()  # in place: an owner's chunk list is this list
             os.close(self._lock)
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: close its copies of the fds and of the serve lock (the lock's open file is shared,
+        so a child outliving its parent would keep the turn, and the memory, forever); the parent's stay."""
+        self._closed = True
+        for fd in [*self._fds, self._lock]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_LIVE: "weakref.WeakSet[Relay]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for relay in list(_LIVE):
+        relay._forget_in_child()
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import backends
 from .backends.base import Arena
 from .cache import CacheDir
-from .errors import AttachTimeout, ConfigError
+from .errors import AttachTimeout, ConfigError, ManifestError
 from .manifest import Manifest
 from .progress import ProgressFn, log_progress
 from .settings import CacheSettings
@@ -27,6 +27,7 @@ from .waiting import Outcome, wait_for_owner
 class Held:
     """One entry's arena, mapped and kept by this process."""
 
+    root: str  # the cache directory
     key: str
     manifest: Manifest
     arena: Arena | None
@@ -50,13 +51,24 @@ def hold(settings: CacheSettings, key: str, *, progress: ProgressFn = log_progre
                             hint="Start the engine that owns the weights (role=prefill) with the same cache.dir and "
                                  "model, or raise cache.wait_timeout_s.")
     try:
-        backend = backends.get_backend(found.manifest.backend, settings)
-        if not (backend.survives_owner and backend.adopts):
-            raise ConfigError(f"entry {key!r} was published with backend {found.manifest.backend!r}, whose memory a "
-                              "holder cannot keep once its owner is gone.",
-                              hint="Publish it with cache.backend=cuda_vmm (GPU) or cpu_memfd (CPU).")
-        arena = backend.attach(entry.dir, found.manifest)
+        arena = backends.get_backend(found.manifest.backend, settings).attach(entry.dir, found.manifest)
+        if arena.relay is None:
+            raise ConfigError(f"entry {key!r} was published with backend {found.manifest.backend!r}, which has no "
+                              "handles to hand on: its owner removes the arena on a clean stop, so a holder cannot "
+                              "keep it reachable.", hint="Publish it with cache.backend=cuda_vmm (GPU) or cpu_memfd (CPU).")
     except BaseException:
         found.release()
         raise
-    return Held(key, found.manifest, arena, found.hold)
+    arena.relay.keep_published(found.manifest)  # a clean stop of the owner leaves the weights published, here
+    return Held(settings.dir, key, found.manifest, arena, found.hold)
+
+
+def superseded(held: Held) -> bool:
+    """Does the entry now publish another arena than the one held (a new owner loaded its own)? The held
+    one then only takes memory: let it go and hold the new one."""
+    entry = CacheDir(held.root).entry(held.key)
+    try:
+        current = entry.read()
+    except ManifestError:
+        return False  # nothing published: a clean stop this holder's relay publishes again, or a new owner loading
+    return not current.same_arena(held.manifest)

@@ -4,7 +4,8 @@ GPU memory (and a cpu_memfd) lives only while some process holds it: after a nod
 every engine, the next owner would read the checkpoint again at page-cache speed. With a host copy the owner,
 once published, copies its arena into the entry directory (tmpfs under the default cache.dir) on a thread of
 its own, and a later owner that finds no live arena refills a new one from it: parallel reads into pinned
-staging buffers, copied to the GPU while the next chunk is read, then checked against the content digest.
+staging buffers, copied to the GPU while the next chunk is read, then checked against the content digest
+(sharedcache.refill).
 The cost is host memory equal to the arena's size, for as long as the copy stays (`sharedcache gc
 --host-copies` removes every copy no process is reading).
 
@@ -15,6 +16,7 @@ The cost is host memory equal to the arena's size, for as long as the copy stays
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,12 +25,11 @@ import re
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import IntegrityError, ManifestError, StorageError
+from .errors import ManifestError, StorageError
 from .files import write_json_atomic
 from .fingerprint import Fingerprint, differences
 from .manifest import Manifest
@@ -37,16 +38,15 @@ from .manifest_parse import parse_manifest
 if TYPE_CHECKING:  # torch is imported where bytes are moved: `sharedcache ls` and gc never need it
     import torch
 
-    from .backends.base import Arena, Backend
+    from .backends.base import Arena
 
 log = logging.getLogger(__name__)
 HOST_FILE, HOST_RECORD = "hostcopy.bin", "hostcopy.json"
 HOST_TEMP = re.compile(r"^\.hostcopy\.bin\.\d+\.[0-9a-f]+\.tmp$")  # a copy being written
 _OUT_CHUNK = 64 << 20  # the background copy's staging buffer
-_IN_CHUNK = 256 << 20  # each of the refill's two staging buffers
-_READERS = 8  # parallel reads per refill chunk: one thread's copy from tmpfs is far below PCIe speed
 _ROW_WORDS = 4096  # the content digest sums 32 KiB rows of 64-bit words
 _BLOCK_WORDS = 8 << 20
+_RESERVE_LOCK = ".hostcopy.lock"  # in the cache directory: writers check free space and allocate one at a time
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def content_digest(base: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _memory(t: torch.Tensor, offset: int, size: int) -> memoryview:
+def memory(t: torch.Tensor, offset: int, size: int) -> memoryview:
     """A buffer over `size` bytes of a CPU tensor's memory from `offset`, for the kernel to read or fill."""
     return memoryview((ctypes.c_char * size).from_address(t.data_ptr() + offset)).cast("B")
 
@@ -158,18 +158,14 @@ class HostWriter:
             current = None
         if current is not None and current.fits(self.manifest):
             return  # the copy a predecessor made holds these bytes already
-        size, free = self.manifest.arena.size, _free_bytes(self.entry_dir)
-        if free < size:
-            raise StorageError(f"{self.entry_dir} has {free} bytes free; a host copy needs {size}.",
-                               hint="Free host memory, or set cache.host_copy=false.")
-        (self.entry_dir / HOST_RECORD).unlink(missing_ok=True)  # a record names whatever hostcopy.bin holds
+        discard(self.entry_dir)  # the record first: it names whatever hostcopy.bin holds
         tmp = self.entry_dir / f".{HOST_FILE}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             t0 = time.perf_counter()
-            os.posix_fallocate(fd, 0, size)
+            _reserve(fd, self.entry_dir, self.manifest.arena.size)
             digest = self._copy_out(fd)
-            if digest is None:
+            if digest is None or self._stop.is_set():  # stopped: the claim may be another owner's by now
                 return
             os.rename(tmp, self.entry_dir / HOST_FILE)
             write_json_atomic(self.entry_dir / HOST_RECORD, {
@@ -189,7 +185,7 @@ class HostWriter:
             for off in range(0, size, _OUT_CHUNK):
                 if self._stop.is_set():
                     return None
-                _write_all(fd, _memory(base, off, min(_OUT_CHUNK, size - off)), off)
+                _write_all(fd, memory(base, off, min(_OUT_CHUNK, size - off)), off)
             return content_digest(base)
         with torch.cuda.device(base.device):
             stream, staging = torch.cuda.Stream(), torch.empty(_OUT_CHUNK, dtype=torch.uint8, pin_memory=True)
@@ -200,94 +196,30 @@ class HostWriter:
                     n = min(_OUT_CHUNK, size - off)
                     staging[:n].copy_(base[off:off + n], non_blocking=True)
                     stream.synchronize()
-                    _write_all(fd, _memory(staging, 0, n), off)
+                    _write_all(fd, memory(staging, 0, n), off)
                 return content_digest(base)
 
 
-def _free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+def _reserve(fd: int, entry_dir: Path, size: int) -> None:
+    """Allocate the copy's file, leaving the filesystem a margin (a full tmpfs would fail manifest writes and
+    the engines' own shared memory); one writer per cache directory at a time decides."""
+    lock = os.open(entry_dir.parent / _RESERVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        st = os.statvfs(entry_dir)
+        free, margin = st.f_bavail * st.f_frsize, max(1 << 30, size // 20)
+        if free < size + margin:
+            raise StorageError(f"{entry_dir} has {free} bytes free; a host copy of {size} bytes needs {margin} "
+                               "more to spare.", hint="Free host memory, or set cache.host_copy=false.")
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(lock)
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
-
-
-def _read_all(fd: int, into: memoryview, offset: int) -> None:
-    while into:
-        n = os.preadv(fd, [into], offset)
-        if n == 0:
-            raise IntegrityError(f"the host copy ended at byte {offset}, before the arena's end.",
-                                 hint="Remove it with `sharedcache gc --host-copies`.")
-        into, offset = into[n:], offset + n
-
-
-def _read_parallel(pool: ThreadPoolExecutor, fd: int, into: torch.Tensor, offset: int, size: int) -> None:
-    """`size` bytes of the file from `offset` into the CPU tensor `into`, in _READERS parallel reads."""
-    piece = -(-size // _READERS)
-    jobs = [pool.submit(_read_all, fd, _memory(into, a, min(piece, size - a)), offset + a)
-            for a in range(0, size, piece)]
-    for job in jobs:
-        job.result()
-
-
-def refill(copy: HostCopy, arena: Arena) -> dict[str, float]:
-    """Fill the new owner's `arena` with the host copy and check its digest: {"host_refill": seconds of the
-    copy, "host_digest": seconds of the check}. An IntegrityError when the bytes are not the copied ones."""
-    size, base = copy.size, arena.base
-    t0 = time.perf_counter()
-    arena.commit(size)
-    fd = os.open(copy.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        with ThreadPoolExecutor(_READERS, thread_name_prefix="sharedcache-refill") as pool:
-            if base.device.type == "cpu":
-                _read_parallel(pool, fd, base, 0, size)
-            else:
-                _refill_device(pool, fd, base, size)
-    finally:
-        os.close(fd)
-    arena.sync()
-    t1 = time.perf_counter()
-    if content_digest(base) != copy.digest:
-        raise IntegrityError(f"the bytes refilled from {copy.path} do not match its content digest.",
-                             hint="The host copy was changed or damaged; it is removed and the model loaded.")
-    return {"host_refill": t1 - t0, "host_digest": time.perf_counter() - t1}
-
-
-def _refill_device(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int) -> None:
-    """Two pinned buffers: while one is copied to the GPU, the next chunk is read into the other."""
-    import torch
-
-    with torch.cuda.device(base.device):
-        stream = torch.cuda.Stream()
-        staging = [torch.empty(min(_IN_CHUNK, size), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        copied: list[Any] = [None, None]
-        with torch.cuda.stream(stream):
-            for i, off in enumerate(range(0, size, _IN_CHUNK)):
-                k, n = i % 2, min(_IN_CHUNK, size - off)
-                if copied[k] is not None:
-                    copied[k].synchronize()  # the buffer's last chunk has reached the GPU
-                _read_parallel(pool, fd, staging[k], off, n)
-                base[off:off + n].copy_(staging[k][:n], non_blocking=True)
-                copied[k] = torch.cuda.Event()
-                copied[k].record(stream)
-        stream.synchronize()
-
-
-def refilled(backend: Backend, entry_dir: Path, copy: HostCopy, device: torch.device) -> Arena:
-    """A new arena of `backend` on `device`, filled from the host copy; nothing is left if that fails (a copy
-    that fails its digest is removed)."""
-    arena = backend.create(entry_dir, copy.size, device)
-    try:
-        arena.timings = {**arena.timings, **refill(copy, arena)}
-    except BaseException as e:
-        arena.release()
-        if isinstance(e, IntegrityError):
-            discard(entry_dir)
-        raise
-    return arena
 
 
 def discard(entry_dir: Path) -> None:
@@ -307,6 +239,8 @@ def sweep(entry_dir: Path, published: Manifest) -> None:
     except ManifestError:
         copy = None
         discard(entry_dir)
+    if copy is None:  # a copy whose owner died between its rename and its record: unfinished
+        (entry_dir / HOST_FILE).unlink(missing_ok=True)
     if copy is not None and not copy.fits(published):
         log.info("removing the host copy in %s: it holds another model or layout", entry_dir)
         discard(entry_dir)

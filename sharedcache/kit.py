@@ -10,6 +10,8 @@ that need torch import it when called.
 - rank keys: `rank_key` / `rank_suffix` name one rank of a parallel server (`<key>-tp<r>`,
   `<key>-pp<p>-tp<r>`), `split_rank_key` reads such a key back (sharedcache.keys);
 - memory sizing: `SizingTurn` (see sharedcache.settle);
+- holding: `hold` maps and keeps a published entry's arena with no model (`Held`, `superseded`; see
+  sharedcache.holding), for a holder of weights an engine's own loader made;
 - instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it;
 - launchers (the Hydra launcher in integrations/launch.py, the SGLang plugin's switches): `conf_dir`,
   `compose`, `register_resolvers`, `core_role`, `role_of` (the composed config as the core reads it),
@@ -33,17 +35,18 @@ if TYPE_CHECKING:
 
     from .conf import compose, conf_dir, core_role, entry_key, register_resolvers, role_of
     from .progress import TerminalProgress, log_progress
+    from .holding import Held, hold, superseded
     from .settle import SizingTurn
 
 __all__ = [
-    "SizingTurn", "TerminalProgress", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role",
+    "Held", "SizingTurn", "hold", "superseded", "TerminalProgress", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role",
     "entry_key",
     "device_id", "device_index", "dtype_name", "instance_of", "log_progress", "prepare_device", "process_age",
     "rank_key", "rank_suffix", "register_resolvers", "resolve_device", "role_of", "split_rank_key", "weight_files",
     "write_json_atomic",
 ]
 # exported names whose modules are imported only when an integration asks for them
-_LAZY = {"SizingTurn": "settle", "TerminalProgress": "progress", "log_progress": "progress", "conf_dir": "conf",
+_LAZY = {"Held": "holding", "hold": "holding", "superseded": "holding", "SizingTurn": "settle", "TerminalProgress": "progress", "log_progress": "progress", "conf_dir": "conf",
          "compose": "conf", "entry_key": "conf",
          "core_role": "conf", "register_resolvers": "conf", "role_of": "conf"}
 

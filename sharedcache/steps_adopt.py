@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from . import backends, hostcopy
+from . import backends, hostcopy, refill
 from .cache import Entry
 from .errors import FingerprintMismatch, HandoverError, IntegrityError, ManifestError, SharedCacheError
 from .fingerprint import Fingerprint, differences
@@ -57,7 +57,7 @@ def _orphan(entry: Entry, fingerprint: Fingerprint, settings: CacheSettings) -> 
     return None if differing else manifest
 
 
-@step("intercept", "adopt", reads=("source", "settings", "mode", "parts.entry", "parts.fingerprint"),
+@step("intercept", "adopt", reads=("source", "settings", "mode", "parts.entry", "parts.fingerprint", "parts.claim"),
       provides=("model", "parts.refs", "expected", "backend", "parts.manifest", "parts.arena"))
 def intercept_adopt(s: RunState) -> Fallback | None:
     refused = intercept_load(s)
@@ -75,9 +75,10 @@ def intercept_adopt(s: RunState) -> Fallback | None:
         return Fallback("the arena its dead owner left went away meanwhile, and the entry keeps no host copy")
     s.backend = backends.get_backend(copy.manifest.backend, s.settings)
     try:
-        p.arena = hostcopy.refilled(s.backend, p.entry.dir, copy, s.source.device)
+        p.arena = refill.refilled(s.backend, p.entry.dir, copy, s.source.device)
     except IntegrityError as e:  # the copy is removed: load the checkpoint
         return Fallback(str(e))
+    p.claim.arena = p.arena  # this owner's own new arena: given back with the claim if anything below fails
     p.manifest = copy.manifest
     return None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def file_mappings(fragment: str) -> list[tuple[int, int, str]]:
 
 
 def main() -> None:
+    # what the hand-on decides shows on stderr (a few lines at most: a test reads them, nobody drains more)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.getLogger("sharedcache.handon").setLevel(logging.INFO)
     ap = argparse.ArgumentParser()
     ap.add_argument("--role", required=True)
     ap.add_argument("--cache-dir", required=True)

@@ -5,6 +5,7 @@ memfds passed over Unix sockets."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -90,6 +91,20 @@ def test_a_restarted_owner_takes_the_arena_over_from_the_mapper_that_serves_it(l
         survivor.kill()
 
 
+def _stderr_until(probe: subprocess.Popen, text: str, timeout: float = 30) -> str:
+    """The probe's stderr so far, once it holds `text` (read without blocking: the probe runs on)."""
+    fd, seen = probe.stderr.fileno(), b""
+    os.set_blocking(fd, False)
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        assert time.monotonic() < deadline, f"no {text!r} on the probe's stderr: {seen.decode()[-2000:]}"
+        try:
+            seen += os.read(fd, 65536)
+        except BlockingIOError:
+            time.sleep(0.05)
+    return seen.decode()
+
+
 def test_an_owner_stopped_on_purpose_is_not_handed_on(launcher, cache_dir, sc_home):
     prefill = launcher.start("prefill", MEMFD, name="prefill")
     prefill.wait_report()
@@ -98,13 +113,9 @@ def test_an_owner_stopped_on_purpose_is_not_handed_on(launcher, cache_dir, sc_ho
     attached = attached_decode(cache_dir, sc_home)
     try:
         assert prefill.stop() == 0  # SIGTERM: unpublished, new attaches refused, attached ones keep working
-        deadline = time.monotonic() + 30
-        while not served(entry.dir, arena):  # the attached decode's relay took its turn...
-            assert time.monotonic() < deadline, "no relay took the serve lock"
-            time.sleep(0.05)
-        with entry.write_lock():  # ...and, holding the entry's write lock meanwhile, decided
-            pass
-        assert not entry.published()  # nothing to hand on: the owner unpublished on purpose
+        # the attached decode's relay took its turn, found nothing published, and gave the turn back
+        _stderr_until(attached, f"arena {arena} of {KEY} is no longer published: nothing to hand on")
+        assert not entry.published() and not served(entry.dir, arena)
         _finish(attached)
     finally:
         attached.kill()

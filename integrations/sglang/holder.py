@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sharedcache import CacheSettings
-from sharedcache.holding import Held, hold
-from sharedcache.kit import rank_key, write_json_atomic
+from sharedcache.kit import Held, hold, rank_key, superseded, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,11 @@ def run_holder(cfg: dict[str, Any], settings: CacheSettings, out: Path) -> None:
               f"({report['arena_bytes'] / 2**30:.2f} GiB) in {settings.dir} (pid {os.getpid()}); restarted "
               "prefills take them over and decodes attach. Stop with Ctrl-C or SIGTERM.", flush=True)
         while not stop.wait(0.2):
-            pass
+            for i, h in enumerate(held):
+                if superseded(h):  # a new owner published its own arena: hold that one instead
+                    log.info("holder: %s publishes a new arena; holding it instead", h.key)
+                    h.close()
+                    held[i] = hold(settings, h.key)
     finally:
         for h in held:
             h.close()

@@ -34,6 +34,9 @@ class Arena:
     # an object that lives exactly as long as the mapping (torch's views keep it alive): what the core ties
     # the attacher's hold on the entry to; None: the mapping's life cannot be observed
     lifetime: Any = field(default=None, repr=False)
+    # fd-handle backends (cpu_memfd, cuda_vmm): the sharedcache.handon.Relay that keeps this mapping's handles
+    # and hands them on; None where the backend has nothing to hand on
+    relay: Any = field(default=None, repr=False)
     _released: bool = field(default=False, init=False, repr=False)
 
     @property

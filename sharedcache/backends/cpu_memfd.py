@@ -132,7 +132,7 @@ class CpuMemfdBackend(Backend):
                 os.close(fd)
             raise
         weakref.finalize(mm, relay.close)  # the relay (and the fd it keeps) lives as long as the mapping
-        arena = Arena(base, dict(h), dict(_CPU), owned=False, lifetime=mm)
+        arena = Arena(base, dict(h), dict(_CPU), owned=False, lifetime=mm, relay=relay)
         arena.timings = {"receive_handles": time.perf_counter() - t0}
         return arena, relay
 

@@ -156,10 +156,10 @@ class CudaVmmBackend(Backend):
         try:
             handle["socket"] = relay.socket
             state.commit(1)  # torch views mapped memory only
+            return _OwnerArena(rng.as_tensor(), state, relay)
         except BaseException:
             relay.close()
             raise
-        return _OwnerArena(rng.as_tensor(), state, relay)
 
     def attach(self, entry_dir: Path, manifest: Manifest) -> Arena:
         return self._map(entry_dir, manifest)[0]
@@ -205,6 +205,7 @@ class CudaVmmBackend(Backend):
                 os.close(fd)
             raise
         weakref.finalize(arena.lifetime, relay.close)  # the fds are kept exactly as long as the mapping
+        arena.relay = relay
         arena.timings = {"receive_handles": received, "import_and_map": time.perf_counter() - t0 - received,
                          "connect": header.get("connect_s", 0.0), "owner_answer": header.get("answered_in_s", 0.0)}
         return arena, relay

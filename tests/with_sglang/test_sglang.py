@@ -197,7 +197,8 @@ def test_an_sglang_holder_keeps_the_weights_and_a_killed_prefill_restarted_takes
     """Issue 23, items 2-3 on SGLang's CPU engine: a holder (role=holder engine=sglang) maps the prefill's
     rank arena (cpu_memfd: it dies with its last holder, like GPU memory); the prefill's server is SIGKILLed
     whole, the holder serves the arena, and the restarted prefill takes it over without reading the checkpoint
-    (spoiled meanwhile), as does a decode started afterwards."""
+    (spoiled meanwhile), as does a decode started afterwards. Then every server stops cleanly, the holder
+    publishes the arena again, and a prefill started afterwards takes it over too."""
     import signal
 
     from sharedcache.cache import CacheDir
@@ -232,7 +233,18 @@ def test_an_sglang_holder_keeps_the_weights_and_a_killed_prefill_restarted_takes
     decode = sgl.start("decode", memfd, name="decode")
     dec = decode.wait_report(600)
     assert dec["weight_bytes_allocated"] == 0 and sgl.generate("decode", ids) == expected, dec
-    for server in (second, decode, holder):
+    # every server stopped on purpose: the prefill unpublishes, the holder publishes its arena again
+    for server in (second, decode):
+        assert server.stop(timeout=120) == 0, server.output()
+    deadline = time.monotonic() + 60
+    while not entry.published() or entry.read().server is None or entry.read().server.pid != held["pid"]:
+        assert time.monotonic() < deadline, "the holder did not publish the arena again after the clean stop"
+        time.sleep(0.05)
+    third = sgl.start("prefill", memfd, name="third")
+    rep = third.wait_report(600)
+    assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0, rep
+    assert sgl.generate("prefill", ids) == expected
+    for server in (third, holder):
         assert server.stop(timeout=120) == 0, server.output()
 
 
