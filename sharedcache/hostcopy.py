@@ -129,19 +129,24 @@ def memory(t: torch.Tensor, offset: int, size: int) -> memoryview:
 class HostWriter:
     """The owner's background copy of its published arena into the entry directory. Stopped (and its
     unfinished file removed) when the owner gives the arena up; a copy that already holds these bytes is kept
-    as it is."""
+    as it is. Started at once, or, for an engine that settles (SGLang captures CUDA graphs after loading, and
+    any CUDA call of another thread meanwhile invalidates the capture), once the owner marks itself settled."""
 
     def __init__(self, entry_dir: Path, manifest: Manifest, base: torch.Tensor) -> None:
         self.entry_dir, self.manifest = entry_dir, manifest
         self._base: torch.Tensor | None = base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"sharedcache-hostcopy-{manifest.key}")
-        self._thread.start()
+
+    def start(self) -> None:
+        if self._thread.ident is None and not self._stop.is_set():
+            self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not threading.current_thread():
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
+        self._base = None
 
     def _run(self) -> None:
         try:
@@ -246,9 +251,11 @@ def sweep(entry_dir: Path, published: Manifest) -> None:
         discard(entry_dir)
 
 
-def keep(settings: Any, claim: Any, manifest: Manifest, arena: Arena) -> None:
-    """After publishing: start the host copy where the entry asks for one and a process death can lose the
-    arena (a cpu_shm file outlives every process already)."""
+def keep(settings: Any, claim: Any, manifest: Manifest, arena: Arena, *, now: bool) -> None:
+    """After publishing: the host copy, where the entry asks for one and a process death can lose the arena
+    (a cpu_shm file outlives every process already); started `now`, else when the owner settles."""
     if not settings.host_copy or manifest.part is not None or manifest.backend == "cpu_shm":
         return
     claim.host_writer = HostWriter(claim.entry.dir, manifest, arena.base)
+    if now:
+        claim.host_writer.start()

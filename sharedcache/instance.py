@@ -123,6 +123,8 @@ class Instance:
         from .settle import mark_settled
 
         mark_settled(self._claim.entry, self._claim.manifest)
+        if self._claim.host_writer is not None:  # the engine's CUDA graphs exist: copying cannot disturb them
+            self._claim.host_writer.start()
 
     # ---------------------------------------------------------------- internals
     def _shareable(self, mode: Mode) -> tuple[Mode, str | None]:

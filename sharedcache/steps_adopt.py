@@ -88,7 +88,7 @@ step("align", "adopt", reads=("settings", "expected", "parts.manifest", "parts.a
 step("verify", "adopt", reads=("settings", "parts.arena", "parts.manifest"))(verify_load)
 
 
-@step("serialize", "adopt", reads=("role", "settings", "parts.entry", "parts.manifest", "parts.claim",
+@step("serialize", "adopt", reads=("role", "settings", "source", "parts.entry", "parts.manifest", "parts.claim",
                                    "parts.arena"),
       provides=("parts.manifest",))
 def serialize_adopt(s: RunState) -> None:
@@ -104,7 +104,7 @@ def serialize_adopt(s: RunState) -> None:
     p.manifest = dataclasses.replace(current, owner=Owner.current(), created=time.time())
     p.claim.publish(p.manifest)  # the same arena, layout and checksums (and its server), under this owner
     p.claim.arena = p.arena  # the owner's from now on: given back (its file removed) when this owner stops
-    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena)
+    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena, now=not getattr(s.source, "settles", False))
     log.info("[%s] took over %s from its dead owner (pid %d): %d tensors, %d bytes, nothing loaded",
              s.role.name, s.settings.key, len(p.manifest.tensors), p.manifest.payload_bytes, dead)
 
@@ -117,7 +117,7 @@ def _publish_refilled(s: RunState) -> None:
     p.claim.publish(p.manifest)
     p.claim.arena = p.arena
     p.arena.seal()
-    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena)  # the copy it came from is kept as it is
+    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena, now=not getattr(s.source, "settles", False))
     took = p.arena.timings.get("host_refill", 0.0)
     log.info("[%s] refilled %s from its host copy: %d bytes in %.2fs (%.1f GB/s), nothing read from the checkpoint",
              s.role.name, s.settings.key, p.manifest.arena.size, took, p.manifest.arena.size / max(took, 1e-9) / 1e9)

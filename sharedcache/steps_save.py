@@ -208,7 +208,7 @@ def _pack(s: RunState, p: Part) -> None:
     shown.end(f"packing into the arena{where}: done in {shown.elapsed:.1f}s")
 
 
-@step("serialize", "save", reads=("backend", "role", "settings", "group", "placement", "parts.arena",
+@step("serialize", "save", reads=("backend", "role", "settings", "source", "group", "placement", "parts.arena",
                                   "parts.layout", "parts.fingerprint", "parts.claim", "parts.entry"),
       provides=("parts.manifest",), uses=("parts.checksums",))
 def serialize_save(s: RunState) -> None:
@@ -229,7 +229,7 @@ def _publish(s: RunState, p: Part) -> None:
         tensors=p.layout.tensors, created=time.time(), checksums=p.checksums, part=part)
     p.claim.publish(p.manifest)
     p.arena.seal()  # from now on an in-place write by the owner faults instead of changing every instance
-    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena)
+    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena, now=not getattr(s.source, "settles", False))
 
 
 @step("verify", "save", reads=("parts.arena", "parts.layout"), provides=("parts.checksums",))
