@@ -156,12 +156,31 @@ class Relay:
                     log.info("arena %s of %s is no longer published: nothing to hand on", self.arena, entry.key)
                 return False
             self.socket = self._serve()
-            handed = dataclasses.replace(manifest, handle={**manifest.handle, "socket": self.socket},
-                                         server=Owner.current())
-            write_manifest(entry.manifest_path, handed)
+            self._publish(entry, manifest)
         log.info("serving arena %s of %s after its server (pid %d) went away", self.arena, entry.key,
                  (manifest.server or manifest.owner).pid)
         return True
+
+    def republish(self) -> bool:
+        """A holder's relay that serves the arena: publish it again if its owner unpublished it on purpose and
+        no new owner holds the key (the relay's turn to serve never changed hands, so `_take_over` never ran).
+        True when it did."""
+        entry = Entry(self.entry_dir.parent, self.entry_dir.name)
+        if self._keep is None or not self.serving or entry.published():
+            return False
+        with entry.write_lock():
+            if entry.published() or entry.claimed() or self._stop.is_set():
+                return False
+            self._publish(entry, self._keep)
+        log.info("published arena %s of %s again after its owner (pid %d) unpublished it", self.arena, entry.key,
+                 self._keep.owner.pid)
+        return True
+
+    def _publish(self, entry: Entry, manifest: Manifest) -> None:
+        """`manifest`, naming this relay's socket and this process as its server (under the write lock)."""
+        handed = dataclasses.replace(manifest, handle={**manifest.handle, "socket": self.socket},
+                                     server=Owner.current())
+        write_manifest(entry.manifest_path, handed)
 
     def close(self) -> None:
         """Stop serving and waiting, give the fds and the lock back (the mapping itself stays valid)."""

@@ -46,6 +46,8 @@ def run_holder(cfg: dict[str, Any], settings: CacheSettings, out: Path) -> None:
                     log.info("holder: %s publishes a new arena; holding it instead", h.key)
                     h.close()
                     held[i] = hold(settings, h.key)
+                else:  # its owner stopped on purpose while this holder served the arena: publish it again
+                    h.arena.relay.republish()
     finally:
         for h in held:
             h.close()
