@@ -14,13 +14,17 @@ Real `launch.py engine=sglang` servers (CUDA graphs on, replicas: no KV transfer
      (`host_refill_gbps`: bytes over the copy's seconds; the digest check is timed apart);
   6. the host copy removed (`sharedcache gc --host-copies`) and a prefill loads the checkpoint again: the
      control, whose load must read 1.00 against step 1's.
-Writes recovery.json and recovery.md into --out.
+Writes recovery.json and recovery.md into --out, and recovery-partial.json after each step. A run cut short
+(a device call's time limit) leaves its run directory behind: `--from-logs DIR` rebuilds what it measured from
+the servers' own reports and logs (SGLang's access log counts the decode's answers; the client's per-answer
+token check lives only in a finished run).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +144,7 @@ def run(args) -> dict:
             done = restart(args, n, current, dec, cache, work)
             current = (done["server"], done["report"])
             out["restarts"].append(done["row"])
+            partial(args, out)
     finally:
         client.stop()
     out["decode_answers"] = len(client.answers)
@@ -148,9 +153,14 @@ def run(args) -> dict:
     for s in (current[0], decode):  # every process that held the GPU arena goes
         s.stop()
     out["refill"] = one_prefill(args, cache, work, "refill", *args.hosted)
+    partial(args, out)
     subprocess.run([sys.executable, "-m", "sharedcache.cli", "gc", "--dir", str(cache), "--host-copies"], check=True)
     out["control"] = one_prefill(args, cache, work, "control")
     return out
+
+
+def partial(args, out: dict) -> None:
+    (args.out / "recovery-partial.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
 
 
 def wait_host_copy(entry: Path, timeout: float = 300) -> None:
@@ -182,15 +192,20 @@ def summarize(raw: dict, env: dict) -> dict:
         "card": env.get("gpu_name"), "commit": env.get("commit"), "model": str(raw["model"]), "arena_bytes": size,
         "readopt_load_seconds": max(r["readopt_load_seconds"] for r in restarts),
         "readopt_weight_bytes": max(r["readopt_weight_bytes"] for r in restarts),
-        "decode_failed_requests_during_restart": len(raw["decode_failures"]) + raw["decode_wrong_answers"],
+        "decode_failed_requests_during_restart": len(raw["decode_failures"]) + (raw["decode_wrong_answers"] or 0),
         "host_refill_gbps": round(size / took / 1e9, 2) if took else None,
         "safetensors_load_gbps": round(first["bytes"] / first["load_seconds"] / 1e9, 2),
         "reload_seconds": first["load_seconds"], "control_load_seconds": control["load_seconds"],
         "control_ratio": round(first["load_seconds"] / control["load_seconds"], 2),
         "refill_digest_seconds": refill["backend_timings"].get("host_digest"),
         "all_adopted": all(r["adopted"] for r in restarts), "refilled": refill["refilled"],
-        "tokens_equal": all(r["tokens_equal"] for r in restarts) and refill["tokens_equal"] and control["tokens_equal"],
+        "tokens_equal": _all([r["tokens_equal"] for r in restarts] + [refill["tokens_equal"], control["tokens_equal"]]),
         "environment": env, "raw": raw}
+
+
+def _all(checks: list) -> bool | None:
+    """True when every check passed; None when some were not recorded (a run rebuilt from its logs)."""
+    return None if None in checks else all(checks)
 
 
 def markdown(s: dict) -> str:
@@ -217,9 +232,86 @@ def markdown(s: dict) -> str:
     for i, r in enumerate(raw["restarts"]):
         t = r["timeline_s"]
         lines.append(f"| {i + 1} | {t['decode_serves_arena']} | {t['weights_taken_over']} | {t['serving_again']} |")
+    wrong = raw["decode_wrong_answers"]
     lines += ["", f"The decode answered {raw['decode_answers']} greedy requests during the restarts: "
-              f"{len(raw['decode_failures'])} failed, {raw['decode_wrong_answers']} with other tokens."]
+              f"{len(raw['decode_failures'])} failed, " + (f"{wrong} with other tokens." if wrong is not None else
+                                                           "tokens per answer not recorded (see below).")]
+    if raw.get("from_logs"):
+        lines += ["", "Rebuilt from the run's own logs and reports (`--from-logs`): the device call's time limit cut "
+                  "the run during the control's start, after the control's rank had reported. The decode's answers "
+                  "are its SGLang access log's `POST /generate` lines between the kill and the restarted prefill's "
+                  "readiness (HTTP 200; no 5xx); the timeline has the logs' 1 s resolution, the kill taken at the "
+                  "decode's log line of taking over the arena; SGLang's own weight load: "
+                  f"{raw['first_sglang_weight_load_s']} s first, {raw['restarts'][0]['sglang_weight_load_s']} s "
+                  f"restarted, {raw['refill']['sglang_weight_load_s']} s refilled, "
+                  f"{raw['control']['sglang_weight_load_s']} s control."]
     return "\n".join(lines) + "\n"
+
+
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
+
+
+def _stamps(log: Path, text: str) -> list[float]:
+    """Epoch seconds (1 s resolution, the machine's local time) of the log lines holding `text`."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = STAMP.match(line)
+        if m and text in line:
+            out.append(time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")))
+    return out
+
+
+def from_logs(work: Path) -> dict:
+    """The raw record of a run from its directory: the servers' reports, SGLang's own logs for the restart's
+    timeline (kill: the decode's log line of taking over the arena) and the decode's access log."""
+    def report(name: str) -> dict | None:
+        path = work / name / "report.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        ranks = sorted((work / name / "ranks").glob("report-*.json"))  # ready, then cut before the launcher wrote it
+        return {"ranks": [json.loads(p.read_text()) for p in ranks], **json.loads(ranks[0].read_text())} if ranks else None
+
+    first, r0, refill, control = (report(n) for n in ("prefill", "prefill-r0", "refill", "control"))
+    killed = _stamps(work / "decode.log", "after its server")[0]
+    ready = _stamps(work / "prefill-r0.log", "fired up")[0]
+    during = lambda text: [t for t in _stamps(work / "decode.log", text) if killed - 1 <= t <= ready + 2]  # noqa: E731
+    answers, failed = during('"POST /generate HTTP/1.1" 200'), during('"POST /generate HTTP/1.1" 5')
+    row = lambda r: {"refilled": r.get("refilled"), "load_seconds": rank(r)["load_seconds"],  # noqa: E731
+                     "backend_timings": rank(r)["backend_timings"], "weight_bytes_allocated": r["weight_bytes_allocated"],
+                     "tokens_equal": None, "phases_seconds": round(sum(p["seconds"] for p in rank(r)["phases"]), 3)}
+    r = rank(r0)
+    return {"first_load": {"load_seconds": rank(first)["load_seconds"], "bytes": first["bytes_shared"],
+                           "arena_bytes": first["arena_bytes"]},
+            "restarts": [{"adopted": r0["adopted"], "readopt_load_seconds": r["attach_seconds"],
+                          "readopt_weight_bytes": r0["weight_bytes_allocated"], "tokens_equal": None,
+                          "timeline_s": {"decode_serves_arena": 0.0, "weights_taken_over": round(weights_end(r) - killed, 1),
+                                         "serving_again": round(ready - killed, 1)},
+                          "sglang_weight_load_s": _sglang_load(work / "prefill-r0.log")}],
+            "decode_answers": len(answers), "decode_wrong_answers": None, "decode_failures": failed,
+            "refill": {**row(refill), "sglang_weight_load_s": _sglang_load(work / "refill.log")},
+            "control": {**row(control), "sglang_weight_load_s": _sglang_load(work / "control.log")},
+            "from_logs": str(work), "first_sglang_weight_load_s": _sglang_load(work / "prefill.log")}
+
+
+def unpacked(path: Path) -> Path:
+    """A run directory, or the one run directory inside a .tgz of it (what the device call brings back)."""
+    if path.is_dir():
+        return path
+    import tarfile
+
+    into = Path(tempfile.mkdtemp(prefix="sc-recovery-from-"))
+    with tarfile.open(path) as tar:
+        tar.extractall(into, filter="data")
+    runs = sorted(into.glob("sc-recovery-logs-*"))
+    if len(runs) != 1:
+        raise SystemExit(f"{path} holds {len(runs)} run directories; give one.")
+    return runs[0]
+
+
+def _sglang_load(log: Path) -> float | None:
+    """SGLang's own 'Load weight end. elapsed=...' for one server."""
+    m = re.search(r"Load weight end\. elapsed=([0-9.]+) s", log.read_text(errors="replace"))
+    return float(m.group(1)) if m else None
 
 
 def main() -> None:
@@ -227,14 +319,21 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--from-logs", type=Path, help="rebuild the results of a cut run from its run directory (or .tgz)")
+    ap.add_argument("--environment", type=Path, help="with --from-logs: a JSON of the run's machine and versions")
     a = ap.parse_args()
     args = SimpleNamespace(model=a.model, tag="recovery", key="bench-recovery", bootstrap_port=free_port(),
                            server_flags=FLAGS, graph_max_bs=16, restarts=a.restarts,
                            hosted=("cache.host_copy=true",), commit=os.environ.get("COMMIT") or _commit(),
                            ballast_info=None)
     a.out.mkdir(parents=True, exist_ok=True)
-    raw = {**run(args), "model": str(a.model)}
-    summary = summarize(raw, environment(args))
+    args.out = a.out
+    if a.from_logs:
+        raw, env = {**from_logs(unpacked(a.from_logs)), "from_logs": str(a.from_logs), "model": str(a.model)}, \
+            json.loads(a.environment.read_text())
+    else:
+        raw, env = {**run(args), "model": str(a.model)}, environment(args)
+    summary = summarize(raw, env)
     (a.out / "recovery.json").write_text(json.dumps(summary, indent=1) + "\n")
     (a.out / "recovery.md").write_text(markdown(summary))
     print(markdown(summary))

@@ -151,7 +151,7 @@ class HostWriter:
     def _run(self) -> None:
         try:
             self._write()
-        except (OSError, RuntimeError, StorageError) as e:  # a copy is optional: the owner serves on without it
+        except Exception as e:  # noqa: BLE001 - a copy is optional: the owner serves on without it, and says why
             log.warning("no host copy of %s: %s", self.manifest.key, e)
         finally:
             self._base = None
@@ -176,7 +176,8 @@ class HostWriter:
             write_json_atomic(self.entry_dir / HOST_RECORD, {
                 "manifest": self.manifest.to_json(), "digest": digest,
                 "copied_seconds": round(time.perf_counter() - t0, 6)}, mode=0o600)
-            log.info("host copy of %s written: %d bytes in %.2fs", self.manifest.key, size, time.perf_counter() - t0)
+            log.info("host copy of %s written: %d bytes in %.2fs", self.manifest.key, self.manifest.arena.size,
+                     time.perf_counter() - t0)
         finally:
             os.close(fd)
             tmp.unlink(missing_ok=True)

@@ -106,7 +106,7 @@ def serialize_adopt(s: RunState) -> None:
     p.claim.arena = p.arena  # the owner's from now on: given back (its file removed) when this owner stops
     hostcopy.keep(s.settings, p.claim, p.manifest, p.arena, now=not getattr(s.source, "settles", False))
     log.info("[%s] took over %s from its dead owner (pid %d): %d tensors, %d bytes, nothing loaded",
-             s.role.name, s.settings.key, len(p.manifest.tensors), p.manifest.payload_bytes, dead)
+             s.role.name, s.settings.key, dead, len(p.manifest.tensors), p.manifest.payload_bytes)
 
 
 def _publish_refilled(s: RunState) -> None:
