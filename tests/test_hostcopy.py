@@ -103,3 +103,21 @@ def test_a_prefill_of_another_dtype_never_refills_and_replaces_the_copy(launcher
     replaced = _copied(entry)  # the float32 copy was swept at publish; this model's copy replaces it
     assert replaced["manifest"]["fingerprint"]["dtype"] == "bfloat16" and replaced["digest"] != record["digest"]
     assert other.stop() == 0
+
+
+def test_gc_removes_a_host_copy_its_owner_never_finished_and_keeps_a_complete_one(launcher, cache_dir):
+    """An owner killed between writing hostcopy.bin and its record leaves a copy nobody can check: gc removes
+    it (and a writer's temp file); a complete copy stays for the key's next owner."""
+    first = launcher.start("prefill", *HOSTED, name="first")
+    first.wait_report()
+    entry = CacheDir(cache_dir).entry(KEY)
+    _copied(entry)
+    first.stop(signal.SIGKILL)
+    (entry.dir / HOST_RECORD).unlink()  # as if killed after the rename, before the record
+    temp = entry.dir / ".hostcopy.bin.4242.0123456789ab.tmp"
+    temp.write_bytes(b"\0" * 4096)
+    listed = cli("ls", "--dir", str(cache_dir)).stdout
+    assert "+host copy" not in listed, listed  # an unchecked copy is not offered
+    gc = cli("gc", "--dir", str(cache_dir))
+    assert "host copy: unfinished (no record)" in gc.stdout, gc.stdout + gc.stderr
+    assert not (entry.dir / HOST_FILE).exists() and not temp.exists()
