@@ -22,6 +22,7 @@ token check lives only in a finished run).
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import re
@@ -252,12 +253,13 @@ STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
 
 
 def _stamps(log: Path, text: str) -> list[float]:
-    """Epoch seconds (1 s resolution, the machine's local time) of the log lines holding `text`."""
+    """Epoch seconds (1 s resolution) of the log lines holding `text`; SGLang logs the machine's local time,
+    which on the device machine is UTC."""
     out = []
     for line in log.read_text(errors="replace").splitlines():
         m = STAMP.match(line)
         if m and text in line:
-            out.append(time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")))
+            out.append(calendar.timegm(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")))
     return out
 
 

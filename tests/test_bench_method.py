@@ -625,3 +625,19 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
     argv = sgl.plan_router(cfg).argv
     assert argv[argv.index("--prefill") + 1:argv.index("--prefill") + 3] == ["http://127.0.0.1:21001", "23456"]
     assert argv[argv.index("--decode") + 1] == "http://127.0.0.1:21002" and "--mini-lb" in argv
+
+
+def test_the_committed_h100_recovery_results_are_what_its_logs_say():
+    """bench/results/h100-recovery.json was rebuilt from the cut run's own logs (bench/sglang_recovery.py
+    --from-logs): rebuilding it again from the committed logs gives the same headline numbers."""
+    import sglang_recovery as sr
+
+    committed = json.loads((RESULTS / "h100-recovery.json").read_text())
+    logs = RESULTS / "h100-recovery-logs"
+    raw = {**sr.from_logs(sr.unpacked(logs / "run-ef53968.tgz")), "model": committed["model"]}
+    again = sr.summarize(raw, json.loads((logs / "environment.json").read_text()))
+    for key in ("readopt_load_seconds", "readopt_weight_bytes", "decode_failed_requests_during_restart",
+                "host_refill_gbps", "safetensors_load_gbps", "card", "commit", "control_ratio"):
+        assert again[key] == committed[key], key
+    assert again["raw"]["decode_answers"] == committed["raw"]["decode_answers"] > 0
+    assert again["all_adopted"] and again["readopt_weight_bytes"] == 0 and again["refilled"]
