@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,40 +37,13 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
-from sglang_serving import PROBE_IDS, Server, _commit, environment, free_port, sglang_request  # noqa: E402
+from sglang_serving import Server, _commit, environment, free_port, greedy_probe  # noqa: E402
+from helpers import Asking  # noqa: E402  (sglang_serving put tests/ on the path)
 
 FLAGS = ("+engine.extra_args.attention_backend=triton +engine.extra_args.sampling_backend=pytorch "
          "+engine.extra_args.grammar_backend=none +engine.extra_args.disable_radix_cache=true "
          "engine.disaggregation.mode.prefill=null engine.disaggregation.mode.decode=null")
 MEM = {"prefill": "engine.mem_fraction_static.prefill=0.40", "decode": "engine.mem_fraction_static.decode=0.40"}
-
-
-def greedy(port: int) -> list[int]:
-    body = {"input_ids": PROBE_IDS, "sampling_params": {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}}
-    return sglang_request(port, "/generate", body, timeout=120)["output_ids"]
-
-
-class Client:
-    """Greedy requests to one server back to back on a thread: every answer, failure and its time."""
-
-    def __init__(self, port: int, expected: list[int]) -> None:
-        self.port, self.expected = port, expected
-        self.answers: list[tuple[float, bool]] = []  # (time.time(), the expected tokens?)
-        self.failures: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.answers.append((time.time(), greedy(self.port) == self.expected))
-            except Exception as e:  # noqa: BLE001 - counted: what a client of the decode would see
-                self.failures.append((time.time(), repr(e)[:200]))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(300)
 
 
 def rank(report: dict) -> dict:
@@ -114,7 +86,7 @@ def restart(args, n: int, old: tuple[Server, dict], decode: dict, cache: Path, w
     served = served_by(entry, rank(decode)["pid"])
     rep = new.wait_ready(900)
     ready = time.time()
-    tokens = greedy(new.port)
+    tokens = greedy_probe(new.port)
     r = rank(rep)
     return {"server": new, "report": rep, "row": {
         "adopted": rep["adopted"], "readopt_load_seconds": r["attach_seconds"],
@@ -133,13 +105,14 @@ def run(args) -> dict:
     decode = Server("decode", "decode", args, cache, work, MEM["decode"])
     prefill = Server("prefill", "prefill", args, cache, work, *args.hosted, MEM["prefill"])
     first, dec = prefill.wait_ready(900), decode.wait_ready(900)
-    args.tokens = greedy(prefill.port)
-    assert greedy(decode.port) == args.tokens, "the decode answers other tokens than its prefill"
+    args.tokens = greedy_probe(prefill.port)
+    assert greedy_probe(decode.port) == args.tokens, "the decode answers other tokens than its prefill"
     wait_host_copy(cache / f"{args.key}-tp0")
     out = {"first_load": {"load_seconds": rank(first)["load_seconds"], "bytes": first["bytes_shared"],
                           "arena_bytes": first["arena_bytes"], "start_to_ready_s": prefill.ready_s},
            "decode_start_to_ready_s": decode.ready_s, "restarts": []}
-    client, current = Client(decode.port, args.tokens), (prefill, first)
+    client = Asking(lambda: greedy_probe(decode.port) == args.tokens)
+    current = (prefill, first)
     try:
         for n in range(args.restarts):
             done = restart(args, n, current, dec, cache, work)
@@ -176,7 +149,7 @@ def one_prefill(args, cache: Path, work: Path, name: str, *overrides: str) -> di
     server = Server("prefill", name, args, cache, work, *overrides, MEM["prefill"])
     try:
         rep = server.wait_ready(900)
-        tokens = greedy(server.port)
+        tokens = greedy_probe(server.port)
     finally:
         server.stop()
     r = rank(rep)

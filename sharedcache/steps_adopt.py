@@ -22,6 +22,7 @@ from .phases import step
 from .run import Fallback, RunState, spreads
 from .settings import CacheSettings
 from .steps_load import align_load, intercept_load, verify_load
+from .steps_save import keep_host_copy
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def serialize_adopt(s: RunState) -> None:
     p.manifest = dataclasses.replace(current, owner=Owner.current(), created=time.time())
     p.claim.publish(p.manifest)  # the same arena, layout and checksums (and its server), under this owner
     p.claim.arena = p.arena  # the owner's from now on: given back (its file removed) when this owner stops
-    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena, now=not getattr(s.source, "settles", False))
+    keep_host_copy(s, p)
     log.info("[%s] took over %s from its dead owner (pid %d): %d tensors, %d bytes, nothing loaded",
              s.role.name, s.settings.key, dead, len(p.manifest.tensors), p.manifest.payload_bytes)
 
@@ -117,7 +118,7 @@ def _publish_refilled(s: RunState) -> None:
     p.claim.publish(p.manifest)
     p.claim.arena = p.arena
     p.arena.seal()
-    hostcopy.keep(s.settings, p.claim, p.manifest, p.arena, now=not getattr(s.source, "settles", False))
+    keep_host_copy(s, p)
     took = p.arena.timings.get("host_refill", 0.0)
     log.info("[%s] refilled %s from its host copy: %d bytes in %.2fs (%.1f GB/s), nothing read from the checkpoint",
              s.role.name, s.settings.key, p.manifest.arena.size, took, p.manifest.arena.size / max(took, 1e-9) / 1e9)

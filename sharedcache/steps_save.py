@@ -229,6 +229,12 @@ def _publish(s: RunState, p: Part) -> None:
         tensors=p.layout.tensors, created=time.time(), checksums=p.checksums, part=part)
     p.claim.publish(p.manifest)
     p.arena.seal()  # from now on an in-place write by the owner faults instead of changing every instance
+    keep_host_copy(s, p)
+
+
+def keep_host_copy(s: RunState, p: Part) -> None:
+    """The host copy of a just-published arena, where asked for: started now, or once an engine that settles
+    (SGLang: its CUDA graph capture must not see another thread's CUDA calls) has settled."""
     hostcopy.keep(s.settings, p.claim, p.manifest, p.arena, now=not getattr(s.source, "settles", False))
 
 

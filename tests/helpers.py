@@ -11,6 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -158,3 +160,38 @@ def attached_decode(cache_dir: Path, home: Path, model: str = "tiny", *overrides
         probe.kill()
         raise AssertionError(f"the decode did not attach: {line!r} {probe.stderr.read()[-3000:]}")
     return probe
+
+
+def served_by(entry, pid: int, timeout: float = 30) -> None:
+    """Until `entry`'s manifest names `pid` as the process that serves its arena (a hand-on takes ~0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = entry.read()
+        if m.server is not None and m.server.pid == pid:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} never took over serving {entry.key}: {entry.read().server}")
+
+
+class Asking:
+    """`ask()` called back to back on a thread until stopped: what a client of a server sees while something
+    beside it dies and restarts. `answers`: (time.time(), what ask returned); `failures`: (time, the error)."""
+
+    def __init__(self, ask) -> None:
+        self.ask = ask
+        self.answers: list[tuple[float, bool]] = []
+        self.failures: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answers.append((time.time(), self.ask()))
+            except Exception as e:  # noqa: BLE001 - every failure is counted: what the client would see
+                self.failures.append((time.time(), repr(e)[:200]))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=300)

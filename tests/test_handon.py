@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 
-from helpers import attached_decode, cli
+from helpers import attached_decode, cli, served_by
 from sharedcache.cache import CacheDir, EntryState
 from sharedcache.handon import served
 
@@ -24,17 +24,6 @@ def _finish(probe: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _served_by(entry, pid: int, timeout: float = 30) -> None:
-    """Until the manifest names `pid` as the process that serves the arena (a hand-on takes ~0.1 s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = entry.read()
-        if m.server is not None and m.server.pid == pid:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"pid {pid} never took over serving {entry.key}: {entry.read().server}")
-
-
 def test_a_surviving_decode_hands_the_arena_on_after_its_owner_is_killed(launcher, cache_dir, sc_home):
     prefill = launcher.start("prefill", MEMFD, name="prefill")
     pre = prefill.wait_report()
@@ -43,7 +32,7 @@ def test_a_surviving_decode_hands_the_arena_on_after_its_owner_is_killed(launche
     survivor = attached_decode(cache_dir, sc_home)
     try:
         prefill.stop(signal.SIGKILL)
-        _served_by(entry, survivor.pid)
+        served_by(entry, survivor.pid)
         assert entry.state(entry.read()) is EntryState.SERVED
         ls = cli("ls", "--dir", str(cache_dir)).stdout
         assert f"served by {survivor.pid}" in ls and str(survivor.pid) in ls.split("served by")[1], ls
@@ -72,7 +61,7 @@ def test_a_restarted_owner_takes_the_arena_over_from_the_mapper_that_serves_it(l
     survivor = attached_decode(cache_dir, sc_home)
     try:
         first.stop(signal.SIGKILL)
-        _served_by(entry, survivor.pid)
+        served_by(entry, survivor.pid)
         second = launcher.start("prefill", MEMFD, name="second")
         rep = second.wait_report()
         assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0, second.output()
@@ -80,7 +69,7 @@ def test_a_restarted_owner_takes_the_arena_over_from_the_mapper_that_serves_it(l
         m = entry.read()
         assert m.owner.pid == second.popen.pid and m.server.pid == survivor.pid and entry.owner_alive(m)
         _finish(survivor)  # the mapper that served goes: the new owner serves its own arena again
-        _served_by(entry, second.popen.pid)
+        served_by(entry, second.popen.pid)
         after = launcher.run("decode", name="after")
         dec = after.report()
         assert after.popen.returncode == 0 and dec["owner_pid"] == second.popen.pid and dec["owner_alive"]
@@ -138,7 +127,7 @@ def test_the_hand_on_passes_from_mapper_to_mapper_until_the_last_one_goes(launch
         other = next(m for m in mappers if m is not first)
         first.kill()  # the serving mapper dies too, without any chance to clean up
         first.wait()
-        _served_by(entry, other.pid)
+        served_by(entry, other.pid)
         late = launcher.run("decode", name="late")
         assert late.popen.returncode == 0, late.output()
         assert late.report()["logits_sha256"] == pre["logits_sha256"]

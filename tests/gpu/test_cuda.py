@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import REPO
+from helpers import attached_decode, served_by
 from sharedcache import ExitCode
 from sharedcache.cache import CacheDir, EntryState
 
@@ -77,28 +78,16 @@ def test_decode_gpu_memory_grows_by_no_more_than_its_context(launcher, cache_dir
     assert dec_growth <= bare_growth + 0.25 * model_mib, (dec_growth, bare_growth, model_mib)
 
 
-def _served_by(entry, pid: int, timeout: float = 30) -> None:
-    """Until the manifest names `pid` as the process that serves the arena (a hand-on takes ~0.1 s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = entry.read()
-        if m.server is not None and m.server.pid == pid:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"pid {pid} never took over serving {entry.key}: {entry.read().server}")
-
-
 def test_vmm_decode_survives_owner_sigkill_and_hands_the_arena_on(launcher, cache_dir, sc_home):
     """Issue 23, item 1: the decode keeps the fds it received; once the owner is killed it serves them, so a
     new decode attaches (0 bytes, same logits); when the last holder goes, new attaches are refused."""
     prefill = launcher.start("prefill", *CUDA, model="default")
     pre = prefill.wait_report()
     entry = CacheDir(cache_dir).entry(KEY)
-    dec = hold_probe("--role", "decode", "--cache-dir", str(cache_dir), "--model", "default", "--home",
-                     str(sc_home), "--override", "engine.device_map=cuda")
+    dec = attached_decode(cache_dir, sc_home, "default", *CUDA)
     try:
         prefill.stop(signal.SIGKILL)
-        _served_by(entry, dec.pid)
+        served_by(entry, dec.pid)
         assert entry.state(entry.read()) is EntryState.SERVED
         late = launcher.run("decode", *CUDA, model="default", name="late")  # through the survivor's socket
         rep = late.report()
@@ -121,11 +110,10 @@ def test_vmm_prefill_killed_and_restarted_takes_its_arena_over(launcher, cache_d
     first = launcher.start("prefill", *CUDA, model="default", name="first")
     pre = first.wait_report()
     entry = CacheDir(cache_dir).entry(KEY)
-    dec = hold_probe("--role", "decode", "--cache-dir", str(cache_dir), "--model", "default", "--home",
-                     str(sc_home), "--override", "engine.device_map=cuda")
+    dec = attached_decode(cache_dir, sc_home, "default", *CUDA)
     try:
         first.stop(signal.SIGKILL)
-        _served_by(entry, dec.pid)
+        served_by(entry, dec.pid)
         used_before = gpu_used_mib()
         second = launcher.start("prefill", *CUDA, model="default", name="second")
         rep = second.wait_report()
@@ -137,7 +125,7 @@ def test_vmm_prefill_killed_and_restarted_takes_its_arena_over(launcher, cache_d
         grown = gpu_used_mib() - used_before  # the second prefill's context and activations, no second copy
         assert grown < 0.5 * pre["arena_bytes"] / 2**20 + 1024, (grown, pre["arena_bytes"])
         result = finish(dec)  # the mapper that served goes: the new owner serves its own arena again
-        _served_by(entry, second.popen.pid)
+        served_by(entry, second.popen.pid)
         after = launcher.run("decode", *CUDA, model="default", name="after")
         d = after.report()
         assert after.popen.returncode == 0 and d["owner_pid"] == second.popen.pid and d["owner_alive"]

@@ -16,14 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, Launcher
-from helpers import free_port, sglang_request
+from helpers import Asking, free_port, sglang_request
 from sharedcache.cache import CacheDir
 from sharedcache.kit import rank_key
 
@@ -154,37 +153,13 @@ def test_update_weights_from_disk_on_a_decode_is_refused(servers):
     assert servers.tokens("decode-after") == servers.state["tokens"]  # still the same weights
 
 
-class Asking:
-    """Greedy requests to one server, back to back on a thread, until stopped: what a client of the decode
-    sees while the prefill beside it dies and restarts."""
-
-    def __init__(self, servers: Servers, name: str) -> None:
-        self.servers, self.name = servers, name
-        self.answers: list[bool] = []  # each answer: the same tokens as the first prefill's?
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._ask, daemon=True)
-        self._thread.start()
-
-    def _ask(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.answers.append(self.servers.tokens(self.name) == self.servers.state["tokens"])
-            except Exception as e:  # noqa: BLE001 - every failure is counted and shown by the test
-                self.failures.append(repr(e))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=300)
-
-
 def test_prefill_killed_and_restarted_takes_its_arena_over_while_the_decode_answers(servers):
     """Issue 23, items 1-2 on SGLang: every process of the prefill's server is SIGKILLed; the decode serves
     the arena's fds meanwhile, answers every request with the same tokens, and the restarted prefill takes
     the arena over (0 weight bytes, no second copy in GPU memory) and owns the entry again."""
     pre, old = servers.state["prefill"], servers.state["prefill_proc"]
     entry = CacheDir(servers.launcher.cache_dir).entry(rank_key(KEY, tp_rank=0))
-    asking = Asking(servers, "decode-after")
+    asking = Asking(lambda: servers.tokens("decode-after") == servers.state["tokens"])
     try:
         killed = time.time()
         os.killpg(os.getpgid(pre["ranks"][0]["pid"]), signal.SIGKILL)  # the server, its scheduler, all of it
@@ -202,7 +177,8 @@ def test_prefill_killed_and_restarted_takes_its_arena_over_while_the_decode_answ
     rank = rep["ranks"][0]
     assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0 and rep["fallback"] is None, rep
     assert rank["preloaded_weights_bytes"] == 0 and rank["meta_tensors"] == []
-    assert asking.failures == [] and asking.answers and all(asking.answers), (asking.failures, asking.answers)
+    assert asking.failures == [] and asking.answers and all(ok for _, ok in asking.answers), \
+        (asking.failures, asking.answers)
     assert servers.tokens("prefill-restarted") == servers.state["tokens"]
     m = entry.read()
     assert m.owner.pid == rank["pid"] and entry.owner_alive(m)
