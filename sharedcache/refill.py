@@ -1,12 +1,18 @@
-"""Refilling a new arena from the entry's host copy (sharedcache.hostcopy) instead of reading the checkpoint:
-parallel reads from the copy (tmpfs: one thread's copy-out of the page cache is far below PCIe speed) into two
-pinned staging buffers on CUDA, each copied to the GPU while the next chunk is read; then the content digest.
+"""Refilling a new arena from the entry's host copy (sharedcache.hostcopy) instead of reading the checkpoint.
+
+The copy lies in tmpfs: one thread's copy-out of the page cache runs far below PCIe speed, so readers in
+parallel fill pinned staging buffers, each copied to the GPU while the others are read ("staged"). Two
+other ways are kept for bench/host_refill.py to measure against it: pinning the copy's own pages in place
+and copying from them ("registered"), and letting the driver stage pageable memory ("pageable").
+Then the content digest, computed on the GPU.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +24,25 @@ if TYPE_CHECKING:
 
     from .backends.base import Arena, Backend
 
-_IN_CHUNK = 256 << 20  # each of the two staging buffers
-_READERS = 8  # parallel reads per chunk
+MODES = ("staged", "registered", "pageable")
+
+
+@dataclass(frozen=True)
+class RefillPlan:
+    """How a refill moves the bytes into the GPU."""
+
+    mode: str = "staged"
+    readers: int = 8  # threads reading (staged), pinning (registered) or copying (pageable)
+    chunk: int = 64 << 20  # bytes per GPU copy, and per staging buffer
+    buffers: int = 4  # staged: pinned buffers in turn
+    piece: int = 16 << 20  # staged: bytes per read
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES or min(self.readers, self.chunk, self.buffers, self.piece) < 1:
+            raise ValueError(f"not a refill plan: {self}")
+
+
+PLAN = RefillPlan()
 
 
 def _read_all(fd: int, into: memoryview, offset: int) -> None:
@@ -31,60 +54,129 @@ def _read_all(fd: int, into: memoryview, offset: int) -> None:
         into, offset = into[n:], offset + n
 
 
-def _read_parallel(pool: ThreadPoolExecutor, fd: int, into: torch.Tensor, offset: int, size: int) -> None:
-    """`size` bytes of the file from `offset` into the CPU tensor `into`, in _READERS parallel reads."""
-    piece = -(-size // _READERS)
-    jobs = [pool.submit(_read_all, fd, memory(into, a, min(piece, size - a)), offset + a)
-            for a in range(0, size, piece)]
+def fill(path: Path, size: int, arena: Arena, plan: RefillPlan = PLAN) -> dict[str, float]:
+    """The first `size` bytes of the file at `path` into the new `arena`: {"arena_commit": seconds to back
+    the arena with memory, "host_refill": seconds of the copy, staging buffers included}."""
+    base = arena.base
+    t_commit = time.perf_counter()
+    arena.commit(size)  # cuda_vmm: create and map the physical chunks, apart from the copy's time
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size < size:
+            raise IntegrityError(f"the host copy {path} is shorter than the arena's {size} bytes.",
+                                 hint="Remove it with `sharedcache gc --host-copies`.")
+        with ThreadPoolExecutor(plan.readers, thread_name_prefix="sharedcache-refill") as pool:
+            if base.device.type == "cpu":
+                wait_all([pool.submit(_read_all, fd, memory(base, a, min(plan.piece, size - a)), a)
+                          for a in range(0, size, plan.piece)])
+            elif plan.mode == "staged":
+                _staged(pool, fd, base, size, plan)
+            else:
+                _from_mapping(pool, fd, base, size, plan)
+    finally:
+        os.close(fd)
+    arena.sync()
+    return {"arena_commit": t0 - t_commit, "host_refill": time.perf_counter() - t0}
+
+
+def refill(copy: HostCopy, arena: Arena, plan: RefillPlan = PLAN) -> dict[str, float]:
+    """Fill the new owner's `arena` with the host copy and check its digest: fill()'s timings and
+    "host_digest", the check's seconds. An IntegrityError when the bytes are not the copied ones."""
+    timings = fill(copy.path, copy.size, arena, plan)
+    t1 = time.perf_counter()
+    if content_digest(arena.base) != copy.digest:
+        raise IntegrityError(f"the bytes refilled from {copy.path} do not match its content digest.",
+                             hint="The host copy was changed or damaged; it is removed and the model loaded.")
+    return {**timings, "host_digest": time.perf_counter() - t1}
+
+
+def wait_all(jobs: list[Future]) -> None:
+    """Every job finished (none still writes into memory about to be freed); the first failure raised."""
+    wait(jobs)
     for job in jobs:
         job.result()
 
 
-def refill(copy: HostCopy, arena: Arena) -> dict[str, float]:
-    """Fill the new owner's `arena` with the host copy and check its digest: {"arena_commit": seconds to back
-    the arena with memory, "host_refill": seconds of the copy (pinned buffers included), "host_digest": seconds
-    of the check}. An IntegrityError when the bytes are not the copied ones."""
-    size, base = copy.size, arena.base
-    t_commit = time.perf_counter()
-    arena.commit(size)  # cuda_vmm: create and map the physical chunks, apart from the copy's time
-    t0 = time.perf_counter()
-    fd = os.open(copy.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        with ThreadPoolExecutor(_READERS, thread_name_prefix="sharedcache-refill") as pool:
-            if base.device.type == "cpu":
-                _read_parallel(pool, fd, base, 0, size)
-            else:
-                _refill_device(pool, fd, base, size)
-    finally:
-        os.close(fd)
-    arena.sync()
-    t1 = time.perf_counter()
-    if content_digest(base) != copy.digest:
-        raise IntegrityError(f"the bytes refilled from {copy.path} do not match its content digest.",
-                             hint="The host copy was changed or damaged; it is removed and the model loaded.")
-    return {"arena_commit": t0 - t_commit, "host_refill": t1 - t0, "host_digest": time.perf_counter() - t1}
-
-
-def _refill_device(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int) -> None:
-    """Two pinned buffers: while one is copied to the GPU, the next chunk is read into the other."""
+def _staged(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int, plan: RefillPlan) -> None:
+    """`plan.buffers` pinned buffers in turn. The reads of a buffer's next chunk are queued as soon as its
+    copy is queued, each first waiting for that copy to land, so the readers never wait for the GPU's turn."""
     import torch
 
+    chunks = [(off, min(plan.chunk, size - off)) for off in range(0, size, plan.chunk)]
     with torch.cuda.device(base.device):
         stream = torch.cuda.Stream()
-        staging = [torch.empty(min(_IN_CHUNK, size), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        copied: list[Any] = [None, None]
+        staging = [torch.empty(min(plan.chunk, size), dtype=torch.uint8, pin_memory=True)
+                   for _ in range(min(plan.buffers, len(chunks)))]
+        reads: dict[int, list[Future]] = {}
+
+        def queue_reads(i: int, after: Any) -> None:
+            off, n = chunks[i]
+            buf = staging[i % len(staging)]
+            reads[i] = [pool.submit(_read_after, after, fd, memory(buf, a, min(plan.piece, n - a)), off + a)
+                        for a in range(0, n, plan.piece)]
+
         try:
+            for i in range(len(staging)):
+                queue_reads(i, None)
             with torch.cuda.stream(stream):
-                for i, off in enumerate(range(0, size, _IN_CHUNK)):
-                    k, n = i % 2, min(_IN_CHUNK, size - off)
-                    if copied[k] is not None:
-                        copied[k].synchronize()  # the buffer's last chunk has reached the GPU
-                    _read_parallel(pool, fd, staging[k], off, n)
-                    base[off:off + n].copy_(staging[k][:n], non_blocking=True)
-                    copied[k] = torch.cuda.Event()
-                    copied[k].record(stream)
-        finally:  # also on a failed read: no copy may still run into an arena about to be released
+                for i, (off, n) in enumerate(chunks):
+                    wait_all(reads.pop(i))
+                    base[off:off + n].copy_(staging[i % len(staging)][:n], non_blocking=True)
+                    landed = torch.cuda.Event()
+                    landed.record(stream)
+                    if i + len(staging) < len(chunks):
+                        queue_reads(i + len(staging), landed)
+        finally:  # also on a failed read: no read or copy may still run into memory about to be released
+            for jobs in reads.values():
+                wait(jobs)
             stream.synchronize()
+
+
+def _read_after(landed: Any, fd: int, into: memoryview, offset: int) -> None:
+    if landed is not None:
+        landed.synchronize()  # the buffer's previous chunk has reached the GPU
+    _read_all(fd, into, offset)
+
+
+def _from_mapping(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int, plan: RefillPlan) -> None:
+    """registered: pin the mapped copy's pages chunk by chunk (in `plan.readers` threads) and copy each from
+    where it lies; pageable: `plan.readers` threads each hand the driver a chunk of unpinned memory."""
+    import torch
+
+    from .backends import cuda_driver as cu
+
+    index = base.device.index if base.device.index is not None else torch.cuda.current_device()
+    mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    view = memoryview(mm)
+    try:
+        addr = _address(view)
+        chunks = [(off, min(plan.chunk, size - off)) for off in range(0, size, plan.chunk)]
+        dst = base.data_ptr()
+        if plan.mode == "pageable":
+            wait_all([pool.submit(cu.copy_to_device, index, dst + off, addr + off, n) for off, n in chunks])
+            return
+        pinned = [pool.submit(cu.host_register, index, addr + off, n) for off, n in chunks]
+        stream = torch.cuda.Stream(base.device)
+        try:
+            for (off, n), job in zip(chunks, pinned):
+                job.result()
+                cu.copy_to_device_async(dst + off, addr + off, n, stream.cuda_stream)
+        finally:
+            wait(pinned)
+            stream.synchronize()
+            wait_all([pool.submit(cu.host_unregister, index, addr + off)
+                      for (off, _), job in zip(chunks, pinned) if job.exception() is None])
+    finally:
+        view.release()
+        mm.close()
+
+
+def _address(view: memoryview) -> int:
+    """The address of a read-only buffer (ctypes only gives writable ones)."""
+    import numpy as np
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def refilled(backend: Backend, entry_dir: Path, copy: HostCopy, device: torch.device) -> Arena:
