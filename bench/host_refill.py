@@ -3,7 +3,9 @@
 One cuda_vmm arena of --gib is filled with random bytes and copied into a host copy file in tmpfs, as the
 owner's background copy would; then every refill plan (sharedcache.refill.RefillPlan) fills a new cuda_vmm
 arena from that file, in turn, --repeats times, each refill checked against the file's content digest.
-The default plan runs first and last in every round: its two timings are the control (ratio 1.00 expected).
+Each refill runs in a process of its own, one at a time, as a restarted owner refills: its threads and
+pinned buffers are new. The default plan runs first and last in every round: the control (ratio 1.00
+expected).
 GB/s = arena bytes / `host_refill` seconds (staging buffers or page pinning included; the physical
 memory's creation, `arena_commit`, and the digest check are timed apart).
 
@@ -18,6 +20,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,13 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 PLANS = {  # name -> plan; "default" is refill.PLAN
     "default": refill.PLAN,
-    "staged, 8 readers, 2 x 256 MiB (the first plan's sizes)": refill.RefillPlan(readers=8, chunk=256 * MIB, buffers=2, piece=32 * MIB),
-    "staged, 16 readers": refill.RefillPlan(readers=16),
-    "staged, 12 readers, 4 x 128 MiB": refill.RefillPlan(readers=12, chunk=128 * MIB, piece=8 * MIB),
-    "staged, 6 readers": refill.RefillPlan(readers=6),
-    "registered, 4 pinning threads, 256 MiB": refill.RefillPlan(mode="registered", readers=4, chunk=256 * MIB),
-    "registered, 8 pinning threads, 64 MiB": refill.RefillPlan(mode="registered", readers=8),
-    "pageable, 4 threads, 64 MiB": refill.RefillPlan(mode="pageable", readers=4),
+    "8 readers, 2 x 256 MiB (the first plan's sizes)": refill.RefillPlan(readers=8, chunk=256 * MIB, buffers=2,
+                                                                          piece=32 * MIB),
+    "8 readers": refill.RefillPlan(readers=8),
+    "16 readers": refill.RefillPlan(readers=16),
+    "16 readers, 4 x 64 MiB": refill.RefillPlan(readers=16, chunk=64 * MIB, piece=16 * MIB),
+    "12 readers, 8 x 64 MiB": refill.RefillPlan(readers=12, chunk=64 * MIB, buffers=8),
 }
 
 
@@ -66,7 +68,18 @@ def write_copy(base: torch.Tensor, path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def one_refill(backend, entry_dir: Path, path: Path, size: int, digest: str, plan) -> dict:
+def one_refill(entry_dir: Path, size: int, digest: str, plan: str) -> dict:
+    """A process of its own refills a new arena by `plan`; its timings."""
+    child = subprocess.run([sys.executable, __file__, "--one", plan, "--entry", str(entry_dir), "--size", str(size),
+                            "--digest", digest], capture_output=True, text=True, timeout=300)
+    if child.returncode:
+        raise SystemExit(f"the refill by {plan!r} failed:\n{child.stdout}{child.stderr}")
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+def refill_here(entry_dir: Path, size: int, digest: str, plan: refill.RefillPlan) -> dict:
+    backend = get_backend("cuda_vmm", settings(entry_dir.parent))
+    path = entry_dir / "hostcopy.bin"
     device = torch.device("cuda", torch.cuda.current_device())
     arena = backend.create(entry_dir, size, device)
     try:
@@ -101,8 +114,17 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=15.0, help="arena size (15 GiB ~ the Llama-3-8B arena)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plans", nargs="*", default=list(PLANS), help="names from PLANS (default: all)")
-    ap.add_argument("--out", type=Path, required=True, help="writes <out>.json and <out>.md")
+    ap.add_argument("--out", type=Path, help="writes <out>.json and <out>.md")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a child: one refill by this plan, timings to stdout
+    ap.add_argument("--entry", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--digest", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        print(json.dumps(refill_here(args.entry, args.size, args.digest, PLANS[args.one])))
+        return
+    if args.out is None:
+        ap.error("--out is required")
     cache = Path(tempfile.mkdtemp(prefix="sc-refill-", dir="/dev/shm"))
     try:
         run(args, cache)
@@ -131,8 +153,7 @@ def run(args, cache: Path) -> None:
     order = ["default", *[p for p in args.plans if p != "default"], "default"]
     rounds = []
     for r in range(args.repeats):
-        rounds.append([{"plan": name, **one_refill(backend, entry_dir, path, size, digest, PLANS[name])}
-                       for name in order])
+        rounds.append([{"plan": name, **one_refill(entry_dir, size, digest, name)} for name in order])
         print(json.dumps(rounds[-1]), flush=True)
     report(args, size, write_seconds, rounds)
 
@@ -162,7 +183,8 @@ def report(args, size: int, write_seconds: float, rounds: list[list[dict]]) -> N
     lines = [f"# Host copy refill into a new cuda_vmm arena ({size / 1e9:.2f} GB)", "",
              f"{result['card']}, driver {result['driver']}; torch {result['torch']}, transformers "
              f"{result['transformers']}; {result['cpu_count']} CPUs; commit {result['commit']}. "
-             f"bench/host_refill.py, {args.repeats} rounds, medians; every refill checked against the copy's "
+             f"bench/host_refill.py, {args.repeats} rounds, each refill a process of its own (new threads and pinned "
+             f"buffers, as a restarted owner has), medians; every refill checked against the copy's "
              f"content digest (all equal: {result['all_digests_ok']}).", "",
              "| plan | GB/s (median) | GB/s, each round |", "|---|---|---|"]
     lines += [f"| {name} | {s['gbps_median']} | {', '.join(map(str, s['gbps_all']))} |" for name, s in summary.items()]

@@ -1,14 +1,13 @@
 """Refilling a new arena from the entry's host copy (sharedcache.hostcopy) instead of reading the checkpoint.
 
 The copy lies in tmpfs: one thread's copy-out of the page cache runs far below PCIe speed, so readers in
-parallel fill pinned staging buffers, each copied to the GPU while the others are read ("staged"). Two
-other ways are kept for bench/host_refill.py to measure against it: pinning the copy's own pages in place
-and copying from them ("registered"), and letting the driver stage pageable memory ("pageable").
-Then the content digest, computed on the GPU.
+parallel fill pinned staging buffers, each copied to the GPU while the others are read. Then the content
+digest, computed on the GPU. bench/host_refill.py measured the plan's sizes; pinning the copy's own pages in
+place (cuMemHostRegister) and letting the driver stage pageable memory were 3 and 5 times slower on an H100
+(bench/results/h100-host-refill-plans.md).
 """
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -24,21 +23,17 @@ if TYPE_CHECKING:
 
     from .backends.base import Arena, Backend
 
-MODES = ("staged", "registered", "pageable")
-
-
 @dataclass(frozen=True)
 class RefillPlan:
     """How a refill moves the bytes into the GPU."""
 
-    mode: str = "staged"
-    readers: int = 8  # threads reading (staged), pinning (registered) or copying (pageable)
-    chunk: int = 64 << 20  # bytes per GPU copy, and per staging buffer
-    buffers: int = 4  # staged: pinned buffers in turn
-    piece: int = 16 << 20  # staged: bytes per read
+    readers: int = 12  # threads reading the copy
+    chunk: int = 128 << 20  # bytes per GPU copy, and per pinned staging buffer
+    buffers: int = 4  # staging buffers in turn
+    piece: int = 8 << 20  # bytes per read
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES or min(self.readers, self.chunk, self.buffers, self.piece) < 1:
+        if min(self.readers, self.chunk, self.buffers, self.piece) < 1:
             raise ValueError(f"not a refill plan: {self}")
 
 
@@ -70,10 +65,8 @@ def fill(path: Path, size: int, arena: Arena, plan: RefillPlan = PLAN) -> dict[s
             if base.device.type == "cpu":
                 wait_all([pool.submit(_read_all, fd, memory(base, a, min(plan.piece, size - a)), a)
                           for a in range(0, size, plan.piece)])
-            elif plan.mode == "staged":
-                _staged(pool, fd, base, size, plan)
             else:
-                _from_mapping(pool, fd, base, size, plan)
+                _staged(pool, fd, base, size, plan)
     finally:
         os.close(fd)
     arena.sync()
@@ -100,33 +93,36 @@ def wait_all(jobs: list[Future]) -> None:
 
 def _staged(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int, plan: RefillPlan) -> None:
     """`plan.buffers` pinned buffers in turn. The reads of a buffer's next chunk are queued as soon as its
-    copy is queued, each first waiting for that copy to land, so the readers never wait for the GPU's turn."""
+    copy is queued, each first waiting for that copy to land, so the readers never wait for the GPU's turn;
+    the first chunk is read while the other buffers are pinned."""
     import torch
 
     chunks = [(off, min(plan.chunk, size - off)) for off in range(0, size, plan.chunk)]
+    turns = min(plan.buffers, len(chunks))
     with torch.cuda.device(base.device):
         stream = torch.cuda.Stream()
-        staging = [torch.empty(min(plan.chunk, size), dtype=torch.uint8, pin_memory=True)
-                   for _ in range(min(plan.buffers, len(chunks)))]
+        staging: list[torch.Tensor] = []
         reads: dict[int, list[Future]] = {}
 
         def queue_reads(i: int, after: Any) -> None:
             off, n = chunks[i]
-            buf = staging[i % len(staging)]
+            if len(staging) < turns:
+                staging.append(torch.empty(min(plan.chunk, size), dtype=torch.uint8, pin_memory=True))
+            buf = staging[i % turns]
             reads[i] = [pool.submit(_read_after, after, fd, memory(buf, a, min(plan.piece, n - a)), off + a)
                         for a in range(0, n, plan.piece)]
 
         try:
-            for i in range(len(staging)):
+            for i in range(turns):
                 queue_reads(i, None)
             with torch.cuda.stream(stream):
                 for i, (off, n) in enumerate(chunks):
                     wait_all(reads.pop(i))
-                    base[off:off + n].copy_(staging[i % len(staging)][:n], non_blocking=True)
+                    base[off:off + n].copy_(staging[i % turns][:n], non_blocking=True)
                     landed = torch.cuda.Event()
                     landed.record(stream)
-                    if i + len(staging) < len(chunks):
-                        queue_reads(i + len(staging), landed)
+                    if i + turns < len(chunks):
+                        queue_reads(i + turns, landed)
         finally:  # also on a failed read: no read or copy may still run into memory about to be released
             for jobs in reads.values():
                 wait(jobs)
@@ -137,46 +133,6 @@ def _read_after(landed: Any, fd: int, into: memoryview, offset: int) -> None:
     if landed is not None:
         landed.synchronize()  # the buffer's previous chunk has reached the GPU
     _read_all(fd, into, offset)
-
-
-def _from_mapping(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int, plan: RefillPlan) -> None:
-    """registered: pin the mapped copy's pages chunk by chunk (in `plan.readers` threads) and copy each from
-    where it lies; pageable: `plan.readers` threads each hand the driver a chunk of unpinned memory."""
-    import torch
-
-    from .backends import cuda_driver as cu
-
-    index = base.device.index if base.device.index is not None else torch.cuda.current_device()
-    mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    view = memoryview(mm)
-    try:
-        addr = _address(view)
-        chunks = [(off, min(plan.chunk, size - off)) for off in range(0, size, plan.chunk)]
-        dst = base.data_ptr()
-        if plan.mode == "pageable":
-            wait_all([pool.submit(cu.copy_to_device, index, dst + off, addr + off, n) for off, n in chunks])
-            return
-        pinned = [pool.submit(cu.host_register, index, addr + off, n) for off, n in chunks]
-        stream = torch.cuda.Stream(base.device)
-        try:
-            for (off, n), job in zip(chunks, pinned):
-                job.result()
-                cu.copy_to_device_async(dst + off, addr + off, n, stream.cuda_stream)
-        finally:
-            wait(pinned)
-            stream.synchronize()
-            wait_all([pool.submit(cu.host_unregister, index, addr + off)
-                      for (off, _), job in zip(chunks, pinned) if job.exception() is None])
-    finally:
-        view.release()
-        mm.close()
-
-
-def _address(view: memoryview) -> int:
-    """The address of a read-only buffer (ctypes only gives writable ones)."""
-    import numpy as np
-
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def refilled(backend: Backend, entry_dir: Path, copy: HostCopy, device: torch.device) -> Arena:

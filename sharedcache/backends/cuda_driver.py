@@ -185,33 +185,6 @@ def set_access(ptr: int, size: int, index: int, *, read_only: bool = False) -> N
     check(drv.cuMemSetAccess(ptr, size, [desc], 1), "cuMemSetAccess")
 
 
-
-# ---------------------------------------------------------------- host memory (refills from a host copy)
-
-_HOST_REGISTER_READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY: the pages are mapped read-only
-
-
-def host_register(index: int, ptr: int, size: int) -> None:
-    """Pin `size` bytes of mapped host memory for DMA (any thread: the device's context is made current)."""
-    use_device(index)
-    check(driver().cuMemHostRegister(ptr, size, _HOST_REGISTER_READ_ONLY), f"cuMemHostRegister({size})")
-
-
-def host_unregister(index: int, ptr: int) -> None:
-    use_device(index)
-    check(driver().cuMemHostUnregister(ptr), "cuMemHostUnregister")
-
-
-def copy_to_device(index: int, dst: int, src: int, size: int) -> None:
-    """A synchronous copy from host memory the driver stages itself (pageable)."""
-    use_device(index)
-    check(driver().cuMemcpyHtoD(dst, src, size), f"cuMemcpyHtoD({size})")
-
-
-def copy_to_device_async(dst: int, src: int, size: int, stream: int) -> None:
-    check(driver().cuMemcpyHtoDAsync(dst, src, size, stream), f"cuMemcpyHtoDAsync({size})")
-
-
 # ---------------------------------------------------------------- legacy IPC
 
 _IPC_HANDLE_BYTES = 64
