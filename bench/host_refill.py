@@ -39,10 +39,9 @@ PLANS = {  # name -> plan; "default" is refill.PLAN
     "default": refill.PLAN,
     "8 readers, 2 x 256 MiB (the first plan's sizes)": refill.RefillPlan(readers=8, chunk=256 * MIB, buffers=2,
                                                                           piece=32 * MIB),
-    "8 readers": refill.RefillPlan(readers=8),
-    "16 readers": refill.RefillPlan(readers=16),
-    "16 readers, 4 x 64 MiB": refill.RefillPlan(readers=16, chunk=64 * MIB, piece=16 * MIB),
-    "12 readers, 8 x 64 MiB": refill.RefillPlan(readers=12, chunk=64 * MIB, buffers=8),
+    "12 readers, 4 x 128 MiB": refill.RefillPlan(readers=12, chunk=128 * MIB, piece=8 * MIB),
+    "16 readers, 4 x 128 MiB": refill.RefillPlan(readers=16, chunk=128 * MIB, piece=8 * MIB),
+    "24 readers": refill.RefillPlan(readers=24),
 }
 
 

@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 class RefillPlan:
     """How a refill moves the bytes into the GPU."""
 
-    readers: int = 12  # threads reading the copy
-    chunk: int = 128 << 20  # bytes per GPU copy, and per pinned staging buffer
+    readers: int = 16  # threads reading the copy (one reads ~2 GB/s out of tmpfs on the H100's host)
+    chunk: int = 64 << 20  # bytes per GPU copy, and per pinned staging buffer
     buffers: int = 4  # staging buffers in turn
-    piece: int = 8 << 20  # bytes per read
+    piece: int = 16 << 20  # bytes per read
 
     def __post_init__(self) -> None:
         if min(self.readers, self.chunk, self.buffers, self.piece) < 1:
