@@ -1,11 +1,13 @@
 """`sharedcache gc`'s removal policy: which entries nothing can use, and removing them without racing an
-owner or an attacher. The CLI prints what `sweep` decided; a dry run decides the same way and removes nothing.
+owner or an attacher. The CLI prints what `sweep` decided; a dry run decides the same way, on the same files,
+and removes nothing.
 
 Removed: an entry whose owner is gone (dead, or from another boot), one whose manifest cannot be read, and
 the leftovers of an owner that never published. Never touched: an entry whose owner lives or that a new owner
 is claiming (the owner lock), one that an instance is attached or attaching to (the attach lock, held from
 before an attacher re-reads the manifest until its mapping dies), and one whose directory or files are not
-what sharedcache made (reported). The slow checks run first; the locks are then taken without waiting and the
+what sharedcache made (a directory, link, FIFO or device where it keeps a file: reported, nothing of the entry
+removed, by gc and its dry run alike). The slow checks run first; the locks are then taken without waiting and the
 entry removed only if it did not change meanwhile.
 
 Host copies (sharedcache.hostcopy) are judged apart (`sweep_host_copies`): one that a later owner of the key
@@ -16,6 +18,7 @@ live owner holds.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -76,6 +79,9 @@ def _collect(entry: Entry, *, dry_run: bool) -> str | _Kept | None:
     why = _collectable(entry)
     if why is None:
         return None
+    foreign = _foreign(_planned(entry))  # the dry run and gc judge the same files: both leave such an entry
+    if foreign:
+        return _Kept(foreign)
     try:
         claim = Claim.take(entry, retry_s=0)  # an owner that publishes nothing: closing it only gives the key up
     except EntryOwned:
@@ -90,11 +96,35 @@ def _collect(entry: Entry, *, dry_run: bool) -> str | _Kept | None:
             if dry_run:  # it would go: nothing owns, maps or attaches to it, and it did not change meanwhile
                 return why
             with entry.write_lock():
-                paths = [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry), *_serve_locks(entry)]
-                left = [problem for problem in map(_remove, paths) if problem]
+                paths = _planned(entry)
+                foreign = _foreign(paths)  # a file swapped meanwhile: removed nothing yet
+                left = [foreign] if foreign else [problem for problem in map(_remove, paths) if problem]
         finally:
             os.close(unused)
     return _Kept("; ".join(left)) if left else why
+
+
+def _planned(entry: Entry) -> list[Path]:
+    """Every file gc removes with an entry (those present)."""
+    return [entry.manifest_path, entry.dir / SETTLED_NAME, *_leftovers(entry), *_serve_locks(entry)]
+
+
+def _foreign(paths: list[Path]) -> str | None:
+    """Why the entry is not gc's to remove: the first of its files that is no plain file (or socket) of the
+    kind sharedcache writes; None when all are."""
+    for path in paths:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            return f"cannot inspect {path}: {e.strerror}"
+        if stat.S_ISREG(mode) or (stat.S_ISSOCK(mode) and path.suffix == ".sock"):
+            continue
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        return f"{path} is {kind}, not a file sharedcache made; remove it by hand, then run gc again"
+    return None
 
 
 def _leftovers(entry: Entry) -> list[Path]:
@@ -119,13 +149,11 @@ def _serve_locks(entry: Entry) -> list[Path]:
 
 
 def _remove(path: Path) -> str | None:
-    """Unlink one file of an entry; a directory in its place is not ours to remove: say so."""
+    """Unlink one file of an entry (checked by _foreign under the entry's locks)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    except IsADirectoryError:
-        return f"{path} is a directory, not a file sharedcache made; remove it by hand"
     except OSError as e:
         return f"cannot remove {path}: {e.strerror}"
     return None

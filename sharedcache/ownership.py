@@ -14,9 +14,9 @@ import os
 from typing import TYPE_CHECKING
 
 from . import hostcopy
-from .cache import Entry
+from .cache import TEMP_FILE, Entry
 from .errors import ManifestError, SharedCacheError, StorageError
-from .manifest import Manifest, write_manifest
+from .manifest import Manifest, process_start_ticks, write_manifest
 from .settle import clear_settled
 
 if TYPE_CHECKING:
@@ -105,15 +105,17 @@ class Claim:
 
     def _sweep(self, ours: Manifest) -> None:
         """We hold the owner lock, so earlier owners are dead: remove the arena files and sockets they left
-        (also those of an owner that died before publishing). Attached instances keep their mappings."""
+        (also those of an owner that died before publishing), and the half-written manifests and marks of
+        any writer that died inside its rename. Attached instances keep their mappings."""
         keep = {v for v in ours.handle.values() if isinstance(v, str)}
-        for path in self.entry.dir.glob("arena-*"):
-            if path.name not in keep:
-                log.info("removing %s, left by a dead owner", path)
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as e:  # a directory in its place is not ours to remove; gc reports it
-                    log.warning("left %s in place: %s", path, e.strerror)
+        left = [p for p in self.entry.dir.glob("arena-*") if p.name not in keep]
+        left += [p for p in self.entry.dir.glob(".*.tmp") if TEMP_FILE.fullmatch(p.name) and not _writing(p.name)]
+        for path in left:
+            log.info("removing %s, left by a dead process", path)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:  # a directory in its place is not ours to remove; gc reports it
+                log.warning("left %s in place: %s", path, e.strerror)
         hostcopy.sweep(self.entry.dir, ours)
 
 
@@ -136,3 +138,10 @@ def give_up(claims: list[Claim]) -> None:
                 log.warning("giving up entry %s: %s", this[1], this[0])
     if failed is not None:
         raise failed[0]
+
+
+def _writing(temp_name: str) -> bool:
+    """Does the process that names itself in a temp file's name (`.<name>.<pid>.<random>.tmp`) still run? A
+    relay naming itself in the manifest may be writing one right now; a dead writer's file is left over."""
+    pid = int(temp_name.split(".")[3])
+    return pid == os.getpid() or process_start_ticks(pid) >= 0
