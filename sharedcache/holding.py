@@ -10,17 +10,16 @@ attach, so restarting every engine costs their own start-up, not a weight load.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 from . import backends
 from .backends.base import Arena
 from .cache import CacheDir
-from .errors import AttachTimeout, ConfigError, ManifestError
+from .errors import ConfigError, ManifestError
 from .manifest import Manifest
 from .progress import ProgressFn, log_progress
 from .settings import CacheSettings
-from .waiting import Outcome, wait_for_owner
+from .waiting import Outcome, timed_out, wait_for_owner, waiting_deadlines
 
 
 @dataclass
@@ -43,13 +42,12 @@ class Held:
 def hold(settings: CacheSettings, key: str, *, progress: ProgressFn = log_progress) -> Held:
     """Wait (up to cache.wait_timeout_s) for `key` to be published, then map and keep its arena."""
     entry = CacheDir(settings.dir).entry(key)
-    found = wait_for_owner(entry, deadline=time.monotonic() + settings.wait_timeout_s,
-                           timeout_s=settings.wait_timeout_s, role="holder", reclaim=False, progress=progress)
+    deadline, loading_deadline = waiting_deadlines(settings)
+    found = wait_for_owner(entry, deadline=deadline, loading_deadline=loading_deadline, role="holder",
+                           reclaim=False, progress=progress)
     if found.outcome is not Outcome.PUBLISHED:
-        raise AttachTimeout(f"waited {settings.wait_timeout_s:g}s for entry {key!r} to be published in "
-                            f"{settings.dir}; {found.why}.",
-                            hint="Start the engine that owns the weights (role=prefill) with the same cache.dir and "
-                                 "model, or raise cache.wait_timeout_s.")
+        raise timed_out(found, settings, f"entry {key!r} to be published in {settings.dir}",
+                        "Start the engine that owns the weights (role=prefill) with the same cache.dir and model")
     try:
         arena = backends.get_backend(found.manifest.backend, settings).attach(entry.dir, found.manifest)
         if arena.relay is None:

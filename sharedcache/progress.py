@@ -39,17 +39,18 @@ ProgressFn = Callable[[Progress], None]
 
 class LogProgress:
     """Log lines for logs that are read later (files, journald, an engine's log): the first event of a step,
-    then one every `every` seconds, and the step's end."""
+    one whenever what it says changes (e.g. an owner started loading), else one every `every` seconds, and
+    the step's end."""
 
     def __init__(self, every: float = 10.0) -> None:
-        self.every, self.last = every, {}  # role -> when its last line was logged
+        self.every, self.last = every, {}  # role -> (when its last line was logged, that line's text)
 
     def __call__(self, event: Progress) -> None:
         now = time.monotonic()
         last = self.last.pop(event.role, None) if event.final else self.last.get(event.role)
-        if event.final or last is None or now - last >= self.every:
+        if event.final or last is None or now - last[0] >= self.every or event.text != last[1]:
             if not event.final:
-                self.last[event.role] = now
+                self.last[event.role] = (now, event.text)
             log.info("%s", event.line())
 
 
@@ -73,18 +74,20 @@ class TerminalProgress:
 
 
 class Throttle:
-    """Emits a step's events only once it has run `after` seconds, then every `every` seconds; `end`
-    emits the final event only if anything was shown."""
+    """Emits a step's events only once it has run `after` seconds, then every `every` seconds and whenever
+    what it says changes; `end` emits the final event only if anything was shown."""
 
     def __init__(self, emit: ProgressFn, role: str, *, after: float, every: float) -> None:
         self.emit, self.role, self.after, self.every = emit, role, after, every
         self.start = time.monotonic()
         self.last: float | None = None
+        self.text = ""
 
     def update(self, text: str, done: float, total: float, unit: str) -> None:
         now = time.monotonic()
-        if now - self.start >= self.after and (self.last is None or now - self.last >= self.every):
-            self.last = now
+        if now - self.start >= self.after and (self.last is None or now - self.last >= self.every
+                                               or text != self.text):
+            self.last, self.text = now, text
             self.emit(Progress(self.role, text, done, total, unit))
 
     def end(self, text: str) -> None:

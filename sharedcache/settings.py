@@ -17,7 +17,7 @@ class CacheSettings:
     key: str
     backend: str  # "auto" or a registered backend name
     wait_timeout_s: float
-    settle_timeout_s: float  # waiting for an owner to settle, and for a device's sizing turn (sharedcache.settle)
+    settle_timeout_s: float  # waiting on an owner that is loading or settling, and for a device's sizing turn
     on_mismatch: str  # "error" | "fallback"
     on_unsupported: str  # "error" | "fallback"
     alignment: int

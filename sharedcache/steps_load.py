@@ -12,7 +12,7 @@ import weakref
 
 from . import backends
 from .cache import CacheDir, Entry
-from .errors import (ArenaError, AttachTimeout, ConfigError, FingerprintMismatch, IntegrityError, ManifestError,
+from .errors import (ArenaError, ConfigError, FingerprintMismatch, IntegrityError, ManifestError,
                      OwnerGone, UnsupportedModel)
 from .fingerprint import differences
 from .layout import TensorSlot
@@ -22,7 +22,7 @@ from .phases import step
 from .roles import Mode
 from .run import Fallback, Part, RunState, Takeover
 from .steps_save import checksums, current_device_kept
-from .waiting import Outcome, wait_for_owner
+from .waiting import Outcome, timed_out, wait_for_owner, waiting_deadlines
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,11 @@ def _stand_in(s: RunState) -> None:
       provides=("wait_seconds", "owner_alive", "backend", "placement", "parts", "parts.entry", "parts.fingerprint",
                 "parts.arena", "parts.manifest"))
 def serialize_load(s: RunState) -> Fallback | Takeover | None:
-    deadline = time.monotonic() + s.settings.wait_timeout_s
+    deadline, loading_deadline = waiting_deadlines(s.settings)
     while True:
         t0 = time.perf_counter()
         try:
-            found = wait_for_owner(s.head.entry, deadline=deadline, timeout_s=s.settings.wait_timeout_s,
+            found = wait_for_owner(s.head.entry, deadline=deadline, loading_deadline=loading_deadline,
                                    role=s.role.name, reclaim=s.role.mode is Mode.AUTO, progress=s.progress)
         finally:
             s.wait_seconds += time.perf_counter() - t0
@@ -80,10 +80,9 @@ def serialize_load(s: RunState) -> Fallback | Takeover | None:
             log.info("[%s] the key was given up; this auto instance takes it over", s.role.name)
             return Takeover(found.claim)
         if found.outcome is Outcome.TIMED_OUT:
-            raise AttachTimeout(
-                f"waited {s.settings.wait_timeout_s:g}s for entry {s.head.entry.key!r} to be published at "
-                f"{s.head.entry.manifest_path}; {found.why}.",
-                hint="Start the prefill role with the same cache.dir and cache.key, or raise cache.wait_timeout_s.")
+            raise timed_out(found, s.settings, f"entry {s.head.entry.key!r} to be published at "
+                                               f"{s.head.entry.manifest_path}", "Start the prefill role with the "
+                                               "same cache.dir and cache.key")
         outcome = _attach_holding(s, found.manifest, found.hold, deadline)
         if outcome is not False:
             break

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass
 
 from .cache import Entry, EntryState
-from .errors import ManifestError, SharedCacheError
+from .errors import AttachTimeout, ManifestError, SharedCacheError
 from .manifest import Manifest
 from .ownership import Claim
 from .progress import ProgressFn, Throttle
+from .settings import CacheSettings
 
 _POLL_S = 0.05
 
@@ -29,6 +30,7 @@ class Outcome(enum.Enum):
 class WaitResult:
     outcome: Outcome
     why: str = ""  # the entry's state when the wait ended, for a timeout's message
+    loading: bool = False  # TIMED_OUT: an owner still held the key, loading, when the wait gave up
     manifest: Manifest | None = None
     hold: int | None = None  # PUBLISHED: an fd holding the entry's attach lock (see Entry.hold_for_attach)
     claim: Claim | None = None  # CLAIMED
@@ -44,18 +46,45 @@ class WaitResult:
                 claim.close()
 
 
-def wait_for_owner(entry: Entry, *, deadline: float, timeout_s: float, role: str, reclaim: bool,
+def waiting_deadlines(settings: CacheSettings) -> tuple[float, float]:
+    """The monotonic deadlines of a wait starting now: nobody loading the key (cache.wait_timeout_s), and
+    an owner loading it (cache.settle_timeout_s, never shorter)."""
+    now = time.monotonic()
+    return now + settings.wait_timeout_s, now + max(settings.wait_timeout_s, settings.settle_timeout_s)
+
+
+def timed_out(found: WaitResult, settings: CacheSettings, what: str, start_hint: str) -> AttachTimeout:
+    """The AttachTimeout of a wait that gave up on `what`, saying which deadline ended it."""
+    if found.loading:
+        return AttachTimeout(f"waited {max(settings.wait_timeout_s, settings.settle_timeout_s):g}s for {what}; "
+                             f"{found.why}.", hint="Look at the owner's log for why its load is slow, or raise "
+                             "cache.settle_timeout_s.")
+    return AttachTimeout(f"waited {settings.wait_timeout_s:g}s for {what}; nobody is loading it: {found.why}.",
+                         hint=f"{start_hint}, or raise cache.wait_timeout_s.")
+
+
+def wait_for_owner(entry: Entry, *, deadline: float, loading_deadline: float, role: str, reclaim: bool,
                    progress: ProgressFn) -> WaitResult:
     """Poll until the entry is published by an owner an attacher may use (a live one, or a dead one that
-    nobody is replacing), until the monotonic `deadline`; a present but invalid manifest fails at once.
+    nobody is replacing); a present but invalid manifest fails at once. Gives up at the monotonic `deadline`
+    when nobody is loading the key, else while an owner holds its claim (alive: the claim is a lock) at
+    `loading_deadline`: a decode started beside a slow prefill does not give up on it half-way.
     The attach lock is taken before the manifest is read, so gc cannot remove what the caller is about to
     map. With `reclaim` (auto mode), a key that nobody publishes or claims any more is claimed."""
     shown = Throttle(progress, role, after=0.0, every=1.0)
     while True:
         result = _look(entry, reclaim)
-        if result.outcome is Outcome.TIMED_OUT and time.monotonic() >= deadline:
-            shown.end(f"gave up waiting for {entry.key!r} after {timeout_s:g}s ({result.why})")
-            return result
+        now = time.monotonic()
+        if result.outcome is Outcome.TIMED_OUT and now >= deadline:
+            if entry.claimed():
+                result.why, result.loading = "an owner holds the key and is still loading it", True
+            if not result.loading or now >= loading_deadline:
+                shown.end(f"gave up waiting for {entry.key!r} after {shown.elapsed:.0f}s ({result.why})")
+                return result
+            shown.update(f"waiting for {entry.key!r}: an owner is loading it", shown.elapsed,
+                         loading_deadline - now + shown.elapsed, "s")
+            time.sleep(_POLL_S)
+            continue
         if result.outcome is not Outcome.TIMED_OUT:
             try:  # the callback is the caller's code: what we took must not leak if it raises
                 shown.end(f"{entry.key!r} {result.outcome.value} after {shown.elapsed:.1f}s of waiting")
@@ -64,7 +93,7 @@ def wait_for_owner(entry: Entry, *, deadline: float, timeout_s: float, role: str
                 raise
             return result
         shown.update(f"waiting for an owner to publish {entry.key!r} in {entry.root} ({result.why})",
-                     shown.elapsed, timeout_s, "s")
+                     shown.elapsed, deadline - now + shown.elapsed, "s")
         time.sleep(_POLL_S)
 
 

@@ -20,9 +20,10 @@ def entry(tmp_path):
     return CacheDir(root).entry("k")
 
 
-def wait(entry, progress, *, timeout_s=0.3, reclaim=False):
-    return wait_for_owner(entry, deadline=time.monotonic() + timeout_s, timeout_s=timeout_s, role="decode",
-                          reclaim=reclaim, progress=progress)
+def wait(entry, progress, *, timeout_s=0.3, loading_s=None, reclaim=False):
+    now = time.monotonic()
+    return wait_for_owner(entry, deadline=now + timeout_s, loading_deadline=now + (loading_s or timeout_s),
+                          role="decode", reclaim=reclaim, progress=progress)
 
 
 def test_a_wait_nobody_answers_times_out_naming_the_state_and_ends_its_progress(entry):
@@ -32,6 +33,34 @@ def test_a_wait_nobody_answers_times_out_naming_the_state_and_ends_its_progress(
     assert result.hold is None and result.claim is None
     assert events[0].unit == "s" and "waiting for an owner to publish 'k'" in events[0].text
     assert events[-1].final and "gave up waiting" in events[-1].text  # a terminal's line is always ended
+
+
+def test_a_wait_goes_on_past_its_timeout_while_an_owner_loads_and_ends_at_the_loading_deadline(entry):
+    """Issue 24: a decode gave up at cache.wait_timeout_s while a prefill of its key was visibly loading."""
+    loader = Claim.take(entry)  # an owner holding its claim, still loading
+    try:
+        t0 = time.monotonic()
+        events: list[Progress] = []
+        result = wait(entry, events.append, timeout_s=0.2, loading_s=1.0)
+        assert result.outcome is Outcome.TIMED_OUT and result.loading and time.monotonic() - t0 >= 1.0
+        assert result.why == "an owner holds the key and is still loading it"
+        assert any("an owner is loading it" in e.text for e in events) and events[-1].final
+    finally:
+        loader.close()
+
+
+def test_a_wait_past_its_timeout_gives_up_once_nobody_loads_any_more(entry):
+    loader = Claim.take(entry)
+    seen: list[str] = []
+
+    def progress(event):
+        seen.append(event.text)
+        if "an owner is loading it" in event.text:
+            loader.close()  # the loader dies without publishing: nobody is loading now
+
+    result = wait(entry, progress, timeout_s=0.2, loading_s=300)
+    assert result.outcome is Outcome.TIMED_OUT and not result.loading, seen
+    assert result.why == "no owner has published it yet" and "gave up" in seen[-1]
 
 
 def test_an_auto_wait_on_a_free_key_claims_it(entry):
@@ -73,3 +102,13 @@ def test_log_progress_logs_the_first_event_then_every_interval_and_the_end(caplo
     show(Progress("decode", "published after 5s", 0, 0, "", final=True))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "0s / 10s" in lines[0] and lines[1] == "[decode] published after 5s"
+
+
+def test_log_progress_logs_a_change_of_state_at_once(caplog):
+    caplog.set_level("INFO", logger="sharedcache.progress")
+    show = LogProgress(every=3600)
+    show(Progress("decode", "waiting (no owner)", 0, 10, "s"))
+    show(Progress("decode", "waiting (no owner)", 1, 10, "s"))
+    show(Progress("decode", "waiting: an owner is loading it", 2, 10, "s"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "an owner is loading it" in lines[1]
