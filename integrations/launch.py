@@ -26,9 +26,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sharedcache import CacheSettings, ConfigError, ExitCode, Role, SharedCacheError
-from sharedcache.kit import (TerminalProgress, conf_dir, core_role, log_progress, prepare_device, process_age,
-                             register_resolvers, role_of, write_json_atomic)
+from sharedcache import CacheSettings, ConfigError, ExitCode, ReportUnwritable, Role, SharedCacheError
+from sharedcache.kit import (TerminalProgress, conf_dir, core_role, literal, log_progress, prepare_device,
+                             process_age, register_resolvers, role_of, write_report)
 from sharedcache_integrations import launch_checks
 
 log = logging.getLogger("sharedcache.launch")
@@ -125,7 +125,7 @@ def run_hf(cfg: dict[str, Any], declared: launch_checks.RoleLaunch, role: Role, 
                         versions={"torch": torch.__version__, "transformers": transformers.__version__})
     if declared.generate:
         report.extra.update(_generate(cfg, model, tokenizer))
-    _write_report(out / cfg["report_file"], report.to_json())
+    write_report(out / cfg["report_file"], report.to_json())
     print(report.summary())
     if "generated" in report.extra:
         print(f"  generated: {report.extra['generated']!r}  (tokens {report.extra['generated_tokens']})")
@@ -161,7 +161,7 @@ def attach_command(settings: CacheSettings) -> str:
     with role=decode and the entry's cache.dir and cache.key, quoted for a shell."""
     own = [o for o in HydraConfig.get().overrides.task
            if not o.lstrip("+~").split("=", 1)[0].startswith(("role", "cache.dir", "cache.key"))]
-    args = [*invocation(), "role=decode", *own, f"cache.dir={settings.dir}", f"cache.key={settings.key}"]
+    args = [*invocation(), "role=decode", *own, literal("cache.dir", settings.dir), f"cache.key={settings.key}"]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -217,7 +217,7 @@ def run_sglang(cfg: dict[str, Any], declared: launch_checks.RoleLaunch, role: Ro
                       url=plan.url, pd_mode=plan.pd_mode, run_dir=str(out))
         if declared.generate and plan.url and not plan.pd_mode:  # PD servers answer through the router
             report.update(server.generate(cfg["prompt"], cfg["max_new_tokens"]))
-        _write_report(out / cfg["report_file"], report)
+        write_report(out / cfg["report_file"], report)
         print(f"[launch] {role.name}: SGLang serving at {plan.url or 'the router port'} (pid {server.proc.pid}); "
               f"report: {out / cfg['report_file']}. Stop with Ctrl-C or SIGTERM.", flush=True)
         while not stop.wait(0.5):
@@ -230,15 +230,11 @@ def run_sglang(cfg: dict[str, Any], declared: launch_checks.RoleLaunch, role: Ro
             signal.signal(sig, handler)
 
 
-def _write_report(path: Path, data: dict[str, Any]) -> None:
-    write_json_atomic(path, data, indent=2, sort_keys=True)
-
-
 def _write_failure(path: Path, e: SharedCacheError) -> None:
     """A failed run's report says why, for whoever reads run directories (scripts, dashboards)."""
     try:
-        _write_report(path, {**e.as_report(), "pid": os.getpid()})
-    except OSError as err:
+        write_report(path, {**e.as_report(), "pid": os.getpid()})
+    except ReportUnwritable as err:
         log.warning("could not write %s: %s", path, err)
 
 
@@ -272,7 +268,8 @@ def main(dcfg: DictConfig) -> None:
             run_hf(cfg, declared, role, settings, out)
     except SharedCacheError as e:
         log.error("%s", e)  # Hydra's logging shows it on the console and keeps it in the run dir's log
-        _write_failure(out / cfg["report_file"], e)
+        if not isinstance(e, ReportUnwritable):
+            _write_failure(out / cfg["report_file"], e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C while loading or waiting: one line, not a traceback
         log.error("[launch] interrupted; nothing this run published stays behind (attached instances keep "

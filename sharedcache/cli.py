@@ -13,6 +13,7 @@ from typing import Any
 from . import __version__
 from .cache import CacheDir, Entry
 from .collect import sweep, sweep_host_copies
+from .conf import literal  # cheap: Hydra is imported only to compose
 from .errors import ConfigError, ExitCode, ManifestError, SharedCacheError
 from .hostcopy import read_host_copy
 from .keys import head_key, split_rank_key
@@ -24,7 +25,6 @@ def _cache_dir(args: argparse.Namespace) -> str:
             raise ConfigError("--dir is empty.", hint="Give the cache directory, or leave --dir out for cache.dir.")
         return args.dir
     from .conf import compose
-
     try:
         return compose(args.overrides)["cache"]["dir"]
     except Exception as e:  # noqa: BLE001 - Hydra's errors for bad overrides: one line, not its traceback
@@ -52,7 +52,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`sharedcache launch role=holder` with the given overrides: the process becomes the holder."""
-    extra = [f"cache.dir={args.dir}"] if args.dir else []
+    extra = [literal("cache.dir", args.dir)] if args.dir else []  # the very directory named, whatever it holds
     os.execv(sys.executable, [sys.executable, "-m", LAUNCHER, "role=holder", *extra, *args.overrides])
 
 

@@ -44,6 +44,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sc.user", user_name)
 
 
+def literal(key: str, value: str) -> str:
+    """The override `key=<value>` that sets `value` as the very string given: quoted for Hydra's grammar (a
+    comma, quote, '=' or bracket is text), backslashes before a quote or the end doubled (Hydra's rule), and
+    `${` escaped, so no interpolation ever reads it. A plain path or name stays as it is."""
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", value):
+        return f"{key}={value}"
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'")
+    return f"{key}='{text}'"
+
+
 def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     """The composed config as plain data, outside of @hydra.main (CLI, tests)."""
     from hydra import compose as hydra_compose

@@ -20,6 +20,19 @@ class ExitCode:
     INTERRUPTED = 130  # Ctrl-C
 
 
+MESSAGE_LIMIT = 2000  # characters of a message, and of a hint: a log line, not a dump of what was read
+
+
+def short(value: object, limit: int = 80) -> str:
+    """repr(value), shortened to about `limit` characters: how a message quotes what it read."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else f"{text[:MESSAGE_LIMIT - 40]}... ({len(text)} characters)"
+
+
 class SharedCacheError(Exception):
     """Base class of every error sharedcache raises on purpose."""
 
@@ -27,6 +40,7 @@ class SharedCacheError(Exception):
     exit_code = ExitCode.FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        message, hint = _bounded(message), hint and _bounded(hint)  # whatever a message quoted, one bounded line
         self.message, self.hint = message, hint  # apart, for callers that re-word or re-raise them
         text = f"[{self.component}] {message}"
         if hint:
@@ -109,7 +123,7 @@ class FingerprintMismatch(SharedCacheError):
     def __init__(self, key: str, differences: list[tuple[str, object, object]], hint: str | None = None) -> None:
         self.differences = differences
         fields = ", ".join(name for name, _, _ in differences)
-        detail = "; ".join(f"{n}: ours={o!r} published={p!r}" for n, o, p in differences)
+        detail = "; ".join(f"{n}: ours={short(o)} published={short(p)}" for n, o, p in differences)
         super().__init__(
             f"entry {key!r} was published for another model (differing fields: {fields}). {detail}.",
             hint=hint or "Start the decode with the same model/dtype as the prefill, use another cache.key, "
@@ -180,3 +194,14 @@ class StorageError(SharedCacheError):
         """`doing`: what was attempted, e.g. 'writing the manifest /dev/shm/x/k/manifest.json'."""
         why = e.strerror or str(e)
         return cls(f"{doing} failed: {why}.", hint=cls._HINTS.get(e.errno, "Check cache.dir."))
+
+
+class ReportUnwritable(StorageError):
+    """The run's report could not be written (its run directory is full, read-only, or holds something else
+    under its name): the run ends, and no second report of that failure is attempted."""
+
+    @classmethod
+    def at(cls, path: object, e: OSError) -> "ReportUnwritable":
+        return cls(f"writing the run's report {path} failed: {e.strerror or e}.",
+                   hint="Make room in the run directory or fix what stands at that path, or give the run another "
+                        "directory (hydra.run.dir=...).")

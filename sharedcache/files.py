@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import EntryError, StorageError
+from .errors import EntryError, ReportUnwritable, StorageError
 
 
 def check_private_dir(path: Path, what: str = "cache directory") -> bool:
@@ -152,3 +152,12 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None 
                 os.close(dfd)
         except OSError:
             pass
+
+
+def write_report(path: str | os.PathLike, data: Any) -> None:
+    """A run's report (report.json), atomically; a path where it cannot be written is one ReportUnwritable,
+    not an OSError's traceback."""
+    try:
+        write_json_atomic(path, data, indent=2, sort_keys=True)
+    except OSError as e:
+        raise ReportUnwritable.at(path, e) from None

@@ -4,9 +4,11 @@ An integration imports only `sharedcache` and `sharedcache.kit` (tests/test_boun
 line). Importing this module is as cheap as importing `sharedcache`: no torch, no CUDA; the functions
 that need torch import it when called.
 
+- the cache: `check_cache` (its directory and a key, checked before an engine loads anything);
 - devices: `resolve_device`, `device_index`, `device_id` (which physical device, by UUID);
 - fingerprints: `checkpoint_fingerprint` for a model directory, with `config_digest` and `weight_files`;
-- files: `write_json_atomic` (a reader sees the old file or the new one, never part of one);
+- files: `write_json_atomic` (a reader sees the old file or the new one, never part of one), `write_report`
+  (a run's report.json; a ReportUnwritable where it cannot be written);
 - rank keys: `rank_key` / `rank_suffix` name one rank of a parallel server (`<key>-tp<r>`,
   `<key>-pp<p>-tp<r>`), `split_rank_key` reads such a key back (sharedcache.keys);
 - memory sizing: `SizingTurn` (see sharedcache.settle);
@@ -14,7 +16,7 @@ that need torch import it when called.
   sharedcache.holding), for a holder of weights an engine's own loader made;
 - instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it;
 - launchers (the Hydra launcher in integrations/launch.py, the SGLang plugin's switches): `conf_dir`,
-  `compose`, `register_resolvers`, `core_role`, `role_of` (the composed config as the core reads it),
+  `compose`, `literal` (an override that sets a value as the very string given), `register_resolvers`, `core_role`, `role_of` (the composed config as the core reads it),
   `entry_key` (a model's cache key), `prepare_device` (a device's backends brought up
   before the timed phases), `TerminalProgress` / `log_progress` (progress on a terminal or in logs),
   `process_age`.
@@ -25,7 +27,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .devices import device_id, device_index, resolve_device
-from .files import write_json_atomic
+from .files import write_json_atomic, write_report
 from .fingerprint import Fingerprint, config_digest, weight_files
 from .keys import rank_key, rank_suffix, split_rank_key
 from .layout import dtype_name
@@ -33,22 +35,39 @@ from .layout import dtype_name
 if TYPE_CHECKING:
     import torch
 
-    from .conf import compose, conf_dir, core_role, entry_key, register_resolvers, role_of
+    from .conf import compose, conf_dir, core_role, entry_key, literal, register_resolvers, role_of
     from .progress import TerminalProgress, log_progress
     from .holding import Held, hold, superseded
     from .settle import SizingTurn
 
 __all__ = [
-    "Held", "SizingTurn", "hold", "superseded", "TerminalProgress", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role",
-    "entry_key",
-    "device_id", "device_index", "dtype_name", "instance_of", "log_progress", "prepare_device", "process_age",
-    "rank_key", "rank_suffix", "register_resolvers", "resolve_device", "role_of", "split_rank_key", "weight_files",
-    "write_json_atomic",
+    "check_cache", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role", "device_id",
+    "device_index", "dtype_name", "entry_key", "Held", "hold", "instance_of", "literal", "log_progress",
+    "prepare_device", "process_age", "rank_key", "rank_suffix", "register_resolvers", "resolve_device", "role_of",
+    "SizingTurn", "split_rank_key", "superseded", "TerminalProgress", "weight_files", "write_json_atomic",
+    "write_report",
 ]
 # exported names whose modules are imported only when an integration asks for them
-_LAZY = {"Held": "holding", "hold": "holding", "superseded": "holding", "SizingTurn": "settle", "TerminalProgress": "progress", "log_progress": "progress", "conf_dir": "conf",
-         "compose": "conf", "entry_key": "conf",
-         "core_role": "conf", "register_resolvers": "conf", "role_of": "conf"}
+_LAZY = {
+    "compose": "conf", "conf_dir": "conf", "core_role": "conf", "entry_key": "conf", "literal": "conf",
+    "register_resolvers": "conf", "role_of": "conf", "Held": "holding", "hold": "holding",
+    "superseded": "holding", "log_progress": "progress", "TerminalProgress": "progress",
+    "SizingTurn": "settle",
+}
+
+
+def check_cache(settings: Any, key: str | None) -> None:
+    """The cache directory (and `key`, when known) as the core will use them, checked now without creating
+    anything: a launcher refuses a bad one in one line before its engine loads (ConfigError, EntryError)."""
+    from pathlib import Path
+
+    from .cache import CacheDir
+    from .files import check_private_dir
+
+    if key is None:
+        check_private_dir(Path(settings.dir))
+    else:
+        CacheDir(settings.dir).entry(key)
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import ManifestError, NoManifest
+from .errors import ManifestError, NoManifest, short
 from .fingerprint import Fingerprint
 from .layout import ITEMSIZE, TensorSpec, contiguous_stride, layout_digest
 from .manifest import MAX_PARTS, SCHEMA_VERSION, ArenaInfo, Manifest, Owner, PartInfo
@@ -132,18 +132,13 @@ def _is_count(v: Any) -> bool:
 
 def _int(v: Any, what: str, *, minimum: int = 0) -> int:
     _need(type(v) is int and minimum <= v <= _MAX_INT,
-          f"{what} must be an integer in [{minimum}, 2**63), got {_short(v)}")
+          f"{what} must be an integer in [{minimum}, 2**63), got {short(v)}")
     return v
 
 
 def _str(v: Any, what: str) -> str:
     _need(isinstance(v, str) and v != "", f"{what} must be a non-empty string, got {v!r}")
     return v
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
 
 
 def _fingerprint(raw: Any, digest: Any) -> Fingerprint:
@@ -177,19 +172,19 @@ def _handle(h: Any) -> dict[str, Any]:
     """A backend's handle: names and counts only (each backend checks its own keys)."""
     _need(isinstance(h, dict) and 0 < len(h) <= 8, "handle must be an object of at most 8 fields")
     for k, v in h.items():
-        _need(isinstance(k, str) and k.isidentifier() and len(k) <= 32, f"handle key {_short(k)} is not a plain name")
+        _need(isinstance(k, str) and k.isidentifier() and len(k) <= 32, f"handle key {short(k)} is not a plain name")
         _need((type(v) is int and 0 <= v <= _MAX_INT) or (isinstance(v, str) and _HANDLE_VALUE.fullmatch(v)),
-              f"handle.{k} must be a plain name or a non-negative integer, got {_short(v)}")
+              f"handle.{k} must be a plain name or a non-negative integer, got {short(v)}")
     return h
 
 
 def _device(d: Any) -> dict[str, Any]:
     _need(isinstance(d, dict) and set(d) == {"type", "index", "uuid"}, "device must have type, index, uuid")
-    _need(d["type"] in ("cpu", "cuda"), f"device.type must be 'cpu' or 'cuda', got {_short(d['type'])}")
+    _need(d["type"] in ("cpu", "cuda"), f"device.type must be 'cpu' or 'cuda', got {short(d['type'])}")
     _need(d["index"] is None or (type(d["index"]) is int and 0 <= d["index"] < 4096),
-          f"device.index must be null or a device number, got {_short(d['index'])}")
+          f"device.index must be null or a device number, got {short(d['index'])}")
     _need(d["uuid"] is None or (isinstance(d["uuid"], str) and _HANDLE_VALUE.fullmatch(d["uuid"])),
-          f"device.uuid must be null or a device id, got {_short(d['uuid'])}")
+          f"device.uuid must be null or a device id, got {short(d['uuid'])}")
     return d
 
 
@@ -214,7 +209,7 @@ def _part(p: Any) -> PartInfo:
     _need(isinstance(placement, dict) and 0 < len(placement) <= 1 << 16, "part.placement must be a non-empty object")
     for name, where in placement.items():
         _need(name == "" or (isinstance(name, str) and _NAME.fullmatch(name)),
-              f"part.placement key {_short(name)} is not a module path")
+              f"part.placement key {short(name)} is not a module path")
         _need(type(where) is int and 0 <= where < count, f"part.placement[{name!r}] must be a part number below {count}")
     return PartInfo(index, count, p["group"], placement)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -194,6 +195,52 @@ def test_gc_reports_files_it_did_not_make_and_goes_on(published, cache_dir):
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "removed plain" in out.stdout and "odd kept:" in out.stdout and "is a directory" in out.stdout, out.stdout
     assert not (cache_dir / "plain" / "manifest.json").exists()
+    assert (odd / "manifest.json").is_file() and list(odd.glob("arena-*.bin"))  # nothing of odd was removed
+
+
+def _foreign(entry: Path, where: str) -> Path:
+    """Put a directory, FIFO or symbolic link in place of one of the entry's files."""
+    name, kind = where.split(":")
+    path = entry / "manifest.json" if name == "manifest" else next(entry.glob("arena-*.bin"))
+    path.unlink()
+    if kind == "dir":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path, 0o600)
+    else:
+        path.symlink_to(entry / "elsewhere")
+    return path
+
+
+@pytest.mark.parametrize("where", ["manifest:dir", "arena:dir", "arena:fifo", "arena:link"])
+def test_gc_dry_run_says_what_gc_does_with_an_entry_holding_files_it_did_not_make(published, cache_dir, where):
+    """Issue 24: the dry run said it would remove such an entry; gc then kept it, having deleted its manifest
+    or arena already. Now both report it kept, with the file and what it is, and neither removes anything."""
+    odd = _orphan(published, cache_dir, key="odd")
+    path = _foreign(odd, where)
+    before = sorted(p.name for p in odd.iterdir())
+    dry = cli("gc", "--dry-run", "--dir", str(cache_dir), timeout=60)
+    real = cli("gc", "--dir", str(cache_dir), timeout=60)
+    for out in (dry, real):
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert f"odd kept: {path} is a" in out.stdout and "not a file sharedcache made" in out.stdout, out.stdout
+        assert "0 removed, 1 kept" in out.stdout.replace("would remove", "removed"), out.stdout
+    assert sorted(p.name for p in odd.iterdir()) == before
+
+
+def test_a_new_owner_sweeps_the_temp_manifest_of_an_owner_killed_inside_the_rename(launcher, cache_dir):
+    """Issue 24: a killed owner's `.manifest.json.<pid>.<rand>.tmp` outlived the next owner until gc; the next
+    owner's publish removes it (a live process's temp file stays: it may be renaming it right now)."""
+    entry = cache_dir / "sc-llama-tiny"
+    entry.mkdir(mode=0o700)
+    dead = entry / f".manifest.json.{_dead_pid()}.0badc0de.tmp"
+    live = entry / f".manifest.json.{os.getpid()}.0ddba11.tmp"
+    for tmp in (dead, live):
+        tmp.write_bytes(b"{}")
+    prefill = launcher.start("prefill")
+    assert prefill.wait_report()["mode"] == "save", prefill.output()
+    assert not dead.exists() and live.exists()
+    assert prefill.stop() == 0
 
 
 @pytest.mark.parametrize("file", ["/", "../../usr/lib"])
@@ -234,7 +281,7 @@ def test_gc_does_not_block_on_a_fifo_named_manifest(cache_dir):
     entry.mkdir(mode=0o700)
     os.mkfifo(entry / "manifest.json", 0o600)
     out = cli("gc", "--dir", str(cache_dir), timeout=60)
-    assert out.returncode == 0 and "1 removed" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "is a FIFO, not a file sharedcache made" in out.stdout, out.stdout + out.stderr
     ls = cli("ls", "--dir", str(cache_dir), timeout=60)
     assert ls.returncode == 0
 
@@ -392,6 +439,98 @@ def test_terminal_escapes_in_a_manifest_are_printed_escaped(published, cache_dir
         assert out.returncode == 0, out.stderr
         assert "\x1b" not in out.stdout and "\x07" not in out.stdout
         assert "evil\\x1b]0;pwned\\x07" in out.stdout
+
+
+def test_a_mismatch_against_a_huge_published_value_is_one_bounded_line(published, cache_dir, launcher):
+    """Issue 24: FingerprintMismatch quoted the published values whole (a 60 MB model name made a line of 63
+    million characters in the log, on stderr and in report.json). Now every message quotes what it read
+    shortened, and no message or hint exceeds a few KiB."""
+    def mutate(d):
+        fp = dict(d["fingerprint"], model="m" * (8 << 20), config_sha256="0" * 64)
+        d["fingerprint"] = fp
+        d["fingerprint_digest"] = Fingerprint.from_json(fp).digest()
+    entry_copy(published, cache_dir, mutate)
+    decode = launcher.run("decode", "cache.key=k", "cache.wait_timeout_s=5", timeout=120)
+    assert decode.popen.returncode == 2, decode.output()
+    report = decode.report()
+    assert report["error"] == "FingerprintMismatch" and "differing fields: model, config_sha256" in report["message"]
+    assert "(8388610 characters)" in report["message"] and len(report["message"]) < 4096, report["message"][:300]
+    assert len(decode.output()) < 16384 and max(map(len, decode.output().splitlines())) < 4096
+
+
+def test_a_report_that_cannot_be_written_is_one_line_with_its_exit_code(launcher):
+    """Issue 24: report.json standing as a directory in the run directory killed a decode that had attached
+    with a raw IsADirectoryError traceback and exit 1. Now: one line naming the path, the storage exit code,
+    and nothing of the run left published."""
+    prefill = launcher.start("prefill")
+    prefill.wait_report()
+    run_dir = launcher.workdir / "decode-unwritable"
+    (run_dir / "report.json").mkdir(parents=True)
+    decode = launcher.run("decode", name="decode-unwritable", timeout=120)
+    out = decode.output()
+    assert decode.popen.returncode == 5 and "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if "ReportUnwritable" in line or "report" in line and "failed" in line]
+    assert len(lines) == 1 and f"{run_dir / 'report.json'}" in lines[0] and "Is a directory" in lines[0], out
+    assert prefill.stop() == 0
+
+
+@pytest.mark.parametrize("name", ["back\\slash", "${oc.env:HOME}", "a,b='c'=[1]", "trailing\\"])
+def test_sglang_switch_values_are_taken_literally(tmp_path, name):
+    """Issue 24: a backslash in SHAREDCACHE_DIR was doubled and `${oc.env:HOME}` interpolated."""
+    from sharedcache_integrations.sglang import config_from_switches
+
+    odd = str(tmp_path / name)
+    cfg = config_from_switches({"SHAREDCACHE_ROLE": "decode", "SHAREDCACHE_DIR": odd})
+    assert cfg.settings.dir == odd and cfg.key_from_model
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"SHAREDCACHE_KEY": "../escape"}, "cache key '../escape' is not a plain name"),
+    ({"SHAREDCACHE_KEY": "${oc.env:HOME}"}, "cache key '${oc.env:HOME}' is not a plain name"),
+    ({"SHAREDCACHE_KEY": "k" * 129}, "at most 128 characters"),
+    ({"SHAREDCACHE_OVERRIDES": "role=plain"}, "SHAREDCACHE_OVERRIDES sets the role ('role=plain')"),
+    ({"SHAREDCACHE_OVERRIDES": "cache.wait_timeout_s=5 role.mode=off"}, "sets the role ('role.mode=off')"),
+    ({"SHAREDCACHE_OVERRIDES": "'unclosed"}, "SHAREDCACHE_OVERRIDES is not a shell-quoted list"),
+])
+def test_sglang_switches_are_checked_before_sglang_loads_anything(tmp_path, env, says):
+    """Issue 24: a key escaping the cache dir was accepted at start and failed minutes later in a traceback,
+    and SHAREDCACHE_OVERRIDES=role=plain silently made a decode server an unshared one. Refused at once."""
+    from sharedcache_integrations.sglang import config_from_switches
+
+    with pytest.raises((ConfigError, EntryError)) as info:
+        config_from_switches({"SHAREDCACHE_ROLE": "decode", "SHAREDCACHE_DIR": str(tmp_path / "c"), **env})
+    assert says in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_serve_dir_is_the_very_directory_named(tmp_path, sc_home):
+    """Issue 24: `sharedcache serve --dir D` handed D to Hydra unquoted: a comma or quote gave a grammar error,
+    `${oc.env:HOME}` made the holder publish elsewhere. The holder now publishes in D itself."""
+    odd = tmp_path / "c,d='e' ${oc.env:HOME}"
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-m", "sharedcache.cli", "serve", "--dir", str(odd), "model=tiny",
+                               f"model.embedded.dir={sc_home}/models/tiny", f"hydra.run.dir={run_dir}"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = iter(holder.stdout.readline, "")
+        for line in lines:
+            if "Attach with:" in line:
+                break
+        attach = shlex.split(next(lines))
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["cache_dir"] == str(odd) and (odd / "sc-llama-tiny" / "manifest.json").exists(), report
+        # the printed attach command, as a shell would split it, reaches the same directory
+        assert attach[:2] == ["sharedcache", "launch"] and "role=decode" in attach, attach  # `serve`: installed
+        decode = subprocess.run([sys.executable, "-m", "sharedcache_integrations.launch", *attach[2:],
+                                 f"hydra.run.dir={tmp_path / 'decode'}"], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert decode.returncode == 0, decode.stdout + decode.stderr
+        attached = json.loads((tmp_path / "decode" / "report.json").read_text())
+        assert attached["mode"] == "load" and attached["cache_dir"] == str(odd) and attached["weight_bytes_allocated"] == 0
+    finally:
+        holder.terminate()
+        holder.wait(60)
 
 
 def test_launch_with_a_model_path_that_holds_no_model(launcher, tmp_path):

@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, replace
@@ -65,18 +66,26 @@ def switches_env(role: str, *, key: str | None = None, cache_dir: str | None = N
 
 def config_from_switches(environ: Mapping[str, str]) -> PluginConfig:
     """The plugin's config from SHAREDCACHE_ROLE and friends, every other setting from the packaged conf/."""
-    from sharedcache.kit import compose, role_of
+    from sharedcache.kit import check_cache, compose, literal, role_of
 
     role = environ[ROLE_ENV]
     if role not in SWITCH_ROLES:
         raise ConfigError(f"{ROLE_ENV}={role!r} is not a role an SGLang server can take.",
                           hint=f"Set it to one of {', '.join(SWITCH_ROLES)}: prefill loads and publishes, decode "
                                "attaches, auto attaches if it can and publishes otherwise.")
-    overrides = [f"role={role}"]
-    overrides += [f"cache.dir={_quoted(environ[DIR_ENV])}"] if environ.get(DIR_ENV) else []
-    overrides += [f"cache.key={_quoted(environ[KEY_ENV])}"] if environ.get(KEY_ENV) else []
+    overrides = [f"role={role}"]  # the switches' values as the very strings given (no grammar, no ${...})
+    overrides += [literal("cache.dir", environ[DIR_ENV])] if environ.get(DIR_ENV) else []
+    overrides += [literal("cache.key", environ[KEY_ENV])] if environ.get(KEY_ENV) else []
     try:
         extra = shlex.split(environ.get(OVERRIDES_ENV, ""))
+    except ValueError as e:
+        raise ConfigError(f"{OVERRIDES_ENV} is not a shell-quoted list of overrides ({e}).",
+                          hint=f"Quote values with spaces in {OVERRIDES_ENV}, e.g. \"cache.dir='/a b'\".") from None
+    roles = [o for o in extra if re.match(r"^[+~]*role(\.|=|@|$)", o)]
+    if roles:
+        raise ConfigError(f"{OVERRIDES_ENV} sets the role ({roles[0]!r}); {ROLE_ENV}={role} decides it.",
+                          hint=f"Remove {roles[0]!r} from {OVERRIDES_ENV}; set {ROLE_ENV} instead.")
+    try:
         cfg = compose(overrides + extra)
     except Exception as e:  # noqa: BLE001 - Hydra's and shlex's errors: one line naming the variable
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -93,12 +102,9 @@ def config_from_switches(environ: Mapping[str, str]) -> PluginConfig:
             raise ConfigError(f"{REPORT_ENV}={str(report)!r} cannot take the ranks' reports ({e}).",
                               hint=f"Point {REPORT_ENV} at a directory you can write, or unset it.") from None
     named = environ.get(KEY_ENV) or any(o.lstrip("+~").startswith("cache.key=") for o in extra)
-    return PluginConfig(role_of(cfg), CacheSettings.from_mapping(cfg["cache"]), report, key_from_model=not named)
-
-
-def _quoted(value: str) -> str:
-    """A value as one Hydra override token, whatever it holds (commas, spaces, '=', quotes)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    settings = CacheSettings.from_mapping(cfg["cache"])
+    check_cache(settings, settings.key if named else None)  # a bad key or directory: one line now, not minutes in
+    return PluginConfig(role_of(cfg), settings, report, key_from_model=not named)
 
 
 def load_plugin_config(raw: str) -> PluginConfig:

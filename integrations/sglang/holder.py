@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sharedcache import CacheSettings
-from sharedcache.kit import Held, hold, rank_key, superseded, write_json_atomic
+from sharedcache.kit import Held, hold, rank_key, superseded, write_report
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def run_holder(cfg: dict[str, Any], settings: CacheSettings, out: Path) -> None:
         report = {"role": cfg["role"]["name"], "engine": "sglang", "mode": "hold", "pid": os.getpid(),
                   "run_dir": str(out), "held": [_row(h) for h in held],
                   "arena_bytes": sum(h.manifest.arena.size for h in held), "weight_bytes_allocated": 0}
-        write_json_atomic(out / cfg["report_file"], report, indent=2, sort_keys=True)
+        write_report(out / cfg["report_file"], report)
         print(f"[launch] holder: keeping {len(held)} SGLang rank arena(s) of {settings.key!r} "
               f"({report['arena_bytes'] / 2**30:.2f} GiB) in {settings.dir} (pid {os.getpid()}); restarted "
               "prefills take them over and decodes attach. Stop with Ctrl-C or SIGTERM.", flush=True)
