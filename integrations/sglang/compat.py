@@ -25,6 +25,30 @@ _WEIGHT_UPDATES = ("update_weights_from_disk", "update_weights_from_tensor", "up
                    "update_weights_from_distributed", "load_weights_from_distributed")
 
 
+# Requests the scheduler answers itself that write weights in place: the update session (0.5.23's begin/end,
+# which repack quantized weights) and the weights checker's writing actions (check_weights carries the action).
+_SCHEDULER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
+_SCHEDULER_WRITES = {"begin_weight_update": "BeginWeightUpdateReqOutput",
+                     "end_weight_update": "EndWeightUpdateReqOutput", "check_weights": "CheckWeightsReqOutput"}
+WRITING_CHECKS = ("reset_tensors",)  # /weights_checker actions that write; snapshot, compare, checksum only read
+
+
+def scheduler_write_targets() -> dict[str, str]:
+    """{request: hook target} for the scheduler's requests that can write weights, as this SGLang has them."""
+    import importlib
+
+    module, _, cls = _SCHEDULER.rpartition(".")
+    manager = getattr(importlib.import_module(module), cls)
+    return {op: f"{_SCHEDULER}.{op}" for op in _SCHEDULER_WRITES if hasattr(manager, op)}
+
+
+def refused_reply(op: str, message: str) -> Any:
+    """SGLang's own answer object for a scheduler request `op`, refused with `message` (HTTP 400)."""
+    from sglang.srt.managers import io_struct
+
+    return getattr(io_struct, _SCHEDULER_WRITES[op])(success=False, message=message)
+
+
 def weight_update_targets() -> dict[str, str]:
     """{operation: hook target} for the in-place weight updates this SGLang has."""
     import importlib

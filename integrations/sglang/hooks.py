@@ -208,6 +208,19 @@ def _refuse_weight_update(op: str):
     return hook
 
 
+def _refuse_scheduler_write(op: str):
+    """An AROUND hook for a scheduler request that writes weights (the update session, the weights checker's
+    writing actions): answered with SGLang's own failure reply while the weights are shared."""
+
+    def hook(original, manager, recv_req, *args, **kwargs):
+        action = getattr(recv_req, "action", None)
+        if not STATE.shared or (op == "check_weights" and action not in compat.WRITING_CHECKS):
+            return original(manager, recv_req, *args, **kwargs)
+        return compat.refused_reply(op, _refusal(f"weights_checker {action!r}" if action else op)[1])
+
+    return hook
+
+
 def _refusal(op: str) -> tuple[bool, str]:
     role = "owns" if STATE.owns else "is attached to"
     message = (f"[sharedcache] {op} refused: this server {role} the shared weights of cache "
@@ -253,4 +266,5 @@ def hooks() -> dict[str, Any]:
     return {compat.GET_MODEL_LOADER: _around_get_model_loader,
             compat.RUNNER_LOAD_MODEL: _around_runner_load_model,
             compat.SCHEDULER_INIT_MODEL_WORKER: _around_init_model_worker,
-            **{target: _refuse_weight_update(op) for op, target in compat.weight_update_targets().items()}}
+            **{target: _refuse_weight_update(op) for op, target in compat.weight_update_targets().items()},
+            **{target: _refuse_scheduler_write(op) for op, target in compat.scheduler_write_targets().items()}}

@@ -292,6 +292,17 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
     assert sgl.generate("decode-a", ids) == tokens  # nothing was written into the shared weights
     refused = update_weights_from_disk(ports["prefill"], models["default"])  # nor by the owner
     assert refused["success"] is False and "this server owns the shared weights" in refused["message"], refused
+    # the weights checker's writing action and the update session (issue 24): refused on owner and decode
+    # alike; the checker's reading actions still answer
+    for name in ("decode-a", "prefill"):
+        reset = sglang_request(ports[name], "/weights_checker", {"action": "reset_tensors"}, error_answer=True)
+        assert reset["success"] is False and "weights_checker 'reset_tensors' refused" in reset["message"], reset
+        for path in ("/begin_weight_update", "/end_weight_update"):
+            if path in sglang_routes():
+                answer = sglang_request(ports[name], path, {}, error_answer=True)
+                assert answer["success"] is False and f"{path[1:]} refused" in answer["message"], answer
+    assert sglang_request(ports["decode-a"], "/weights_checker", {"action": "checksum"})["success"] is True
+    assert sgl.generate("decode-a", ids) == tokens == sgl.generate("prefill", ids)  # nothing was written
     for proc in (*decodes, prefill):
         assert proc.stop(timeout=120) == 0, proc.output()
 
@@ -314,6 +325,13 @@ def test_decode_of_a_model_that_cannot_be_shared_falls_back_without_waiting_for_
     assert report["fallback"] and "DummyModelLoader" in report["fallback"], report
     assert report["wait_seconds"] == 0 and time.monotonic() - start < 300
     assert decode.stop(timeout=120) == 0, decode.output()
+
+
+def sglang_routes() -> set[str]:
+    """The HTTP routes of the installed SGLang's server."""
+    from sglang.srt.entrypoints.http_server import app
+
+    return {route.path for route in app.routes if hasattr(route, "path")}  # included routers carry none
 
 
 def update_weights_from_disk(port: int, model: Path) -> dict:
