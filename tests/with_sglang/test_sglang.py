@@ -249,7 +249,7 @@ def test_an_sglang_holder_keeps_the_weights_and_a_killed_prefill_restarted_takes
 
 
 def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_at_a_time(launcher, models, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, request):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUB), os.environ.get("PYTHONPATH", "")]))
     ports = {"decode-a": free_port(), "decode-b": free_port(), "prefill": free_port()}
     sgl = SGLangServers(launcher, models["default"])
@@ -268,6 +268,7 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
     # name the same key)
     decodes = [start("decode", "decode-a"), PlainSGLang(models["default"], ports["decode-b"], launcher.cache_dir,
                                                         launcher.workdir / "decode-b-reports")]
+    request.addfinalizer(lambda: decodes[1].stop(timeout=60))  # not the launcher's: stopped on a failure too
     sgl.ports["decode-b"] = ports["decode-b"]
     time.sleep(5)
     prefill = start("prefill", "prefill")
