@@ -30,7 +30,7 @@ import yaml
 
 from sharedcache import refill
 from sharedcache.backends import get_backend
-from sharedcache.hostcopy import content_digest, memory
+from sharedcache.hostcopy import content_digest, memory, write_all
 from sharedcache.settings import CacheSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +59,7 @@ def write_copy(base: torch.Tensor, path: Path) -> float:
         for off in range(0, base.numel(), step):
             n = min(step, base.numel() - off)
             staging[:n].copy_(base[off:off + n])
-            view = memory(staging, 0, n)
-            while view:
-                view = view[os.pwrite(fd, view, off + n - len(view)):]
+            write_all(fd, memory(staging, 0, n), off)
     finally:
         os.close(fd)
     return time.perf_counter() - t0

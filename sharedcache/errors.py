@@ -23,14 +23,13 @@ class ExitCode:
 MESSAGE_LIMIT = 2000  # characters of a message, and of a hint: a log line, not a dump of what was read
 
 
-def short(value: object, limit: int = 80) -> str:
-    """repr(value), shortened to about `limit` characters: how a message quotes what it read."""
-    text = repr(value)
+def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
 
 
-def _bounded(text: str) -> str:
-    return text if len(text) <= MESSAGE_LIMIT else f"{text[:MESSAGE_LIMIT - 40]}... ({len(text)} characters)"
+def short(value: object, limit: int = 80) -> str:
+    """repr(value), shortened to about `limit` characters: how a message quotes what it read."""
+    return _clip(repr(value), limit)
 
 
 class SharedCacheError(Exception):
@@ -40,7 +39,7 @@ class SharedCacheError(Exception):
     exit_code = ExitCode.FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        message, hint = _bounded(message), hint and _bounded(hint)  # whatever a message quoted, one bounded line
+        message, hint = _clip(message, MESSAGE_LIMIT), hint and _clip(hint, MESSAGE_LIMIT)  # whatever a message quoted, one bounded line
         self.message, self.hint = message, hint  # apart, for callers that re-word or re-raise them
         text = f"[{self.component}] {message}"
         if hint:

@@ -191,7 +191,7 @@ class HostWriter:
             for off in range(0, size, _OUT_CHUNK):
                 if self._stop.is_set():
                     return None
-                _write_all(fd, memory(base, off, min(_OUT_CHUNK, size - off)), off)
+                write_all(fd, memory(base, off, min(_OUT_CHUNK, size - off)), off)
             return content_digest(base)
         with torch.cuda.device(base.device):
             stream, staging = torch.cuda.Stream(), torch.empty(_OUT_CHUNK, dtype=torch.uint8, pin_memory=True)
@@ -202,7 +202,7 @@ class HostWriter:
                     n = min(_OUT_CHUNK, size - off)
                     staging[:n].copy_(base[off:off + n], non_blocking=True)
                     stream.synchronize()
-                    _write_all(fd, memory(staging, 0, n), off)
+                    write_all(fd, memory(staging, 0, n), off)
                 return content_digest(base)
 
 
@@ -222,7 +222,8 @@ def _reserve(fd: int, entry_dir: Path, size: int) -> None:
         os.close(lock)
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    """Every byte of `data` into `fd` from `offset` (pwrite may write less than asked)."""
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n

@@ -143,5 +143,4 @@ def give_up(claims: list[Claim]) -> None:
 def _writing(temp_name: str) -> bool:
     """Does the process that names itself in a temp file's name (`.<name>.<pid>.<random>.tmp`) still run? A
     relay naming itself in the manifest may be writing one right now; a dead writer's file is left over."""
-    pid = int(temp_name.split(".")[3])
-    return pid == os.getpid() or process_start_ticks(pid) >= 0
+    return process_start_ticks(int(temp_name.split(".")[3])) >= 0

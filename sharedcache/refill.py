@@ -58,12 +58,9 @@ def fill(path: Path, size: int, arena: Arena, plan: RefillPlan = PLAN) -> dict[s
     t0 = time.perf_counter()
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if os.fstat(fd).st_size < size:
-            raise IntegrityError(f"the host copy {path} is shorter than the arena's {size} bytes.",
-                                 hint="Remove it with `sharedcache gc --host-copies`.")
         with ThreadPoolExecutor(plan.readers, thread_name_prefix="sharedcache-refill") as pool:
             if base.device.type == "cpu":
-                wait_all([pool.submit(_read_all, fd, memory(base, a, min(plan.piece, size - a)), a)
+                _wait_all([pool.submit(_read_all, fd, memory(base, a, min(plan.piece, size - a)), a)
                           for a in range(0, size, plan.piece)])
             else:
                 _staged(pool, fd, base, size, plan)
@@ -84,7 +81,7 @@ def refill(copy: HostCopy, arena: Arena, plan: RefillPlan = PLAN) -> dict[str, f
     return {**timings, "host_digest": time.perf_counter() - t1}
 
 
-def wait_all(jobs: list[Future]) -> None:
+def _wait_all(jobs: list[Future]) -> None:
     """Every job finished (none still writes into memory about to be freed); the first failure raised."""
     wait(jobs)
     for job in jobs:
@@ -117,7 +114,7 @@ def _staged(pool: ThreadPoolExecutor, fd: int, base: torch.Tensor, size: int, pl
                 queue_reads(i, None)
             with torch.cuda.stream(stream):
                 for i, (off, n) in enumerate(chunks):
-                    wait_all(reads.pop(i))
+                    _wait_all(reads.pop(i))
                     base[off:off + n].copy_(staging[i % turns][:n], non_blocking=True)
                     landed = torch.cuda.Event()
                     landed.record(stream)
