@@ -4,7 +4,8 @@ tensors live (/proc/self/maps) and how much anonymous memory it grew (/proc/self
     python tests/probe.py --role decode --cache-dir D --model default --home H [--wait-stdin]
 
 With --wait-stdin it prints {"attached": true} after binding and waits for a line on stdin
-before generating (so a test can kill the owner in between). The last stdout line is JSON.
+before generating (so a test can kill the owner in between); the line "write" makes it write into a weight
+in place instead and report how that ended. The last stdout line is JSON.
 """
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ def file_mappings(fragment: str) -> list[tuple[int, int, str]]:
             start, end = (int(x, 16) for x in parts[0].split("-"))
             out.append((start, end, parts[5]))
     return out
+
+
+def write_into_a_weight(model, device) -> None:
+    """Told "write": add 1 to a weight in place, report whether it landed or faulted, and exit (a CUDA fault
+    leaves this process's context unusable, so nothing else runs)."""
+    import os
+
+    import torch
+
+    try:
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        answer = "landed"
+    except Exception as e:  # noqa: BLE001 - the finding is how the write ended
+        answer = f"faulted: {type(e).__name__}: {str(e).splitlines()[0]}"
+    print(json.dumps({"write": answer}), flush=True)
+    os._exit(0)  # no exit path through a poisoned CUDA context
 
 
 def main() -> None:
@@ -97,7 +117,8 @@ def main() -> None:
         with torch.no_grad():
             model(**inputs)  # so that activations and cuBLAS are part of what the test measures
         print(json.dumps({"attached": True}), flush=True)
-        sys.stdin.readline()
+        if sys.stdin.readline().strip() == "write":
+            write_into_a_weight(model, device)
     with torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=cfg["max_new_tokens"], do_sample=False,

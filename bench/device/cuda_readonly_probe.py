@@ -7,6 +7,7 @@ The owner (this process) creates a physical allocation, fills it, exports a POSI
 (a child process, as a decode is) imports it and maps it twice, read-write and read-only, then times
 the same matmuls reading weights through each mapping, compares results, and finally writes through
 the read-only mapping in a grandchild (a fault poisons the CUDA context of the process it happens in).
+Last, the owner's own mapping timed before and after its seal (read-only once published), alternated.
 """
 from __future__ import annotations
 
@@ -87,6 +88,47 @@ def attacher(fd: int, size: int, gran: int, write: bool) -> dict:
     return out
 
 
+def _mean_ms(fn, n: int) -> float:
+    import torch
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / n * 1e3, 4)
+
+
+def owner_seal(cu, ptr: int, size: int, w) -> dict:
+    """The owner's own mapping before and after the seal (cuMemSetAccess to PROT_READ on the same range, as
+    cuda_vmm's owner does once published), alternated four times: a prefill-shaped matmul (4096 rows) and
+    decode-shaped ones (16 and 1 rows, bound by reading the weight), each the mean of many."""
+    import torch
+
+    g = torch.Generator("cuda").manual_seed(2)
+    xs = {rows: torch.randn(rows, COLS, dtype=torch.bfloat16, device="cuda", generator=g) for rows in (4096, 16, 1)}
+    reference = {rows: x @ w.T for rows, x in xs.items()}
+    rounds = []
+    for i, read_only in enumerate((False, True, False, True, False, True)):
+        cu.set_access(ptr, size, 0, read_only=read_only)
+        row = {"mapping": "read_only" if read_only else "read_write", "round": i}
+        for rows, x in xs.items():
+            row[f"x{rows}_ms"] = _mean_ms(lambda x=x: x @ w.T, 50 if rows == 4096 else 400)
+            row[f"x{rows}_equal"] = bool(torch.equal(x @ w.T, reference[rows]))
+        rounds.append(row)
+    cu.set_access(ptr, size, 0, read_only=False)
+    mean = {}
+    for mapping in ("read_write", "read_only"):
+        rows_of = [r for r in rounds if r["mapping"] == mapping]
+        for key in (k for k in rounds[0] if k.endswith("_ms")):
+            mean[f"{mapping}_{key}"] = round(sum(r[key] for r in rows_of) / len(rows_of), 4)
+    ratios = {k: round(mean[f"read_only_{k}"] / mean[f"read_write_{k}"], 3)
+              for k in (k for k in rounds[0] if k.endswith("_ms"))}
+    return {"rounds": rounds, "mean": mean, "read_only_over_read_write": ratios}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -128,6 +170,7 @@ def main() -> None:
         results[label]["rc"] = res.returncode
     torch.cuda.synchronize()
     results["owner_bytes_unchanged_after_write_attempt"] = float(w.float().sum()) == digest
+    results["owner_seal"] = owner_seal(cu, ptr, size, w)
     Path(a.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

@@ -101,6 +101,13 @@ class _OwnerArena(Arena):
     def sync(self) -> None:
         cu.settle(self._chunks.index)
 
+    def seal(self) -> None:
+        """Once published, the owner maps the arena read-only as its attachers do: an in-place write by the owner
+        (a weight update, a stray kernel) faults in the owner instead of changing what every decode computes."""
+        c = self._chunks
+        cu.settle(c.index)  # no write of the save still in flight when the access changes
+        cu.set_access(c.ptr, c.mapped, c.index, read_only=True)
+
     def _drop_claim(self) -> None:
         self._relay.close()  # stops serving and closes the fds (a forked child's call does nothing)
 

@@ -136,6 +136,25 @@ def test_vmm_prefill_killed_and_restarted_takes_its_arena_over(launcher, cache_d
     assert result["logits_sha256"] == pre["logits_sha256"]
 
 
+def test_vmm_owner_cannot_change_published_weights_in_place(launcher, cache_dir, sc_home):
+    """Issue 24, item 1: once published, the owner maps its arena read-only too. An in-place write in the owner
+    faults there ("an illegal memory access") instead of changing what its attached decode computes."""
+    owner = hold_probe("--role", "prefill", "--cache-dir", str(cache_dir), "--model", "default",
+                       "--home", str(sc_home), "--override", CUDA[0])
+    dec = attached_decode(cache_dir, sc_home, "default", *CUDA)
+    try:
+        out, err = owner.communicate("write\n", timeout=300)
+        wrote = json.loads(out.strip().splitlines()[-1])
+        assert wrote["write"].startswith("faulted") and "illegal" in wrote["write"], (wrote, err[-3000:])
+        result = finish(dec)
+    finally:
+        dec.kill()
+        owner.kill()
+    plain = launcher.run("plain", *CUDA, model="default")
+    assert result["logits_sha256"] == plain.report()["logits_sha256"]  # the shared bytes stayed as published
+    assert result["tokens"] == plain.report()["generated_tokens"]
+
+
 def test_cuda_ipc_dead_owner_is_refused(launcher):
     prefill = launcher.start("prefill", *CUDA, "cache.backend=cuda_ipc")
     prefill.wait_report()

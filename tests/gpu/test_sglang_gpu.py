@@ -3,8 +3,9 @@
 Real `launch.py engine=sglang` servers with CUDA graphs on, on a Llama-3-8B-shaped bf16 checkpoint
 (bench/make_model.py; generated on the machine, nothing downloaded). The tests run in order and share
 the servers of the module: a decode started before its prefill, one started after it, a mismatched
-one, the prefill killed (SIGKILL) and restarted while a decode answers, then stopped, and a plain server
-for the tokens.
+one, the weight-writing endpoints refused, the prefill killed (SIGKILL) and restarted while a decode answers,
+a holder that keeps the weights while every engine stops and a prefill starts again, and a plain server for the
+tokens.
 """
 from __future__ import annotations
 
@@ -153,6 +154,17 @@ def test_update_weights_from_disk_on_a_decode_is_refused(servers):
     assert servers.tokens("decode-after") == servers.state["tokens"]  # still the same weights
 
 
+def test_weights_checker_reset_is_refused_on_owner_and_decode(servers):
+    """Issue 24, item 1: the checker's writing action is refused with SGLang's own failure reply on the owner
+    (whose mapping is read-only once published: a write would kill its CUDA context) and on the decode; the
+    checker's reading action still answers, and both servers keep generating the same tokens."""
+    for name in ("prefill", "decode-after"):
+        out = servers.post(name, "/weights_checker", {"action": "reset_tensors"})
+        assert out.get("success") is False and "weights_checker 'reset_tensors' refused" in out["message"], out
+    assert servers.post("decode-after", "/weights_checker", {"action": "checksum"}).get("success") is True
+    assert servers.tokens("prefill") == servers.tokens("decode-after") == servers.state["tokens"]
+
+
 def test_prefill_killed_and_restarted_takes_its_arena_over_while_the_decode_answers(servers):
     """Issue 23, items 1-2 on SGLang: every process of the prefill's server is SIGKILLed; the decode serves
     the arena's fds meanwhile, answers every request with the same tokens, and the restarted prefill takes
@@ -192,21 +204,51 @@ def test_prefill_killed_and_restarted_takes_its_arena_over_while_the_decode_answ
         "decode_failures": len(asking.failures), "restarted_extra_mib": extra})
 
 
-def test_decode_keeps_answering_after_the_prefill_stops(servers):
+def test_an_sglang_holder_keeps_the_weights_while_every_engine_stops_and_starts_again(servers):
+    """Issue 23, item 3 on a GPU: a holder (role=holder engine=sglang, no engine) maps the rank arena; the
+    prefill stops (the decode answers on), then the decode; the holder publishes the arena again, and a prefill
+    started afterwards takes it over: SGLang's start-up without its weight load, and still one copy in GPU memory."""
+    entry = CacheDir(servers.launcher.cache_dir).entry(rank_key(KEY, tp_rank=0))
+    holder = servers.launcher.start("holder", "engine=sglang", f"model.path={MODEL}", f"cache.key={KEY}",
+                                    "cache.wait_timeout_s=120", name="holder")
+    held = holder.wait_report(300)
+    assert held["mode"] == "hold" and [h["key"] for h in held["held"]] == [rank_key(KEY, tp_rank=0)], held
+    assert held["weight_bytes_allocated"] == 0 and held["arena_bytes"] == servers.state["prefill"]["arena_bytes"]
+    holder_mib = process_gpu_mib().get(held["pid"], 0)  # its CUDA context: NVML does not count imported memory
     assert servers.state["prefill_proc"].stop(timeout=120) == 0
-    assert servers.tokens("decode-after") == servers.state["tokens"]
+    assert servers.tokens("decode-after") == servers.state["tokens"]  # the decode answers on without its prefill
+    assert servers.state["after_proc"].stop(timeout=120) == 0
+    deadline = time.monotonic() + 60
+    while not entry.published() or (entry.read().server or entry.read().owner).pid != held["pid"]:
+        assert time.monotonic() < deadline, f"the holder did not publish the arena again: {entry.read()}"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    third = servers.start("prefill", "prefill-after-holder")
+    rep = third.wait_report(900)
+    ready_s = time.monotonic() - t0
+    rank = rep["ranks"][0]
+    assert rep["adopted"] is True and rep["weight_bytes_allocated"] == 0 and rep["fallback"] is None, rep
+    assert rank["preloaded_weights_bytes"] == 0 and servers.tokens("prefill-after-holder") == servers.state["tokens"]
+    extra = process_gpu_mib()[rank["pid"]] - rank["kv_pool_tokens"] * kv_bytes_per_token() / 2**20
+    assert extra < 4096, extra  # no second copy
+    assert third.stop(timeout=120) == 0 and holder.stop(timeout=120) == 0, holder.output()
+    servers.state["holder"] = {"holder_gpu_mib": holder_mib, "prefill_after_holder_ready_s": ready_s,
+                               "prefill_after_holder_phases": rank["phases"],
+                               "prefill_after_holder_attach_seconds": rank["attach_seconds"]}
 
 
 def test_plain_server_generates_the_same_tokens(servers):
+    t0 = time.monotonic()
     plain = servers.start("plain", "plain")
     report = plain.wait_report(900)
+    servers.state.setdefault("holder", {})["plain_ready_s"] = time.monotonic() - t0  # loads its own weights
     assert report["role"] == "plain" and "ranks" in report
     assert servers.tokens("plain") == servers.state["tokens"]
     info = servers.server_info("plain")
     summary = {"first": servers.state["first"]["ranks"][0], "after": servers.state["after"]["ranks"][0],
                "prefill": servers.state["prefill"]["ranks"][0], "plain_kv_pool_tokens": info["max_total_num_tokens"],
                "memory": servers.state["memory"], "tokens": servers.state["tokens"],
-               "restart": servers.state.get("restart")}
+               "restart": servers.state.get("restart"), "holder": servers.state.get("holder")}
     out = os.environ.get("SHAREDCACHE_GPU_SUMMARY")
     if out:
         Path(out).write_text(json.dumps(summary, indent=2, sort_keys=True))
