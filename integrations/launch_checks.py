@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sharedcache import ConfigError
+from sharedcache import CacheSettings, ConfigError
+from sharedcache.kit import check_backend
 from sharedcache_integrations.hf.config import SPREADING
 
 # Mappings that take keys of the user's choosing (`+engine.extra_args.attention_backend=triton`).
@@ -55,6 +56,19 @@ def check(cfg: dict[str, Any], overrides: list[str]) -> None:
         _fail("prompt", cfg["prompt"], "a string", 'prompt="Shared weights, one copy:"')
     ENGINE_CHECKS.get(cfg["engine"]["name"], _unknown_engine)(cfg["engine"])
     role_launch(cfg)
+    if cfg["role"]["mode"] != "off":  # a role that shares: its backend must hold the engine's tensors here
+        check_backend(CacheSettings.from_mapping(cfg["cache"]), engine_device_type(cfg["engine"]))
+
+
+def engine_device_type(engine: dict[str, Any]) -> str | None:
+    """The device type the engine's weights will live on, as far as the config says (None: spread over what
+    the machine has, decided at load)."""
+    if engine["name"] == "hf":
+        device = engine["device_map"]
+        if device is None:
+            return "cpu"
+        return None if device in SPREADING else device.partition(":")[0]
+    return engine.get("device") or "cuda"  # sglang: null is SGLang's default device, CUDA
 
 
 def role_launch(cfg: dict[str, Any]) -> RoleLaunch:

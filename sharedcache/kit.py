@@ -4,7 +4,8 @@ An integration imports only `sharedcache` and `sharedcache.kit` (tests/test_boun
 line). Importing this module is as cheap as importing `sharedcache`: no torch, no CUDA; the functions
 that need torch import it when called.
 
-- the cache: `check_cache` (its directory and a key, checked before an engine loads anything);
+- the cache: `check_cache` (its directory and a key) and `check_backend` (the backend named suits the engine's
+  device and has its driver), checked before an engine loads anything;
 - devices: `resolve_device`, `device_index`, `device_id` (which physical device, by UUID);
 - fingerprints: `checkpoint_fingerprint` for a model directory, with `config_digest` and `weight_files`;
 - files: `write_json_atomic` (a reader sees the old file or the new one, never part of one), `write_report`
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .settle import SizingTurn
 
 __all__ = [
-    "check_cache", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role", "device_id",
+    "check_backend", "check_cache", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role", "device_id",
     "device_index", "dtype_name", "entry_key", "Held", "hold", "instance_of", "literal", "log_progress",
     "prepare_device", "process_age", "rank_key", "rank_suffix", "register_resolvers", "resolve_device", "role_of",
     "SizingTurn", "split_rank_key", "superseded", "TerminalProgress", "weight_files", "write_json_atomic",
@@ -68,6 +69,15 @@ def check_cache(settings: Any, key: str | None) -> None:
         check_private_dir(Path(settings.dir))
     else:
         CacheDir(settings.dir).entry(key)
+
+
+def check_backend(settings: Any, device_type: str | None) -> None:
+    """`settings.backend` checked for the engine's device type (None: not known yet) before anything loads."""
+    if settings.backend == "auto":
+        return  # chosen at load, for the device the weights land on (and no torch import for that now)
+    from .backends import check_choice
+
+    check_choice(settings.backend, device_type)
 
 
 def __getattr__(name: str):

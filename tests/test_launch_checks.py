@@ -20,6 +20,11 @@ BAD = [  # (overrides, words the one line must hold)
     (("engine=sglang", "engine.mem_fraction_static=0.4"), "engine.mem_fraction_static=0.4 cannot work: it must be "
                                                           "a table by role. For example: "
                                                           "engine.mem_fraction_static.decode=0.4"),
+    (("cache.backend=cuda_vmm",), "cache.backend=cuda_vmm holds cuda tensors, but the engine runs on cpu"),
+    (("engine=sglang", "engine.device=cpu", "cache.backend=cuda_ipc"),
+     "cache.backend=cuda_ipc holds cuda tensors, but the engine runs on cpu"),
+    (("engine=sglang", "cache.backend=cpu_memfd"), "cache.backend=cpu_memfd holds cpu tensors, but the engine runs "
+                                                   "on cuda"),
     (("role.launch.engines=[vllm]",), "role.launch.engines=['vllm'] cannot work: it must be a list of the engines "
                                       "that can start runs=model (hf, sglang)"),
 ]
@@ -55,3 +60,23 @@ def test_engine_hf_without_transformers_names_the_extra(launcher, tmp_path, monk
     out = proc.output()
     assert proc.popen.returncode == ExitCode.CONFIG, out
     assert "engine=hf needs transformers" in out and "pip install 'sharedcache[hf]'" in out, out
+
+
+def test_a_cuda_backend_on_a_machine_without_cuda_is_refused_before_loading(launcher, cache_dir):
+    """Issue 24, item 2: named for an SGLang server on a machine whose torch sees no GPU, cuda_vmm was accepted
+    and failed minutes into the load; now one line at start."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: cuda_vmm can run here")
+    proc = launcher.run("decode", "engine=sglang", "cache.backend=cuda_vmm", model="tiny")
+    out = proc.output()
+    assert proc.popen.returncode == ExitCode.CONFIG and "Traceback" not in out, out
+    assert "backend 'cuda_vmm' is unavailable here" in out and proc.report()["error"] == "BackendUnavailable", out
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_a_role_that_shares_nothing_does_not_need_the_backend(launcher):
+    """role=plain loads unshared: the cache backend it names is never used, so it is not refused for it."""
+    proc = launcher.run("plain", "cache.backend=cuda_vmm", model="tiny")
+    assert proc.popen.returncode == 0, proc.output()

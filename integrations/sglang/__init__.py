@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from sharedcache import CacheSettings, ConfigError, Role
+from sharedcache import CacheSettings, ConfigError, Mode, Role, SharedCacheError
+from sharedcache.kit import check_backend
 
 ENV = "SHAREDCACHE_SGLANG"
 # the switches of a plain SGLang command line
@@ -122,6 +123,17 @@ def load_plugin_config(raw: str) -> PluginConfig:
                         Path(data["report_dir"]))
 
 
+def server_device(argv: list[str]) -> str | None:
+    """The device type an SGLang server was started for (`--device cpu`), None where its command line does not
+    say (SGLang then picks one: CUDA where there is one)."""
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1].partition(":")[0]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1].partition(":")[0]
+    return None
+
+
 def register() -> None:
     """SGLang's plugin entry point, run in every SGLang process that loads plugins.
 
@@ -141,6 +153,12 @@ def register() -> None:
         config = load_plugin_config(os.environ[ENV]) if os.environ.get(ENV) else config_from_switches(os.environ)
     except ConfigError as e:
         raise SystemExit(str(e)) from e
+    if multiprocessing.parent_process() is None:  # the server's launcher: before any process loads anything
+        try:
+            if config.role.mode is not Mode.OFF:
+                check_backend(config.settings, server_device(sys.argv))
+        except SharedCacheError as e:
+            raise SystemExit(str(e)) from e
     if multiprocessing.parent_process() is None or "sglang.srt.managers.scheduler" not in sys.modules:
         # the launcher, detokenizer or data-parallel controller: no model is loaded there
         log.debug("sharedcache: this SGLang process loads no model; the plugin hooks its scheduler processes")

@@ -83,6 +83,27 @@ def resolve(name: str, device: torch.device, settings: CacheSettings) -> Backend
     return backend
 
 
+def check_choice(name: str, device_type: str | None) -> None:
+    """A launcher's check before its engine loads anything: a named backend is known, suits the engine's device
+    type (where the launcher knows it) and has what it needs on this machine. Creates nothing: no arena, no CUDA
+    context (the VMM attributes of the GPU are read when the backend is used)."""
+    if name == "auto":
+        return
+    spec = backend_spec(name)
+    if device_type is not None and device_type != spec.device_type:
+        raise ConfigError(f"cache.backend={name} holds {spec.device_type} tensors, but the engine runs on "
+                          f"{device_type}.", hint="Use cache.backend=auto, or a backend for that device.")
+    if spec.device_type == "cuda":
+        from . import cuda_driver
+
+        reason = cuda_driver.unavailable_reason()
+    else:
+        reason = backend_class(name).unavailable_reason()
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}",
+                                 hint="Pick another cache.backend (or 'auto').")
+
+
 def prepare(device: torch.device) -> None:
     """Process start-up work for a device's backends (importing the driver bindings, making the
     device's context current), so that the timed phases measure attaching, not importing."""

@@ -365,3 +365,26 @@ def test_ctrl_c_while_a_decode_server_waits_for_its_owner_stops_it_with_one_line
     assert "Traceback" not in out.split("interrupted while")[-1], out[-4000:]
     time.sleep(1)
     assert not [p for p in children if Path(f"/proc/{p}").exists()], "an SGLang process outlived the launcher"
+
+
+@pytest.mark.parametrize("backend, says", [
+    ("cuda_vmm", "cache.backend=cuda_vmm holds cuda tensors, but the engine runs on cpu"),
+    ("no_such", "unknown cache.backend 'no_such'"),
+])
+def test_a_plain_sglang_command_with_a_backend_that_cannot_hold_its_weights_stops_at_once(models, tmp_path, backend,
+                                                                                         says):
+    """Issue 24, item 2: `cache.backend=cuda_vmm` through SHAREDCACHE_OVERRIDES on a CPU server was accepted and
+    ended minutes later in a long traceback. SGLang's launcher now stops with one line before any process loads."""
+    import sys
+
+    from sharedcache_integrations.sglang import switches_env
+
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1",
+           **switches_env("decode", cache_dir=str(cache_dir), overrides=[f"cache.backend={backend}"])}
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(models["default"]), "--host",
+            "127.0.0.1", "--port", str(free_port()), "--device", "cpu", "--dtype", "float32"]
+    res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and says in out and "Traceback" not in out, out[-4000:]
+    assert "Load weight begin" not in out and not cache_dir.exists(), out[-4000:]
