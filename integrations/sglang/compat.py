@@ -23,6 +23,10 @@ _UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater"
 # update_weights_from_distributed with load_weights_from_distributed (the scheduler brackets it).
 _WEIGHT_UPDATES = ("update_weights_from_disk", "update_weights_from_tensor", "update_weights_from_ipc",
                    "update_weights_from_distributed", "load_weights_from_distributed")
+# the updates whose failure SGLang's scheduler logs with the message itself (0.5.17 and 0.5.23): a refusal of
+# these is not logged a second time; 0.5.23's load_weights_from_distributed fails without a line of its own
+FAILURES_SGLANG_LOGS = ("update_weights_from_disk", "update_weights_from_tensor", "update_weights_from_ipc",
+                        "update_weights_from_distributed")
 
 
 # Requests the scheduler answers itself that write weights in place: the update session (0.5.23's begin/end,
@@ -40,6 +44,41 @@ def scheduler_write_targets() -> dict[str, str]:
     module, _, cls = _SCHEDULER.rpartition(".")
     manager = getattr(importlib.import_module(module), cls)
     return {op: f"{_SCHEDULER}.{op}" for op in _SCHEDULER_WRITES if hasattr(manager, op)}
+
+
+# Requests that release and resume the server's GPU memory by tag (RL frameworks): the "weights" tag would
+# re-import the model's static state into the shared tensors on resume (an in-place write); the other tags do not
+# touch weights
+MEMORY_OCCUPATION = {"release_memory_occupation": "ReleaseMemoryOccupationReqOutput",
+                     "resume_memory_occupation": "ResumeMemoryOccupationReqOutput"}
+
+
+def memory_occupation_targets() -> dict[str, str]:
+    """{request: hook target} for the memory release/resume requests this SGLang has."""
+    import importlib
+
+    module, _, cls = _SCHEDULER.rpartition(".")
+    manager = getattr(importlib.import_module(module), cls)
+    return {op: f"{_SCHEDULER}.{op}" for op in MEMORY_OCCUPATION if hasattr(manager, op)}
+
+
+def drop_weights_tag(recv_req: Any) -> tuple[bool, bool]:
+    """Take the weights tag out of a release/resume request, in place (no tags means every tag).
+    Returns (the request named the weights, any other tag is left to do)."""
+    from sglang.srt.constants import GPU_MEMORY_ALL_TYPES, GPU_MEMORY_TYPE_WEIGHTS
+
+    tags = list(recv_req.tags or GPU_MEMORY_ALL_TYPES)
+    if GPU_MEMORY_TYPE_WEIGHTS not in tags:
+        return False, True
+    recv_req.tags = [t for t in tags if t != GPU_MEMORY_TYPE_WEIGHTS]  # never empty below: [] means every tag
+    return True, bool(recv_req.tags)
+
+
+def done_reply(op: str) -> Any:
+    """SGLang's answer to a release/resume request (it carries no fields)."""
+    from sglang.srt.managers import io_struct
+
+    return getattr(io_struct, MEMORY_OCCUPATION[op])()
 
 
 def refused_reply(op: str, message: str) -> Any:

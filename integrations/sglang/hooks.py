@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sharedcache import ConfigError, ExitCode, Mode, SharedCacheError
-from sharedcache.kit import SizingTurn, device_id, rank_key, rank_suffix, resolve_device, write_json_atomic
+from sharedcache.kit import SizingTurn, device_id, entry_key, rank_key, rank_suffix, resolve_device, write_json_atomic
 
 from . import PluginConfig, compat
 
@@ -105,6 +105,9 @@ def _around_runner_load_model(original, runner, *args, **kwargs):
     if compat.is_draft_runner(runner) or STATE.ranks is not None or mode is Mode.OFF:
         return original(runner, *args, **kwargs)  # a draft model, a reload, or a role that shares nothing
     STATE.ranks = compat.ranks()
+    path = getattr(getattr(runner, "model_config", None), "model_path", None)
+    if STATE.config.key_from_model and path is not None:  # keyed now, so that the sizing line names the real key
+        STATE.config = STATE.config.keyed(entry_key(str(path), "model"))
     try:
         return _load_and_size(original, runner, *args, **kwargs)
     except SharedCacheError as e:  # the launcher reads it and stops the whole server with this rank's reason
@@ -203,7 +206,7 @@ def _refuse_weight_update(op: str):
     def hook(original, updater, *args, **kwargs):
         if not STATE.shared:
             return original(updater, *args, **kwargs)
-        return _refusal(op)
+        return _refusal(op, logged=op not in compat.FAILURES_SGLANG_LOGS)
 
     return hook
 
@@ -221,12 +224,32 @@ def _refuse_scheduler_write(op: str):
     return hook
 
 
-def _refusal(op: str) -> tuple[bool, str]:
+def _keep_shared_weights(op: str):
+    """An AROUND hook for releasing or resuming GPU memory by tag: on a sharing server the weights stay resident
+    (other servers map them, and resuming would write the model's static state back into them); the other tags
+    (KV cache, CUDA graphs) are released and resumed as asked."""
+
+    def hook(original, manager, recv_req, *args, **kwargs):
+        if not STATE.shared:
+            return original(manager, recv_req, *args, **kwargs)
+        named, rest = compat.drop_weights_tag(recv_req)
+        if named:
+            log.warning("[sharedcache] %s: the weights stay resident: this server shares the weights of cache entry "
+                        "%r with other servers, which map them; the other memory tags are %s as asked.", op,
+                        STATE.key, "released" if op.startswith("release") else "resumed")
+        return original(manager, recv_req, *args, **kwargs) if rest else compat.done_reply(op)
+
+    return hook
+
+
+def _refusal(op: str, *, logged: bool = True) -> tuple[bool, str]:
+    """The refusal's one line, logged here unless SGLang logs the failed update's message itself (`logged`)."""
     role = "owns" if STATE.owns else "is attached to"
     message = (f"[sharedcache] {op} refused: this server {role} the shared weights of cache "
                f"entry {STATE.key!r}, which other servers map; updating them in place would change their weights "
                f"too. Start a prefill with the new weights under another cache.key and restart the decodes on it.")
-    log.error("%s", message)
+    if logged:
+        log.error("%s", message)
     return False, message
 
 
@@ -267,4 +290,5 @@ def hooks() -> dict[str, Any]:
             compat.RUNNER_LOAD_MODEL: _around_runner_load_model,
             compat.SCHEDULER_INIT_MODEL_WORKER: _around_init_model_worker,
             **{target: _refuse_weight_update(op) for op, target in compat.weight_update_targets().items()},
-            **{target: _refuse_scheduler_write(op) for op, target in compat.scheduler_write_targets().items()}}
+            **{target: _refuse_scheduler_write(op) for op, target in compat.scheduler_write_targets().items()},
+            **{target: _keep_shared_weights(op) for op, target in compat.memory_occupation_targets().items()}}

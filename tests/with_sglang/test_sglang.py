@@ -93,19 +93,20 @@ class PlainSGLang:
     """`python -m sglang.launch_server ...` as a user would type it, sharing through SHAREDCACHE_ROLE and
     friends (no launch.py, no JSON): the CPU engine flags the suite's other servers get from conf/."""
 
-    def __init__(self, model: Path, port: int, cache_dir: Path, report_dir: Path) -> None:
+    def __init__(self, model: Path, port: int, cache_dir: Path, report_dir: Path, role: str = "decode",
+                 name: str = "decode-b") -> None:
         import sys
 
         from sharedcache_integrations.sglang import switches_env
 
         self.report_dir, self.port = report_dir, port
         env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1",
-               **switches_env("decode", cache_dir=str(cache_dir), report_dir=str(report_dir),
+               **switches_env(role, cache_dir=str(cache_dir), report_dir=str(report_dir),
                               overrides=["cache.wait_timeout_s=600"])}
         argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--host", "127.0.0.1",
                 "--port", str(port), "--device", "cpu", "--dtype", "float32", "--attention-backend", "torch_native",
                 "--max-total-tokens", "2048", "--disable-cuda-graph"]
-        self.log = report_dir.parent / "decode-b.log"
+        self.log = report_dir.parent / f"{name}.log"
         report_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as f:
             self.popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -122,8 +123,9 @@ class PlainSGLang:
     def _healthy(self) -> bool:
         return sglang_healthy(self.port)
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:]
+    def output(self, whole: bool = False) -> str:
+        text = self.log.read_text(errors="replace")
+        return text if whole else text[-6000:]
 
     def stop(self, timeout: float) -> int:
         """SIGTERM to its process group: 0 once it is gone, or the code it had already died with."""
@@ -271,7 +273,11 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
     request.addfinalizer(lambda: decodes[1].stop(timeout=60))  # not the launcher's: stopped on a failure too
     sgl.ports["decode-b"] = ports["decode-b"]
     time.sleep(5)
-    prefill = start("prefill", "prefill")
+    # the prefill a plain SGLang command line too, keyed by its model directory as well
+    prefill = PlainSGLang(models["default"], ports["prefill"], launcher.cache_dir, launcher.workdir / "prefill-reports",
+                          role="prefill", name="prefill")
+    request.addfinalizer(lambda: prefill.stop(timeout=60))
+    sgl.ports["prefill"] = ports["prefill"]
     pre = prefill.wait_report(600)
     reports = [d.wait_report(600)["ranks"][0] for d in decodes]
     assert reports[1]["key"] == f"{models['default'].name}-tp0"
@@ -293,6 +299,11 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
     assert sgl.generate("decode-a", ids) == tokens  # nothing was written into the shared weights
     refused = update_weights_from_disk(ports["prefill"], models["default"])  # nor by the owner
     assert refused["success"] is False and "this server owns the shared weights" in refused["message"], refused
+    # said once (SGLang logs a failed update's message itself), and every line names the key the entry has
+    log = prefill.output(whole=True)
+    assert log.count("update_weights_from_disk refused") == 1, log[-6000:]
+    sizing = [line for line in log.splitlines() if "sizes its memory from" in line]
+    assert len(sizing) == 1 and f"sharedcache: {models['default'].name}-tp0 sizes" in sizing[0], sizing
     # the weights checker's writing action and the update session (issue 24): refused on owner and decode
     # alike; the checker's reading actions still answer
     for name in ("decode-a", "prefill"):
@@ -303,6 +314,12 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
                 answer = sglang_request(ports[name], path, {}, error_answer=True)
                 assert answer["success"] is False and f"{path[1:]} refused" in answer["message"], answer
     assert sglang_request(ports["decode-a"], "/weights_checker", {"action": "checksum"})["success"] is True
+    # releasing and resuming memory by tag: the shared weights stay resident (resuming them would write the
+    # model's static state back into the read-only arena: SIGSEGV here), the rest is done as asked
+    for tags in (["weights"], None):
+        for op in ("release_memory_occupation", "resume_memory_occupation"):
+            sglang_request(ports["decode-a"], f"/{op}", {"tags": tags}, timeout=120)
+    assert "the weights stay resident" in decodes[0].output()
     assert sgl.generate("decode-a", ids) == tokens == sgl.generate("prefill", ids)  # nothing was written
     for proc in (*decodes, prefill):
         assert proc.stop(timeout=120) == 0, proc.output()
@@ -388,3 +405,28 @@ def test_a_plain_sglang_command_with_a_backend_that_cannot_hold_its_weights_stop
     out = res.stdout + res.stderr
     assert res.returncode != 0 and says in out and "Traceback" not in out, out[-4000:]
     assert "Load weight begin" not in out and not cache_dir.exists(), out[-4000:]
+
+
+def test_every_route_of_the_installed_sglang_is_judged_for_weight_writes():
+    """Issue 24, item 1: each HTTP route of this SGLang either has a hook that refuses (or keeps the weights out
+    of) its in-place write on a sharing server, applied to an operation this SGLang has, or is listed as harmless
+    with its reason (integrations/sglang/routes.py). A route in neither fails here, naming it."""
+    from sglang.srt.entrypoints.http_server import app
+
+    from sharedcache_integrations.sglang import compat, routes
+
+    paths = set()
+    for route in app.routes:
+        if hasattr(route, "path"):
+            paths.add(route.path)
+        else:  # a router FastAPI includes: its routes under the include's prefix
+            prefix = getattr(getattr(route, "include_context", None), "prefix", "") or ""
+            paths |= {prefix + sub.path for sub in route.original_router.routes}
+    assert len(paths) > 50, sorted(paths)
+    unjudged = sorted(p for p in paths if routes.judged(p) is None)
+    assert unjudged == [], f"judge these routes in integrations/sglang/routes.py: {unjudged}"
+    hooked = {**compat.weight_update_targets(), **compat.scheduler_write_targets(),
+              **compat.memory_occupation_targets()}
+    for path, ops in routes.WRITES.items():
+        if path in paths:
+            assert any(op in hooked for op in ops.split("|")), (path, ops, sorted(hooked))
