@@ -146,3 +146,16 @@ def test_gc_removes_the_leftovers_of_an_owner_that_never_published(cache_dir):
                                                                "gc: 1 removed, 0 kept"], out.stdout + out.stderr
     assert sorted(p.name for p in entry.iterdir()) == ["attach.lock", "notes.txt", "owner.lock", "write.lock"]
     assert [(v.removed, v.why) for v in sweep(CacheDir(cache_dir), dry_run=False)] == [(False, None)]
+
+
+def test_python_dash_m_sharedcache_is_the_command(cache_dir):
+    """Issue 25: for a Python whose scripts directory is not on PATH, `python -m sharedcache` is the command."""
+    import subprocess
+
+    import sharedcache
+
+    version = subprocess.run([sys.executable, "-m", "sharedcache", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"sharedcache {sharedcache.__version__}"
+    ls = subprocess.run([sys.executable, "-m", "sharedcache", "ls", "--dir", str(cache_dir)], capture_output=True,
+                        text=True)
+    assert ls.returncode == 0 and f"no entries in {cache_dir}" in ls.stdout, ls.stdout + ls.stderr
