@@ -44,8 +44,10 @@ def test_inspect_unknown_key_is_a_clear_error(cache_dir):
 
 def test_operator_cli_version_bare_help_json_and_gc_dry_run(published, cache_dir):
     """--version, help when run bare, `ls --json`, and a `gc --dry-run` whose counts agree with `ls`."""
+    import datetime as dt
     import json
     import subprocess
+    import time
 
     import sharedcache
     from helpers import entry_copy
@@ -60,8 +62,11 @@ def test_operator_cli_version_bare_help_json_and_gc_dry_run(published, cache_dir
     entry_copy(published, cache_dir, lambda d: d["owner"].__setitem__("pid", dead))
     (cache_dir / "empty").mkdir(mode=0o700)  # an entry directory with lock files only: not listed, not counted
     (cache_dir / "empty" / "owner.lock").touch(mode=0o600)
-    listed = json.loads(cli("ls", "--json", "--dir", str(cache_dir)).stdout)
+    out = cli("ls", "--json", "--dir", str(cache_dir)).stdout
+    listed = [json.loads(line) for line in out.splitlines()]  # JSON Lines: one record per entry, a line each
     assert [r["key"] for r in listed] == ["k"], listed
+    created = dt.datetime.fromisoformat(listed[0]["created"])  # ISO 8601 with its offset
+    assert created.tzinfo is not None and abs(created.timestamp() - time.time()) < 3600, listed[0]["created"]
     assert listed[0]["state"] == "orphaned" and listed[0]["owner_pid"] == dead and listed[0]["mapped_by"] == []
     assert listed[0]["size_bytes"] > 0 and listed[0]["backend"] == "cpu_shm" and listed[0]["error"] is None
 

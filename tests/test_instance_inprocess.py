@@ -398,7 +398,7 @@ def test_ls_shows_the_ranks_of_one_server_as_one_group(cache, make):
     assert [line.split()[0] for line in lines[group + 1:group + 4]] == [f"tp-server-tp{r}" for r in range(3)]
     assert all(line.startswith("  tp-server-tp") for line in lines[group + 1:group + 4])
     assert any(line.startswith("single ") for line in lines)
-    records = {r["key"]: r for r in json.loads(cli("ls", "--json", "--dir", str(cache)).stdout)}
+    records = {r["key"]: r for r in map(json.loads, cli("ls", "--json", "--dir", str(cache)).stdout.splitlines())}
     assert records["tp-server-tp2"]["group"] == "tp-server" and records["tp-server-tp2"]["tp_rank"] == 2
     assert records["single"]["group"] is None and records["single"]["tp_size"] == 1
 
