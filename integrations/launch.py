@@ -26,7 +26,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sharedcache import CacheSettings, ConfigError, ExitCode, ReportUnwritable, Role, SharedCacheError
+from sharedcache import CacheSettings, ConfigError, Interrupted, ReportUnwritable, Role, SharedCacheError
 from sharedcache.kit import (TerminalProgress, conf_dir, core_role, literal, log_progress, prepare_device,
                              process_age, register_resolvers, role_of, write_report)
 from sharedcache_integrations import launch_checks
@@ -111,7 +111,7 @@ def run_hf(cfg: dict[str, Any], declared: launch_checks.RoleLaunch, role: Role, 
             torch.empty(1, device=device)
             prepare_device(device)
     # a terminal gets one updating line; a log file (systemd, Kubernetes, launch.log) gets log lines
-    hf.install(role=role, cache=settings, progress=TerminalProgress() if sys.stderr.isatty() else log_progress)
+    hf.install(role=role, cache=settings, progress=PROGRESS)
     try:
         model = getattr(transformers, engine["auto_class"]).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:  # transformers' own refusal of the checkpoint (no weights, bad config)
@@ -209,9 +209,8 @@ def run_sglang(cfg: dict[str, Any], declared: launch_checks.RoleLaunch, role: Ro
         reports = server.wait_ready(cfg["engine"]["ready_timeout_s"], stop)
         if reports is None:  # Ctrl-C or SIGTERM while it started: the whole server goes, and one line says so
             server.stop()
-            log.error("[launch] interrupted while the SGLang server was starting; stopped it (an owner's ranks "
-                      "unpublish what they had published)")
-            sys.exit(ExitCode.INTERRUPTED if stopped_by[0] == signal.SIGINT else 128 + stopped_by[0])
+            raise Interrupted(stopped_by[0], "the SGLang server was starting; stopped it (an owner's ranks "
+                                             "unpublish what they had published).")
         report = sgl.gather(reports)
         report.update(role=role.name, engine="sglang", launcher_pid=os.getpid(), server_pid=server.proc.pid,
                       url=plan.url, pd_mode=plan.pd_mode, run_dir=str(out))
@@ -238,10 +237,18 @@ def _write_failure(path: Path, e: SharedCacheError) -> None:
         log.warning("could not write %s: %s", path, err)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is: it unwinds as Ctrl-C does (no core step takes it for a failed load)."""
+
+
 def _exit_on_sigterm(signum, _frame) -> None:
     """SIGTERM before the prefill starts holding: exit through Python, so the owner's
     finalizers unpublish whatever it already made."""
-    raise SystemExit(128 + signum)
+    raise Terminated()
+
+
+# one updating line on a terminal; log lines otherwise (a file, a pipe)
+PROGRESS = TerminalProgress() if sys.stderr.isatty() else log_progress
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
@@ -267,14 +274,19 @@ def main(dcfg: DictConfig) -> None:
         elif cfg["engine"]["name"] == "hf":
             run_hf(cfg, declared, role, settings, out)
     except SharedCacheError as e:
-        log.error("%s", e)  # Hydra's logging shows it on the console and keeps it in the run dir's log
-        if not isinstance(e, ReportUnwritable):
-            _write_failure(out / cfg["report_file"], e)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C while loading or waiting: one line, not a traceback
-        log.error("[launch] interrupted; nothing this run published stays behind (attached instances keep "
-                  "their mapping)")
-        sys.exit(ExitCode.INTERRUPTED)
+        _fail(e, out / cfg["report_file"])
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while loading or waiting: one line, not a traceback
+        _fail(Interrupted(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT), out / cfg["report_file"])
+
+
+def _fail(e: SharedCacheError, report: Path) -> None:
+    """One line (after any progress line is ended), the failure's report, its exit code."""
+    if isinstance(PROGRESS, TerminalProgress):
+        PROGRESS.close()
+    log.error("%s", e)  # Hydra's logging shows it on the console and keeps it in the run dir's log
+    if not isinstance(e, ReportUnwritable):
+        _write_failure(report, e)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Importing this package is cheap: no CUDA initialisation, no framework imports.
 """
 from .errors import (ArenaError, AttachTimeout, BackendUnavailable, BindError, ConfigError, DriverError, EntryError,
-                     EntryOwned, ExitCode, FingerprintMismatch, HandoverError, IntegrityError, ManifestError, NoManifest,
+                     EntryOwned, ExitCode, FingerprintMismatch, HandoverError, IntegrityError, Interrupted,
+                     ManifestError, NoManifest,
                      OwnerGone, ReportUnwritable, SharedCacheError, StorageError, UnsupportedModel)
 from .conf import configured
 from .fingerprint import Fingerprint
@@ -15,7 +16,7 @@ __version__ = "0.1.0"  # the one place it is written; pyproject.toml reads it
 __all__ = [
     "__version__", "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError",
     "DriverError", "EntryError", "EntryOwned", "ExitCode", "Fingerprint", "FingerprintMismatch", "HandoverError",
-    "Instance", "IntegrityError", "ManifestError", "Mode", "NoManifest", "OwnerGone", "ReportUnwritable", "Role",
+    "Instance", "Interrupted", "Interrupted", "IntegrityError", "ManifestError", "Mode", "NoManifest", "OwnerGone", "ReportUnwritable", "Role",
     "SharedCacheError",
     "StorageError", "UnsupportedModel", "configured",
 ]

@@ -17,7 +17,8 @@ class ExitCode:
     RETRY = 3  # try again: no owner yet, owner gone, key owned by another live instance
     INTEGRITY = 4  # the entry is not usable as published: remove it (`sharedcache gc`) and publish again
     SYSTEM = 5  # the system refused (disk full, permissions, address space, GPU driver)
-    INTERRUPTED = 130  # Ctrl-C
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM (e.g. `kill`, a container stop)
 
 
 MESSAGE_LIMIT = 2000  # characters of a message, and of a hint: a log line, not a dump of what was read
@@ -204,3 +205,18 @@ class ReportUnwritable(StorageError):
         return cls(f"writing the run's report {path} failed: {e.strerror or e}.",
                    hint="Make room in the run directory or fix what stands at that path, or give the run another "
                         "directory (hydra.run.dir=...).")
+
+
+class Interrupted(SharedCacheError):
+    """A run stopped by a signal (Ctrl-C: SIGINT; SIGTERM) before it finished: one line, a report that says so,
+    and the shell's code for that signal (128 + its number)."""
+
+    component = "sharedcache.launch"
+    exit_code = ExitCode.INTERRUPTED
+
+    def __init__(self, signum: int, detail: str = "nothing this run published stays behind (attached instances keep "
+                                                  "their mapping).") -> None:
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: {detail}")
+        self.exit_code = 128 + signum

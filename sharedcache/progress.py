@@ -8,6 +8,7 @@ the default).
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -58,19 +59,40 @@ log_progress = LogProgress()  # the default
 
 
 class TerminalProgress:
-    """One updating line on a terminal; the line is always ended when its step ends."""
+    """One updating line on a terminal, clipped to its width (a wrapped line would leave a copy behind at every
+    update); the line is ended when its step ends, or by `close` before anything else is printed."""
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream, self.open = stream, False
 
     def __call__(self, event: Progress) -> None:
+        line = fit(event.line(), shutil.get_terminal_size((80, 24)).columns - 1)
         if event.final:
             if self.open:
-                self.stream.write(f"\r{event.line()}{' ' * 20}\n")
+                self.stream.write(f"\r{line}{ERASE_LINE}\n")
         else:
-            self.stream.write(f"\r{event.line()}")
+            self.stream.write(f"\r{line}{ERASE_LINE}")
         self.open = not event.final
         self.stream.flush()
+
+    def close(self) -> None:
+        """End an open line (a run stopped mid-step), so that the next message starts on its own line."""
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+ERASE_LINE = "\x1b[K"  # clears what a longer earlier line left to the right of the cursor
+
+
+def fit(line: str, width: int) -> str:
+    """`line` in at most `width` characters, shortened in the middle: the role at its start and the counter
+    at its end are what an operator reads."""
+    if len(line) <= width:
+        return line
+    tail = min(24, width // 3)
+    return line[: max(width - tail - 3, 0)] + "..." + line[len(line) - tail:] if width > 6 else line[:max(width, 0)]
 
 
 class Throttle:

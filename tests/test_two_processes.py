@@ -147,15 +147,21 @@ def test_two_auto_instances_racing_one_saves_one_attaches(launcher, cache_dir):
     assert len(list(cache_dir.glob("*/arena-*"))) == 1
 
 
-def test_ctrl_c_while_a_decode_waits_is_one_line_and_exit_130(launcher):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_a_decode_waits_is_one_line_a_report_and_its_exit_code(launcher, sig, code):
+    """Ctrl-C (SIGINT) or SIGTERM while a decode waits: one line, report.json saying so (`ok: false`), and the
+    shell's code for the signal, as the README's exit-code table says."""
     decode = launcher.start("decode", "cache.wait_timeout_s=240")
     deadline = time.monotonic() + 120
     while "waiting for an owner to publish" not in decode.output():
         assert decode.popen.poll() is None and time.monotonic() < deadline, decode.output()
         time.sleep(0.2)
-    assert decode.stop(signal.SIGINT) == 130, decode.output()
+    assert decode.stop(sig) == code, decode.output()
     out = decode.output()
-    assert "Traceback" not in out and "[launch] interrupted" in out, out
+    name = signal.Signals(sig).name
+    assert "Traceback" not in out and f"interrupted by {name}" in out, out
+    report = decode.report()
+    assert report["ok"] is False and report["error"] == "Interrupted" and report["exit_code"] == code, report
 
 
 def test_the_attach_command_the_prefill_prints_attaches(launcher, tmp_path):

@@ -379,8 +379,9 @@ def test_ctrl_c_while_a_decode_server_waits_for_its_owner_stops_it_with_one_line
                                                    for p in scheduler_pids(c)]
     assert decode.stop(signal.SIGINT, timeout=120) == 130, decode.output()[-4000:]
     out = decode.output()
-    assert "[launch] interrupted while the SGLang server was starting; stopped it" in out, out[-4000:]
-    assert "Traceback" not in out.split("interrupted while")[-1], out[-4000:]
+    assert "interrupted by SIGINT: the SGLang server was starting; stopped it" in out, out[-4000:]
+    assert "Traceback" not in out.split("interrupted by")[-1], out[-4000:]
+    assert decode.report()["error"] == "Interrupted" and decode.report()["exit_code"] == 130
     time.sleep(1)
     assert not [p for p in children if Path(f"/proc/{p}").exists()], "an SGLang process outlived the launcher"
 
