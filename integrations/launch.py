@@ -251,8 +251,18 @@ def _exit_on_sigterm(signum, _frame) -> None:
 PROGRESS = TerminalProgress() if sys.stderr.isatty() else log_progress
 
 
+def main() -> None:
+    """The launcher. The command line's overrides are composed once first: what Hydra would refuse with its own
+    multi-line error and exit 1 (a misspelt key or option) is one line naming the closest, exit 2."""
+    refusal = launch_checks.override_refusal(sys.argv[1:], " ".join(invocation()))
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        sys.exit(refusal.exit_code)
+    _run()
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def main(dcfg: DictConfig) -> None:
+def _run(dcfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = OmegaConf.to_container(dcfg, resolve=True)
     if cfg["engine"].get("cuda_alloc_conf"):

@@ -60,6 +60,60 @@ def check(cfg: dict[str, Any], overrides: list[str]) -> None:
         check_backend(CacheSettings.from_mapping(cfg["cache"]), engine_device_type(cfg["engine"]))
 
 
+def override_refusal(argv: list[str], launcher: str) -> ConfigError | None:
+    """The command line's overrides composed as Hydra will compose them; what it refuses, re-worded as one line
+    naming the closest key or option. None when they compose, or when a flag (--help, --cfg, -m ...) asks Hydra
+    for something else, which Hydra answers itself."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    from sharedcache.kit import compose
+
+    try:
+        compose(argv)
+    except Exception as e:  # noqa: BLE001 - Hydra's composition errors have no common base worth naming
+        return _reworded(str(e), argv, launcher)
+    return None
+
+
+def _reworded(error: str, argv: list[str], launcher: str) -> ConfigError:
+    import difflib
+
+    from sharedcache.kit import compose
+
+    first = error.strip().splitlines()[0] if error.strip() else "it does not compose"
+    key = re.search(r"Could not override '([^']+)'", error)
+    if key:
+        known = sorted(_dotted(compose([a for a in argv if "/" not in a.split("=")[0] and _selects_group(a)])))
+        near = difflib.get_close_matches(key[1], known, n=1, cutoff=0.6)
+        return ConfigError(f"{key[1]!r} is not a key of the config" + (f"; did you mean {near[0]!r}?" if near else "."),
+                           hint=f"`{launcher} --cfg job` prints every key; only engine.extra_args.* and "
+                                "engine.env.* take new ones (with a leading '+').")
+    group = re.search(r"Could not find '([^'/]+)/([^']+)'", error)
+    if group:
+        options = re.findall(r"^\t(\S+)$", error, flags=re.M)
+        near = difflib.get_close_matches(group[2], options, n=1, cutoff=0.5)
+        return ConfigError(f"{group[1]}={group[2]} is not an option of {group[1]}" +
+                           (f"; did you mean {group[1]}={near[0]}?" if near else ".") +
+                           (f" It is one of {', '.join(options)}." if options else ""))
+    return ConfigError(f"the overrides do not compose: {first}",
+                       hint="Quote a value holding ',' or '=' (key='a,b'), or check the key's spelling.")
+
+
+def _selects_group(arg: str) -> bool:
+    """`engine=sglang`, `role=decode`: an override choosing a config group's option (it changes which keys exist)."""
+    key, _, value = arg.partition("=")
+    return "." not in key and not key.startswith(("+", "~")) and bool(value)
+
+
+def _dotted(tree: Any, prefix: str = "") -> list[str]:
+    """Every key of a composed config, dotted (`cache.wait_timeout_s`), tables included."""
+    out = [prefix] if prefix else []
+    if isinstance(tree, dict):
+        for name, sub in tree.items():
+            out += _dotted(sub, f"{prefix}.{name}" if prefix else str(name))
+    return out
+
+
 def engine_device_type(engine: dict[str, Any]) -> str | None:
     """The device type the engine's weights will live on, as far as the config says (None: spread over what
     the machine has, decided at load)."""

@@ -80,3 +80,26 @@ def test_a_role_that_shares_nothing_does_not_need_the_backend(launcher):
     """role=plain loads unshared: the cache backend it names is never used, so it is not refused for it."""
     proc = launcher.run("plain", "cache.backend=cuda_vmm", model="tiny")
     assert proc.popen.returncode == 0, proc.output()
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (("cache.wait_timout_s=5",), "'cache.wait_timout_s' is not a key of the config; did you mean "
+                                 "'cache.wait_timeout_s'? `python launch.py --cfg job` prints every key"),
+    (("engine=sglang", "engine.tp_sise=2"), "did you mean 'engine.tp_size'?"),
+    (("role=prefil",), "role=prefil is not an option of role; did you mean role=prefill? It is one of auto, decode"),
+    (("model.path=a,b",), "the overrides do not compose: Ambiguous value for argument 'model.path=a,b' Quote a value"),
+])
+def test_an_override_hydra_cannot_compose_is_one_line_with_the_closest_and_exit_2(tmp_path, overrides, line):
+    """Issue 25: a misspelt key gave Hydra's 7-line error and exit 1 (its advice, a leading '+', was then refused
+    by the launcher's own check), and `role=prefil` exit 1. Now one line naming the closest key or option."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    res = subprocess.run([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == ExitCode.CONFIG, res.stdout + res.stderr
+    lines = [x for x in (res.stdout + res.stderr).splitlines() if x.strip()]
+    assert len(lines) == 1 and line in lines[0], lines
+    assert not (tmp_path / "run").exists()  # refused before Hydra made a run directory
