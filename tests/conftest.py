@@ -19,6 +19,13 @@ sys.path.insert(0, str(REPO))
 
 
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("markexpr"):  # the default run: the quick tests; `-m slow` runs the rest
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    if not any("gpu" in item.keywords for item in items):
+        return
     import torch
 
     if torch.cuda.is_available():
