@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
 from helpers import attached_decode
 from sharedcache.cache import CacheDir
+
+pytestmark = pytest.mark.slow  # scenarios with several real processes each: `pytest -m slow`
 
 KEY = "sc-llama-tiny"  # the launcher's key for the tiny embedded model
 

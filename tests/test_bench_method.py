@@ -496,6 +496,7 @@ def test_open_loop_arrivals_drain_and_errors(stream_server):
     assert stopped and 3 <= len(reqs) < 20 and all("HTTP 400" in r.error for r in reqs if r.error)
 
 
+@pytest.mark.slow
 def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tmp_path):
     args = argparse.Namespace(tag="8b", free_gib=0.0, workload_name="tiny", inp=100, outp=30, range_ratio=0.5,
                               setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
@@ -529,6 +530,7 @@ class FakeServer:
         pass
 
 
+@pytest.mark.slow
 def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stream_server, tmp_path, monkeypatch):
     model = tmp_path / "model"
     model.mkdir()

@@ -7,9 +7,12 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import cli
 
 
+@pytest.mark.slow
 def test_ls_and_inspect_follow_the_owner(launcher, cache_dir):
     prefill = launcher.start("prefill")
     pre = prefill.wait_report()
@@ -78,6 +81,7 @@ def test_operator_cli_version_bare_help_json_and_gc_dry_run(published, cache_dir
     assert "gc: 1 removed, 0 kept" in gc.stdout and not (cache_dir / "k" / "manifest.json").exists(), gc.stdout
 
 
+@pytest.mark.slow
 def test_sharedcache_launch_is_the_launcher_from_any_directory(tmp_path, cache_dir, models):
     """`sharedcache launch` takes the launcher's overrides and --help (the app help), from a directory that is
     not the checkout; the prefill it starts prints an attach command of the same form."""

@@ -149,6 +149,7 @@ def test_sglang_plugin_config_that_is_not_ours_is_a_config_error():
             load_plugin_config(raw)
 
 
+@pytest.mark.slow
 def test_an_sglang_holder_with_nothing_published_and_an_hf_router_are_refused_with_what_to_do(launcher, models):
     holder = launcher.run("holder", "engine=sglang", f"model.path={models['tiny']}", "cache.wait_timeout_s=1")
     assert holder.popen.returncode == 3, holder.output()  # no sglang needed: the holder starts no server
@@ -286,6 +287,7 @@ def test_sglang_pd_over_cuda_ipc_sets_mooncakes_transport_for_both_servers(launc
     assert "MC_INTRANODE_NVLINK" not in plain.splitlines()[0], "a server outside PD moves no KV"
 
 
+@pytest.mark.slow
 def test_sglang_transport_that_cannot_apply_is_refused_before_any_server_starts(launcher, models):
     for overrides, words in ((("engine.disaggregation.transfer_backend=mooncake_tcp",
                                "engine.disaggregation.mooncake_protocol=nvlink_intra"),

@@ -809,6 +809,7 @@ FUZZ = settings(
 
 @settings(FUZZ, max_examples=1500)
 @given(data=st.data())
+@pytest.mark.slow
 def test_mutated_tensor_table_ends_in_a_sharedcache_error(published, data):
     """Overlaps, offsets past the arena, huge/negative/zero-sized shapes, bad strides, alias cycles,
     bad names, reordered or duplicated entries; the layout digest is mostly re-signed."""
@@ -817,6 +818,7 @@ def test_mutated_tensor_table_ends_in_a_sharedcache_error(published, data):
 
 @settings(FUZZ, max_examples=1200)
 @given(data=st.data())
+@pytest.mark.slow
 def test_mutated_fields_at_any_depth_end_in_a_sharedcache_error(published, data):
     """Keys deleted, added or replaced with any JSON value (deep nesting included), mixed with
     targeted arena, fingerprint, handle and top-level mutations."""

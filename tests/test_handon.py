@@ -10,9 +10,13 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from helpers import attached_decode, cli, served_by
 from sharedcache.cache import CacheDir, EntryState
 from sharedcache.handon import served
+
+pytestmark = pytest.mark.slow  # scenarios with several real processes each: `pytest -m slow`
 
 KEY = "sc-llama-tiny"
 MEMFD = "cache.backend=cpu_memfd"

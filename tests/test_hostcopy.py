@@ -8,9 +8,13 @@ import json
 import signal
 import time
 
+import pytest
+
 from helpers import cli
 from sharedcache.cache import CacheDir, EntryState
 from sharedcache.hostcopy import HOST_FILE, HOST_RECORD
+
+pytestmark = pytest.mark.slow  # scenarios with several real processes each: `pytest -m slow`
 
 KEY = "sc-llama-tiny"
 HOSTED = ("cache.backend=cpu_memfd", "cache.host_copy=true")

@@ -131,6 +131,7 @@ def test_owner_cannot_change_published_weights_in_place(cache_dir, models):
 
 # ---------------------------------------------------------------- 3-4: gc and what is in use
 
+@pytest.mark.slow
 def test_gc_keeps_an_entry_a_decode_is_attaching_to(published, cache_dir, models):
     """The window between reading the manifest and mapping the arena: a real decode, paused right after
     it read the manifest (its attach waits for a line on stdin). gc keeps the entry; the
@@ -228,6 +229,7 @@ def test_gc_dry_run_says_what_gc_does_with_an_entry_holding_files_it_did_not_mak
     assert sorted(p.name for p in odd.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_a_new_owner_sweeps_the_temp_manifest_of_an_owner_killed_inside_the_rename(launcher, cache_dir):
     """Issue 24: a killed owner's `.manifest.json.<pid>.<rand>.tmp` outlived the next owner until gc; the next
     owner's publish removes it (a live process's temp file stays: it may be renaming it right now)."""
@@ -441,6 +443,7 @@ def test_terminal_escapes_in_a_manifest_are_printed_escaped(published, cache_dir
         assert "evil\\x1b]0;pwned\\x07" in out.stdout
 
 
+@pytest.mark.slow
 def test_a_mismatch_against_a_huge_published_value_is_one_bounded_line(published, cache_dir, launcher):
     """Issue 24: FingerprintMismatch quoted the published values whole (a 60 MB model name made a line of 63
     million characters in the log, on stderr and in report.json). Now every message quotes what it read
@@ -458,6 +461,7 @@ def test_a_mismatch_against_a_huge_published_value_is_one_bounded_line(published
     assert len(decode.output()) < 16384 and max(map(len, decode.output().splitlines())) < 4096
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_written_is_one_line_with_its_exit_code(launcher):
     """Issue 24: report.json standing as a directory in the run directory killed a decode that had attached
     with a raw IsADirectoryError traceback and exit 1. Now: one line naming the path, the storage exit code,
@@ -503,6 +507,7 @@ def test_sglang_switches_are_checked_before_sglang_loads_anything(tmp_path, env,
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_serve_dir_is_the_very_directory_named(tmp_path, sc_home):
     """Issue 24: `sharedcache serve --dir D` handed D to Hydra unquoted: a comma or quote gave a grammar error,
     `${oc.env:HOME}` made the holder publish elsewhere. The holder now publishes in D itself."""
@@ -573,6 +578,7 @@ def test_read_only_filesystem_is_a_storage_error(small_tmpfs, models):
     assert "writable" in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_lock_held_by_a_stopped_process_is_an_error_not_a_hang(published, cache_dir, models):
     """A gc stopped (Ctrl-Z) while it holds an entry's attach lock exclusively: a decode gives up after the
     short locks' bound with a message naming the file, instead of waiting forever."""

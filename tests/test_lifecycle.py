@@ -7,8 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 from sharedcache.cache import CacheDir
+
+pytestmark = pytest.mark.slow  # scenarios with several real processes each: `pytest -m slow`
 
 
 def until(condition, proc, timeout: float = 120) -> None:

@@ -18,6 +18,8 @@ from sharedcache_integrations import hf
 from sharedcache import ArenaError
 from sharedcache.backends.fdpass import FdServer, receive_fds
 
+pytestmark = pytest.mark.slow  # scenarios with several real processes each: `pytest -m slow`
+
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -18,6 +18,8 @@ from sharedcache.layout import TensorSpec, layout_digest
 from sharedcache.manifest import ArenaInfo, Manifest, Owner, write_manifest
 from sharedcache.settle import SizingTurn, is_settled, mark_settled, wait_settled
 
+pytestmark = pytest.mark.slow  # scenarios with several real processes each: `pytest -m slow`
+
 KEY = "settle-tiny"
 
 

@@ -66,6 +66,7 @@ def test_decode_tensors_live_in_the_shared_mapping_and_anon_memory_stays_flat(la
     assert plain["logits_sha256"] == dec["logits_sha256"] and plain["tokens"] == dec["tokens"]
 
 
+@pytest.mark.slow
 def test_placeholder_mode_attaches_too(launcher):
     launcher.start("prefill").wait_report()
     dec = launcher.run("decode", "role.mode=placeholder")
@@ -75,6 +76,7 @@ def test_placeholder_mode_attaches_too(launcher):
     assert rep["logits_sha256"] == launcher.procs[0].report()["logits_sha256"]
 
 
+@pytest.mark.slow
 def test_decode_keeps_working_after_owner_sigkill(launcher, cache_dir, sc_home):
     prefill = launcher.start("prefill", model="default")
     pre = prefill.wait_report()
@@ -95,6 +97,7 @@ def test_decode_keeps_working_after_owner_sigkill(launcher, cache_dir, sc_home):
     assert dec["logits_sha256"] == pre["logits_sha256"]
 
 
+@pytest.mark.slow
 def test_decode_started_before_prefill_waits_then_attaches(launcher):
     decode = launcher.start("decode", "cache.wait_timeout_s=240")
     time.sleep(3)
@@ -112,6 +115,7 @@ def test_decode_started_before_prefill_waits_then_attaches(launcher):
     assert rep["attach_seconds"] < rep["wait_seconds"]
 
 
+@pytest.mark.slow
 def test_decode_without_prefill_times_out_with_its_message(launcher, cache_dir):
     decode = launcher.run("decode", "cache.wait_timeout_s=1")
     assert decode.popen.returncode == 3  # retryable: start the prefill, then try again
@@ -124,6 +128,7 @@ def test_decode_without_prefill_times_out_with_its_message(launcher, cache_dir):
     assert failed["message"].startswith("waited 1s") and failed["hint"].startswith("Start the prefill role")
 
 
+@pytest.mark.slow
 def test_two_savers_racing_exactly_one_publishes(launcher, cache_dir):
     a, b = launcher.start("prefill", name="a"), launcher.start("prefill", name="b")
     deadline = time.monotonic() + 300
@@ -138,6 +143,7 @@ def test_two_savers_racing_exactly_one_publishes(launcher, cache_dir):
     assert len(list(cache_dir.glob("*/arena-*"))) == 1
 
 
+@pytest.mark.slow
 def test_two_auto_instances_racing_one_saves_one_attaches(launcher, cache_dir):
     a, b = launcher.start("auto", name="a"), launcher.start("auto", name="b")
     modes = sorted(p.wait_report()["mode"] for p in (a, b))
@@ -148,6 +154,7 @@ def test_two_auto_instances_racing_one_saves_one_attaches(launcher, cache_dir):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_a_signal_while_a_decode_waits_is_one_line_a_report_and_its_exit_code(launcher, sig, code):
     """Ctrl-C (SIGINT) or SIGTERM while a decode waits: one line, report.json saying so (`ok: false`), and the
     shell's code for the signal, as the README's exit-code table says."""
@@ -164,6 +171,7 @@ def test_a_signal_while_a_decode_waits_is_one_line_a_report_and_its_exit_code(la
     assert report["ok"] is False and report["error"] == "Interrupted" and report["exit_code"] == code, report
 
 
+@pytest.mark.slow
 def test_the_attach_command_the_prefill_prints_attaches(launcher, tmp_path):
     """The printed command carries the prefill's own overrides (here a dtype, which the fingerprint holds):
     pasted into a shell, it attaches instead of failing with FingerprintMismatch."""
