@@ -3,11 +3,13 @@
     sharedcache demo [hydra overrides for both, e.g. model=tiny prompt="..."]   (a checkout: python demo.py)
 
 Starts the launcher with role=prefill, waits until it has published, runs it with role=decode,
-prints both reports side by side, then stops the prefill with SIGTERM.
+prints both reports side by side, then stops the prefill with SIGTERM. The cache directory it made
+(/dev/shm/sharedcache-demo-*) is removed afterwards; the logs and reports stay under the printed directory.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,11 +32,21 @@ ROWS = [  # (label, report key, format)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .launch import command, command_env
-
     overrides = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(overrides):
+        print(__doc__.strip())
+        return 0
     work = Path(tempfile.mkdtemp(prefix="sharedcache-demo-"))
     cache = Path(tempfile.mkdtemp(prefix="sharedcache-demo-", dir="/dev/shm"))  # 0700 already
+    try:
+        return _run(overrides, work, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)  # the prefill stopped and unpublished: nothing maps it any more
+
+
+def _run(overrides: list[str], work: Path, cache: Path) -> int:
+    from .launch import command, command_env
+
     common = [f"cache.dir={cache}", *overrides]
     launch, env = command(), command_env()
     print(f"cache dir {cache}; logs and reports under {work}")

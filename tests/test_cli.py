@@ -168,3 +168,15 @@ def test_python_dash_m_sharedcache_is_the_command(cache_dir):
     ls = subprocess.run([sys.executable, "-m", "sharedcache", "ls", "--dir", str(cache_dir)], capture_output=True,
                         text=True)
     assert ls.returncode == 0 and f"no entries in {cache_dir}" in ls.stdout, ls.stdout + ls.stderr
+
+
+def test_demo_help_is_help_and_starts_nothing():
+    """Issue 25: `sharedcache demo --help` started a prefill."""
+    import glob
+    import subprocess
+
+    before = set(glob.glob("/dev/shm/sharedcache-demo-*"))
+    res = subprocess.run([sys.executable, "-m", "sharedcache", "demo", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "sharedcache demo [hydra overrides" in res.stdout, res.stdout + res.stderr
+    assert set(glob.glob("/dev/shm/sharedcache-demo-*")) == before
