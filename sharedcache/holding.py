@@ -46,7 +46,7 @@ def hold(settings: CacheSettings, key: str, *, progress: ProgressFn = log_progre
     found = wait_for_owner(entry, deadline=deadline, loading_deadline=loading_deadline, role="holder",
                            reclaim=False, progress=progress)
     if found.outcome is not Outcome.PUBLISHED:
-        raise timed_out(found, settings, f"entry {key!r} to be published in {settings.dir}",
+        raise timed_out(found, settings, key, f"entry {key!r} to be published in {settings.dir}",
                         "Start the engine that owns the weights (role=prefill) with the same cache.dir and model")
     try:
         arena = backends.get_backend(found.manifest.backend, settings).attach(entry.dir, found.manifest)

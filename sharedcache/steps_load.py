@@ -80,7 +80,7 @@ def serialize_load(s: RunState) -> Fallback | Takeover | None:
             log.info("[%s] the key was given up; this auto instance takes it over", s.role.name)
             return Takeover(found.claim)
         if found.outcome is Outcome.TIMED_OUT:
-            raise timed_out(found, s.settings, f"entry {s.head.entry.key!r} to be published at "
+            raise timed_out(found, s.settings, s.head.entry.key, f"entry {s.head.entry.key!r} to be published at "
                                                f"{s.head.entry.manifest_path}", "Start the prefill role with the "
                                                "same cache.dir and cache.key")
         outcome = _attach_holding(s, found.manifest, found.hold, deadline)

@@ -5,12 +5,13 @@ timeout means for the run (auto mode saves itself; load mode reports the timeout
 """
 from __future__ import annotations
 
+import difflib
 import enum
 import os
 import time
 from dataclasses import dataclass
 
-from .cache import Entry, EntryState
+from .cache import CacheDir, Entry, EntryState
 from .errors import AttachTimeout, ManifestError, SharedCacheError
 from .manifest import Manifest
 from .ownership import Claim
@@ -53,14 +54,35 @@ def waiting_deadlines(settings: CacheSettings) -> tuple[float, float]:
     return now + settings.wait_timeout_s, now + max(settings.wait_timeout_s, settings.settle_timeout_s)
 
 
-def timed_out(found: WaitResult, settings: CacheSettings, what: str, start_hint: str) -> AttachTimeout:
-    """The AttachTimeout of a wait that gave up on `what`, saying which deadline ended it."""
+def timed_out(found: WaitResult, settings: CacheSettings, key: str, what: str, start_hint: str) -> AttachTimeout:
+    """The AttachTimeout of a wait that gave up on `what`, saying which deadline ended it (and, where nobody was
+    loading `key`, which keys are published beside it: a misspelt cache.key looks just like a missing prefill)."""
     if found.loading:
         return AttachTimeout(f"waited {max(settings.wait_timeout_s, settings.settle_timeout_s):g}s for {what}; "
                              f"{found.why}.", hint="Look at the owner's log for why its load is slow, or raise "
                              "cache.settle_timeout_s.")
     return AttachTimeout(f"waited {settings.wait_timeout_s:g}s for {what}; nobody is loading it: {found.why}.",
-                         hint=f"{start_hint}, or raise cache.wait_timeout_s.")
+                         hint=f"{start_hint}, or raise cache.wait_timeout_s.{keys_beside(settings.dir, key)}")
+
+
+def keys_beside(root: str, key: str) -> str:
+    """' Published there: ...; did you mean cache.key=...?', or that nothing is: the keys of `root` but `key`."""
+    keys = []
+    try:
+        entries = CacheDir(root).entries()
+    except (SharedCacheError, OSError):
+        return ""  # the timeout's own message stands; this is only a guess at a typo
+    for entry in entries:
+        try:
+            if entry.key != key and entry.published():
+                keys.append(entry.key)
+        except (SharedCacheError, OSError):
+            continue  # an entry that cannot be read is not a key anyone attaches to
+    if not keys:
+        return f" Nothing is published in {root}."
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    listed = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    return f" Published there: {listed}" + (f"; did you mean cache.key={near[0]}?" if near else ".")
 
 
 def wait_for_owner(entry: Entry, *, deadline: float, loading_deadline: float, role: str, reclaim: bool,

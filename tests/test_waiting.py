@@ -112,3 +112,45 @@ def test_log_progress_logs_a_change_of_state_at_once(caplog):
     show(Progress("decode", "waiting: an owner is loading it", 2, 10, "s"))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "an owner is loading it" in lines[1]
+
+
+def test_terminal_progress_fits_a_narrow_terminal_and_is_ended_before_a_message(monkeypatch):
+    """Issue 25: on a terminal narrower than the line, each update wrapped and left a copy behind; on Ctrl-C
+    the line was not ended before the message."""
+    import os
+
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((60, 24)))
+    out = io.StringIO()
+    show = TerminalProgress(out)
+    long = "waiting for an owner to publish 'sc-llama-100m' in /dev/shm/sharedcache-0 (nobody loads it yet)"
+    for i in range(3):
+        show(Progress("decode", long, i, 60, "s"))
+    updates = [u for u in out.getvalue().split("\r") if u]
+    assert len(updates) == 3 and all(len(u.replace("\x1b[K", "")) <= 59 for u in updates), updates
+    assert updates[-1].replace("\x1b[K", "").endswith("2s / 60s") and updates[-1].startswith("[decode] waiting")
+    show.close()  # a run stopped mid-wait: the next message starts on a line of its own
+    assert out.getvalue().endswith("\n") and not show.open
+
+
+def test_a_timeout_names_the_keys_published_beside_it_and_the_closest(published, tmp_path):
+    """Issue 25: an AttachTimeout for a misspelt cache.key did not say which keys are there."""
+    from sharedcache import AttachTimeout, CacheSettings
+    from sharedcache.waiting import timed_out
+
+    src, _model = published
+    entry = CacheDir(src).entry("kk")
+    found = wait(entry, lambda event: None, timeout_s=0.2)
+    assert found.outcome is Outcome.TIMED_OUT
+    settings = CacheSettings.from_mapping({**_cache_defaults(), "dir": str(src), "key": "kk"})
+    e = timed_out(found, settings, "kk", "entry 'kk'", "Start the prefill")
+    assert isinstance(e, AttachTimeout) and "Published there: k; did you mean cache.key=k?" in str(e), str(e)
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    settings = CacheSettings.from_mapping({**_cache_defaults(), "dir": str(empty), "key": "kk"})
+    assert f"Nothing is published in {empty}." in str(timed_out(found, settings, "kk", "entry 'kk'", "Start it"))
+
+
+def _cache_defaults() -> dict:
+    from sharedcache.conf import compose
+
+    return compose([])["cache"]
