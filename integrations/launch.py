@@ -270,7 +270,7 @@ def _run(dcfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         # all checked before anything loads: a wrong value, role or cache config costs nothing
-        launch_checks.check(cfg, list(HydraConfig.get().overrides.task))
+        launch_checks.check(cfg, list(HydraConfig.get().overrides.task), " ".join(invocation()))
         role = role_of(cfg)
         settings = CacheSettings.from_mapping(cfg["cache"])
         declared = launch_checks.role_launch(cfg)

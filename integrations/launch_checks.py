@@ -47,9 +47,9 @@ class RoleLaunch:
             raise ConfigError(f"role={self.name} {message}", hint=hint)
 
 
-def check(cfg: dict[str, Any], overrides: list[str]) -> None:
-    """Raise ConfigError naming the first key that cannot work."""
-    _no_new_keys(overrides)
+def check(cfg: dict[str, Any], overrides: list[str], launcher: str = "sharedcache launch") -> None:
+    """Raise ConfigError naming the first key that cannot work (`launcher`: the command the user ran, for hints)."""
+    _no_new_keys(overrides, launcher)
     _integer("max_new_tokens", cfg["max_new_tokens"], minimum=1, example=16)
     _integer("min_new_tokens", cfg["min_new_tokens"], minimum=0, example=0)
     if not isinstance(cfg["prompt"], str):
@@ -166,7 +166,7 @@ def _refusal(refusal: Any, *, every: bool) -> tuple[str, str] | None:
     return refusal["message"], refusal["hint"]
 
 
-def _no_new_keys(overrides: list[str]) -> None:
+def _no_new_keys(overrides: list[str], launcher: str) -> None:
     """`+key=value` adds a key Hydra would otherwise reject; nothing reads it, so it is a typo."""
     for override in overrides:
         if not override.startswith("+") or override.startswith("++"):
@@ -174,7 +174,7 @@ def _no_new_keys(overrides: list[str]) -> None:
         key = override.lstrip("+").split("=", 1)[0]
         if not key.startswith(OPEN_MAPPINGS) and "/" not in key:  # `+group/option=...` adds a config group
             raise ConfigError(f"{override!r} adds the key {key!r}, which nothing reads.",
-                              hint="Check its spelling against `python launch.py --cfg job` and set it without the "
+                              hint=f"Check its spelling against `{launcher} --cfg job` and set it without the "
                                    "'+'; only engine.extra_args.*, engine.env.* and engine.router.extra_args.* "
                                    "take new keys.")
 

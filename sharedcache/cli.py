@@ -29,7 +29,7 @@ def _cache_dir(args: argparse.Namespace) -> str:
     except Exception as e:  # noqa: BLE001 - Hydra's errors for bad overrides: one line, not its traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"the overrides {args.overrides} do not compose: {first}",
-                          hint="Check the spelling against `python launch.py --cfg job`, or pass --dir.") from None
+                          hint="Check the spelling against `sharedcache launch --cfg job`, or pass --dir.") from None
 
 
 # The launcher and the demo live with the integrations (they load models through transformers or SGLang);

@@ -117,8 +117,8 @@ def load_plugin_config(raw: str) -> PluginConfig:
             raise ValueError(f"expected the keys role, cache, report_dir, got {got}")
     except ValueError as e:
         raise ConfigError(f"SHAREDCACHE_SGLANG is not the plugin's JSON: {e}.",
-                          hint="Start SGLang through `python launch.py engine=sglang`, or build the value with "
-                               "sharedcache_integrations.sglang.plugin_env().") from e
+                          hint="Start SGLang through `sharedcache launch engine=sglang` (`python launch.py` in a "
+                               "checkout), or build the value with sharedcache_integrations.sglang.plugin_env().") from e
     return PluginConfig(Role.from_mapping(data["role"]), CacheSettings.from_mapping(data["cache"]),
                         Path(data["report_dir"]))
 
