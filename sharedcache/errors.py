@@ -176,7 +176,8 @@ class StorageError(SharedCacheError):
 
     _HINTS = {
         errno.ENOSPC: "The filesystem holding it is full (space or inodes: `df -h`, `df -i`); free some or point "
-                      "cache.dir at another filesystem.",
+                      "cache.dir at another filesystem. In a container /dev/shm is small by default (Docker: 64 MB): "
+                      "start it with --shm-size (or --ipc=host), or mount a larger tmpfs for cache.dir.",
         errno.EDQUOT: "Your disk quota is exhausted; free some or point cache.dir at another filesystem.",
         errno.EROFS: "It is on a read-only filesystem; point cache.dir at a writable one (e.g. under /dev/shm).",
         errno.EACCES: "Check the permissions on the path (cache.dir must be a directory of yours, mode 700).",
