@@ -12,6 +12,7 @@ mapped only as the packing reaches them, after the originals already moved have 
 given back to the driver, so the save's peak stays near one copy of the model."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -22,13 +23,14 @@ from pathlib import Path
 import torch
 
 from ..cache import ARENA_ID
-from ..errors import ArenaError, HandoverError
+from ..errors import ArenaError, DriverError, HandoverError
 from ..devices import device_index
 from ..layout import align_up
 from ..manifest import Manifest
 from . import cuda_driver as cu
 from .base import Arena, Backend
 
+log = logging.getLogger(__name__)
 _SOCKET = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.sock$")
 _HANDLE_KEYS = {"socket", "arena", "chunks", "chunk_bytes"}
 _MAX_CHUNKS = 4096  # each chunk is an fd held by every process that maps the arena
@@ -103,10 +105,15 @@ class _OwnerArena(Arena):
 
     def seal(self) -> None:
         """Once published, the owner maps the arena read-only as its attachers do: an in-place write by the owner
-        (a weight update, a stray kernel) faults in the owner instead of changing what every decode computes."""
+        (a weight update, a stray kernel) faults in the owner instead of changing what every decode computes.
+        A driver that refuses the change costs that protection only, not the published entry: logged, not raised."""
         c = self._chunks
         cu.settle(c.index)  # no write of the save still in flight when the access changes
-        cu.set_access(c.ptr, c.mapped, c.index, read_only=True)
+        try:
+            cu.set_access(c.ptr, c.mapped, c.index, read_only=True)
+        except DriverError as e:
+            log.warning("cuda_vmm: the owner's mapping stays writable (%s); attached instances still map it "
+                        "read-only", e)
 
     def _drop_claim(self) -> None:
         self._relay.close()  # stops serving and closes the fds (a forked child's call does nothing)
