@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sharedcache import CacheSettings, ConfigError
+from sharedcache import ConfigError
 from sharedcache.kit import check_backend
 from sharedcache_integrations.hf.config import SPREADING
 
@@ -57,7 +57,7 @@ def check(cfg: dict[str, Any], overrides: list[str], launcher: str = "sharedcach
     ENGINE_CHECKS.get(cfg["engine"]["name"], _unknown_engine)(cfg["engine"])
     role_launch(cfg)
     if cfg["role"]["mode"] != "off":  # a role that shares: its backend must hold the engine's tensors here
-        check_backend(CacheSettings.from_mapping(cfg["cache"]), engine_device_type(cfg["engine"]))
+        check_backend(cfg["cache"]["backend"], engine_device_type(cfg["engine"]))
 
 
 def override_refusal(argv: list[str], launcher: str) -> ConfigError | None:

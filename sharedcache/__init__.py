@@ -16,7 +16,8 @@ __version__ = "0.1.0"  # the one place it is written; pyproject.toml reads it
 __all__ = [
     "__version__", "ArenaError", "AttachTimeout", "BackendUnavailable", "BindError", "CacheSettings", "ConfigError",
     "DriverError", "EntryError", "EntryOwned", "ExitCode", "Fingerprint", "FingerprintMismatch", "HandoverError",
-    "Instance", "Interrupted", "Interrupted", "IntegrityError", "ManifestError", "Mode", "NoManifest", "OwnerGone", "ReportUnwritable", "Role",
+    "Instance", "IntegrityError", "Interrupted", "ManifestError", "Mode", "NoManifest", "OwnerGone",
+    "ReportUnwritable", "Role",
     "SharedCacheError",
     "StorageError", "UnsupportedModel", "configured",
 ]

@@ -40,7 +40,8 @@ class SharedCacheError(Exception):
     exit_code = ExitCode.FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        message, hint = _clip(message, MESSAGE_LIMIT), hint and _clip(hint, MESSAGE_LIMIT)  # whatever a message quoted, one bounded line
+        # whatever a message quoted: one bounded line
+        message, hint = _clip(message, MESSAGE_LIMIT), hint and _clip(hint, MESSAGE_LIMIT)
         self.message, self.hint = message, hint  # apart, for callers that re-word or re-raise them
         text = f"[{self.component}] {message}"
         if hint:

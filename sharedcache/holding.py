@@ -53,7 +53,8 @@ def hold(settings: CacheSettings, key: str, *, progress: ProgressFn = log_progre
         if arena.relay is None:
             raise ConfigError(f"entry {key!r} was published with backend {found.manifest.backend!r}, which has no "
                               "handles to hand on: its owner removes the arena on a clean stop, so a holder cannot "
-                              "keep it reachable.", hint="Publish it with cache.backend=cuda_vmm (GPU) or cpu_memfd (CPU).")
+                              "keep it reachable.",
+                              hint="Publish it with cache.backend=cuda_vmm (GPU) or cpu_memfd (CPU).")
     except BaseException:
         found.release()
         raise

@@ -17,9 +17,9 @@ that need torch import it when called.
   sharedcache.holding), for a holder of weights an engine's own loader made;
 - instances: `instance_of(model)`, the Instance that produced a model, whichever integration loaded it;
 - launchers (the Hydra launcher in integrations/launch.py, the SGLang plugin's switches): `conf_dir`,
-  `compose`, `literal` (an override that sets a value as the very string given), `register_resolvers`, `core_role`, `role_of` (the composed config as the core reads it),
-  `entry_key` (a model's cache key), `prepare_device` (a device's backends brought up
-  before the timed phases), `TerminalProgress` / `log_progress` (progress on a terminal or in logs),
+  `compose`, `literal` (an override that sets a value as the very string given), `register_resolvers`,
+  `core_role`, `role_of` (the composed config as the core reads it), `entry_key` (a model's cache key),
+  `prepare_device` (a device's backends brought up before the timed phases), `TerminalProgress` / `log_progress` (progress on a terminal or in logs),
   `process_age`.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from .settle import SizingTurn
 
 __all__ = [
-    "check_backend", "check_cache", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role", "device_id",
-    "device_index", "dtype_name", "entry_key", "Held", "hold", "instance_of", "literal", "log_progress",
+    "check_backend", "check_cache", "checkpoint_fingerprint", "compose", "conf_dir", "config_digest", "core_role",
+    "device_id", "device_index", "dtype_name", "entry_key", "Held", "hold", "instance_of", "literal", "log_progress",
     "prepare_device", "process_age", "rank_key", "rank_suffix", "register_resolvers", "resolve_device", "role_of",
     "SizingTurn", "split_rank_key", "superseded", "TerminalProgress", "weight_files", "write_json_atomic",
     "write_report",
@@ -71,13 +71,13 @@ def check_cache(settings: Any, key: str | None) -> None:
         CacheDir(settings.dir).entry(key)
 
 
-def check_backend(settings: Any, device_type: str | None) -> None:
-    """`settings.backend` checked for the engine's device type (None: not known yet) before anything loads."""
-    if settings.backend == "auto":
+def check_backend(name: str, device_type: str | None) -> None:
+    """cache.backend `name` checked for the engine's device type (None: not known yet) before anything loads."""
+    if name == "auto":
         return  # chosen at load, for the device the weights land on (and no torch import for that now)
     from .backends import check_choice
 
-    check_choice(settings.backend, device_type)
+    check_choice(name, device_type)
 
 
 def __getattr__(name: str):

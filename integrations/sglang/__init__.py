@@ -118,7 +118,8 @@ def load_plugin_config(raw: str) -> PluginConfig:
     except ValueError as e:
         raise ConfigError(f"SHAREDCACHE_SGLANG is not the plugin's JSON: {e}.",
                           hint="Start SGLang through `sharedcache launch engine=sglang` (`python launch.py` in a "
-                               "checkout), or build the value with sharedcache_integrations.sglang.plugin_env().") from e
+                               "checkout), or build the value with sharedcache_integrations.sglang.plugin_env()."
+                          ) from e
     return PluginConfig(Role.from_mapping(data["role"]), CacheSettings.from_mapping(data["cache"]),
                         Path(data["report_dir"]))
 
@@ -154,13 +155,14 @@ def register() -> None:
     except ConfigError as e:
         raise SystemExit(str(e)) from e
     if multiprocessing.parent_process() is None:  # the server's launcher: before any process loads anything
-        try:
-            if config.role.mode is not Mode.OFF:
-                check_backend(config.settings, server_device(sys.argv))
-        except SharedCacheError as e:
-            raise SystemExit(str(e)) from e
-    if multiprocessing.parent_process() is None or "sglang.srt.managers.scheduler" not in sys.modules:
-        # the launcher, detokenizer or data-parallel controller: no model is loaded there
+        if config.role.mode is not Mode.OFF:
+            try:
+                check_backend(config.settings.backend, server_device(sys.argv))
+            except SharedCacheError as e:
+                raise SystemExit(str(e)) from e
+        return  # it loads no model; the plugin hooks its scheduler processes
+    if "sglang.srt.managers.scheduler" not in sys.modules:
+        # the detokenizer or data-parallel controller: no model is loaded there
         log.debug("sharedcache: this SGLang process loads no model; the plugin hooks its scheduler processes")
         return
     from .hooks import install

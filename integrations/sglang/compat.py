@@ -39,11 +39,16 @@ WRITING_CHECKS = ("reset_tensors",)  # /weights_checker actions that write; snap
 
 def scheduler_write_targets() -> dict[str, str]:
     """{request: hook target} for the scheduler's requests that can write weights, as this SGLang has them."""
+    return _manager_targets(_SCHEDULER_WRITES)
+
+
+def _manager_targets(ops) -> dict[str, str]:
+    """{request: hook target} for those of `ops` that this SGLang's scheduler weight manager handles."""
     import importlib
 
     module, _, cls = _SCHEDULER.rpartition(".")
     manager = getattr(importlib.import_module(module), cls)
-    return {op: f"{_SCHEDULER}.{op}" for op in _SCHEDULER_WRITES if hasattr(manager, op)}
+    return {op: f"{_SCHEDULER}.{op}" for op in ops if hasattr(manager, op)}
 
 
 # Requests that release and resume the server's GPU memory by tag (RL frameworks): the "weights" tag would
@@ -55,11 +60,7 @@ MEMORY_OCCUPATION = {"release_memory_occupation": "ReleaseMemoryOccupationReqOut
 
 def memory_occupation_targets() -> dict[str, str]:
     """{request: hook target} for the memory release/resume requests this SGLang has."""
-    import importlib
-
-    module, _, cls = _SCHEDULER.rpartition(".")
-    manager = getattr(importlib.import_module(module), cls)
-    return {op: f"{_SCHEDULER}.{op}" for op in MEMORY_OCCUPATION if hasattr(manager, op)}
+    return _manager_targets(MEMORY_OCCUPATION)
 
 
 def drop_weights_tag(recv_req: Any) -> tuple[bool, bool]:

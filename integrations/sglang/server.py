@@ -222,8 +222,8 @@ class Server:
                 self.stop()
                 raise ServerFailed(f"the SGLang server is up but {self.plan.ranks - len(reports)} of its "
                                    f"{self.plan.ranks} ranks never reported: the sharedcache plugin did not run.",
-                                   hint="Install sharedcache in the server's Python (pip install sharedcache; pip install -e . "
-                                        "in a checkout) so that "
+                                   hint="Install sharedcache in the server's Python (pip install sharedcache; "
+                                        "pip install -e . in a checkout) so that "
                                         "SGLang finds its entry point, and keep 'sharedcache' in SGLANG_PLUGINS.")
             if time.monotonic() > deadline:
                 self.stop()

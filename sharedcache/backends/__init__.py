@@ -54,11 +54,14 @@ def backend_class(name: str) -> type[Backend]:
 
 def get_backend(name: str, settings: CacheSettings) -> Backend:
     cls = backend_class(name)
-    reason = cls.unavailable_reason()
+    _refuse_unavailable(name, cls.unavailable_reason())
+    return cls(settings)
+
+
+def _refuse_unavailable(name: str, reason: str | None) -> None:
     if reason:
         raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}",
                                  hint="Pick another cache.backend (or 'auto').")
-    return cls(settings)
 
 
 def resolve(name: str, device: torch.device, settings: CacheSettings) -> Backend:
@@ -93,15 +96,12 @@ def check_choice(name: str, device_type: str | None) -> None:
     if device_type is not None and device_type != spec.device_type:
         raise ConfigError(f"cache.backend={name} holds {spec.device_type} tensors, but the engine runs on "
                           f"{device_type}.", hint="Use cache.backend=auto, or a backend for that device.")
-    if spec.device_type == "cuda":
+    if spec.device_type == "cuda":  # the driver only: cuda_vmm's own check reads the GPU through a context
         from . import cuda_driver
 
-        reason = cuda_driver.unavailable_reason()
+        _refuse_unavailable(name, cuda_driver.unavailable_reason())
     else:
-        reason = backend_class(name).unavailable_reason()
-    if reason:
-        raise BackendUnavailable(f"backend {name!r} is unavailable here: {reason}",
-                                 hint="Pick another cache.backend (or 'auto').")
+        _refuse_unavailable(name, backend_class(name).unavailable_reason())
 
 
 def prepare(device: torch.device) -> None:
