@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import os
 import re
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConfigError, EntryError, EntryOwned, SharedCacheError, StorageError
-from .files import check_private_dir, ensure_private_dir, exists, flock_within, lock_held, lstat_or_none, open_lock
+from .errors import ConfigError, EntryError, EntryOwned, EntryRemoved, SharedCacheError, StorageError
+from .files import (RELOCK_TRIES, check_private_dir, ensure_private_dir, exists, lock_current, lock_held,
+                    lstat_or_none, open_lock)
 from .manifest import MANIFEST_NAME, Manifest, boot_id
 from .manifest_parse import read_manifest
 
@@ -30,6 +32,7 @@ ARENA_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.bin$")  # cpu_shm arena f
 OWNER_FILE = re.compile(r"^arena-[A-Za-z0-9_.-]{1,64}\.(bin|sock)$")  # what an owner leaves: arenas, fd sockets
 ARENA_ID = re.compile(r"^[0-9]{1,10}-[0-9a-f]{12}$")  # an fd-handle arena's id (cpu_memfd, cuda_vmm), in its handle
 SERVE_LOCK = re.compile(r"^serve-[0-9]{1,10}-[0-9a-f]{12}\.lock$")  # an arena's turn to serve (sharedcache.handon)
+LOCK_FILES = ("owner.lock", "attach.lock", "write.lock")  # every entry's; gc removes them with the last of it
 TEMP_FILE = re.compile(r"^\.[a-z]+\.json\.\d+(\.[0-9a-f]+)?\.tmp$")  # a manifest or mark being written
 
 
@@ -87,9 +90,8 @@ class Entry:
 
     @contextlib.contextmanager
     def write_lock(self) -> Iterator[None]:
-        fd = open_lock(self.dir / "write.lock")
+        fd = lock_current(self.dir / "write.lock", fcntl.LOCK_EX, wait=True)
         try:
-            flock_within(fd, fcntl.LOCK_EX, self.dir / "write.lock")
             yield
         finally:
             os.close(fd)
@@ -97,48 +99,67 @@ class Entry:
     def hold_for_attach(self) -> int:
         """An fd holding `attach.lock` shared: kept by an attacher from before it re-reads the manifest until
         its mapping dies, so that gc (which needs the lock exclusively) never removes an entry in use,
-        also in the window between reading the manifest and mapping the arena."""
-        fd = open_lock(self.dir / "attach.lock")
-        try:
-            flock_within(fd, fcntl.LOCK_SH, self.dir / "attach.lock")  # a gc removing this very entry
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        also in the window between reading the manifest and mapping the arena. EntryRemoved (a NoManifest)
+        when gc removed the whole entry meanwhile."""
+        return lock_current(self.dir / "attach.lock", fcntl.LOCK_SH, wait=True)
 
     def lock_unused(self) -> int | None:
         """gc: an fd holding `attach.lock` exclusively if no instance is attached or attaching, else None."""
-        fd = open_lock(self.dir / "attach.lock")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            return lock_current(self.dir / "attach.lock", fcntl.LOCK_EX, wait=False)
         except BlockingIOError:
-            os.close(fd)
             return None
-        except BaseException:
-            os.close(fd)
-            raise
 
     def claim(self, retry_s: float = _CLAIM_RETRY_S) -> int:
         """Become this entry's owner: an fd whose exclusive flock lives as long as the owner does.
-        Liveness probes hold the lock shared for microseconds, so a refusal is retried briefly."""
-        self.ensure()
-        os.close(open_lock(self.dir / "attach.lock"))  # every lock file exists from the claim on
-        fd = open_lock(self.dir / "owner.lock")
-        deadline = time.monotonic() + retry_s
+        Liveness probes hold the lock shared for microseconds, so a refusal is retried briefly; a gc that
+        removed the emptied entry meanwhile only means making it again."""
+        deadline, removed = time.monotonic() + retry_s, 0
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
+                self.ensure()
+                os.close(open_lock(self.dir / "attach.lock"))  # every lock file exists from the claim on
+                return lock_current(self.dir / "owner.lock", fcntl.LOCK_EX, wait=False)
+            except EntryRemoved:
+                removed += 1
+                if removed < RELOCK_TRIES:
+                    continue
+                raise
             except BlockingIOError:
                 if time.monotonic() < deadline:
                     time.sleep(0.01)
                     continue
-            os.close(fd)
             raise EntryOwned(f"entry {self.key!r} in {self.root} is owned by another live instance"
                              f"{self._owner_hint()}.",
                              hint="Start this instance with a load role (role=decode) or cache mode auto "
                                   "to attach to it, or use another cache.key.") from None
+
+    def only_locks(self) -> bool:
+        """The directory holds its lock files and nothing else: what every entry leaves once gc removed the
+        rest, or an owner gave up before it wrote anything."""
+        try:
+            return set(os.listdir(self.dir)) <= set(LOCK_FILES)
+        except FileNotFoundError:
+            return False
+
+    def remove_emptied(self) -> bool:
+        """gc, holding the owner, attach and write locks: unlink the lock files and the directory when nothing
+        else is in it. A process that opened a lock file before finds it unlinked once it has the lock
+        (files.lock_current) and starts over on the path; one that made a new file meanwhile keeps the
+        directory (rmdir refuses). True when the directory went."""
+        if not self.only_locks():
+            return False
+        for name in LOCK_FILES:
+            (self.dir / name).unlink(missing_ok=True)
+        try:
+            os.rmdir(self.dir)
+        except FileNotFoundError:
+            return True
+        except OSError as e:
+            if e.errno == errno.ENOTEMPTY:
+                return False
+            raise StorageError.from_os(e, f"removing the emptied entry directory {self.dir}") from None
+        return True
 
     def check_publishable(self) -> None:
         """Owner, before loading anything: a manifest could be published here (a directory, link or special

@@ -3,7 +3,9 @@ owner or an attacher. The CLI prints what `sweep` decided; a dry run decides the
 and removes nothing.
 
 Removed: an entry whose owner is gone (dead, or from another boot), one whose manifest cannot be read, and
-the leftovers of an owner that never published. Never touched: an entry whose owner lives or that a new owner
+the leftovers of an owner that never published; with the last of an entry's files go its lock files and its
+directory (a process that opened a lock file before finds it unlinked once it holds the lock and takes it
+again at the path: files.lock_current), and so does a directory left holding nothing but lock files. Never touched: an entry whose owner lives or that a new owner
 is claiming (the owner lock), one that an instance is attached or attaching to (the attach lock, held from
 before an attacher re-reads the manifest until its mapping dies), and one whose directory or files are not
 what sharedcache made (a directory, link, FIFO or device where it keeps a file: reported, nothing of the entry
@@ -99,6 +101,8 @@ def _collect(entry: Entry, *, dry_run: bool) -> str | _Kept | None:
                 paths = _planned(entry)
                 foreign = _foreign(paths)  # a file swapped meanwhile: removed nothing yet
                 left = [foreign] if foreign else [problem for problem in map(_remove, paths) if problem]
+                if not left:
+                    entry.remove_emptied()
         finally:
             os.close(unused)
     return _Kept("; ".join(left)) if left else why
@@ -175,7 +179,9 @@ def _collectable(entry: Entry) -> str | None:
     if entry.claimed():
         return None  # a live owner, or one still loading
     if not entry.published():
-        return "files left by an owner that never published" if _leftovers(entry) else None
+        if _leftovers(entry):
+            return "files left by an owner that never published"
+        return "nothing but lock files left" if entry.only_locks() else None
     try:
         m = entry.read()
     except ManifestError as e:
@@ -207,11 +213,24 @@ def sweep_host_copies(cache: CacheDir, *, every: bool, dry_run: bool) -> Iterato
                 why = _host_copy_collectable(entry, every=every)  # again, now that no owner can write one
                 if why is not None and not dry_run:
                     discard(entry.dir)
+                    _remove_if_emptied(entry)
         except (SharedCacheError, OSError) as e:
             yield Verdict(entry.key, removed=False, why=f"host copy kept: {e}", listed=False)
             continue
         if why is not None:
             yield Verdict(entry.key, removed=True, why=f"host copy: {why}", listed=False)
+
+
+def _remove_if_emptied(entry: Entry) -> None:
+    """The entry directory, once its last file other than the locks went (the caller holds the claim)."""
+    unused = entry.lock_unused()
+    if unused is None:
+        return
+    try:
+        with entry.write_lock():
+            entry.remove_emptied()
+    finally:
+        os.close(unused)
 
 
 def _host_copy_collectable(entry: Entry, *, every: bool) -> str | None:

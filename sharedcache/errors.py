@@ -74,6 +74,11 @@ class NoManifest(ManifestError):
     exit_code = ExitCode.CONFIG
 
 
+class EntryRemoved(NoManifest):
+    """The entry's directory went while a lock file in it was being opened: gc removed an emptied entry. An
+    owner makes it again; an attacher goes on waiting for a manifest."""
+
+
 class ArenaError(SharedCacheError):
     """The arena's memory cannot be created, imported or mapped as the manifest says."""
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import EntryError, ReportUnwritable, StorageError
+from .errors import EntryError, EntryRemoved, ReportUnwritable, StorageError
 
 
 def check_private_dir(path: Path, what: str = "cache directory") -> bool:
@@ -89,10 +89,22 @@ def flock_within(fd: int, op: int, path: Path) -> None:
             time.sleep(0.01)
 
 
-def open_lock(path: Path) -> int:
-    """A lock file of ours, opened without following links; anything else is an EntryError or StorageError."""
+def open_lock(path: Path, *, create: bool = True) -> int:
+    """A lock file of ours, opened without following links; anything else is an EntryError or StorageError.
+    EntryRemoved when its directory is gone (gc removed the emptied entry meanwhile), FileNotFoundError when
+    only the file is missing and `create` is False."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        if not os.path.lexists(path.parent):
+            raise EntryRemoved(f"{path.parent} was removed while opening {path.name} in it (gc removed an "
+                               "entry that held only its lock files).",
+                               hint="Start the instance again: an owner makes the entry anew.") from None
+        if create:  # the directory came back between the two looks: as good as gone for this attempt
+            raise EntryRemoved(f"{path.parent} was replaced while opening {path.name} in it.",
+                               hint="Start the instance again.") from None
+        raise
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}[e.errno]
@@ -107,12 +119,49 @@ def open_lock(path: Path) -> int:
     return fd
 
 
+RELOCK_TRIES = 100  # each retry means a gc removed the file between our open and our lock: a few at most
+
+
+def lock_current(path: Path, op: int, *, wait: bool) -> int:
+    """An fd holding flock `op` on the lock file that is at `path` now (BlockingIOError if `wait` is False
+    and it is held). gc unlinks an emptied entry's lock files while it holds them, so a process that opened
+    one before gets its lock on a file no longer there: it opens the path again instead of trusting a lock
+    nobody else can see."""
+    for _ in range(RELOCK_TRIES):
+        fd = open_lock(path)
+        try:
+            if wait:
+                flock_within(fd, op, path)
+            else:
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
+            if _is_at(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise EntryError(f"{path} was removed {RELOCK_TRIES} times in a row while taking its lock.",
+                     hint="Another process keeps removing the entry (a gc in a loop?); stop it and start again.")
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """The file open as `fd` is still the one linked at `path`."""
+    st = os.fstat(fd)
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_nlink > 0 and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
 def lock_held(path: Path) -> bool:
     """Does some process hold the flock on the lock file `path` exclusively (False when there is no such file)?
-    A probe: it takes the lock shared for an instant, never waits."""
-    if not exists(path):
+    A probe: it takes the lock shared for an instant, never waits, and never creates the file (a probe must
+    not keep gc from removing an emptied entry)."""
+    try:
+        fd = open_lock(path, create=False)
+    except (FileNotFoundError, EntryRemoved):
         return False
-    fd = open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False

@@ -63,7 +63,7 @@ def test_operator_cli_version_bare_help_json_and_gc_dry_run(published, cache_dir
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)  # a pid that has exited: the copy's owner is gone
     entry_copy(published, cache_dir, lambda d: d["owner"].__setitem__("pid", dead))
-    (cache_dir / "empty").mkdir(mode=0o700)  # an entry directory with lock files only: not listed, not counted
+    (cache_dir / "empty").mkdir(mode=0o700)  # an entry directory with lock files only: not listed; gc removes it
     (cache_dir / "empty" / "owner.lock").touch(mode=0o600)
     out = cli("ls", "--json", "--dir", str(cache_dir)).stdout
     listed = [json.loads(line) for line in out.splitlines()]  # JSON Lines: one record per entry, a line each
@@ -75,10 +75,12 @@ def test_operator_cli_version_bare_help_json_and_gc_dry_run(published, cache_dir
 
     dry = cli("gc", "--dry-run", "--dir", str(cache_dir))
     assert dry.returncode == 0 and "would remove k: owner pid" in dry.stdout, dry.stdout + dry.stderr
-    assert "gc: 1 would remove, 0 kept (dry run: nothing was removed)" in dry.stdout
+    assert "would remove empty: nothing but lock files left" in dry.stdout
+    assert "gc: 2 would remove, 0 kept (dry run: nothing was removed)" in dry.stdout
     assert (cache_dir / "k" / "manifest.json").exists() and list((cache_dir / "k").glob("arena-*"))
     gc = cli("gc", "--dir", str(cache_dir))
-    assert "gc: 1 removed, 0 kept" in gc.stdout and not (cache_dir / "k" / "manifest.json").exists(), gc.stdout
+    assert "gc: 2 removed, 0 kept" in gc.stdout and not (cache_dir / "k" / "manifest.json").exists(), gc.stdout
+    assert not (cache_dir / "k").exists() and not (cache_dir / "empty").exists()  # lock files and directories too
 
 
 @pytest.mark.slow

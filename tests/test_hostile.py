@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,66 @@ def test_gc_keeps_an_entry_a_decode_is_attaching_to(published, cache_dir, models
     out = cli("gc", "--dir", str(cache_dir))
     assert "1 removed, 0 kept" in out.stdout, out.stdout
     assert not (cache_dir / "k" / "manifest.json").exists() and not list((cache_dir / "k").glob("arena-*"))
+
+
+def test_an_attacher_blocked_on_a_lock_gc_unlinks_takes_the_lock_again_where_it_is_now(cache_dir):
+    """gc removes an emptied entry's lock files and directory while it holds the locks. An attacher that opened
+    `attach.lock` before and waits for it must not end up holding a lock on the unlinked file (a later gc
+    could not see it): it takes the lock again on the file a new owner made at the same path."""
+    from sharedcache.ownership import Claim
+
+    entry = CacheDir(cache_dir).entry("k")
+    claim = Claim.take(entry, retry_s=0)  # what gc takes: the owner lock, then the attach and write locks
+    unused = entry.lock_unused()
+    code = f"""
+        import os
+        from sharedcache.cache import CacheDir
+        fd = CacheDir({str(cache_dir)!r}).entry("k").hold_for_attach()
+        st = os.fstat(fd)
+        print(st.st_ino, st.st_nlink, flush=True)
+    """
+    attacher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        lock = str(entry.dir / "attach.lock")
+        deadline = time.monotonic() + 60
+        while not _has_open(attacher.pid, lock):  # it opened the lock file and waits for the lock
+            assert attacher.poll() is None and time.monotonic() < deadline, attacher.communicate()
+            time.sleep(0.01)
+        with entry.write_lock():
+            assert entry.remove_emptied() and not entry.dir.exists()
+        os.close(unused)
+        claim.close()
+        new_owner = Claim.take(entry, retry_s=0)  # the key's next owner makes the entry anew
+        out, err = attacher.communicate(timeout=60)
+        assert attacher.returncode == 0, err
+        ino, nlink = map(int, out.split())
+        assert nlink == 1 and ino == os.stat(entry.dir / "attach.lock").st_ino, (out, entry.dir)
+        new_owner.close()
+    finally:
+        attacher.kill()
+
+
+def test_gc_removes_a_directory_left_with_nothing_but_lock_files_and_says_so(cache_dir):
+    """An owner that gave up before writing anything leaves its lock files: gc and its dry run both name it,
+    gc removes it, and the key can be owned again afterwards."""
+    from sharedcache.ownership import Claim
+
+    Claim.take(CacheDir(cache_dir).entry("gone"), retry_s=0).close()
+    assert sorted(p.name for p in (cache_dir / "gone").iterdir()) == ["attach.lock", "owner.lock"]
+    dry = cli("gc", "--dry-run", "--dir", str(cache_dir))
+    assert "would remove gone: nothing but lock files left" in dry.stdout and (cache_dir / "gone").exists(), dry
+    out = cli("gc", "--dir", str(cache_dir))
+    assert "removed gone: nothing but lock files left" in out.stdout and "gc: 1 removed, 0 kept" in out.stdout, out
+    assert not (cache_dir / "gone").exists()
+    Claim.take(CacheDir(cache_dir).entry("gone"), retry_s=0).close()
+
+
+def _has_open(pid: int, path: str) -> bool:
+    try:
+        return any(os.readlink(fd) == path for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_gc_keeps_an_entry_mapped_under_a_path_with_a_newline(published, tmp_path):
