@@ -1,5 +1,6 @@
 """Start one instance of a role:  sharedcache launch role=prefill | role=decode [overrides...]
-(in a checkout also `python launch.py ...`, the same launcher with the same overrides and run directories).
+(in a checkout also `python launch.py ...`, the same launcher with the same overrides; its runs go under
+./outputs instead of the state directory, conf/config.yaml `runs`).
 
 What it starts for a role is that role's declaration in conf/role/<name>.yaml (`launch.runs`, the
 `launch.engines` it starts with, `hold`, `generate`; checked by launch_checks.role_launch), never its name.
@@ -36,10 +37,18 @@ register_resolvers()
 
 
 
+INSTALLED_RUNS = "runs.root=${runs.installed}"  # conf/config.yaml: where an installed launcher's runs go
+
+
+def from_checkout() -> bool:
+    """Started as a checkout's launch.py (a script), not as the installed module."""
+    return getattr(sys.modules["__main__"], "__spec__", None) is None
+
+
 def invocation() -> list[str]:
     """How the user started this launcher, for the commands it prints: the console script (installed,
     `python -m sharedcache_integrations.launch`) or a checkout's launch.py."""
-    if getattr(sys.modules["__main__"], "__spec__", None) is None:
+    if from_checkout():
         return ["python", "launch.py"]
     import shutil
 
@@ -158,9 +167,10 @@ def _generate(cfg: dict[str, Any], model, tokenizer) -> dict[str, Any]:
 
 def attach_command(settings: CacheSettings) -> str:
     """The decode's command line: this run's own overrides (model, engine: what the fingerprint depends on)
-    with role=decode and the entry's cache.dir and cache.key, quoted for a shell."""
-    own = [o for o in HydraConfig.get().overrides.task
-           if not o.lstrip("+~").split("=", 1)[0].startswith(("role", "cache.dir", "cache.key"))]
+    with role=decode and the entry's cache.dir and cache.key, quoted for a shell; not where this run's
+    directory went (the decode's goes where its launcher puts runs)."""
+    own = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").split("=", 1)[0]
+           .startswith(("role", "cache.dir", "cache.key", "runs.", "hydra.run.", "hydra.sweep."))]  # runs: its own
     args = [*invocation(), "role=decode", *own, literal("cache.dir", settings.dir), f"cache.key={settings.key}"]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -254,6 +264,8 @@ PROGRESS = TerminalProgress() if sys.stderr.isatty() else log_progress
 def main() -> None:
     """The launcher. The command line's overrides are composed once first: what Hydra would refuse with its own
     multi-line error and exit 1 (a misspelt key or option) is one line naming the closest, exit 2."""
+    if not from_checkout():  # the installed launcher: runs under conf's runs.installed unless told otherwise
+        sys.argv.insert(1, INSTALLED_RUNS)
     refusal = launch_checks.override_refusal(sys.argv[1:], " ".join(invocation()))
     if refusal is not None:
         print(refusal, file=sys.stderr)

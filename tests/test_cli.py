@@ -92,13 +92,16 @@ def test_sharedcache_launch_is_the_launcher_from_any_directory(tmp_path, cache_d
     import subprocess
 
     script = shutil.which("sharedcache") or str(Path(sys.executable).parent / "sharedcache")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(tmp_path / "state")}
     run = lambda *a, **kw: subprocess.run([script, *a], cwd=tmp_path, capture_output=True, text=True,  # noqa: E731
                                           timeout=300, env=env, **kw)
     help_ = run("launch", "--help")
     assert help_.returncode == 0 and "sharedcache launch role=decode" in help_.stdout, help_.stderr
     bad = run("launch", "role=decode", "max_new_tokens=abc")
     assert bad.returncode == 2 and "max_new_tokens='abc' cannot work" in bad.stdout + bad.stderr
+    # an installed launcher's runs, refused ones too, go under the state directory, none into the current one
+    refused = json.loads(next((tmp_path / "state" / "sharedcache" / "runs").glob("*/*-decode/report.json")).read_text())
+    assert refused["ok"] is False and refused["exit_code"] == 2 and not (tmp_path / "outputs").exists()
     home = f"model.embedded.dir={models['tiny']}"
     prefill = subprocess.Popen([script, "launch", "role=prefill", "model=tiny", home, f"cache.dir={cache_dir}"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
