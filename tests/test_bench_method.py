@@ -502,7 +502,10 @@ def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tm
                               setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
                               window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6)
     fake = argparse.Namespace(port=stream_server.port, log=stream_server.log, name="decode", role="decode")
-    time.sleep(0.3)  # a few log lines before the load
+    deadline = time.monotonic() + 30
+    while len(stream_server.log.read_text().splitlines()) < 3:  # a few log lines before the load
+        assert time.monotonic() < deadline, "the stream server wrote no log lines"
+        time.sleep(0.02)
     cell = ss.measure(ss.cell_base(args, 4096, "sweep", "concurrency", 3, 0), fake, [fake], args)
     assert cell["id"] == "8b|0g|tiny|shared|4096|sweep|conc3|r0" and cell["duration_s"] >= 2.0
     assert cell["window_s"] == pytest.approx([0.3, 1.7]) and cell["output_tok_s"] > 100

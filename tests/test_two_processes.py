@@ -100,8 +100,10 @@ def test_decode_keeps_working_after_owner_sigkill(launcher, cache_dir, sc_home):
 @pytest.mark.slow
 def test_decode_started_before_prefill_waits_then_attaches(launcher):
     decode = launcher.start("decode", "cache.wait_timeout_s=240")
-    time.sleep(3)
-    assert decode.popen.poll() is None, decode.output()
+    deadline = time.monotonic() + 120
+    while "waiting for an owner to publish" not in decode.output():  # it waits before any prefill exists
+        assert decode.popen.poll() is None and time.monotonic() < deadline, decode.output()
+        time.sleep(0.05)
     prefill = launcher.start("prefill")
     assert decode.wait(300) == 0, decode.output()
     assert "waiting for an owner to publish" in decode.output()

@@ -272,7 +272,11 @@ def test_decodes_started_before_the_prefill_wait_for_it_to_settle_and_size_one_a
                                                         launcher.workdir / "decode-b-reports")]
     request.addfinalizer(lambda: decodes[1].stop(timeout=60))  # not the launcher's: stopped on a failure too
     sgl.ports["decode-b"] = ports["decode-b"]
-    time.sleep(5)
+    deadline = time.monotonic() + 300
+    while not all("waiting for an owner" in d.log.read_text(errors="replace").lower() for d in decodes):  # no owner yet
+        assert all(d.popen.poll() is None for d in decodes) and time.monotonic() < deadline, \
+            [d.output()[-2000:] for d in decodes]
+        time.sleep(0.2)
     # the prefill a plain SGLang command line too, keyed by its model directory as well
     prefill = PlainSGLang(models["default"], ports["prefill"], launcher.cache_dir, launcher.workdir / "prefill-reports",
                           role="prefill", name="prefill")
@@ -382,8 +386,10 @@ def test_ctrl_c_while_a_decode_server_waits_for_its_owner_stops_it_with_one_line
     assert "interrupted by SIGINT: the SGLang server was starting; stopped it" in out, out[-4000:]
     assert "Traceback" not in out.split("interrupted by")[-1], out[-4000:]
     assert decode.report()["error"] == "Interrupted" and decode.report()["exit_code"] == 130
-    time.sleep(1)
-    assert not [p for p in children if Path(f"/proc/{p}").exists()], "an SGLang process outlived the launcher"
+    deadline = time.monotonic() + 30  # the launcher waited for its server; its children may be reaped just after
+    while [p for p in children if Path(f"/proc/{p}").exists()]:
+        assert time.monotonic() < deadline, "an SGLang process outlived the launcher by 30 s"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("backend, says", [
