@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import hostcopy
 from .cache import TEMP_FILE, Entry
@@ -53,15 +53,26 @@ class Claim:
 
     def publish(self, manifest: Manifest) -> None:
         """Write `manifest` (atomically, under the entry's write lock), then remove what dead owners left."""
+        self.publish_over(lambda _standing: manifest)
+
+    def publish_over(self, change: Callable[[Manifest | None], Manifest]) -> Manifest:
+        """Publish what `change` makes of the manifest standing now (None: none, or unreadable), read under the
+        write lock: an adopter's, whose arena a surviving mapper may name itself the server of until then."""
         if self._fd is None:
             raise SharedCacheError(f"publishing entry {self.entry.key!r} after its claim was closed.")
         with self.entry.write_lock():
+            try:
+                standing = self.entry.read() if self.entry.published() else None
+            except ManifestError:
+                standing = None
+            manifest = change(standing)
             try:
                 write_manifest(self.entry.manifest_path, manifest)
             except OSError as e:  # the temp file is gone again; nothing was published
                 raise StorageError.from_os(e, f"writing manifest {self.entry.manifest_path}") from None
             self.manifest = manifest
             self._sweep(manifest)
+        return manifest
 
     def unpublish(self) -> None:
         """Remove our manifest if it still stands; attached instances keep their mappings."""

@@ -98,12 +98,16 @@ def serialize_adopt(s: RunState) -> None:
         _publish_refilled(s)
         return
     dead = p.manifest.owner.pid
-    current = p.entry.read()  # a surviving mapper may have taken over serving the arena since intercept read it
-    if not current.same_arena(p.manifest):
-        raise HandoverError(f"entry {s.settings.key!r} changed while it was being taken over.",
-                            hint="Start the prefill again.")
-    p.manifest = dataclasses.replace(current, owner=Owner.current(), created=time.time())
-    p.claim.publish(p.manifest)  # the same arena, layout and checksums (and its server), under this owner
+
+    def adopted(standing: Manifest | None) -> Manifest:
+        """The same arena, layout and checksums (and its server), under this owner; read under the write lock,
+        since a surviving mapper may name itself the arena's server until then."""
+        if standing is None or not standing.same_arena(p.manifest):
+            raise HandoverError(f"entry {s.settings.key!r} changed while it was being taken over.",
+                                hint="Start the prefill again.")
+        return dataclasses.replace(standing, owner=Owner.current(), created=time.time())
+
+    p.manifest = p.claim.publish_over(adopted)
     p.claim.arena = p.arena  # the owner's from now on: given back (its file removed) when this owner stops
     keep_host_copy(s, p)
     log.info("[%s] took over %s from its dead owner (pid %d): %d tensors, %d bytes, nothing loaded",
