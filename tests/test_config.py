@@ -154,6 +154,9 @@ def test_an_sglang_holder_with_nothing_published_and_an_hf_router_are_refused_wi
     holder = launcher.run("holder", "engine=sglang", f"model.path={models['tiny']}", "cache.wait_timeout_s=1")
     assert holder.popen.returncode == 3, holder.output()  # no sglang needed: the holder starts no server
     assert "waited 1s for entry 'tiny-tp0'" in holder.output() and "role=prefill" in holder.output()
+    staged = launcher.run("holder", "engine=sglang", f"model.path={models['tiny']}", "cache.wait_timeout_s=1",
+                          "+engine.extra_args.pp_size=2", name="holder-pp")  # keyed per stage, as the ranks are
+    assert staged.popen.returncode == 3 and "waited 1s for entry 'tiny-pp0-tp0'" in staged.output(), staged.output()
     router = launcher.run("router")
     assert router.popen.returncode == 2 and "role=router needs engine=sglang" in router.output()
 

@@ -21,8 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def rank_keys(cfg: dict[str, Any], settings: CacheSettings) -> list[str]:
-    """The entries an SGLang server of this config publishes: one per TP rank, as its ranks key them."""
-    return [rank_key(settings.key, tp_rank=r) for r in range(int(cfg["engine"]["tp_size"]))]
+    """The entries an SGLang server of this config publishes: one per rank, as its ranks key them (with the
+    pipeline stage in the key only when there are several, sglang.hooks)."""
+    engine = cfg["engine"]
+    tp, pp = int(engine["tp_size"]), int(engine["extra_args"].get("pp_size", 1))
+    return [rank_key(settings.key, tp_rank=r, pp_rank=p if pp > 1 else None) for p in range(pp) for r in range(tp)]
 
 
 def run_holder(cfg: dict[str, Any], settings: CacheSettings, out: Path) -> None:
