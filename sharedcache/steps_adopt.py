@@ -89,7 +89,7 @@ step("align", "adopt", reads=("settings", "expected", "parts.manifest", "parts.a
 step("verify", "adopt", reads=("settings", "parts.arena", "parts.manifest"))(verify_load)
 
 
-@step("serialize", "adopt", reads=("role", "settings", "source", "parts.entry", "parts.manifest", "parts.claim",
+@step("serialize", "adopt", reads=("role", "settings", "source", "parts.manifest", "parts.claim",
                                    "parts.arena"),
       provides=("parts.manifest",))
 def serialize_adopt(s: RunState) -> None:
