@@ -172,8 +172,8 @@ class Relay:
             if entry.published() or entry.claimed() or self._stop.is_set():
                 return False
             self._publish(entry, self._keep)
-        log.info("published arena %s of %s again after its owner (pid %d) unpublished it", self.arena, entry.key,
-                 self._keep.owner.pid)
+        log.info("published arena %s of %s again: its owner unpublished it and no new owner holds the key",
+                 self.arena, entry.key)  # _keep's owner may be an earlier one: the last owner adopted the arena
         return True
 
     def _publish(self, entry: Entry, manifest: Manifest) -> None:
