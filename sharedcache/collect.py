@@ -5,12 +5,14 @@ and removes nothing.
 Removed: an entry whose owner is gone (dead, or from another boot), one whose manifest cannot be read, and
 the leftovers of an owner that never published; with the last of an entry's files go its lock files and its
 directory (a process that opened a lock file before finds it unlinked once it holds the lock and takes it
-again at the path: files.lock_current), and so does a directory left holding nothing but lock files. Never touched: an entry whose owner lives or that a new owner
-is claiming (the owner lock), one that an instance is attached or attaching to (the attach lock, held from
-before an attacher re-reads the manifest until its mapping dies), and one whose directory or files are not
-what sharedcache made (a directory, link, FIFO or device where it keeps a file: reported, nothing of the entry
-removed, by gc and its dry run alike). The slow checks run first; the locks are then taken without waiting and the
-entry removed only if it did not change meanwhile.
+again at the path: files.lock_current), and so does a directory left holding nothing but lock files.
+
+Never touched: an entry whose owner lives or that a new owner is claiming (the owner lock), one that an
+instance is attached or attaching to (the attach lock, held from before an attacher re-reads the manifest
+until its mapping dies), and one whose directory or files are not what sharedcache made (a directory, link,
+FIFO or device where it keeps a file: reported, nothing of the entry removed, by gc and its dry run alike).
+The slow checks run first; the locks are then taken without waiting and the entry removed only if it did not
+change meanwhile.
 
 Host copies (sharedcache.hostcopy) are judged apart (`sweep_host_copies`): one that a later owner of the key
 can refill from stays, also when gc removes the stale entry it was copied from; an unfinished or unreadable
