@@ -47,6 +47,10 @@ SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton", "+engine.extra_ar
                 "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null")
 
 
+# what each test leaves in Servers.state for the tests after it
+PROVIDED_BY = {"prefill": "test_decode_started_before_its_prefill_attaches_once_it_settled",
+               "after": "test_decode_started_after_the_prefill_gets_the_same_kv_pool",
+               "holder": "test_an_sglang_holder_keeps_the_weights_while_every_engine_stops_and_starts_again"}
 
 
 class Servers:
@@ -72,6 +76,13 @@ class Servers:
 
     def server_info(self, name: str) -> dict:
         return sglang_request(self.ports[name], "/server_info", timeout=30)
+
+    def needs(self, *keys: str) -> None:
+        """The tests go on from the servers the ones before them started: selected without those, a test would
+        wait for servers nobody starts, so it skips naming them."""
+        missing = sorted({PROVIDED_BY[k] for k in keys if k not in self.state})
+        if missing:
+            pytest.skip(f"goes on from the servers of {', '.join(missing)}: select those too, or run the whole file")
 
 
 def process_gpu_mib() -> dict[int, int]:
@@ -132,6 +143,7 @@ def test_decode_started_before_its_prefill_attaches_once_it_settled(servers):
 
 
 def test_decode_started_after_the_prefill_gets_the_same_kv_pool(servers):
+    servers.needs("prefill")
     late = servers.start("decode", "decode-after")
     dec = late.wait_report(900)
     first = servers.state["first"]
@@ -142,6 +154,7 @@ def test_decode_started_after_the_prefill_gets_the_same_kv_pool(servers):
 
 
 def test_decode_of_another_dtype_is_refused_naming_the_field(servers):
+    servers.needs("prefill")
     other = servers.start("decode", "decode-fp16", "engine.dtype=float16", "engine.ready_timeout_s=300")
     assert other.wait(600) != 0
     out = other.output()
@@ -149,6 +162,7 @@ def test_decode_of_another_dtype_is_refused_naming_the_field(servers):
 
 
 def test_update_weights_from_disk_on_a_decode_is_refused(servers):
+    servers.needs("after")
     out = servers.post("decode-after", "/update_weights_from_disk", {"model_path": str(MODEL)})
     assert out.get("success") is False and "sharedcache" in out["message"] and "refused" in out["message"], out
     assert servers.tokens("decode-after") == servers.state["tokens"]  # still the same weights
@@ -158,6 +172,7 @@ def test_weights_checker_reset_is_refused_on_owner_and_decode(servers):
     """Issue 24, item 1: the checker's writing action is refused with SGLang's own failure reply on the owner
     (whose mapping is read-only once published: a write would kill its CUDA context) and on the decode; the
     checker's reading action still answers, and both servers keep generating the same tokens."""
+    servers.needs("prefill", "after")
     for name in ("prefill", "decode-after"):
         out = servers.post(name, "/weights_checker", {"action": "reset_tensors"})
         assert out.get("success") is False and "weights_checker 'reset_tensors' refused" in out["message"], out
@@ -169,6 +184,7 @@ def test_prefill_killed_and_restarted_takes_its_arena_over_while_the_decode_answ
     """Issue 23, items 1-2 on SGLang: every process of the prefill's server is SIGKILLed; the decode serves
     the arena's fds meanwhile, answers every request with the same tokens, and the restarted prefill takes
     the arena over (0 weight bytes, no second copy in GPU memory) and owns the entry again."""
+    servers.needs("prefill", "after")
     pre, old = servers.state["prefill"], servers.state["prefill_proc"]
     entry = CacheDir(servers.launcher.cache_dir).entry(rank_key(KEY, tp_rank=0))
     asking = Asking(lambda: servers.tokens("decode-after") == servers.state["tokens"])
@@ -208,6 +224,7 @@ def test_an_sglang_holder_keeps_the_weights_while_every_engine_stops_and_starts_
     """Issue 23, item 3 on a GPU: a holder (role=holder engine=sglang, no engine) maps the rank arena; the
     prefill stops (the decode answers on), then the decode; the holder publishes the arena again, and a prefill
     started afterwards takes it over: SGLang's start-up without its weight load, and still one copy in GPU memory."""
+    servers.needs("prefill", "after")
     entry = CacheDir(servers.launcher.cache_dir).entry(rank_key(KEY, tp_rank=0))
     holder = servers.launcher.start("holder", "engine=sglang", f"model.path={MODEL}", f"cache.key={KEY}",
                                     "cache.wait_timeout_s=120", name="holder")
@@ -238,6 +255,7 @@ def test_an_sglang_holder_keeps_the_weights_while_every_engine_stops_and_starts_
 
 
 def test_plain_server_generates_the_same_tokens(servers):
+    servers.needs("holder")
     t0 = time.monotonic()
     plain = servers.start("plain", "plain")
     report = plain.wait_report(900)
