@@ -173,6 +173,29 @@ def test_sglang_versions_outside_the_tested_range_are_named_in_one_line():
     assert "not installed" in unsupported_reason(None)
 
 
+@pytest.mark.parametrize("env, named", [
+    ({}, []),
+    ({"DUMPER_ENABLE": "1", "DUMPER_SERVER_PORT": "-1", "DUMPER_GRAFTER_ENABLE": "0"}, []),  # dumps only: reads
+    ({"DUMPER_SERVER_PORT": "reuse"}, ["DUMPER_SERVER_PORT=reuse"]),
+    ({"DUMPER_SERVER_PORT": " 40000 "}, ["DUMPER_SERVER_PORT=40000"]),
+    ({"DUMPER_GRAFTER_ENABLE": "True", "DUMPER_SOURCE_PATCHER_CONFIG": "/p.yaml"},
+     ["DUMPER_GRAFTER_ENABLE=True", "DUMPER_SOURCE_PATCHER_CONFIG=/p.yaml"]),
+])
+def test_a_sharing_sglang_server_refuses_a_dumper_that_can_write_tensors(env, named):
+    """SGLang's dumper is read from DUMPER_* as SGLang parses them; the settings that let it write into the model
+    (grafter, source patches, a control port that can switch them on) refuse a sharing server in one line."""
+    from sharedcache import ConfigError
+    from sharedcache_integrations.sglang import check_dumper
+
+    if not named:
+        check_dumper(env)
+        return
+    with pytest.raises(ConfigError) as refused:
+        check_dumper(env)
+    line = str(refused.value)
+    assert all(n in line for n in named) and "\n" not in line and "role=plain" in line, line
+
+
 def test_sglang_server_refuses_to_start_without_a_supported_sglang(launcher, models):
     """This environment has no sglang: launch.py says so in one line before starting anything."""
     import importlib.util

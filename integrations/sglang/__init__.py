@@ -135,6 +135,19 @@ def server_device(argv: list[str]) -> str | None:
     return None
 
 
+def check_dumper(environ: Mapping[str, str]) -> None:
+    """A sharing server must not start with SGLang's dumper able to write tensors: its grafter would copy into
+    the shared weights (a CUDA fault on read-only mappings, other tokens on every attached server)."""
+    from . import compat
+
+    writes = compat.dumper_writes(environ)
+    if writes:
+        raise ConfigError(f"SGLang's tensor dumper is set up to change tensors in place ({', '.join(writes)}); "
+                          "its grafter and source patches would write into the shared weights.",
+                          hint="Unset those variables on a server that shares its weights (DUMPER_ENABLE alone, "
+                               "which only writes dumps, is fine), or debug on a server started with role=plain.")
+
+
 def register() -> None:
     """SGLang's plugin entry point, run in every SGLang process that loads plugins.
 
@@ -158,6 +171,7 @@ def register() -> None:
         if config.role.mode is not Mode.OFF:
             try:
                 check_backend(config.settings.backend, server_device(sys.argv))
+                check_dumper(os.environ)
             except SharedCacheError as e:
                 raise SystemExit(str(e)) from e
         return  # it loads no model; the plugin hooks its scheduler processes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 SUPPORTED = ("0.5.17", "0.5.23")  # inclusive: oldest and newest release the plugin was run against
 
@@ -87,6 +87,28 @@ def refused_reply(op: str, message: str) -> Any:
     from sglang.srt.managers import io_struct
 
     return getattr(io_struct, _SCHEDULER_WRITES[op])(success=False, message=message)
+
+
+# SGLang's tensor dumper (sglang.srt.debug_utils.dumper, the same in 0.5.17 and 0.5.23) reads DUMPER_<FIELD>
+# variables. Dumping only reads, but its grafter copies tensors received from another run into the model's own
+# tensors in place, its source patcher rewrites model code, and a control port (its own, or SGLang's
+# /dumper/{method} route with "reuse") can switch either on while the server runs.
+_DUMPER_PORT, _DUMPER_GRAFTER, _DUMPER_PATCHES = "DUMPER_SERVER_PORT", "DUMPER_GRAFTER_ENABLE", \
+    "DUMPER_SOURCE_PATCHER_CONFIG"
+
+
+def dumper_writes(environ: Mapping[str, str]) -> list[str]:
+    """The DUMPER_* settings with which SGLang's dumper could change the model's tensors in place, as
+    `NAME=value`; none when it is off or only writes dumps. Read as the dumper parses them."""
+    found = []
+    port = environ.get(_DUMPER_PORT, "").strip()
+    if port and (port == "reuse" or not port.lstrip("-").isdigit() or int(port) > 0):
+        found.append(f"{_DUMPER_PORT}={port}")
+    if environ.get(_DUMPER_GRAFTER, "").strip().lower() in ("true", "1"):
+        found.append(f"{_DUMPER_GRAFTER}={environ[_DUMPER_GRAFTER].strip()}")
+    if environ.get(_DUMPER_PATCHES, "").strip():
+        found.append(f"{_DUMPER_PATCHES}={environ[_DUMPER_PATCHES].strip()[:200]}")
+    return found
 
 
 def weight_update_targets() -> dict[str, str]:

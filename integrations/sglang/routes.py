@@ -2,8 +2,9 @@
 
 A route that can is answered by a hook while the weights are shared (owner or attached): `WRITES` names the
 scheduler or weight-updater operation the hook sits on. Every other route is listed in `HARMLESS` with the reason
-it leaves the weights alone. tests/with_sglang walks the installed SGLang's routes and fails on any route in
-neither table, so a new SGLang's new endpoint is judged before the plugin claims to support it.
+it leaves the weights alone; a route that exists only under a setting a sharing server refuses at start is in
+`REFUSED_AT_START`. tests/with_sglang walks the installed SGLang's routes (conditional ones too) and fails on any
+route in none of them, so a new SGLang's new endpoint is judged before the plugin claims to support it.
 """
 from __future__ import annotations
 
@@ -69,8 +70,18 @@ HARMLESS: dict[str, str] = {
 }
 
 
+# routes that exist only under a setting with which a sharing server refuses to start
+REFUSED_AT_START: dict[str, str] = {
+    "/dumper/{method}": "only with DUMPER_SERVER_PORT=reuse: its configure can switch on the dumper's grafter, which "
+                        "copies tensors into the model in place; a sharing server refuses that variable at start "
+                        "(compat.dumper_writes)",
+}
+
+
 def judged(path: str) -> str | None:
     """How sharedcache treats `path` on a sharing server (None: not judged yet)."""
     if path in WRITES:
         return f"hooked: {WRITES[path]}"
+    if path in REFUSED_AT_START:
+        return f"refused at start: {REFUSED_AT_START[path]}"
     return HARMLESS.get(path)

@@ -415,22 +415,34 @@ def test_a_plain_sglang_command_with_a_backend_that_cannot_hold_its_weights_stop
     assert "Load weight begin" not in out and not cache_dir.exists(), out[-4000:]
 
 
+ROUTE_WALK = """
+import json
+from sglang.srt.entrypoints.http_server import app
+paths = set()
+for route in app.routes:
+    if hasattr(route, "path"):
+        paths.add(route.path)
+    else:  # a router FastAPI includes: its routes under the include's prefix
+        prefix = getattr(getattr(route, "include_context", None), "prefix", "") or ""
+        paths |= {prefix + sub.path for sub in route.original_router.routes}
+print(json.dumps(sorted(paths)))
+"""
+
+
 def test_every_route_of_the_installed_sglang_is_judged_for_weight_writes():
     """Issue 24, item 1: each HTTP route of this SGLang either has a hook that refuses (or keeps the weights out
     of) its in-place write on a sharing server, applied to an operation this SGLang has, or is listed as harmless
     with its reason (integrations/sglang/routes.py). A route in neither fails here, naming it."""
-    from sglang.srt.entrypoints.http_server import app
+    import sys
 
     from sharedcache_integrations.sglang import compat, routes
 
-    paths = set()
-    for route in app.routes:
-        if hasattr(route, "path"):
-            paths.add(route.path)
-        else:  # a router FastAPI includes: its routes under the include's prefix
-            prefix = getattr(getattr(route, "include_context", None), "prefix", "") or ""
-            paths |= {prefix + sub.path for sub in route.original_router.routes}
-    assert len(paths) > 50, sorted(paths)
+    # in a fresh process with the variable that adds SGLang's conditional /dumper/{method} route
+    res = subprocess.run([sys.executable, "-c", ROUTE_WALK], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DUMPER_SERVER_PORT": "reuse"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    paths = set(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert len(paths) > 50 and "/dumper/{method}" in paths, sorted(paths)
     unjudged = sorted(p for p in paths if routes.judged(p) is None)
     assert unjudged == [], f"judge these routes in integrations/sglang/routes.py: {unjudged}"
     hooked = {**compat.weight_update_targets(), **compat.scheduler_write_targets(),
@@ -438,3 +450,23 @@ def test_every_route_of_the_installed_sglang_is_judged_for_weight_writes():
     for path, ops in routes.WRITES.items():
         if path in paths:
             assert any(op in hooked for op in ops.split("|")), (path, ops, sorted(hooked))
+
+
+def test_a_sharing_sglang_server_with_the_dumpers_control_port_stops_at_once(models, tmp_path):
+    """SGLang's tensor dumper, with DUMPER_SERVER_PORT=reuse, adds /dumper/{method}, whose configure can switch on
+    its grafter: an in-place copy into the model's tensors. A sharing server refuses that variable before any
+    process loads, in one line naming it; the same server without it starts (the other tests)."""
+    import sys
+
+    from sharedcache_integrations.sglang import switches_env
+
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1", "DUMPER_SERVER_PORT": "reuse",
+           **switches_env("prefill", cache_dir=str(cache_dir))}
+    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(models["default"]), "--host",
+            "127.0.0.1", "--port", str(free_port()), "--device", "cpu", "--dtype", "float32"]
+    res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    says = "SGLang's tensor dumper is set up to change tensors in place (DUMPER_SERVER_PORT=reuse)"
+    assert res.returncode != 0 and says in out and "Traceback" not in out, out[-4000:]
+    assert "Load weight begin" not in out and not cache_dir.exists(), out[-4000:]
