@@ -196,6 +196,16 @@ def test_a_sharing_sglang_server_refuses_a_dumper_that_can_write_tensors(env, na
     assert all(n in line for n in named) and "\n" not in line and "role=plain" in line, line
 
 
+def test_launch_refuses_a_sharing_sglang_server_with_a_dumper_that_can_write_tensors(launcher, models):
+    """Through the launcher (engine.env, or its own environment) the dumper's settings are refused as the plugin
+    would, but before SGLang starts: one line, exit 2, sglang installed or not."""
+    proc = launcher.run("prefill", "engine=sglang", f"model.path={models['tiny']}",
+                        "+engine.env.DUMPER_GRAFTER_ENABLE=1")
+    out = proc.output()
+    assert proc.popen.returncode == 2 and "dumper is set up to change tensors in place (DUMPER_GRAFTER_ENABLE=1)" in out
+    assert "Traceback" not in out and "Load weight begin" not in out, out
+
+
 def test_sglang_server_refuses_to_start_without_a_supported_sglang(launcher, models):
     """This environment has no sglang: launch.py says so in one line before starting anything."""
     import importlib.util

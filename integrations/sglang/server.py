@@ -181,9 +181,11 @@ class Server:
 
     def __init__(self, plan: ServerPlan) -> None:
         self.plan = plan
-        if plan.report_dir is not None:  # the plugin would stop the server with the same line; say it first
+        if plan.report_dir is not None:  # the plugin would stop the server with the same lines; say them first
+            from . import check_dumper
             from .compat import SUPPORTED, installed_version, unsupported_reason
 
+            check_dumper({**os.environ, **plan.env})
             why = unsupported_reason(installed_version())
             if why is not None:
                 raise ConfigError(f"{why}.", hint=f"Install SGLang {SUPPORTED[0]} to {SUPPORTED[1]} into this "
