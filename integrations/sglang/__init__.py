@@ -136,14 +136,14 @@ def server_device(argv: list[str]) -> str | None:
 
 
 def check_dumper(environ: Mapping[str, str]) -> None:
-    """A sharing server must not start with SGLang's dumper able to write tensors: its grafter would copy into
+    """A sharing server must not start with SGLang's dumper able to write into the model: what it writes lands in
     the shared weights (a CUDA fault on read-only mappings, other tokens on every attached server)."""
     from . import compat
 
-    writes = compat.dumper_writes(environ)
-    if writes:
-        raise ConfigError(f"SGLang's tensor dumper is set up to change tensors in place ({', '.join(writes)}); "
-                          "its grafter and source patches would write into the shared weights.",
+    risks = compat.dumper_writes(environ)
+    if risks:
+        raise ConfigError("SGLang's tensor dumper could write into the shared weights on this server: "
+                          + "; ".join(f"{setting}: {why}" for setting, why in risks.items()) + ".",
                           hint="Unset those variables on a server that shares its weights (DUMPER_ENABLE alone, "
                                "which only writes dumps, is fine), or debug on a server started with role=plain.")
 

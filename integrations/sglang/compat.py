@@ -90,25 +90,36 @@ def refused_reply(op: str, message: str) -> Any:
 
 
 # SGLang's tensor dumper (sglang.srt.debug_utils.dumper, the same in 0.5.17 and 0.5.23) reads DUMPER_<FIELD>
-# variables. Dumping only reads, but its grafter copies tensors received from another run into the model's own
-# tensors in place, its source patcher rewrites model code, and a control port (its own, or SGLang's
-# /dumper/{method} route with "reuse") can switch either on while the server runs.
-_DUMPER_PORT, _DUMPER_GRAFTER, _DUMPER_PATCHES = "DUMPER_SERVER_PORT", "DUMPER_GRAFTER_ENABLE", \
-    "DUMPER_SOURCE_PATCHER_CONFIG"
+# variables at start. Dumping only reads; these settings can write into the model (each with why).
+_DUMPER_RISKS = {
+    "DUMPER_SERVER_PORT": "its control port (or /dumper/{method} with 'reuse') takes a filter that every scheduler "
+                          "evaluates as Python, so any client can run code beside the weights",
+    "DUMPER_GRAFTER_ENABLE": "its grafter copies tensors received from another run into the model's tensors",
+    "DUMPER_SOURCE_PATCHER_CONFIG": "its source patcher rewrites model code",
+}
 
 
-def dumper_writes(environ: Mapping[str, str]) -> list[str]:
-    """The DUMPER_* settings with which SGLang's dumper could change the model's tensors in place, as
-    `NAME=value`; none when it is off or only writes dumps. Read as the dumper parses them."""
-    found = []
-    port = environ.get(_DUMPER_PORT, "").strip()
-    if port and (port == "reuse" or not port.lstrip("-").isdigit() or int(port) > 0):
-        found.append(f"{_DUMPER_PORT}={port}")
-    if environ.get(_DUMPER_GRAFTER, "").strip().lower() in ("true", "1"):
-        found.append(f"{_DUMPER_GRAFTER}={environ[_DUMPER_GRAFTER].strip()}")
-    if environ.get(_DUMPER_PATCHES, "").strip():
-        found.append(f"{_DUMPER_PATCHES}={environ[_DUMPER_PATCHES].strip()[:200]}")
+def dumper_writes(environ: Mapping[str, str]) -> dict[str, str]:
+    """{`NAME=value`: why} for the DUMPER_* settings with which SGLang's dumper could write into the model; empty
+    when it is off or only writes dumps. Parsed as the dumper parses them (an unparsable port, which SGLang would
+    fail on, counts as set)."""
+    found = {}
+    for name, why in _DUMPER_RISKS.items():
+        raw = environ.get(name)
+        if raw is not None and raw.strip() and _dumper_setting_on(name, raw):
+            found[f"{name}={raw[:200]}"] = why
     return found
+
+
+def _dumper_setting_on(name: str, raw: str) -> bool:
+    if name == "DUMPER_GRAFTER_ENABLE":  # a bool field: SGLang takes these two, unstripped, as true
+        return raw.lower() in ("true", "1")
+    if name == "DUMPER_SERVER_PORT" and raw != "reuse":  # server_port_parsed: "reuse", or int(raw) > 0
+        try:
+            return int(raw) > 0
+        except ValueError:
+            return True
+    return True
 
 
 def weight_update_targets() -> dict[str, str]:

@@ -3,8 +3,8 @@
 A route that can is answered by a hook while the weights are shared (owner or attached): `WRITES` names the
 scheduler or weight-updater operation the hook sits on. Every other route is listed in `HARMLESS` with the reason
 it leaves the weights alone; a route that exists only under a setting a sharing server refuses at start is in
-`REFUSED_AT_START`. tests/with_sglang walks the installed SGLang's routes (conditional ones too) and fails on any
-route in none of them, so a new SGLang's new endpoint is judged before the plugin claims to support it.
+`REFUSED_AT_START`. tests/with_sglang walks the installed SGLang's routes (the dumper's conditional one too) and
+fails on any route in none of them, so a new SGLang's new endpoint is judged before the plugin claims to support it.
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ HARMLESS: dict[str, str] = {
 
 # routes that exist only under a setting with which a sharing server refuses to start
 REFUSED_AT_START: dict[str, str] = {
-    "/dumper/{method}": "only with DUMPER_SERVER_PORT=reuse: its configure can switch on the dumper's grafter, which "
-                        "copies tensors into the model in place; a sharing server refuses that variable at start "
-                        "(compat.dumper_writes)",
+    "/dumper/{method}": "only with DUMPER_SERVER_PORT=reuse: its configure takes a filter that every scheduler "
+                        "evaluates as Python (code beside the weights); a sharing server refuses that variable at "
+                        "start (compat.dumper_writes)",
 }
 
 

@@ -47,7 +47,8 @@ SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton", "+engine.extra_ar
                 "engine.disaggregation.mode.prefill=null", "engine.disaggregation.mode.decode=null")
 
 
-# what each test leaves in Servers.state for the tests after it
+# what each test leaves for the tests after it: its servers and reports in Servers.state (the holder test also stops
+# the sharing servers, freeing the GPU memory that the plain server needs)
 PROVIDED_BY = {"prefill": "test_decode_started_before_its_prefill_attaches_once_it_settled",
                "after": "test_decode_started_after_the_prefill_gets_the_same_kv_pool",
                "holder": "test_an_sglang_holder_keeps_the_weights_while_every_engine_stops_and_starts_again"}
@@ -82,7 +83,8 @@ class Servers:
         wait for servers nobody starts, so it skips naming them."""
         missing = sorted({PROVIDED_BY[k] for k in keys if k not in self.state})
         if missing:
-            pytest.skip(f"goes on from the servers of {', '.join(missing)}: select those too, or run the whole file")
+            pytest.skip(f"needs what {', '.join(missing)} leaves, and that did not run or did not finish: select it "
+                        "too, or run the whole file")
 
 
 def process_gpu_mib() -> dict[int, int]:

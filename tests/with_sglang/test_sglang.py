@@ -453,9 +453,9 @@ def test_every_route_of_the_installed_sglang_is_judged_for_weight_writes():
 
 
 def test_a_sharing_sglang_server_with_the_dumpers_control_port_stops_at_once(models, tmp_path):
-    """SGLang's tensor dumper, with DUMPER_SERVER_PORT=reuse, adds /dumper/{method}, whose configure can switch on
-    its grafter: an in-place copy into the model's tensors. A sharing server refuses that variable before any
-    process loads, in one line naming it; the same server without it starts (the other tests)."""
+    """SGLang's tensor dumper, with DUMPER_SERVER_PORT=reuse, adds /dumper/{method}, whose configure takes a filter
+    that every scheduler evaluates as Python: code beside the shared weights. A sharing server refuses that variable
+    before any process loads, in one line naming it; the same server without it starts (the other tests)."""
     import sys
 
     from sharedcache_integrations.sglang import switches_env
@@ -467,6 +467,6 @@ def test_a_sharing_sglang_server_with_the_dumpers_control_port_stops_at_once(mod
             "127.0.0.1", "--port", str(free_port()), "--device", "cpu", "--dtype", "float32"]
     res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
-    says = "SGLang's tensor dumper is set up to change tensors in place (DUMPER_SERVER_PORT=reuse)"
+    says = "SGLang's tensor dumper could write into the shared weights on this server: DUMPER_SERVER_PORT=reuse: "
     assert res.returncode != 0 and says in out and "Traceback" not in out, out[-4000:]
     assert "Load weight begin" not in out and not cache_dir.exists(), out[-4000:]
