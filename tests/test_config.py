@@ -206,7 +206,8 @@ def test_launch_refuses_a_sharing_sglang_server_with_a_dumper_that_can_write_ten
     proc = launcher.run("prefill", "engine=sglang", f"model.path={models['tiny']}",
                         "+engine.env.DUMPER_GRAFTER_ENABLE=1")
     out = proc.output()
-    assert proc.popen.returncode == 2 and "dumper could write into the shared weights on this server: DUMPER_GRAFTER_ENABLE=1: its grafter" in out
+    says = "dumper could write into the shared weights on this server: DUMPER_GRAFTER_ENABLE=1: its grafter"
+    assert proc.popen.returncode == 2 and says in out, out
     assert "Traceback" not in out and "Load weight begin" not in out, out
 
 

@@ -400,13 +400,19 @@ def test_a_plain_sglang_command_with_a_backend_that_cannot_hold_its_weights_stop
                                                                                          says):
     """Issue 24, item 2: `cache.backend=cuda_vmm` through SHAREDCACHE_OVERRIDES on a CPU server was accepted and
     ended minutes later in a long traceback. SGLang's launcher now stops with one line before any process loads."""
+    assert_stops_at_once(models, tmp_path / "cache", says, "decode", overrides=[f"cache.backend={backend}"])
+
+
+def assert_stops_at_once(models, cache_dir: Path, says: str, role: str, env: dict[str, str] | None = None,
+                         overrides: list[str] | None = None) -> None:
+    """A plain SGLang command switched on by SHAREDCACHE_ROLE (on the CPU engine) exits with the one line `says`,
+    no traceback, before any weight loads or the cache directory exists."""
     import sys
 
     from sharedcache_integrations.sglang import switches_env
 
-    cache_dir = tmp_path / "cache"
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1",
-           **switches_env("decode", cache_dir=str(cache_dir), overrides=[f"cache.backend={backend}"])}
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1", **(env or {}),
+           **switches_env(role, cache_dir=str(cache_dir), overrides=overrides)}
     argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(models["default"]), "--host",
             "127.0.0.1", "--port", str(free_port()), "--device", "cpu", "--dtype", "float32"]
     res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -456,17 +462,5 @@ def test_a_sharing_sglang_server_with_the_dumpers_control_port_stops_at_once(mod
     """SGLang's tensor dumper, with DUMPER_SERVER_PORT=reuse, adds /dumper/{method}, whose configure takes a filter
     that every scheduler evaluates as Python: code beside the shared weights. A sharing server refuses that variable
     before any process loads, in one line naming it; the same server without it starts (the other tests)."""
-    import sys
-
-    from sharedcache_integrations.sglang import switches_env
-
-    cache_dir = tmp_path / "cache"
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1", "DUMPER_SERVER_PORT": "reuse",
-           **switches_env("prefill", cache_dir=str(cache_dir))}
-    argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(models["default"]), "--host",
-            "127.0.0.1", "--port", str(free_port()), "--device", "cpu", "--dtype", "float32"]
-    res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    out = res.stdout + res.stderr
     says = "SGLang's tensor dumper could write into the shared weights on this server: DUMPER_SERVER_PORT=reuse: "
-    assert res.returncode != 0 and says in out and "Traceback" not in out, out[-4000:]
-    assert "Load weight begin" not in out and not cache_dir.exists(), out[-4000:]
+    assert_stops_at_once(models, tmp_path / "cache", says, "prefill", env={"DUMPER_SERVER_PORT": "reuse"})
