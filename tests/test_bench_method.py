@@ -204,6 +204,16 @@ def test_a_clean_comparison_gives_the_headline_numbers():
     assert "| 64 | 3 | 1523.0 |" in ss.render_markdown(res)
 
 
+def test_tuning_cells_alone_show_in_the_tables():
+    """A call that got only as far as tuning (the first call of a model) still reads in the markdown."""
+    cells = [synthetic_cell("shared", 64, 0, 1910.8, split=32768, phase="tune")]
+    res = ss.build_results({"cells": cells, "starts": [start("shared", 32768, 202631)], "environments": []})
+    text = ss.render_markdown(res)
+    assert "tuning at split 32768, decode pool 202631 tokens" in text and "| 64 | 1 | 1910.8 |" in text
+    assert "- 14b / 77 GiB free, shared at split 32768: " in text  # its start, though it holds no servers' numbers
+    assert res["throughput_ratio_14b_2k2k"] is None  # nothing swept: no headline
+
+
 def test_a_control_point_off_by_more_than_3_percent_voids_the_run():
     cells = sweep("shared", SHARED, control_shift=1.05) + sweep("unshared", UNSHARED)
     starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
