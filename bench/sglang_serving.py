@@ -1180,6 +1180,7 @@ class Call:
     known: dict
     part: dict = field(default_factory=lambda: {"environments": [], "starts": [], "cells": []})
     load_used: float = 0.0
+    start_s: float = 0.0  # the longest server start of this call so far: what the next one is expected to take
     t_start: float = field(default_factory=time.monotonic)
 
     def cells(self) -> list[dict]:
@@ -1340,8 +1341,11 @@ def run_split(call: Call, split) -> None:
     if cell is None:
         print(f"[bench] {a.setup} split {split}: nothing left to measure", flush=True)
         return
-    if why := call.no_room(_cell_seconds(a)):
-        print(f"[bench] {a.setup} split {split}: not started ({why})", flush=True)
+    # a start that leaves no room for one cell after it would spend the call's device time on nothing
+    expected = call.start_s or a.start_s
+    if why := call.no_room(_cell_seconds(a) + expected):
+        print(f"[bench] {a.setup} split {split}: not started ({why}, counting a start of {expected:.0f} s before "
+              "its first cell)", flush=True)
         return
     work = Path(a.out) / f"work-{a.tag}-{a.setup}"
     work.mkdir(parents=True, exist_ok=True)
@@ -1352,7 +1356,9 @@ def run_split(call: Call, split) -> None:
     servers: list[Server] = []
     try:
         try:
+            t0 = time.monotonic()
             reports = start_setup(a.setup, split, a, cache_dir, work, servers)
+            call.start_s = max(call.start_s, time.monotonic() - t0)
             start = record_start(call, split, servers, reports, None)
         except (RuntimeError, OSError, ValueError) as e:  # what the setup did instead is the result
             record_start(call, split, servers, [], f"{type(e).__name__}: {e}"[-4000:])
@@ -1497,6 +1503,9 @@ def _run_parser(sub) -> None:
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--budget-s", type=float, default=3600, help="load seconds this call may spend (not start-up)")
     r.add_argument("--wall-s", type=float, default=1e9, help="start no cell that would end after this many seconds")
+    r.add_argument("--start-s", type=float, default=120,
+                   help="seconds a setup's start is expected to take until one in this call was timed: no start "
+                        "without room for it and one cell")
     r.add_argument("--ready-timeout", type=float, default=900)
     r.add_argument("--bootstrap-port", type=int, default=0)
     r.add_argument("--commit", default=None)

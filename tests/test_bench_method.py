@@ -582,6 +582,12 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     assert g["goodput_req_s"] == 40.0 and not g["bracketed"]  # every rate passed, up to --rate-max
     call("--points", "2", "--repeats", "3", "--budget-s", "0.1", "--results", str(out / "gpu-serving-v2.json"))
     assert len(json.loads((out / "gpu-serving-v2.json").read_text())["cells"]) == len(final["cells"])
+    # a start with no room for a cell after it (120 s expected by default, 30 s kept for the files) is not made
+    call("--points", "2", "--repeats", "4", "--wall-s", "100", "--results", str(out / "gpu-serving-v2.json"))
+    assert len(json.loads((out / "gpu-serving-v2.json").read_text())["starts"]) == len(final["starts"])
+    call("--points", "2", "--repeats", "4", "--wall-s", "100", "--start-s", "5",
+         "--results", str(out / "gpu-serving-v2.json"))
+    assert len(json.loads((out / "gpu-serving-v2.json").read_text())["starts"]) == len(final["starts"]) + 1
 
 
 def test_pd_bound_reads_a_v2_results_file(tmp_path):
