@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sglang_serving import REPO, nvidia_smi  # bench/ is this script's directory
+from serving_servers import REPO, nvidia_smi  # bench/ is this script's directory
 
 PROBE = REPO / "tests" / "gpu" / "spread_probe.py"
 

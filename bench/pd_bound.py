@@ -40,7 +40,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_serving import batch_lines, group_name, mean_lengths  # noqa: E402  (one parser of SGLang's log lines)
+from serving_method import batch_lines, mean_lengths  # noqa: E402  (one parser of SGLang's log lines)
+from serving_results import group_name  # noqa: E402
 
 RESERVED_DECODE_TOKENS = 512  # SGLang's num_reserved_decode_tokens default
 

@@ -37,8 +37,8 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
-from sglang_serving import Server, _commit, environment, free_port, greedy_probe  # noqa: E402
-from helpers import Asking  # noqa: E402  (sglang_serving put tests/ on the path)
+from serving_servers import Server, environment, greedy_probe, head_commit  # noqa: E402
+from helpers import Asking, free_port  # noqa: E402  (serving_servers put tests/ on the path)
 
 FLAGS = ("+engine.extra_args.attention_backend=triton +engine.extra_args.sampling_backend=pytorch "
          "+engine.extra_args.grammar_backend=none +engine.extra_args.disable_radix_cache=true "
@@ -299,7 +299,7 @@ def main() -> None:
     a = ap.parse_args()
     args = SimpleNamespace(model=a.model, tag="recovery", key="bench-recovery", bootstrap_port=free_port(),
                            server_flags=FLAGS, graph_max_bs=16, restarts=a.restarts,
-                           hosted=("cache.host_copy=true",), commit=os.environ.get("COMMIT") or _commit(),
+                           hosted=("cache.host_copy=true",), commit=os.environ.get("COMMIT") or head_commit(),
                            ballast_info=None)
     a.out.mkdir(parents=True, exist_ok=True)
     args.out = a.out

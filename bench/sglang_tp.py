@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_serving import REPO, Server, nvidia_smi, process_gpu_mib, server_gpu_mib  # noqa: E402
+from serving_servers import REPO, Server, nvidia_smi, process_gpu_mib, server_gpu_mib  # noqa: E402
 
 from sharedcache_integrations.sglang.server import greedy_ids  # noqa: E402
 

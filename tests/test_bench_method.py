@@ -1,5 +1,5 @@
-"""The serving benchmark's method on the CPU (bench/sglang_serving.py, bench/pd_bound.py; issue 22): the
-statistics against known values, the steady window, the rules that void or refuse a comparison, the goodput
+"""The serving benchmark's method on the CPU (bench/sglang_serving.py and its serving_* modules, bench/pd_bound.py;
+issue 22): the statistics against known values, the steady window, the rules that void or refuse a comparison, the goodput
 search, SGLang's log lines as the committed runs wrote them, pd_bound's band on the committed one-batch and
 serving results, and the load generator against a small streaming server (a stand-in for SGLang's /generate,
 chunked server-sent events)."""
@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import pd_bound as pb  # noqa: E402
+import serving_load as sl  # noqa: E402
+import serving_method as sm  # noqa: E402
+import serving_results as sr  # noqa: E402
+import serving_servers as sv  # noqa: E402
 import sglang_serving as ss  # noqa: E402
 from helpers import free_port  # noqa: E402
 
@@ -48,38 +52,38 @@ def committed_log(archive: str, member_suffix: str) -> str:
 # ---------------------------------------------------------------- statistics
 
 def test_t_quantiles_match_the_table_and_interpolate_beyond_it():
-    assert ss.t975(1) == 12.706 and ss.t975(2) == 4.303 and ss.t975(30) == 2.042
-    assert abs(ss.t975(35) - 2.030) < 0.002  # exact: 2.0301
-    assert abs(ss.t975(1000) - 1.962) < 0.002  # exact: 1.9623
+    assert sm.t975(1) == 12.706 and sm.t975(2) == 4.303 and sm.t975(30) == 2.042
+    assert abs(sm.t975(35) - 2.030) < 0.002  # exact: 2.0301
+    assert abs(sm.t975(1000) - 1.962) < 0.002  # exact: 1.9623
     with pytest.raises(ValueError):
-        ss.t975(0)
+        sm.t975(0)
 
 
 def test_mean_ci_against_known_values():
-    m, hw = ss.mean_ci([1, 2, 3])
+    m, hw = sm.mean_ci([1, 2, 3])
     assert m == 2 and abs(hw - 4.303 / math.sqrt(3)) < 1e-9  # sd 1, n 3
-    m, hw = ss.mean_ci(range(1, 11))
+    m, hw = sm.mean_ci(range(1, 11))
     assert m == 5.5 and abs(hw - 2.262 * 3.0276503540974917 / math.sqrt(10)) < 1e-9
-    assert ss.mean_ci([4.0]) == (4.0, None) and ss.mean_ci([]) == (None, None)
-    r, hw = ss.ratio_ci(110, 11, 100, 10)
+    assert sm.mean_ci([4.0]) == (4.0, None) and sm.mean_ci([]) == (None, None)
+    r, hw = sm.ratio_ci(110, 11, 100, 10)
     assert r == pytest.approx(1.1) and hw == pytest.approx(1.1 * math.sqrt(0.02))
-    assert ss.percentile([1, 2, 3, 4], 50) == 2.5 and ss.percentile(range(101), 99) == 99
+    assert sm.percentile([1, 2, 3, 4], 50) == 2.5 and sm.percentile(range(101), 99) == 99
 
 
 # ---------------------------------------------------------------- the steady window
 
 def request(sent, chunk_times, tokens=None, end=None, error=None, out=None):
     tokens = tokens or list(range(1, len(chunk_times) + 1))
-    return ss.Request(0, 100, out or tokens[-1] if tokens else 0, sent, list(zip(chunk_times, tokens)), end, error)
+    return sm.Request(0, 100, out or tokens[-1] if tokens else 0, sent, list(zip(chunk_times, tokens)), end, error)
 
 
 def test_steady_window_excludes_the_first_and_last_share():
-    assert ss.steady_window(0, 100, 0.15) == pytest.approx((15, 85))
-    assert ss.steady_window(10, 20, 0) == (10, 20)
-    assert ss.load_seconds(120, 0.15) == pytest.approx(171.4286, rel=1e-4)
+    assert sm.steady_window(0, 100, 0.15) == pytest.approx((15, 85))
+    assert sm.steady_window(10, 20, 0) == (10, 20)
+    assert sm.load_seconds(120, 0.15) == pytest.approx(171.4286, rel=1e-4)
     for bad in ((0, 10, 0.5), (5, 5, 0.1), (0, 10, -0.1)):
         with pytest.raises(ValueError):
-            ss.steady_window(*bad)
+            sm.steady_window(*bad)
 
 
 def test_window_counts_only_tokens_that_arrived_inside_it():
@@ -87,8 +91,8 @@ def test_window_counts_only_tokens_that_arrived_inside_it():
     steady = request(10.0, [16, 20, 50, 84.9, 85])  # 4 inside, the last at hi is out
     batch = request(20.0, [30, 40], tokens=[5, 9])  # a chunk of 5 tokens, then one of 4
     reqs = [ramp, steady, batch]
-    assert ss.window_tokens(reqs, 15, 85) == 4 + 9
-    lat = ss.window_latencies(reqs, 15, 85)
+    assert sm.window_tokens(reqs, 15, 85) == 4 + 9
+    lat = sm.window_latencies(reqs, 15, 85)
     assert lat["ttft_ms_p50"] == 10000.0  # only the request sent at 20 s counts (TTFT 10 s)
     gaps = list(batch.gaps())
     assert gaps == [(40, 2.5, 4)]  # a chunk of 4 tokens after 10 s: 2.5 s each
@@ -103,53 +107,53 @@ def test_request_summary_and_slo_judgement():
     cut_late = request(80.0, []).summary()         # cut at 85 after 5 s without a token: a miss
     cut_running = request(30.0, [30.2, 30.25]).summary()  # cut while running, on time so far: met
     reqs = [fast, slow_first, jerky, failed, cut_early, cut_late, cut_running]
-    verdicts = [ss.judge(r, 85, 3.0, 0.1) for r in reqs]
+    verdicts = [sm.judge(r, 85, 3.0, 0.1) for r in reqs]
     assert verdicts == [True, False, False, False, None, False, True]
-    assert ss.attainment(reqs, 15, 85, 85, 3.0, 0.1) == (2, 6)
-    assert ss.attainment(reqs, 15, 85, 85, 3.0, 0.3) == (3, 6)  # a looser ITL SLO
+    assert sm.attainment(reqs, 15, 85, 85, 3.0, 0.1) == (2, 6)
+    assert sm.attainment(reqs, 15, 85, 85, 3.0, 0.3) == (3, 6)  # a looser ITL SLO
 
 
 def test_request_sequence_is_seeded_and_lengths_vary_in_range():
-    a = [s for _, s in zip(range(50), ss.request_specs(7, 2048, 512, 0.5, 128256))]
-    b = [s for _, s in zip(range(50), ss.request_specs(7, 2048, 512, 0.5, 128256))]
+    a = [s for _, s in zip(range(50), sm.request_specs(7, 2048, 512, 0.5, 128256))]
+    b = [s for _, s in zip(range(50), sm.request_specs(7, 2048, 512, 0.5, 128256))]
     assert [(len(x.input_ids), x.output_len, x.input_ids[:3]) for x in a] == \
         [(len(x.input_ids), x.output_len, x.input_ids[:3]) for x in b]
     assert all(1024 <= len(x.input_ids) <= 2048 and 256 <= x.output_len <= 512 for x in a)
     assert len({len(x.input_ids) for x in a}) > 40  # they vary
-    assert all(ss.LOW_ID <= t < 128256 for x in a for t in x.input_ids)
-    fixed = next(ss.request_specs(7, 100, 10, 1.0, 1000))
+    assert all(sm.LOW_ID <= t < 128256 for x in a for t in x.input_ids)
+    fixed = next(sm.request_specs(7, 100, 10, 1.0, 1000))
     assert (len(fixed.input_ids), fixed.output_len) == (100, 10)
-    assert ss.mean_lengths(2048, 2048, 0.5) == (1536, 1536)
+    assert sm.mean_lengths(2048, 2048, 0.5) == (1536, 1536)
 
 
 # ---------------------------------------------------------------- the rules
 
 def test_setups_that_differ_in_points_are_refused():
-    assert ss.check_same_points({"shared": [16, 32, 8], "unshared": [8, 16, 32]}) == [8, 16, 32]
-    with pytest.raises(ss.MethodError, match="differ in points.*shared: \\[16, 32\\]; unshared: \\[16\\]"):
-        ss.check_same_points({"shared": [16, 32], "unshared": [16]})
-    with pytest.raises(ss.MethodError):
-        ss.compare({16: {0: 700.0}, 32: {0: 760.0}}, {16: {0: 670.0}}, None)
+    assert sm.check_same_points({"shared": [16, 32, 8], "unshared": [8, 16, 32]}) == [8, 16, 32]
+    with pytest.raises(sm.MethodError, match="differ in points.*shared: \\[16, 32\\]; unshared: \\[16\\]"):
+        sm.check_same_points({"shared": [16, 32], "unshared": [16]})
+    with pytest.raises(sm.MethodError):
+        sr.compare({16: {0: 700.0}, 32: {0: 760.0}}, {16: {0: 670.0}}, None)
 
 
 def test_control_point_void_rule():
-    assert ss.control_verdict([1.0, 0.98, 1.029]) == (True, None)
-    ok, why = ss.control_verdict([1.01, 1.04, 0.99])
+    assert sm.control_verdict([1.0, 0.98, 1.029]) == (True, None)
+    ok, why = sm.control_verdict([1.01, 1.04, 0.99])
     assert not ok and "1.040" in why and "3%" in why
-    assert ss.control_verdict([])[0] is False
-    assert ss.control_verdict([0.96], tol=0.05) == (True, None)
+    assert sm.control_verdict([])[0] is False
+    assert sm.control_verdict([0.96], tol=0.05) == (True, None)
 
 
 def test_saturation_and_overlap_rules():
-    assert ss.saturation_verdict([8, 16, 32, 48], 17.4) == (True, None)
-    ok, why = ss.saturation_verdict([8, 16, 24], 17.4)
+    assert sm.saturation_verdict([8, 16, 32, 48], 17.4) == (True, None)
+    ok, why = sm.saturation_verdict([8, 16, 24], 17.4)
     assert not ok and "only 1 point" in why
-    assert ss.saturation_verdict([8, 16], None)[0] is False
+    assert sm.saturation_verdict([8, 16], None)[0] is False
     cell = lambda cid, setup, t0, host="a": {"id": cid, "setup": setup, "host": host, "t_start_epoch": t0,
                                             "duration_s": 100}
     cells = [cell("s1", "shared", 0), cell("u1", "unshared", 150), cell("u2", "unshared", 50, host="b"),
              cell("s2", "shared", 300), cell("u3", "unshared", 350)]
-    assert ss.overlapping_cells(cells) == [("s2", "u3")]
+    assert sm.overlapping_cells(cells) == [("s2", "u3")]
 
 
 def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft=0.5, itl99=0.03, t0=None,
@@ -158,8 +162,8 @@ def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft
                               setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0)
     load = "rate" if phase == "goodput" else "concurrency"
     c = ss.cell_base(args, split, phase, load, point, repeat)
-    duration = ss.load_seconds(window, 0.15)
-    lo, hi = ss.steady_window(0, duration, 0.15)
+    duration = sm.load_seconds(window, 0.15)
+    lo, hi = sm.steady_window(0, duration, 0.15)
     reqs = [[round(lo + k, 3), 2000, 2000, 2000, ttft, itl99, lo + k + 60, None] for k in range(20)]
     order = {"shared": 0, "unshared": 1, "colocated": 2}[setup]
     c.update({"t_start_epoch": t0 if t0 is not None else 1e6 + 10000 * order + 1000 * repeat + point,
@@ -190,25 +194,25 @@ def sweep(setup, values, repeats=3, control_shift=1.0, **kw):
 def test_a_clean_comparison_gives_the_headline_numbers():
     cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
     starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]  # 40000 / 3072: 13 requests
-    res = ss.build_results({"cells": cells, "starts": starts, "environments": [{"gpu_name": "NVIDIA H100 80GB HBM3"}]})
+    res = sr.build_results({"cells": cells, "starts": starts, "environments": [{"gpu_name": "NVIDIA H100 80GB HBM3"}]})
     tuned = res["groups"]["14b/77g/2k2k"]["comparisons"]["tuned"]
     assert tuned["void"] == [] and tuned["repeats"] == 3
     assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1520 / 770, rel=1e-3)
     assert tuned["saturated_point_a"] == 64 and tuned["saturated_point_b"] == 48
     assert len(res["control_ratios"]) == 3 and all(abs(r - 1) < 0.01 for r in res["control_ratios"])
     assert res["repeats"] == 3 and res["card"] == "NVIDIA H100 80GB HBM3" and res["void"] == {}
-    for key in ss.HEADLINE:
+    for key in sr.HEADLINE:
         assert key in res
     assert res["goodput_ratio_14b_2k2k"] is None and res["feasibility_24b_unshared"] is None  # not measured
     assert res["groups"]["14b/77g/2k2k"]["setups"]["shared"]["concurrency_at_slo"]["65536"] == 64
-    assert "| 64 | 3 | 1523.0 |" in ss.render_markdown(res)
+    assert "| 64 | 3 | 1523.0 |" in sr.render_markdown(res)
 
 
 def test_tuning_cells_alone_show_in_the_tables():
     """A call that got only as far as tuning (the first call of a model) still reads in the markdown."""
     cells = [synthetic_cell("shared", 64, 0, 1910.8, split=32768, phase="tune")]
-    res = ss.build_results({"cells": cells, "starts": [start("shared", 32768, 202631)], "environments": []})
-    text = ss.render_markdown(res)
+    res = sr.build_results({"cells": cells, "starts": [start("shared", 32768, 202631)], "environments": []})
+    text = sr.render_markdown(res)
     assert "tuning at split 32768, decode pool 202631 tokens" in text and "| 64 | 1 | 1910.8 |" in text
     assert "- 14b / 77 GiB free, shared at split 32768: " in text  # its start, though it holds no servers' numbers
     assert res["throughput_ratio_14b_2k2k"] is None  # nothing swept: no headline
@@ -217,7 +221,7 @@ def test_tuning_cells_alone_show_in_the_tables():
 def test_a_control_point_off_by_more_than_3_percent_voids_the_run():
     cells = sweep("shared", SHARED, control_shift=1.05) + sweep("unshared", UNSHARED)
     starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
-    res = ss.build_results({"cells": cells, "starts": starts, "environments": []})
+    res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
     assert res["throughput_ratio_14b_2k2k"] is None
     (reason,) = res["void"]["14b/77g/2k2k tuned"]
     assert "control point reads 1.05" in reason
@@ -226,12 +230,12 @@ def test_a_control_point_off_by_more_than_3_percent_voids_the_run():
 def test_unequal_sweeps_and_short_sweeps_are_refused_in_the_summary():
     shared = {p: v for p, v in SHARED.items()}
     unshared = {p: v for p, v in UNSHARED.items() if p != 64}
-    res = ss.build_results({"cells": sweep("shared", shared) + sweep("unshared", unshared),
+    res = sr.build_results({"cells": sweep("shared", shared) + sweep("unshared", unshared),
                             "starts": [start("unshared", 65536, 40000)], "environments": []})
     assert "differ in points" in res["void"]["14b/77g/2k2k tuned"][0]
     assert res["throughput_ratio_14b_2k2k"] is None
     # the same points, but the unshared pool holds 30 requests: only 48 and 64 are past it... then only 64
-    res = ss.build_results({"cells": sweep("shared", SHARED) + sweep("unshared", UNSHARED),
+    res = sr.build_results({"cells": sweep("shared", SHARED) + sweep("unshared", UNSHARED),
                             "starts": [start("unshared", 65536, 3072 * 50)], "environments": []})
     assert "not swept past saturation" in res["void"]["14b/77g/2k2k tuned"][0]
 
@@ -242,7 +246,7 @@ def test_tuned_and_fixed_splits_are_reported_apart():
              + [synthetic_cell("unshared", 64, 0, 700, split=65536, phase="tune"),
                 synthetic_cell("unshared", 64, 0, 840, split=32768, phase="tune")])
     starts = [start("unshared", 65536, 40000), start("unshared", 32768, 45000)]
-    res = ss.build_results({"cells": cells, "starts": starts, "environments": []})
+    res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
     g = res["groups"]["14b/77g/2k2k"]
     assert g["setups"]["unshared"]["tuned_split"] == 32768 and g["setups"]["unshared"]["tuned_by"] == "tune point"
     assert g["comparisons"]["tuned"]["splits"] == {"shared": 65536, "unshared": 32768}
@@ -253,7 +257,7 @@ def test_tuned_and_fixed_splits_are_reported_apart():
 
 def test_fewer_repeats_and_short_windows_are_listed_as_deviations():
     cells = sweep("shared", SHARED, repeats=2, window=60) + sweep("unshared", UNSHARED, repeats=2, window=60)
-    res = ss.build_results({"cells": cells, "starts": [start("unshared", 65536, 40000)], "environments": []})
+    res = sr.build_results({"cells": cells, "starts": [start("unshared", 65536, 40000)], "environments": []})
     dev = res["groups"]["14b/77g/2k2k"]["deviations"]
     assert any("window 60 s < 120 s" in d for d in dev) and any("fewer than 3 repeats" in d for d in dev)
     assert res["repeats"] == 2
@@ -263,7 +267,7 @@ def test_merging_parts_keeps_the_newer_of_a_cell_measured_twice():
     old = synthetic_cell("shared", 16, 0, 700.0, t0=100)
     new = synthetic_cell("shared", 16, 0, 720.0, t0=200)
     other = synthetic_cell("unshared", 16, 0, 690.0, t0=300)
-    merged = ss.merge_docs([{"cells": [new]}, {"cells": [old, other]}])
+    merged = sr.merge_docs([{"cells": [new]}, {"cells": [old, other]}])
     assert [c["output_tok_s"] for c in merged["cells"]] == [720.0, 690.0]
     assert merged["replaced"] == [{"id": old["id"], "t_start_epoch": 100, "output_tok_s": 700.0}]
     assert old["id"] == "14b|77g|2k2k|shared|65536|sweep|conc16|r0"
@@ -274,10 +278,10 @@ def test_feasibility_reports_what_the_unshared_setup_did():
              for p in (8, 16, 32, 48)]
     for c in cells:
         c.update(model="24b")
-        c["id"] = ss.cell_id(c)
+        c["id"] = sr.cell_id(c)
     failed = {**start("unshared", 65536, None), "model": "24b",
               "error": "RuntimeError: unshared-65536-decode did not come up:\n... CUDA out of memory ..."}
-    res = ss.build_results({"cells": cells, "starts": [failed, {**start("shared", 65536, 200000), "model": "24b"}],
+    res = sr.build_results({"cells": cells, "starts": [failed, {**start("shared", 65536, 200000), "model": "24b"}],
                             "environments": []})
     assert res["feasibility_24b_shared_concurrency_at_slo"] == 32
     assert res["feasibility_24b_unshared"].startswith("could not start: RuntimeError: unshared-65536-decode did not") \
@@ -300,54 +304,54 @@ def trial(rate: float, capacity: float, window=(15.0, 85.0)) -> list[list]:
 
 def test_goodput_search_converges_below_capacity():
     capacity, verdicts, tried = 2.0, {}, []
-    while (rate := ss.next_rate(verdicts, hi0=3.0, rel_tol=0.05)) is not None:
+    while (rate := sm.next_rate(verdicts, hi0=3.0, rel_tol=0.05)) is not None:
         tried.append(rate)
-        verdicts[rate] = ss.passes([ss.attainment(trial(rate, capacity), 15, 85, 85, 3.0, 0.06)])
+        verdicts[rate] = sm.passes([sm.attainment(trial(rate, capacity), 15, 85, 85, 3.0, 0.06)])
         assert len(tried) < 20
-    g = ss.goodput(verdicts)
+    g = sm.goodput(verdicts)
     assert tried[0] == 3.0 and not verdicts[3.0]
     assert 1.9 <= g <= 2.2 and not any(ok for r, ok in verdicts.items() if r > g + 1e-9)
 
 
 def test_goodput_grows_while_everything_passes_and_takes_the_pass_below_the_lowest_fail():
-    assert ss.next_rate({}, 2.0) == 2.0 and ss.next_rate({}, 2.0, max_rate=1.5) == 1.5
-    assert ss.next_rate({2.0: True}, 2.0) == 3.0
-    assert ss.next_rate({2.0: True, 3.0: True, 4.5: True, 6.75: True}, 2.0) == 8.0  # capped at 4 x hi0
-    assert ss.next_rate({8.0: True}, 2.0) is None
-    assert ss.goodput({1.0: True, 2.0: False, 3.0: True}) == 1.0  # a pass above a fail does not count
-    assert ss.goodput({1.0: False}) is None
-    assert ss.passes([(99, 100)]) and not ss.passes([(98, 100)]) and not ss.passes([(0, 0)])
-    assert ss.passes([(50, 50), (48, 50)], need=0.97) and not ss.passes([(50, 50), (48, 50)])
+    assert sm.next_rate({}, 2.0) == 2.0 and sm.next_rate({}, 2.0, max_rate=1.5) == 1.5
+    assert sm.next_rate({2.0: True}, 2.0) == 3.0
+    assert sm.next_rate({2.0: True, 3.0: True, 4.5: True, 6.75: True}, 2.0) == 8.0  # capped at 4 x hi0
+    assert sm.next_rate({8.0: True}, 2.0) is None
+    assert sm.goodput({1.0: True, 2.0: False, 3.0: True}) == 1.0  # a pass above a fail does not count
+    assert sm.goodput({1.0: False}) is None
+    assert sm.passes([(99, 100)]) and not sm.passes([(98, 100)]) and not sm.passes([(0, 0)])
+    assert sm.passes([(50, 50), (48, 50)], need=0.97) and not sm.passes([(50, 50), (48, 50)])
 
 
 # ---------------------------------------------------------------- SGLang's log lines
 
 def test_log_lines_parse_as_sglang_wrote_them():
-    d = ss.parse_batch_line(DECODE_LINE)
+    d = sm.parse_batch_line(DECODE_LINE)
     assert d["kind"] == "decode" and d["running_req"] == 3 and d["transfer_req"] == 13 and d["token"] == 123041
     assert d["token_usage"] == 0.46 and d["pre_allocated_usage"] == 0.37 and d["gen_throughput_token_s"] == 153.58
     assert d["cuda_graph"] is True and d["queue_req"] == 0
     assert d["t"] == time.mktime((2026, 11, 28, 18, 52, 50, 0, 0, -1))
-    p = ss.parse_batch_line(PREFILL_LINE)
+    p = sm.parse_batch_line(PREFILL_LINE)
     assert p["kind"] == "prefill" and p["inflight_req"] == 2 and p["queue_req"] == 27 and p["new_token"] == 8192
     assert p["input_throughput_token_s"] == 14700.47 and p["bootstrap_req"] == 0
-    c = ss.parse_batch_line(COLOCATED_LINE)
+    c = sm.parse_batch_line(COLOCATED_LINE)
     assert c["running_req"] == 1 and "transfer_req" not in c
-    assert ss.parse_batch_line("[2026-11-28 18:51:57] INFO:     127.0.0.1:51394 - \"GET /health HTTP/1.1\" 200") is None
-    assert ss.parse_batch_line("[2026-11-28 18:52:50 TP0] " + DECODE_LINE.split("] ", 1)[1])["running_req"] == 3
+    assert sm.parse_batch_line("[2026-11-28 18:51:57] INFO:     127.0.0.1:51394 - \"GET /health HTTP/1.1\" 200") is None
+    assert sm.parse_batch_line("[2026-11-28 18:52:50 TP0] " + DECODE_LINE.split("] ", 1)[1])["running_req"] == 3
 
 
 def test_batch_stats_of_a_committed_run_match_its_recorded_peaks():
-    decode = ss.batch_lines(committed_log("pd-nvlink-shared.tgz", "shared-2.log"))
-    prefill = ss.batch_lines(committed_log("pd-nvlink-shared.tgz", "shared-1.log"))
+    decode = sm.batch_lines(committed_log("pd-nvlink-shared.tgz", "shared-2.log"))
+    prefill = sm.batch_lines(committed_log("pd-nvlink-shared.tgz", "shared-1.log"))
     recorded = json.loads((RESULTS / "h200-sglang-serving-nvlink.json").read_text())["setups"]["shared"]["runs"]
     t0, t1 = min(x["t"] for x in decode), max(x["t"] for x in decode) + 1
-    st = ss.batch_stats(decode + prefill, t0, t1)
+    st = sm.batch_stats(decode + prefill, t0, t1)
     assert st["decode_running_max"] == max(r["server_log_peaks"]["shared-2"]["running"] for r in recorded) == 24
     assert st["decode_in_transfer_max"] == max(r["server_log_peaks"]["shared-2"]["in_transfer"] for r in recorded)
     assert st["decode_lines"] == sum(1 for x in decode if x["kind"] == "decode") and st["prefill_lines"] > 50
     assert 0 < st["decode_running_mean"] < 24 and st["prefill_inflight_max"] >= 1 and st["prefill_pool_use_max"] < 1
-    half = ss.batch_stats(decode, t0, (t0 + t1) / 2)
+    half = sm.batch_stats(decode, t0, (t0 + t1) / 2)
     assert 0 < half["decode_lines"] < st["decode_lines"]
 
 
@@ -480,28 +484,28 @@ def stream_server(tmp_path):
 
 
 def test_closed_loop_keeps_the_concurrency_and_cuts_at_the_end(stream_server):
-    specs = ss.request_specs(3, 200, 40, 0.5, 5000)
+    specs = sm.request_specs(3, 200, 40, 0.5, 5000)
     t0 = time.perf_counter()
-    reqs = asyncio.run(ss.closed_loop("127.0.0.1", stream_server.port, specs, 4, 1.0, t0))
+    reqs = asyncio.run(sl.closed_loop("127.0.0.1", stream_server.port, specs, 4, 1.0, t0))
     assert 1.0 <= time.perf_counter() - t0 < 1.5
     done = [r for r in reqs if r.end is not None]
     cut = [r for r in reqs if r.end is None]
     assert 1 <= len(cut) <= 4 and all(r.error is None for r in reqs)  # at most one running per client at the end
     assert all(r.chunks[-1][1] == r.output_len for r in done) and len(done) >= 8
     assert [r.chunks[i][1] for r in done[:1] for i in range(3)] == [1, 2, 3]  # the escaped text did not fool it
-    assert ss.window_tokens(reqs, 0.15, 0.85) > 0
+    assert sm.window_tokens(reqs, 0.15, 0.85) > 0
 
 
 def test_open_loop_arrivals_drain_and_errors(stream_server):
-    specs = ss.request_specs(5, 200, 20, 0.5, 5000)
+    specs = sm.request_specs(5, 200, 20, 0.5, 5000)
     t0 = time.perf_counter()
-    reqs, stopped = asyncio.run(ss.open_loop("127.0.0.1", stream_server.port, specs, 20.0, 1.0, t0, seed=1,
+    reqs, stopped = asyncio.run(sl.open_loop("127.0.0.1", stream_server.port, specs, 20.0, 1.0, t0, seed=1,
                                              drain_s=5, lo=0.15, ttft_slo=3.0, allowed_misses=5))
     assert not stopped and 8 <= len(reqs) <= 40 and all(r.end is not None and not r.error for r in reqs)
     gaps = [b.sent - a.sent for a, b in zip(reqs, reqs[1:])]
     assert max(gaps) > 2 * min(gaps)  # exponential, not even, spacing
-    long = ss.request_specs(5, 4000, 20, 1.0, 5000)  # over the server's limit: every request refused
-    reqs, stopped = asyncio.run(ss.open_loop("127.0.0.1", stream_server.port, long, 50.0, 1.0, time.perf_counter(),
+    long = sm.request_specs(5, 4000, 20, 1.0, 5000)  # over the server's limit: every request refused
+    reqs, stopped = asyncio.run(sl.open_loop("127.0.0.1", stream_server.port, long, 50.0, 1.0, time.perf_counter(),
                                              seed=1, drain_s=5, lo=0.0, ttft_slo=3.0, allowed_misses=2))
     assert stopped and 3 <= len(reqs) < 20 and all("HTTP 400" in r.error for r in reqs if r.error)
 
@@ -523,8 +527,8 @@ def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tm
     assert cell["ttft_ms_p99"] < 1000 and 3 <= cell["itl_ms_p50"] < 60
     stats = cell["server_stats"]["decode"]
     assert stats["decode_lines"] >= 5 and stats["decode_in_transfer_mean"] == 1 and stats["decode_running_max"] >= 1
-    assert len(cell["requests"][0]) == len(ss.REQUEST_FIELDS)
-    res = ss.build_results({"cells": [cell], "starts": [], "environments": []})
+    assert len(cell["requests"][0]) == len(sm.REQUEST_FIELDS)
+    res = sr.build_results({"cells": [cell], "starts": [], "environments": []})
     assert res["groups"]["8b/card/tiny"]["setups"]["shared"]["sweeps"]["4096"][0]["repeats"] == 1
 
 
@@ -594,7 +598,7 @@ def test_pd_bound_reads_a_v2_results_file(tmp_path):
     cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
     for c in cells:
         c["server_stats"] = {"decode": {"decode_in_transfer_mean": 2.0 if c["setup"] == "shared" else 1.0}}
-    res = ss.build_results({"cells": cells, "starts": [start("shared", 65536, 300000), start("unshared", 65536, 40000)],
+    res = sr.build_results({"cells": cells, "starts": [start("shared", 65536, 300000), start("unshared", 65536, 40000)],
                             "environments": []})
     path = tmp_path / "v2.json"
     path.write_text(json.dumps(res))
@@ -615,13 +619,13 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
     from sharedcache_integrations import launch_checks
     from sharedcache_integrations.sglang import server as sgl
 
-    args = argparse.Namespace(model=tmp_path, tag="14b", bootstrap_port=23456, server_flags=ss.SERVER_FLAGS,
+    args = argparse.Namespace(model=tmp_path, tag="14b", bootstrap_port=23456, server_flags=sv.SERVER_FLAGS,
                               graph_max_bs=128, prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.85,
                               transfer_backend="mooncake", mooncake_protocol="nvlink_intra")
     roles = ("plain",) if setup == "colocated" else ("prefill", "decode")
     argvs = {}
     for role in roles:
-        overrides = ss.launch_overrides(role, args, tmp_path / "cache", 21000, *ss.role_overrides(setup, role, 65536,
+        overrides = sv.launch_overrides(role, args, tmp_path / "cache", 21000, *sv.role_overrides(setup, role, 65536,
                                                                                                     args))
         cfg = compose(overrides)
         launch_checks.check(cfg, overrides)
@@ -639,7 +643,7 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
         return
     assert argvs["prefill"]["--max-total-tokens"] == "65536" and argvs["prefill"]["--mem-fraction-static"] == "0.9"
     assert "--max-total-tokens" not in argvs["decode"] and argvs["decode"]["--mem-fraction-static"] == "0.88"
-    router = ss.launch_overrides("router", args, tmp_path / "cache", 0, *ss.transfer_overrides(args),
+    router = sv.launch_overrides("router", args, tmp_path / "cache", 0, *sv.transfer_overrides(args),
                                  "engine.port.prefill=21001", "engine.port.decode=21002", "engine.router.port=21003")
     cfg = compose(router)
     launch_checks.check(cfg, router)
@@ -654,12 +658,12 @@ def test_the_committed_h100_recovery_results_are_what_their_logs_say(results, lo
     """bench/results/h100-recovery*.json: the cut run at ef53968 was rebuilt from its own logs
     (bench/sglang_recovery.py --from-logs), the complete run at 4b62b7a wrote its results itself; rebuilding
     either from its committed logs gives the same headline numbers."""
-    import sglang_recovery as sr
+    import sglang_recovery as rec
 
     committed = json.loads((RESULTS / results).read_text())
-    raw = {**sr.from_logs(sr.unpacked(RESULTS / "h100-recovery-logs" / logs)), "model": committed["model"]}
+    raw = {**rec.from_logs(rec.unpacked(RESULTS / "h100-recovery-logs" / logs)), "model": committed["model"]}
     env = committed["environment"]
-    again = sr.summarize(raw, {k: env[k] for k in ("gpu_name", "driver", "torch", "sglang", "transformers",
+    again = rec.summarize(raw, {k: env[k] for k in ("gpu_name", "driver", "torch", "sglang", "transformers",
                                                    "commit", "date")})
     for key in ("readopt_load_seconds", "readopt_weight_bytes", "decode_failed_requests_during_restart",
                 "host_refill_gbps", "safetensors_load_gbps", "card", "commit", "control_ratio"):

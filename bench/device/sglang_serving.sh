@@ -35,7 +35,7 @@ source bench/device/setup.sh || exit 1
 W=/tmp/serving-v2
 mkdir -p $W/out $W/old
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "${CUDA_VISIBLE_DEVICES:-0}" | head -1)
-card=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from sglang_serving import card_slug; \
+card=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from serving_results import card_slug; \
 print(card_slug(sys.argv[1]))" "$name") || exit 1
 earlier=$(ls $W/out/serving-v2-part-*.json 2>/dev/null)
 [ -n "$earlier" ] && mv $earlier $W/old/  # an earlier call's parts: known below, not this call's output

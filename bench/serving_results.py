@@ -1,0 +1,385 @@
+"""The serving benchmark's results (bench/sglang_serving.py): cells merged across calls, per model and
+workload each setup's sweeps, tuning and goodput, shared against unshared under the method's rules, the
+issue's headline keys, and the markdown tables."""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import Counter, defaultdict
+from typing import Iterable
+
+from serving_method import (SETUPS, MethodError, REQUEST_FIELDS, cell_attainment, check_same_points, control_verdict,
+                            goodput, mean_ci, mean_lengths, method_deviations, overlapping_cells, passes, ratio_ci,
+                            rounded, saturation_verdict)
+
+
+
+# ---------------------------------------------------------------- results: cells, merging, summaries
+
+def cell_id(c: dict) -> str:
+    split = c["split"] if c["split"] is not None else "-"
+    return (f"{c['model']}|{c['free_gib']:g}g|{c['workload']}|{c['setup']}|{split}|{c['phase']}|"
+            f"{c['load'][:4]}{c['point']:g}|r{c['repeat']}")
+
+
+def group_name(model: str, free_gib: float, workload: str) -> str:
+    return f"{model}/{round(free_gib)}g/{workload}" if free_gib else f"{model}/card/{workload}"
+
+
+def merge_docs(docs: Iterable[dict]) -> dict:
+    """Cells, server starts and environments of several runs in one: a cell measured again replaces the older
+    one (by start time), which is listed under `replaced`."""
+    cells: dict[str, dict] = {}
+    starts: dict[str, dict] = {}
+    envs: dict[str, dict] = {}
+    replaced = []
+    for doc in docs:
+        replaced += doc.get("replaced", [])
+        for s in doc.get("starts", []):
+            starts[s["id"]] = s
+        for e in doc.get("environments", []):
+            envs[json.dumps(e, sort_keys=True)] = e
+        for c in doc.get("cells", []):
+            old = cells.get(c["id"])
+            if old is not None and old["t_start_epoch"] != c["t_start_epoch"]:
+                newer, older = (c, old) if c["t_start_epoch"] > old["t_start_epoch"] else (old, c)
+                replaced.append({"id": older["id"], "t_start_epoch": older["t_start_epoch"],
+                                 "output_tok_s": older["output_tok_s"]})
+                c = newer
+            cells[c["id"]] = c
+    unique = {(r["id"], r["t_start_epoch"]): r for r in replaced}
+    return {"cells": sorted(cells.values(), key=lambda c: c["t_start_epoch"]),
+            "starts": sorted(starts.values(), key=lambda s: s["t_epoch"]),
+            "environments": list(envs.values()), "replaced": list(unique.values())}
+
+
+def by_point(cells: list[dict]) -> dict[float, dict[int, float]]:
+    """point -> repeat -> output tokens/s."""
+    out: dict[float, dict[int, float]] = defaultdict(dict)
+    for c in cells:
+        out[c["point"]][c["repeat"]] = c["output_tok_s"]
+    return dict(out)
+
+
+def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], control: float | None) -> dict:
+    """Setup a against setup b over the same points (else MethodError): the ratio at each point, the ratio of
+    their saturated throughputs (each one's highest mean over those points), the control point's ratio per repeat
+    (paired by repeat: the same request sequence)."""
+    points = check_same_points({"a": a, "b": b})
+    stats = {p: (mean_ci(a[p].values()), mean_ci(b[p].values())) for p in points}
+    per_point = {}
+    for p, ((ma, ha), (mb, hb)) in stats.items():
+        r, hw = ratio_ci(ma, ha, mb, hb)
+        per_point[p] = {"ratio": round(r, 4), "ci": rounded(hw, 4), "repeats": min(len(a[p]), len(b[p]))}
+    best_a = max(points, key=lambda p: stats[p][0][0])
+    best_b = max(points, key=lambda p: stats[p][1][0])
+    r, hw = ratio_ci(*stats[best_a][0], *stats[best_b][1])
+    out = {"points": points, "per_point": per_point, "saturated_ratio": round(r, 4), "saturated_ci": rounded(hw, 4),
+           "saturated_point_a": best_a, "saturated_point_b": best_b,
+           "repeats": min(pp["repeats"] for pp in per_point.values())}
+    if control is not None and control in a:
+        common = sorted(set(a[control]) & set(b[control]))
+        out["control_point"] = control
+        out["control_ratios"] = [round(a[control][k] / b[control][k], 4) for k in common]
+    return out
+
+
+def point_rows(cells: list[dict]) -> list[dict]:
+    """One row per point of a sweep: throughput mean and CI over repeats, latencies, SLO, server statistics."""
+    rows = []
+    for p in sorted({c["point"] for c in cells}):
+        cs = [c for c in cells if c["point"] == p]
+        m, hw = mean_ci(c["output_tok_s"] for c in cs)
+        row = {"point": p, "repeats": len(cs), "output_tok_s": rounded(m, 1), "ci": rounded(hw, 1),
+               "slo_met": passes(cell_attainment(c) for c in cs)}
+        for k in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"):
+            row[k] = rounded(statistics.fmean(c[k] for c in cs if c.get(k) is not None), 1) \
+                if any(c.get(k) is not None for c in cs) else None
+        for role in sorted({r for c in cs for r in c.get("server_stats", {})}):
+            merged: dict[str, list] = defaultdict(list)
+            for c in cs:
+                for k, v in c["server_stats"].get(role, {}).items():
+                    merged[k].append(v)
+            row[role] = {k: rounded(statistics.fmean(v), 3) for k, v in merged.items()}
+        rows.append(row)
+    return rows
+
+
+def tuned_split(cells: list[dict]) -> tuple[object, str] | tuple[None, None]:
+    """A setup's best prefill pool: the highest mean at the tune point, or (no tune cells) the highest saturated
+    sweep throughput; with how it was chosen."""
+    tune = defaultdict(list)
+    for c in cells:
+        if c["phase"] == "tune":
+            tune[c["split"]].append(c["output_tok_s"])
+    if tune:
+        return max(tune, key=lambda s: statistics.fmean(tune[s])), "tune point"
+    sweeps = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        if c["phase"] == "sweep":
+            sweeps[c["split"]][c["point"]].append(c["output_tok_s"])
+    if not sweeps:
+        return None, None
+    best = {s: max(statistics.fmean(v) for v in pts.values()) for s, pts in sweeps.items()}
+    return max(best, key=best.get), "saturated sweep"
+
+
+def setup_goodput(cells: list[dict]) -> dict:
+    """Per split: each tried rate's verdict (pooled over repeats), the goodput, and whether a failing rate
+    brackets it."""
+    out = {}
+    for split in {c["split"] for c in cells}:
+        rates = defaultdict(list)
+        for c in cells:
+            if c["split"] == split:
+                rates[c["point"]].append(cell_attainment(c))
+        verdicts = {r: passes(v) for r, v in rates.items()}
+        out[split] = {"verdicts": {f"{r:g}": v for r, v in sorted(verdicts.items())},
+                      "goodput_req_s": goodput(verdicts), "bracketed": not all(verdicts.values())}
+    return out
+
+
+def concurrency_at_slo(cells: list[dict]) -> float | None:
+    """The highest concurrency at which this point and every lower one met the SLO (pooled over repeats)."""
+    best = None
+    for p in sorted({c["point"] for c in cells}):
+        if not passes(cell_attainment(c) for c in cells if c["point"] == p):
+            break
+        best = p
+    return best
+
+
+def _select(cells: list[dict], setup: str, phase: str, split=...) -> list[dict]:
+    return [c for c in cells if c["setup"] == setup and c["phase"] == phase and (split is ... or c["split"] == split)]
+
+
+def _pool_limit(starts: list[dict], setup: str, split, per_request: float) -> float | None:
+    pools = [s["decode_pool_tokens"] for s in starts if s["setup"] == setup and s["split"] == split
+             and s.get("decode_pool_tokens")]
+    return pools[-1] / per_request if pools else None
+
+
+def _judge_pair(cells: list[dict], starts: list[dict], ss, us, control, tol: float) -> dict:
+    """The shared sweep at split ss against the unshared one at us, with the rules that can void it."""
+    a = by_point(_select(cells, "shared", "sweep", ss))
+    b = by_point(_select(cells, "unshared", "sweep", us))
+    if not a or not b:
+        return {"missing": f"sweep of {'shared' if not a else 'unshared'} at split {ss if not a else us}"}
+    try:
+        cmp = compare(a, b, control)
+    except MethodError as e:
+        return {"void": [str(e)]}
+    void = []
+    ok, why = control_verdict(cmp.get("control_ratios", []), tol)
+    if not ok:
+        void.append(why)
+    first = cells[0]
+    limit = _pool_limit(starts, "unshared", us, sum(mean_lengths(first["input_len"], first["output_len"],
+                                                                 first["range_ratio"])))
+    ok, why = saturation_verdict(cmp["points"], limit)
+    if not ok:
+        void.append(why)
+    both = _select(cells, "shared", "sweep", ss) + _select(cells, "unshared", "sweep", us)
+    clash = overlapping_cells(both)
+    if clash:
+        void.append(f"setups measured at the same time on one host: {clash[:3]}")
+    return {**cmp, "splits": {"shared": ss, "unshared": us}, "unshared_pool_limit_requests": rounded(limit, 1),
+            "void": void}
+
+
+def _goodput_at(setup_summary: dict):
+    g = setup_summary.get("goodput", {})
+    pick = str(setup_summary.get("tuned_split"))
+    if pick in g:
+        return g[pick]["goodput_req_s"], pick
+    found = [(v["goodput_req_s"], s) for s, v in g.items() if v["goodput_req_s"] is not None]
+    return max(found) if found else (None, None)
+
+
+def _setup_summary(cells: list[dict], starts: list[dict], setup: str) -> dict:
+    cs = [c for c in cells if c["setup"] == setup]
+    split, how = tuned_split(cs)
+    splits = sorted({c["split"] for c in cs}, key=str)
+    return {"tuned_split": split, "tuned_by": how,
+            "sweeps": {str(s): point_rows(_select(cs, setup, "sweep", s)) for s in splits
+                       if _select(cs, setup, "sweep", s)},
+            "tune": {str(s): point_rows(_select(cs, setup, "tune", s)) for s in splits
+                     if _select(cs, setup, "tune", s)},
+            "goodput": {str(k): v for k, v in setup_goodput(_select(cs, setup, "goodput")).items()},
+            "concurrency_at_slo": {str(s): concurrency_at_slo(_select(cs, setup, "sweep", s)) for s in splits
+                                   if _select(cs, setup, "sweep", s)},
+            "decode_pool_tokens": {str(s["split"]): s.get("decode_pool_tokens") for s in starts
+                                   if s["setup"] == setup},
+            "start_errors": [s["error"] for s in starts if s["setup"] == setup and s.get("error")]}
+
+
+def _unshared_outcome(summary: dict | None) -> str | None:
+    if summary is None:
+        return None
+    if summary["start_errors"] and not summary["sweeps"]:
+        error = summary["start_errors"][-1]
+        head = error.splitlines()[0] if error else ""
+        return f"could not start: {head}" + (f" ... {error[-500:]}" if len(error) > len(head) else "")
+    split = str(summary["tuned_split"])
+    rows = summary["sweeps"].get(split)
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["output_tok_s"])
+    return (f"served at split {split}: highest concurrency within the SLO "
+            f"{summary['concurrency_at_slo'].get(split)}, saturated {best['output_tok_s']} tok/s at {best['point']:g}")
+
+
+def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, tol: float = 0.03) -> dict:
+    """Everything one (model, free memory, workload) shows: per setup its sweeps, tuning and goodput; shared
+    against unshared at their tuned splits and at every split both swept (labelled fixed); the colocated
+    baseline; feasibility; what voids the comparison and what departs from the method."""
+    setups = {s: _setup_summary(cells, starts, s) for s in SETUPS
+              if any(c["setup"] == s for c in cells) or any(x["setup"] == s for x in starts)}
+    control = next((c["control_point"] for c in cells if c.get("control_point") is not None), None)
+    comparisons = {}
+    sh, un = setups.get("shared"), setups.get("unshared")
+    if sh and un and sh["tuned_split"] is not None and un["tuned_split"] is not None:
+        comparisons["tuned"] = _judge_pair(cells, starts, sh["tuned_split"], un["tuned_split"], control, tol)
+        comparisons["tuned"]["same_split"] = sh["tuned_split"] == un["tuned_split"]
+        for split in sorted(set(sh["sweeps"]) & set(un["sweeps"])):
+            raw = next(c["split"] for c in cells if str(c["split"]) == split)
+            if raw != sh["tuned_split"] or raw != un["tuned_split"]:  # else it is the tuned pair itself
+                comparisons[f"fixed split {split}"] = _judge_pair(cells, starts, raw, raw, control, tol)
+    tuned = comparisons.get("tuned", {})
+    g_sh, g_un = _goodput_at(sh or {}), _goodput_at(un or {})
+    clean = "saturated_ratio" in tuned and not tuned["void"]
+    at_slo = (sh or {}).get("concurrency_at_slo", {})
+    headline = {"throughput_ratio": tuned["saturated_ratio"] if clean else None,
+                "goodput_ratio": round(g_sh[0] / g_un[0], 4) if g_sh[0] and g_un[0] else None,
+                "goodput_splits": {"shared": g_sh[1], "unshared": g_un[1]},
+                "shared_concurrency_at_slo": at_slo.get(str(sh["tuned_split"])) if sh else None,
+                "unshared_outcome": _unshared_outcome(un)}
+    deviations = sorted({d for c in cells for d in method_deviations(c)})
+    counts = Counter((c["setup"], str(c["split"]), c["point"]) for c in cells if c["phase"] == "sweep")
+    short = [f"{s} split {sp} point {p:g}" for (s, sp, p), n in sorted(counts.items()) if n < need_repeats]
+    if short:
+        deviations.append(f"fewer than {need_repeats} repeats: {', '.join(short)}")
+    colocated = setups.get("colocated")
+    if colocated and colocated["sweeps"]:
+        rows = colocated["sweeps"][str(colocated["tuned_split"])]
+        headline["colocated_saturated_tok_s"] = max(r["output_tok_s"] for r in rows)
+        headline["colocated_goodput_req_s"] = _goodput_at(colocated)[0]
+    return {"setups": setups, "comparisons": comparisons, "headline": headline, "deviations": deviations}
+
+
+# the issue's top-level keys: (model tag, GiB free, workload, what of that group's headline)
+HEADLINE = {"throughput_ratio_14b_2k2k": ("14b", 77, "2k2k", "throughput_ratio"),
+            "goodput_ratio_14b_2k2k": ("14b", 77, "2k2k", "goodput_ratio"),
+            "throughput_ratio_8b_44g_2k2k": ("8b", 44, "2k2k", "throughput_ratio"),
+            "feasibility_24b_shared_concurrency_at_slo": ("24b", 77, "2k2k", "shared_concurrency_at_slo"),
+            "feasibility_24b_unshared": ("24b", 77, "2k2k", "unshared_outcome")}
+
+
+def card_slug(gpu_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': the results file's prefix."""
+    m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", gpu_name or "")
+    return m.group(1).lower() if m else "gpu"
+
+
+def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
+    """The results file: the issue's top-level keys (null where not measured, or void: `void` says why), every
+    group's summary, and the merged cells and starts they come from."""
+    doc = merge_docs([doc])
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in doc["cells"]:
+        groups[(c["model"], round(c["free_gib"]), c["workload"])].append(c)
+    for s in doc["starts"]:  # a setup that could not start has no cells, but its group exists
+        for w in s.get("workloads", []):
+            groups.setdefault((s["model"], round(s["free_gib"]), w), [])
+    summaries = {}
+    for (model, free, workload), cs in sorted(groups.items()):
+        st = [s for s in doc["starts"] if (s["model"], round(s["free_gib"])) == (model, free)]
+        summaries[group_name(model, free, workload)] = group_summary(cs, st, need_repeats, tol) if cs else \
+            {"setups": {}, "comparisons": {}, "deviations": [],
+             "headline": {"unshared_outcome": _unshared_outcome(_setup_summary([], st, "unshared"))}}
+    out: dict = {"schema": "serving-v2"}
+    void, labels, ratios, repeats = {}, [], [], []
+    for key, (model, free, workload, what) in HEADLINE.items():
+        g = summaries.get(group_name(model, free, workload), {})
+        out[key] = g.get("headline", {}).get(what)
+    for g, summary in summaries.items():
+        for label, cmp in summary["comparisons"].items():
+            if cmp.get("void"):
+                void[f"{g} {label}"] = cmp["void"]
+            for k, r in enumerate(cmp.get("control_ratios", [])):
+                ratios.append(r)
+                labels.append(f"{g} {label} repeat {k}")
+            if label == "tuned" and "repeats" in cmp:
+                repeats.append(cmp["repeats"])
+    gpus = sorted({e.get("gpu_name") for e in doc["environments"] if e.get("gpu_name")})
+    commits = sorted({c.get("commit") for c in doc["cells"] if c.get("commit")})
+    out.update({"control_ratios": ratios, "control_ratio_labels": labels, "repeats": min(repeats) if repeats else 0,
+                "card": ", ".join(gpus) or None, "commit": ", ".join(commits) or None, "void": void,
+                "groups": summaries, "request_fields": list(REQUEST_FIELDS), **doc})
+    return out
+
+
+def render_markdown(results: dict) -> str:
+    """The tables of a results file: per group and setup, each split's sweep; the comparisons; the headline."""
+    lines = ["# Serving v2: tables (generated by `bench/sglang_serving.py report`)", ""]
+    lines += [f"- `{k}`: {results.get(k)}" for k in (*HEADLINE, "repeats", "card", "commit")]
+    lines += [f"- void: {g}: {'; '.join(v)}" for g, v in results.get("void", {}).items()]
+    lines += ["", "Machines:", ""] + [f"- {_environment(e)}" for e in results.get("environments", [])]
+    lines += ["", "Server starts (where the GPU memory goes):", ""]
+    lines += [_start_line(s) for s in results.get("starts", [])]
+    for g, summary in results.get("groups", {}).items():
+        lines += ["", f"## {g}", "", f"headline: `{json.dumps(summary['headline'])}`", ""]
+        lines += [f"- deviation: {d}" for d in summary["deviations"]]
+        for setup, s in summary["setups"].items():
+            lines += ["", f"### {setup} (tuned split {s['tuned_split']}, by {s['tuned_by']})", ""]
+            for phase in ("tune", "sweeps"):
+                for split, rows in s[phase].items():
+                    lines += [f"{'tuning' if phase == 'tune' else 'sweep'} at split {split}, decode pool "
+                              f"{s['decode_pool_tokens'].get(split)} tokens:", "", *_TABLE_HEAD]
+                    lines += [_row(r) for r in rows] + [""]
+            for split, g_ in s["goodput"].items():
+                lines.append(f"goodput at split {split}: {g_['goodput_req_s']} req/s "
+                             f"({'bracketed' if g_['bracketed'] else 'not bracketed'}); rates {g_['verdicts']}")
+        for label, cmp in summary["comparisons"].items():
+            lines += ["", f"**shared / unshared, {label}**: saturated {cmp.get('saturated_ratio')} "
+                      f"± {cmp.get('saturated_ci')}; control {cmp.get('control_ratios')}; "
+                      f"void: {cmp.get('void') or 'no'}; per point: "
+                      + ", ".join(f"{p}: {v['ratio']}" for p, v in cmp.get("per_point", {}).items())]
+    return "\n".join(lines) + "\n"
+
+
+def _environment(e: dict) -> str:
+    ballast = e.get("ballast") or {}
+    keys = ("driver", "torch", "cuda", "sglang", "transformers", "mooncake-transfer-engine-cuda13", "sglang-router")
+    return (f"{e.get('gpu_name')} ({e.get('date')}, commit {str(e.get('commit'))[:7]}): "
+            + ", ".join(f"{k} {e[k]}" for k in keys if e.get(k))
+            + (f"; ballast leaves {ballast['free_gib']} GiB of {ballast['card_gib']}" if ballast else ""))
+
+
+def _start_line(s: dict) -> str:
+    """One server start: each server's NVML memory, its weights and KV pool; or why it could not start."""
+    head = f"- {s['model']} / {s['free_gib']:g} GiB free, {s['setup']} at split {s['split']}"
+    if s.get("error"):
+        return f"{head}: could not start: {s['error'].splitlines()[0][:300] if s['error'] else ''}"
+    servers = [f"{name.rsplit('-', 1)[-1]} {v.get('gpu_memory_mib')} MiB (weights "
+               f"{(v.get('weight_bytes_allocated') or 0) / 2**30:.2f} GiB, KV pool {v.get('kv_pool_tokens')} tokens"
+               + (f", attached in {v['attach_seconds']:.2f} s" if v.get("attach_seconds") else "") + ")"
+               for name, v in s.get("servers", {}).items()]
+    return f"{head}: " + "; ".join(servers)
+
+
+_TABLE_HEAD = ("| point | n | out tok/s | ±95 % | TTFT p99 ms | ITL p99 ms | SLO | decode batch mean/p50 "
+               "| in transfer | prefill in flight | pool use (decode/prefill) |",
+               "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(r: dict) -> str:
+    st = {}
+    for role in ("decode", "prefill", "server"):
+        st.update(r.get(role, {}))
+    cols = [f"{r['point']:g}", r["repeats"], r["output_tok_s"], r["ci"], r["ttft_ms_p99"], r["itl_ms_p99"],
+            "met" if r["slo_met"] else "missed", f"{st.get('decode_running_mean')}/{st.get('decode_running_p50')}",
+            st.get("decode_in_transfer_mean"), st.get("prefill_inflight_mean"),
+            f"{st.get('decode_pool_use_mean')}/{st.get('prefill_pool_use_mean')}"]
+    return "| " + " | ".join(str(c) for c in cols) + " |"
