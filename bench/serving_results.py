@@ -294,7 +294,8 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
             groups.setdefault((s["model"], round(s["free_gib"]), w), [])
     summaries = {}
     for (model, free, workload), cs in sorted(groups.items()):
-        st = [s for s in doc["starts"] if (s["model"], round(s["free_gib"])) == (model, free)]
+        st = [s for s in doc["starts"] if (s["model"], round(s["free_gib"])) == (model, free)
+              and workload in s.get("workloads", [workload])]  # a page-size variant's starts are its own
         summaries[group_name(model, free, workload)] = group_summary(cs, st, need_repeats, tol) if cs else \
             {"setups": {}, "comparisons": {}, "deviations": [],
              "headline": {"unshared_outcome": _unshared_outcome(_setup_summary([], st, "unshared"))}}
@@ -346,7 +347,45 @@ def render_markdown(results: dict) -> str:
                       f"± {cmp.get('saturated_ci')}; control {cmp.get('control_ratios')}; "
                       f"void: {cmp.get('void') or 'no'}; per point: "
                       + ", ".join(f"{p}: {v['ratio']}" for p, v in cmp.get("per_point", {}).items())]
+    lines += page_size_lines(results.get("cells", []))
     return "\n".join(lines) + "\n"
+
+
+def page_size_lines(cells: list[dict]) -> list[str]:
+    """Issue 22's page-size question: the same setup, split and point at each SGLang page size measured (a
+    variant's cells are under the workload name with '-page<N>'), side by side with what the KV transfer did."""
+    if not any(c.get("page_size") for c in cells):
+        return []
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        base = c["workload"].split("-page")[0]
+        key = (c["model"], round(c["free_gib"]), base, c["setup"], str(c["split"]), c["phase"], c["point"])
+        by_key[key].append(c)
+    lines = ["", "## Page size (SGLang's --page-size; default: the attention backend's, 1 here)", "",
+             "| model/GiB/workload | setup | split | point | page | n | out tok/s | TTFT p99 ms | in transfer mean/max "
+             "| prefill in flight mean/max | prefill pool use mean/max |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, cs in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        if len({c.get("page_size") for c in cs}) < 2:
+            continue  # measured at one page size only: nothing to compare
+        for page in sorted({c.get("page_size") or 0 for c in cs}):
+            lines.append(_page_row(key, page, [c for c in cs if (c.get("page_size") or 0) == page]))
+    return lines
+
+
+def _page_row(key: tuple, page: int, cs: list[dict]) -> str:
+    model, free, base, setup, split, _, point = key
+
+    def stat(role: str, name: str) -> float | None:
+        values = [c["server_stats"][role][name] for c in cs if name in c.get("server_stats", {}).get(role, {})]
+        return rounded(statistics.fmean(values), 2) if values else None
+
+    cols = [f"{model}/{free}g/{base}", setup, split, f"{point:g}", page or "default", len(cs),
+            rounded(statistics.fmean(c["output_tok_s"] for c in cs), 1),
+            rounded(statistics.fmean(c["ttft_ms_p99"] for c in cs), 1),
+            f"{stat('decode', 'decode_in_transfer_mean')}/{stat('decode', 'decode_in_transfer_max')}",
+            f"{stat('prefill', 'prefill_inflight_mean')}/{stat('prefill', 'prefill_inflight_max')}",
+            f"{stat('prefill', 'prefill_pool_use_mean')}/{stat('prefill', 'prefill_pool_use_max')}"]
+    return "| " + " | ".join(str(c) for c in cols) + " |"
 
 
 def _environment(e: dict) -> str:

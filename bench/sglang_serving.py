@@ -100,7 +100,7 @@ def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> 
     c = {"model": args.tag, "free_gib": args.free_gib, "workload": args.workload_name, "input_len": args.inp,
          "output_len": args.outp, "range_ratio": args.range_ratio, "setup": args.setup, "split": split,
          "phase": phase, "load": load, "point": point, "repeat": repeat, "seed": args.seed * 1000 + repeat,
-         "control_point": args.control_point, "trim": args.trim,
+         "control_point": args.control_point, "trim": args.trim, "page_size": args.page_size or None,
          "slo": {"ttft_s": args.ttft_slo_s, "itl_s": args.itl_slo_ms / 1000}}
     c["id"] = cell_id(c)
     return c
@@ -194,6 +194,7 @@ def record_start(call: Call, split, servers: list[Server], reports: list[dict], 
     a = call.args
     start = {"id": f"{a.tag}|{a.free_gib:g}g|{a.setup}|{split}|{time.time():.0f}", "model": a.tag,
              "free_gib": a.free_gib, "setup": a.setup, "split": split, "workloads": [a.workload_name],
+             "page_size": a.page_size or None,
              "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
     models = [s for s in servers if s.role != "router"]
     if error is None:
@@ -387,6 +388,9 @@ def _run_parser(sub) -> None:
     r.add_argument("--mooncake-protocol", default="nvlink_intra", help="'' for Mooncake's default (RDMA)")
     r.add_argument("--graph-max-bs", type=int, default=128, help="largest decode batch captured (0: SGLang's)")
     r.add_argument("--server-flags", default=SERVER_FLAGS, help="launch.py overrides for every server")
+    r.add_argument("--page-size", type=int, default=0,
+                   help="SGLang's --page-size for every server (0: SGLang's default); another size is a variant: its "
+                        "cells and starts go under the workload's name with '-page<N>', apart from the method's")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--budget-s", type=float, default=3600, help="load seconds this call may spend (not start-up)")
     r.add_argument("--wall-s", type=float, default=1e9, help="start no cell that would end after this many seconds")
@@ -416,6 +420,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.command == "run":
         a.workload_name, a.lengths = a.workload
+        if a.page_size:
+            a.workload_name += f"-page{a.page_size}"
+            a.server_flags += f" +engine.extra_args.page_size={a.page_size}"
     a.func(a)
 
 

@@ -159,7 +159,8 @@ def test_saturation_and_overlap_rules():
 def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft=0.5, itl99=0.03, t0=None,
                    window=120.0):
     args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k", inp=2048, outp=2048, range_ratio=0.5,
-                              setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0)
+                              setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0,
+                              page_size=0)
     load = "rate" if phase == "goodput" else "concurrency"
     c = ss.cell_base(args, split, phase, load, point, repeat)
     duration = sm.load_seconds(window, 0.15)
@@ -216,6 +217,28 @@ def test_tuning_cells_alone_show_in_the_tables():
     assert "tuning at split 32768, decode pool 202631 tokens" in text and "| 64 | 1 | 1910.8 |" in text
     assert "- 14b / 77 GiB free, shared at split 32768: " in text  # its start, though it holds no servers' numbers
     assert res["throughput_ratio_14b_2k2k"] is None  # nothing swept: no headline
+
+
+def test_a_page_size_variant_is_its_own_group_and_is_compared_side_by_side():
+    """Issue 22 item 5: cells at another SGLang page size never enter the method's comparison; the table puts them
+    beside the default's cells of the same setup, split and point, with what the KV transfer did."""
+    def at_page(page, tok_s, in_transfer):
+        c = synthetic_cell("shared", 64, 0, tok_s, phase="tune")
+        c["server_stats"] = {"decode": {"decode_in_transfer_mean": in_transfer, "decode_in_transfer_max": 20},
+                             "prefill": {"prefill_pool_use_mean": 0.25, "prefill_pool_use_max": 0.92}}
+        if page:
+            c.update(workload=f"2k2k-page{page}", page_size=page)
+            c["id"] = sr.cell_id(c)
+        return c
+
+    cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED) + [at_page(0, 1910.8, 4.8), at_page(16, 2100.0, 1.2)]
+    starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
+    res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
+    assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1520 / 770, rel=1e-3)  # the variant changes nothing
+    assert set(res["groups"]) == {"14b/77g/2k2k", "14b/77g/2k2k-page16"}
+    table = sr.render_markdown(res).split("## Page size")[1]
+    assert "| 14b/77g/2k2k | shared | 65536 | 64 | default | 1 | 1910.8 | 500.0 | 4.8/20.0 | None/None | 0.25/0.92 |" \
+        in table and "| 16 | 1 | 2100.0 |" in table
 
 
 def test_a_control_point_off_by_more_than_3_percent_voids_the_run():
@@ -514,7 +537,8 @@ def test_open_loop_arrivals_drain_and_errors(stream_server):
 def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tmp_path):
     args = argparse.Namespace(tag="8b", free_gib=0.0, workload_name="tiny", inp=100, outp=30, range_ratio=0.5,
                               setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
-                              window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6)
+                              window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6,
+                              page_size=0)
     fake = argparse.Namespace(port=stream_server.port, log=stream_server.log, name="decode", role="decode")
     deadline = time.monotonic() + 30
     while len(stream_server.log.read_text().splitlines()) < 3:  # a few log lines before the load
@@ -553,7 +577,10 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"vocab_size": 5000, "max_position_embeddings": 4096}))
 
+    flags = []
+
     def fake_start(setup, split, args, cache_dir, work, servers):
+        flags.append(args.server_flags)
         servers += [FakeServer(r, stream_server) for r in ("prefill", "decode", "router")]
         return [{"ranks": [{"weight_bytes_allocated": 0}]}, {"ranks": [{"weight_bytes_allocated": 0}]}]
 
@@ -592,6 +619,12 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     call("--points", "2", "--repeats", "4", "--wall-s", "100", "--start-s", "5",
          "--results", str(out / "gpu-serving-v2.json"))
     assert len(json.loads((out / "gpu-serving-v2.json").read_text())["starts"]) == len(final["starts"]) + 1
+    call("--points", "2", "--control-point", "1", "--repeats", "1", "--page-size", "16", "--results", str(out / "gpu-serving-v2.json"))
+    paged = json.loads((out / "gpu-serving-v2.json").read_text())
+    assert flags[-1].endswith(" +engine.extra_args.page_size=16") and "page_size" not in flags[0]
+    assert {c["id"] for c in paged["cells"] if c["page_size"] == 16} == \
+        {"8b|0g|tiny-page16|shared|4096|sweep|conc1|r0", "8b|0g|tiny-page16|shared|4096|sweep|conc2|r0"}
+    assert paged["starts"][-1]["workloads"] == ["tiny-page16"] and "8b/card/tiny-page16" in paged["groups"]
 
 
 def test_pd_bound_reads_a_v2_results_file(tmp_path):
