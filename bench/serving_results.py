@@ -14,7 +14,6 @@ from serving_method import (SETUPS, MethodError, REQUEST_FIELDS, cell_attainment
                             rounded, saturation_verdict)
 
 
-
 # ---------------------------------------------------------------- results: cells, merging, summaries
 
 def cell_id(c: dict) -> str:
@@ -305,6 +304,8 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
         g = summaries.get(group_name(model, free, workload), {})
         out[key] = g.get("headline", {}).get(what)
     for g, summary in summaries.items():
+        if _is_variant(g):
+            continue  # a page-size variant is reported beside the method's numbers, never in them
         for label, cmp in summary["comparisons"].items():
             if cmp.get("void"):
                 void[f"{g} {label}"] = cmp["void"]
@@ -351,6 +352,18 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_VARIANT = re.compile(r"-page\d+$")
+
+
+def _is_variant(group_or_workload: str) -> bool:
+    return bool(_VARIANT.search(group_or_workload))
+
+
+def base_workload(c: dict) -> str:
+    """The workload a cell runs, without a page-size variant's suffix."""
+    return _VARIANT.sub("", c["workload"]) if c.get("page_size") else c["workload"]
+
+
 def page_size_lines(cells: list[dict]) -> list[str]:
     """Issue 22's page-size question: the same setup, split and point at each SGLang page size measured (a
     variant's cells are under the workload name with '-page<N>'), side by side with what the KV transfer did."""
@@ -358,12 +371,12 @@ def page_size_lines(cells: list[dict]) -> list[str]:
         return []
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
-        base = c["workload"].split("-page")[0]
-        key = (c["model"], round(c["free_gib"]), base, c["setup"], str(c["split"]), c["phase"], c["point"])
+        key = (c["model"], round(c["free_gib"]), base_workload(c), c["setup"], str(c["split"]), c["phase"], c["point"])
         by_key[key].append(c)
     lines = ["", "## Page size (SGLang's --page-size; default: the attention backend's, 1 here)", "",
              "| model/GiB/workload | setup | split | point | page | n | out tok/s | TTFT p99 ms | in transfer mean/max "
-             "| prefill in flight mean/max | prefill pool use mean/max |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| prefill in flight mean/max | prefill pool use mean/max |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, cs in sorted(by_key.items(), key=lambda kv: str(kv[0])):
         if len({c.get("page_size") for c in cs}) < 2:
             continue  # measured at one page size only: nothing to compare
@@ -376,29 +389,34 @@ def _page_row(key: tuple, page: int, cs: list[dict]) -> str:
     model, free, base, setup, split, _, point = key
 
     def stat(role: str, name: str) -> float | None:
-        values = [c["server_stats"][role][name] for c in cs if name in c.get("server_stats", {}).get(role, {})]
-        return rounded(statistics.fmean(values), 2) if values else None
+        return _mean([c.get("server_stats", {}).get(role, {}).get(name) for c in cs], 2)
 
     cols = [f"{model}/{free}g/{base}", setup, split, f"{point:g}", page or "default", len(cs),
-            rounded(statistics.fmean(c["output_tok_s"] for c in cs), 1),
-            rounded(statistics.fmean(c["ttft_ms_p99"] for c in cs), 1),
+            _mean([c.get("output_tok_s") for c in cs], 1), _mean([c.get("ttft_ms_p99") for c in cs], 1),
             f"{stat('decode', 'decode_in_transfer_mean')}/{stat('decode', 'decode_in_transfer_max')}",
             f"{stat('prefill', 'prefill_inflight_mean')}/{stat('prefill', 'prefill_inflight_max')}",
             f"{stat('prefill', 'prefill_pool_use_mean')}/{stat('prefill', 'prefill_pool_use_max')}"]
     return "| " + " | ".join(str(c) for c in cols) + " |"
 
 
+def _mean(values: list, nd: int) -> float | None:
+    """Mean of what was measured (a cell whose window saw no first token has no TTFT)."""
+    known = [v for v in values if v is not None]
+    return rounded(statistics.fmean(known), nd) if known else None
+
+
 def _environment(e: dict) -> str:
     ballast = e.get("ballast") or {}
     keys = ("driver", "torch", "cuda", "sglang", "transformers", "mooncake-transfer-engine-cuda13", "sglang-router")
-    return (f"{e.get('gpu_name')} ({e.get('date')}, commit {str(e.get('commit'))[:7]}): "
+    return (f"{e.get('gpu_name')} ({e.get('date')}, commit {(e.get('commit') or 'unknown')[:7]}): "
             + ", ".join(f"{k} {e[k]}" for k in keys if e.get(k))
             + (f"; ballast leaves {ballast['free_gib']} GiB of {ballast['card_gib']}" if ballast else ""))
 
 
 def _start_line(s: dict) -> str:
     """One server start: each server's NVML memory, its weights and KV pool; or why it could not start."""
-    head = f"- {s['model']} / {s['free_gib']:g} GiB free, {s['setup']} at split {s['split']}"
+    head = f"- {s['model']} / {s['free_gib']:g} GiB free, {s['setup']} at split {s['split']}" \
+        + (f", page size {s['page_size']}" if s.get("page_size") else "")
     if s.get("error"):
         return f"{head}: could not start: {s['error'].splitlines()[0][:300] if s['error'] else ''}"
     servers = [f"{name.rsplit('-', 1)[-1]} {v.get('gpu_memory_mib')} MiB (weights "

@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -52,10 +53,9 @@ from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, l
 from serving_results import HEADLINE, build_results, by_point, card_slug, cell_id, merge_docs, render_markdown
 from serving_servers import (SERVER_FLAGS, Ballast, Server, environment, greedy_probe, head_commit, plain_tokens,
                              process_gpu_mib, read_from, server_gpu_mib, start_setup, wait_quiet)
-from helpers import free_port  # noqa: E402  (serving_servers put tests/ on the path)
+from serving_servers import free_port  # the tests' helper, which serving_servers puts on the path
 
 PHASES = ("sweep", "tune", "goodput")
-
 
 
 # ---------------------------------------------------------------- one call: one setup, its splits, its cells
@@ -76,11 +76,12 @@ class Call:
     def done(self, cid: str) -> bool:
         return any(c["id"] == cid for c in self.cells())
 
-    def no_room(self, seconds: float) -> str | None:
-        """Why a load of `seconds` may not start now (budget counts load only; wall counts everything)."""
+    def no_room(self, seconds: float, startup: float = 0.0) -> str | None:
+        """Why a load of `seconds`, after a server start of `startup` seconds, may not start now (the budget counts
+        load only; the wall counts everything)."""
         if self.load_used + seconds > self.args.budget_s:
             return f"load budget: {self.load_used:.0f} s used of {self.args.budget_s:.0f} s"
-        if time.monotonic() - self.t_start + seconds + 30 > self.args.wall_s:
+        if time.monotonic() - self.t_start + startup + seconds + 30 > self.args.wall_s:
             return f"wall limit: {time.monotonic() - self.t_start:.0f} s of {self.args.wall_s:.0f} s gone"
         return None
 
@@ -216,7 +217,7 @@ def record_start(call: Call, split, servers: list[Server], reports: list[dict], 
     return start
 
 
-def _cell_seconds(a) -> float:
+def _cell_seconds(a: argparse.Namespace) -> float:
     """The longest a cell of this call's phase may take: its load, and an open loop's drain."""
     return load_seconds(a.window_s, a.trim) + (a.drain_s if a.phase == "goodput" else 0)
 
@@ -231,7 +232,7 @@ def run_split(call: Call, split) -> None:
         return
     # a start that leaves no room for one cell after it would spend the call's device time on nothing
     expected = call.start_s or a.start_s
-    if why := call.no_room(_cell_seconds(a) + expected):
+    if why := call.no_room(_cell_seconds(a), startup=expected):
         print(f"[bench] {a.setup} split {split}: not started ({why}, counting a start of {expected:.0f} s before "
               "its first cell)", flush=True)
         return
@@ -289,6 +290,11 @@ def _load_known(paths: list[str]) -> dict:
 
 def cmd_run(a) -> None:
     a.inp, a.outp = a.lengths
+    if a.page_size:  # a variant: apart from the method's cells, under its own workload name
+        if "page_size" in a.server_flags:
+            raise SystemExit("[bench] --page-size and a page_size in --server-flags: give it once, as --page-size")
+        a.workload_name += f"-page{a.page_size}"
+        a.server_flags += f" +engine.extra_args.page_size={a.page_size}"
     a.commit = a.commit or os.environ.get("SC_COMMIT") or head_commit()
     a.itl_slo_ms = a.itl_slo_ms or (60.0 if a.tag.startswith("8b") else 100.0)
     a.tune_point = a.tune_point or max(a.points)
@@ -348,6 +354,9 @@ def _workload(text: str) -> tuple[str, tuple[int, int]]:
     inp, _, outp = lens.partition(":")
     if not (name and inp.isdigit() and outp.isdigit()):
         raise argparse.ArgumentTypeError(f"a workload is NAME=INPUT:OUTPUT (e.g. 2k2k=2048:2048), not {text!r}")
+    if re.search(r"-page\d+$", name):
+        raise argparse.ArgumentTypeError(f"a workload name ending in -page<N> is a page-size variant's; run it with "
+                                         f"--page-size instead of naming it {name!r}")
     return name, (int(inp), int(outp))
 
 
@@ -420,9 +429,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.command == "run":
         a.workload_name, a.lengths = a.workload
-        if a.page_size:
-            a.workload_name += f"-page{a.page_size}"
-            a.server_flags += f" +engine.extra_args.page_size={a.page_size}"
     a.func(a)
 
 

@@ -1,6 +1,6 @@
 """The serving benchmark's method on the CPU (bench/sglang_serving.py and its serving_* modules, bench/pd_bound.py;
-issue 22): the statistics against known values, the steady window, the rules that void or refuse a comparison, the goodput
-search, SGLang's log lines as the committed runs wrote them, pd_bound's band on the committed one-batch and
+issue 22): the statistics against known values, the steady window, the rules that void or refuse a comparison, the
+goodput search, SGLang's log lines as the committed runs wrote them, pd_bound's band on the committed one-batch and
 serving results, and the load generator against a small streaming server (a stand-in for SGLang's /generate,
 chunked server-sent events)."""
 from __future__ import annotations
@@ -222,23 +222,43 @@ def test_tuning_cells_alone_show_in_the_tables():
 def test_a_page_size_variant_is_its_own_group_and_is_compared_side_by_side():
     """Issue 22 item 5: cells at another SGLang page size never enter the method's comparison; the table puts them
     beside the default's cells of the same setup, split and point, with what the KV transfer did."""
-    def at_page(page, tok_s, in_transfer):
-        c = synthetic_cell("shared", 64, 0, tok_s, phase="tune")
-        c["server_stats"] = {"decode": {"decode_in_transfer_mean": in_transfer, "decode_in_transfer_max": 20},
-                             "prefill": {"prefill_pool_use_mean": 0.25, "prefill_pool_use_max": 0.92}}
-        if page:
-            c.update(workload=f"2k2k-page{page}", page_size=page)
-            c["id"] = sr.cell_id(c)
+    def paged(c, page):
+        c.update(workload=f"2k2k-page{page}", page_size=page)
+        c["id"] = sr.cell_id(c)
         return c
 
-    cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED) + [at_page(0, 1910.8, 4.8), at_page(16, 2100.0, 1.2)]
+    def at_page(page, tok_s, in_transfer, repeat=0):
+        c = synthetic_cell("shared", 64, repeat, tok_s, phase="tune")
+        c["server_stats"] = {"decode": {"decode_in_transfer_mean": in_transfer, "decode_in_transfer_max": 20},
+                             "prefill": {"prefill_pool_use_mean": 0.25, "prefill_pool_use_max": 0.92}}
+        return paged(c, page) if page else c
+
+    dead = at_page(16, 0.0, 0.0, repeat=1)
+    dead["ttft_ms_p99"] = None  # a server that died in the load: no request got a first token
+    variant = [paged(c, 16) for c in sweep("shared", SHARED, control_shift=1.2) + sweep("unshared", UNSHARED)]
+    cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED) + variant + \
+        [at_page(0, 1910.8, 4.8), at_page(16, 2100.0, 1.2), dead]
     starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
     res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
-    assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1520 / 770, rel=1e-3)  # the variant changes nothing
+    assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1520 / 770, rel=1e-3)  # the variant changes nothing,
+    assert res["void"] == {} and len(res["control_ratios"]) == 3  # its voided control included
     assert set(res["groups"]) == {"14b/77g/2k2k", "14b/77g/2k2k-page16"}
     table = sr.render_markdown(res).split("## Page size")[1]
     assert "| 14b/77g/2k2k | shared | 65536 | 64 | default | 1 | 1910.8 | 500.0 | 4.8/20.0 | None/None | 0.25/0.92 |" \
-        in table and "| 16 | 1 | 2100.0 |" in table
+        in table and "| 16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in table
+    other = synthetic_cell("shared", 64, 0, 1.0)
+    other["workload"] = "chat-pages"  # a workload's own name is never cut as if it were a variant's
+    assert sr.base_workload(other) == "chat-pages" and sr.base_workload(at_page(16, 1.0, 1.0)) == "2k2k"
+    with pytest.raises(argparse.ArgumentTypeError, match="--page-size"):
+        ss._workload("2k2k-page16=2048:2048")
+
+
+def test_a_server_start_is_counted_against_the_wall_not_the_load_budget():
+    args = argparse.Namespace(budget_s=200.0, wall_s=400.0)
+    call = ss.Call(args, {"cells": []})
+    assert call.no_room(171.0, startup=120.0) is None  # one 171 s cell fits the budget whatever the start takes
+    assert "wall limit" in call.no_room(171.0, startup=250.0)
+    assert "load budget" in call.no_room(201.0)
 
 
 def test_a_control_point_off_by_more_than_3_percent_voids_the_run():
@@ -619,7 +639,8 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     call("--points", "2", "--repeats", "4", "--wall-s", "100", "--start-s", "5",
          "--results", str(out / "gpu-serving-v2.json"))
     assert len(json.loads((out / "gpu-serving-v2.json").read_text())["starts"]) == len(final["starts"]) + 1
-    call("--points", "2", "--control-point", "1", "--repeats", "1", "--page-size", "16", "--results", str(out / "gpu-serving-v2.json"))
+    call("--points", "2", "--control-point", "1", "--repeats", "1", "--page-size", "16",
+         "--results", str(out / "gpu-serving-v2.json"))
     paged = json.loads((out / "gpu-serving-v2.json").read_text())
     assert flags[-1].endswith(" +engine.extra_args.page_size=16") and "page_size" not in flags[0]
     assert {c["id"] for c in paged["cells"] if c["page_size"] == 16} == \

@@ -32,7 +32,7 @@ pids="$pids $!"
 python3 - <<'PY' 2>&1 | tee "$PD_OUT-result.log"
 import json, os, sys, time
 sys.path.insert(0, "bench")
-from sglang_serving import greedy_probe, plain_tokens  # the serving benchmark's probe and reference
+from serving_servers import greedy_probe, plain_tokens  # the serving benchmark's probe and reference
 expected = plain_tokens() if os.environ["PD_MODEL"] == "/tmp/llama8b" else None  # the 8B's reference only
 tokens, err = None, None
 for _ in range(60):  # the router answers once both servers registered
