@@ -601,7 +601,8 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
 
     def fake_start(setup, split, args, cache_dir, work, servers):
         flags.append(args.server_flags)
-        servers += [FakeServer(r, stream_server) for r in ("prefill", "decode", "router")]
+        roles = ("plain",) if setup == "colocated" else ("prefill", "decode", "router")
+        servers += [FakeServer(r, stream_server) for r in roles]
         return [{"ranks": [{"weight_bytes_allocated": 0}]}, {"ranks": [{"weight_bytes_allocated": 0}]}]
 
     monkeypatch.setattr(ss, "start_setup", fake_start)
@@ -646,6 +647,13 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     assert {c["id"] for c in paged["cells"] if c["page_size"] == 16} == \
         {"8b|0g|tiny-page16|shared|4096|sweep|conc1|r0", "8b|0g|tiny-page16|shared|4096|sweep|conc2|r0"}
     assert paged["starts"][-1]["workloads"] == ["tiny-page16"] and "8b/card/tiny-page16" in paged["groups"]
+    call("--setup", "colocated", "--points", "2", "--control-point", "1", "--repeats", "1",
+         "--results", str(out / "gpu-serving-v2.json"))  # one plain server, no split
+    both = json.loads((out / "gpu-serving-v2.json").read_text())
+    colocated = [c["id"] for c in both["cells"] if c["setup"] == "colocated"]
+    assert colocated == ["8b|0g|tiny|colocated|-|sweep|conc1|r0", "8b|0g|tiny|colocated|-|sweep|conc2|r0"]
+    assert both["starts"][-1]["decode_pool_tokens"] == 2000  # the plain server's pool
+    assert both["groups"]["8b/card/tiny"]["headline"]["colocated_saturated_tok_s"] > 0
 
 
 def test_pd_bound_reads_a_v2_results_file(tmp_path):
