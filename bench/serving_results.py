@@ -294,7 +294,7 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
     summaries = {}
     for (model, free, workload), cs in sorted(groups.items()):
         st = [s for s in doc["starts"] if (s["model"], round(s["free_gib"])) == (model, free)
-              and workload in s.get("workloads", [workload])]  # a page-size variant's starts are its own
+              and workload in s.get("workloads", [workload])]  # a variant's starts are its own
         summaries[group_name(model, free, workload)] = group_summary(cs, st, need_repeats, tol) if cs else \
             {"setups": {}, "comparisons": {}, "deviations": [],
              "headline": {"unshared_outcome": _unshared_outcome(_setup_summary([], st, "unshared"))}}
@@ -305,7 +305,7 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
         out[key] = g.get("headline", {}).get(what)
     for g, summary in summaries.items():
         if _is_variant(g):
-            continue  # a page-size variant is reported beside the method's numbers, never in them
+            continue  # a variant is reported beside the method's numbers, never in them
         for label, cmp in summary["comparisons"].items():
             if cmp.get("void"):
                 void[f"{g} {label}"] = cmp["void"]
@@ -348,50 +348,52 @@ def render_markdown(results: dict) -> str:
                       f"± {cmp.get('saturated_ci')}; control {cmp.get('control_ratios')}; "
                       f"void: {cmp.get('void') or 'no'}; per point: "
                       + ", ".join(f"{p}: {v['ratio']}" for p, v in cmp.get("per_point", {}).items())]
-    lines += page_size_lines(results.get("cells", []))
+    lines += variant_lines(results.get("cells", []))
     return "\n".join(lines) + "\n"
 
 
-_VARIANT = re.compile(r"-page\d+$")
+VARIANT_MARK = "@"  # '<workload>@<variant>': a variant's cells, never in the method's comparisons
 
 
 def _is_variant(group_or_workload: str) -> bool:
-    return bool(_VARIANT.search(group_or_workload))
+    return VARIANT_MARK in group_or_workload
 
 
 def base_workload(c: dict) -> str:
-    """The workload a cell runs, without a page-size variant's suffix."""
-    return _VARIANT.sub("", c["workload"]) if c.get("page_size") else c["workload"]
+    """The workload a cell runs, without its variant's mark."""
+    return c["workload"].split(VARIANT_MARK)[0]
 
 
-def page_size_lines(cells: list[dict]) -> list[str]:
-    """Issue 22's page-size question: the same setup, split and point at each SGLang page size measured (a
-    variant's cells are under the workload name with '-page<N>'), side by side with what the KV transfer did."""
-    if not any(c.get("page_size") for c in cells):
+def variant_lines(cells: list[dict]) -> list[str]:
+    """Variants (issue 22 item 5: SGLang's page size, the KV transfer's threads) beside the method's own setup at
+    the same setup, split and point, with what the KV transfer did."""
+    if not any(c.get("variant") for c in cells):
         return []
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         key = (c["model"], round(c["free_gib"]), base_workload(c), c["setup"], str(c["split"]), c["phase"], c["point"])
         by_key[key].append(c)
-    lines = ["", "## Page size (SGLang's --page-size; default: the attention backend's, 1 here)", "",
-             "| model/GiB/workload | setup | split | point | page | n | out tok/s | TTFT p99 ms | in transfer mean/max "
-             "| prefill in flight mean/max | prefill pool use mean/max |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", "## Variants (beside the method's own setup; page size 1 unless a variant sets it)", ""]
+    lines += [f"- `{name}`: `{overrides}`" for name, overrides in
+              sorted({(c["variant"], c.get("variant_overrides")) for c in cells if c.get("variant")})]
+    lines += ["", "| model/GiB/workload | setup | split | point | variant | n | out tok/s | TTFT p99 ms "
+              "| in transfer mean/max | prefill in flight mean/max | prefill pool use mean/max |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, cs in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        if len({c.get("page_size") for c in cs}) < 2:
-            continue  # measured at one page size only: nothing to compare
-        for page in sorted({c.get("page_size") or 0 for c in cs}):
-            lines.append(_page_row(key, page, [c for c in cs if (c.get("page_size") or 0) == page]))
+        if len({c.get("variant") for c in cs}) < 2:
+            continue  # measured in one form only: nothing to compare
+        for name in sorted({c.get("variant") or "" for c in cs}):
+            lines.append(_variant_row(key, name, [c for c in cs if (c.get("variant") or "") == name]))
     return lines
 
 
-def _page_row(key: tuple, page: int, cs: list[dict]) -> str:
+def _variant_row(key: tuple, name: str, cs: list[dict]) -> str:
     model, free, base, setup, split, _, point = key
 
     def stat(role: str, name: str) -> float | None:
         return _mean([c.get("server_stats", {}).get(role, {}).get(name) for c in cs], 2)
 
-    cols = [f"{model}/{free}g/{base}", setup, split, f"{point:g}", page or "default", len(cs),
+    cols = [f"{model}/{free}g/{base}", setup, split, f"{point:g}", name or "default", len(cs),
             _mean([c.get("output_tok_s") for c in cs], 1), _mean([c.get("ttft_ms_p99") for c in cs], 1),
             f"{stat('decode', 'decode_in_transfer_mean')}/{stat('decode', 'decode_in_transfer_max')}",
             f"{stat('prefill', 'prefill_inflight_mean')}/{stat('prefill', 'prefill_inflight_max')}",
@@ -416,7 +418,7 @@ def _environment(e: dict) -> str:
 def _start_line(s: dict) -> str:
     """One server start: each server's NVML memory, its weights and KV pool; or why it could not start."""
     head = f"- {s['model']} / {s['free_gib']:g} GiB free, {s['setup']} at split {s['split']}" \
-        + (f", page size {s['page_size']}" if s.get("page_size") else "")
+        + (f", variant {s['variant']}" if s.get("variant") else "")
     if s.get("error"):
         return f"{head}: could not start: {s['error'].splitlines()[0][:300] if s['error'] else ''}"
     servers = [f"{name.rsplit('-', 1)[-1]} {v.get('gpu_memory_mib')} MiB (weights "

@@ -50,7 +50,8 @@ from typing import Iterator
 from serving_load import closed_loop, open_loop
 from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, load_seconds, mean_lengths, next_rate,
                             passes, request_specs, rounded, steady_window, window_latencies, window_tokens)
-from serving_results import HEADLINE, build_results, by_point, card_slug, cell_id, merge_docs, render_markdown
+from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, card_slug, cell_id, merge_docs,
+                             render_markdown)
 from serving_servers import (SERVER_FLAGS, Ballast, Server, environment, greedy_probe, head_commit, plain_tokens,
                              process_gpu_mib, read_from, server_gpu_mib, start_setup, wait_quiet)
 from serving_servers import free_port  # the tests' helper, which serving_servers puts on the path
@@ -101,7 +102,8 @@ def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> 
     c = {"model": args.tag, "free_gib": args.free_gib, "workload": args.workload_name, "input_len": args.inp,
          "output_len": args.outp, "range_ratio": args.range_ratio, "setup": args.setup, "split": split,
          "phase": phase, "load": load, "point": point, "repeat": repeat, "seed": args.seed * 1000 + repeat,
-         "control_point": args.control_point, "trim": args.trim, "page_size": args.page_size or None,
+         "control_point": args.control_point, "trim": args.trim, "variant": args.variant_name,
+         "variant_overrides": args.variant_overrides,
          "slo": {"ttft_s": args.ttft_slo_s, "itl_s": args.itl_slo_ms / 1000}}
     c["id"] = cell_id(c)
     return c
@@ -195,7 +197,7 @@ def record_start(call: Call, split, servers: list[Server], reports: list[dict], 
     a = call.args
     start = {"id": f"{a.tag}|{a.free_gib:g}g|{a.setup}|{split}|{time.time():.0f}", "model": a.tag,
              "free_gib": a.free_gib, "setup": a.setup, "split": split, "workloads": [a.workload_name],
-             "page_size": a.page_size or None,
+             "variant": a.variant_name, "variant_overrides": a.variant_overrides,
              "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
     models = [s for s in servers if s.role != "router"]
     if error is None:
@@ -290,11 +292,10 @@ def _load_known(paths: list[str]) -> dict:
 
 def cmd_run(a) -> None:
     a.inp, a.outp = a.lengths
-    if a.page_size:  # a variant: apart from the method's cells, under its own workload name
-        if "page_size" in a.server_flags:
-            raise SystemExit("[bench] --page-size and a page_size in --server-flags: give it once, as --page-size")
-        a.workload_name += f"-page{a.page_size}"
-        a.server_flags += f" +engine.extra_args.page_size={a.page_size}"
+    a.variant_name, a.variant_overrides = _variant(a)
+    if a.variant_name:  # apart from the method's cells, under its own workload name
+        a.workload_name += f"{VARIANT_MARK}{a.variant_name}"
+        a.server_flags += f" {a.variant_overrides}"
     a.commit = a.commit or os.environ.get("SC_COMMIT") or head_commit()
     a.itl_slo_ms = a.itl_slo_ms or (60.0 if a.tag.startswith("8b") else 100.0)
     a.tune_point = a.tune_point or max(a.points)
@@ -349,14 +350,28 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _variant(a: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(name, overrides) of the call's variant, (None, None) for the method's own setup."""
+    if a.page_size and a.variant:
+        raise SystemExit("[bench] --page-size is the variant 'page<N>': give it or --variant, not both")
+    if a.page_size:
+        return f"page{a.page_size}", f"+engine.extra_args.page_size={a.page_size}"
+    if not a.variant:
+        return None, None
+    name, _, overrides = a.variant.partition("=")
+    if not re.fullmatch(r"[a-z0-9_]+", name) or not overrides.strip():
+        raise SystemExit(f"[bench] --variant is NAME=OVERRIDES (NAME of a-z, 0-9, _), not {a.variant!r}")
+    return name, overrides.strip()
+
+
 def _workload(text: str) -> tuple[str, tuple[int, int]]:
     name, _, lens = text.partition("=")
     inp, _, outp = lens.partition(":")
     if not (name and inp.isdigit() and outp.isdigit()):
         raise argparse.ArgumentTypeError(f"a workload is NAME=INPUT:OUTPUT (e.g. 2k2k=2048:2048), not {text!r}")
-    if re.search(r"-page\d+$", name):
-        raise argparse.ArgumentTypeError(f"a workload name ending in -page<N> is a page-size variant's; run it with "
-                                         f"--page-size instead of naming it {name!r}")
+    if VARIANT_MARK in name:
+        raise argparse.ArgumentTypeError(f"'{VARIANT_MARK}' in a workload's name marks a variant's: run one with "
+                                         f"--variant or --page-size instead of naming it {name!r}")
     return name, (int(inp), int(outp))
 
 
@@ -397,9 +412,12 @@ def _run_parser(sub) -> None:
     r.add_argument("--mooncake-protocol", default="nvlink_intra", help="'' for Mooncake's default (RDMA)")
     r.add_argument("--graph-max-bs", type=int, default=128, help="largest decode batch captured (0: SGLang's)")
     r.add_argument("--server-flags", default=SERVER_FLAGS, help="launch.py overrides for every server")
+    r.add_argument("--variant", default="", metavar="NAME=OVERRIDES",
+                   help="a variant of the setup: launch.py overrides added to every server (e.g. 'layers8=+engine.env."
+                        "SGLANG_DISAGGREGATION_THREAD_POOL_SIZE=8'); its cells and starts go under '<workload>@NAME', "
+                        "apart from the method's, and the report sets them beside the default's")
     r.add_argument("--page-size", type=int, default=0,
-                   help="SGLang's --page-size for every server (0: SGLang's default); another size is a variant: its "
-                        "cells and starts go under the workload's name with '-page<N>', apart from the method's")
+                   help="SGLang's --page-size on every server, as the variant 'page<N>' (0: SGLang's default)")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--budget-s", type=float, default=3600, help="load seconds this call may spend (not start-up)")
     r.add_argument("--wall-s", type=float, default=1e9, help="start no cell that would end after this many seconds")

@@ -160,7 +160,7 @@ def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft
                    window=120.0):
     args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k", inp=2048, outp=2048, range_ratio=0.5,
                               setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0,
-                              page_size=0)
+                              variant_name=None, variant_overrides=None)
     load = "rate" if phase == "goodput" else "concurrency"
     c = ss.cell_base(args, split, phase, load, point, repeat)
     duration = sm.load_seconds(window, 0.15)
@@ -219,38 +219,38 @@ def test_tuning_cells_alone_show_in_the_tables():
     assert res["throughput_ratio_14b_2k2k"] is None  # nothing swept: no headline
 
 
-def test_a_page_size_variant_is_its_own_group_and_is_compared_side_by_side():
-    """Issue 22 item 5: cells at another SGLang page size never enter the method's comparison; the table puts them
-    beside the default's cells of the same setup, split and point, with what the KV transfer did."""
-    def paged(c, page):
-        c.update(workload=f"2k2k-page{page}", page_size=page)
+def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
+    """Issue 22 item 5: cells of a variant (another SGLang page size, more transfer threads) never enter the
+    method's comparison; the table puts them beside the default's cells of the same setup, split and point, with
+    what the KV transfer did."""
+    def as_variant(c, name):
+        c.update(workload=f"2k2k@{name}", variant=name, variant_overrides="+engine.extra_args.page_size=16")
         c["id"] = sr.cell_id(c)
         return c
 
-    def at_page(page, tok_s, in_transfer, repeat=0):
+    def tuned(name, tok_s, in_transfer, repeat=0):
         c = synthetic_cell("shared", 64, repeat, tok_s, phase="tune")
         c["server_stats"] = {"decode": {"decode_in_transfer_mean": in_transfer, "decode_in_transfer_max": 20},
                              "prefill": {"prefill_pool_use_mean": 0.25, "prefill_pool_use_max": 0.92}}
-        return paged(c, page) if page else c
+        return as_variant(c, name) if name else c
 
-    dead = at_page(16, 0.0, 0.0, repeat=1)
+    dead = tuned("page16", 0.0, 0.0, repeat=1)
     dead["ttft_ms_p99"] = None  # a server that died in the load: no request got a first token
-    variant = [paged(c, 16) for c in sweep("shared", SHARED, control_shift=1.2) + sweep("unshared", UNSHARED)]
+    variant = [as_variant(c, "page16")
+               for c in sweep("shared", SHARED, control_shift=1.2) + sweep("unshared", UNSHARED)]
     cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED) + variant + \
-        [at_page(0, 1910.8, 4.8), at_page(16, 2100.0, 1.2), dead]
+        [tuned(None, 1910.8, 4.8), tuned("page16", 2100.0, 1.2), dead]
     starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
     res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
     assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1520 / 770, rel=1e-3)  # the variant changes nothing,
     assert res["void"] == {} and len(res["control_ratios"]) == 3  # its voided control included
-    assert set(res["groups"]) == {"14b/77g/2k2k", "14b/77g/2k2k-page16"}
-    table = sr.render_markdown(res).split("## Page size")[1]
+    assert set(res["groups"]) == {"14b/77g/2k2k", "14b/77g/2k2k@page16"}
+    text = sr.render_markdown(res).split("## Variants")[1]
+    assert "- `page16`: `+engine.extra_args.page_size=16`" in text
     assert "| 14b/77g/2k2k | shared | 65536 | 64 | default | 1 | 1910.8 | 500.0 | 4.8/20.0 | None/None | 0.25/0.92 |" \
-        in table and "| 16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in table
-    other = synthetic_cell("shared", 64, 0, 1.0)
-    other["workload"] = "chat-pages"  # a workload's own name is never cut as if it were a variant's
-    assert sr.base_workload(other) == "chat-pages" and sr.base_workload(at_page(16, 1.0, 1.0)) == "2k2k"
-    with pytest.raises(argparse.ArgumentTypeError, match="--page-size"):
-        ss._workload("2k2k-page16=2048:2048")
+        in text and "| page16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in text
+    with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
+        ss._workload("2k2k@page16=2048:2048")
 
 
 def test_a_server_start_is_counted_against_the_wall_not_the_load_budget():
@@ -459,6 +459,7 @@ class StreamServer:
         self.thread.start()
         self.ready.wait(5)
         self.stop_log = threading.Event()
+        log.touch()  # there from the start: a reader may look before the first line is written
         threading.Thread(target=self._write_log, daemon=True).start()
 
     def _serve(self) -> None:
@@ -558,7 +559,7 @@ def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tm
     args = argparse.Namespace(tag="8b", free_gib=0.0, workload_name="tiny", inp=100, outp=30, range_ratio=0.5,
                               setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
                               window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6,
-                              page_size=0)
+                              variant_name=None, variant_overrides=None)
     fake = argparse.Namespace(port=stream_server.port, log=stream_server.log, name="decode", role="decode")
     deadline = time.monotonic() + 30
     while len(stream_server.log.read_text().splitlines()) < 3:  # a few log lines before the load
@@ -644,9 +645,14 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
          "--results", str(out / "gpu-serving-v2.json"))
     paged = json.loads((out / "gpu-serving-v2.json").read_text())
     assert flags[-1].endswith(" +engine.extra_args.page_size=16") and "page_size" not in flags[0]
-    assert {c["id"] for c in paged["cells"] if c["page_size"] == 16} == \
-        {"8b|0g|tiny-page16|shared|4096|sweep|conc1|r0", "8b|0g|tiny-page16|shared|4096|sweep|conc2|r0"}
-    assert paged["starts"][-1]["workloads"] == ["tiny-page16"] and "8b/card/tiny-page16" in paged["groups"]
+    assert {c["id"] for c in paged["cells"] if c["variant"] == "page16"} == \
+        {"8b|0g|tiny@page16|shared|4096|sweep|conc1|r0", "8b|0g|tiny@page16|shared|4096|sweep|conc2|r0"}
+    assert paged["starts"][-1]["workloads"] == ["tiny@page16"] and "8b/card/tiny@page16" in paged["groups"]
+    threads = "+engine.env.SGLANG_DISAGGREGATION_THREAD_POOL_SIZE=8 +engine.env.SGLANG_DISAGGREGATION_QUEUE_SIZE=1"
+    call("--points", "2", "--control-point", "1", "--repeats", "1", "--variant", f"threads8={threads}",
+         "--results", str(out / "gpu-serving-v2.json"))
+    assert flags[-1].endswith(threads)
+    assert "| 8b/0g/tiny | shared | 4096 | 2 | threads8 | 1 |" in (out / "gpu-serving-v2.md").read_text()
     call("--setup", "colocated", "--points", "2", "--control-point", "1", "--repeats", "1",
          "--results", str(out / "gpu-serving-v2.json"))  # one plain server, no split
     both = json.loads((out / "gpu-serving-v2.json").read_text())
