@@ -251,6 +251,14 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
         in text and "| page16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in text
     with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
         ss._workload("2k2k@page16=2048:2048")
+    variant = argparse.Namespace
+    assert ss._variant(variant(page_size=64, variant="")) == ("page64", "+engine.extra_args.page_size=64")
+    assert ss._variant(variant(page_size=0, variant="t8=+engine.env.A=1 +engine.env.B=2")) == \
+        ("t8", "+engine.env.A=1 +engine.env.B=2")
+    for page, text, says in ((16, "t8=+engine.env.A=1", "not both"), (0, "T 8=+x=1", "NAME=OVERRIDES"),
+                             (0, "t8=", "NAME=OVERRIDES")):
+        with pytest.raises(SystemExit, match=says):
+            ss._variant(variant(page_size=page, variant=text))
 
 
 def test_a_server_start_is_counted_against_the_wall_not_the_load_budget():
