@@ -183,6 +183,9 @@ def _judge_pair(cells: list[dict], starts: list[dict], ss, us, control, tol: flo
     clash = overlapping_cells(both)
     if clash:
         void.append(f"setups measured at the same time on one host: {clash[:3]}")
+    flags = sorted({str(c.get("server_flags")) for c in both})
+    if len(flags) > 1:
+        void.append(f"cells run with different server flags: {flags}")
     return {**cmp, "splits": {"shared": ss, "unshared": us}, "unshared_pool_limit_requests": rounded(limit, 1),
             "void": void}
 

@@ -72,7 +72,9 @@ class Call:
     t_start: float = field(default_factory=time.monotonic)
 
     def cells(self) -> list[dict]:
-        return self.known["cells"] + self.part["cells"]
+        """The cells measured so far with this call's server flags: a cell of other flags is measured again
+        (the newer replaces it when merged), and neither its verdicts nor its rates steer this call."""
+        return [c for c in self.known["cells"] + self.part["cells"] if c.get("server_flags") == self.args.server_flags]
 
     def done(self, cid: str) -> bool:
         return any(c["id"] == cid for c in self.cells())
@@ -102,7 +104,8 @@ def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> 
     c = {"model": args.tag, "free_gib": args.free_gib, "workload": args.workload_name, "input_len": args.inp,
          "output_len": args.outp, "range_ratio": args.range_ratio, "setup": args.setup, "split": split,
          "phase": phase, "load": load, "point": point, "repeat": repeat, "seed": args.seed * 1000 + repeat,
-         "control_point": args.control_point, "trim": args.trim, "variant": args.variant_name,
+         "control_point": args.control_point, "trim": args.trim, "server_flags": args.server_flags,
+         "variant": args.variant_name,
          "variant_overrides": args.variant_overrides,
          "slo": {"ttft_s": args.ttft_slo_s, "itl_s": args.itl_slo_ms / 1000}}
     c["id"] = cell_id(c)

@@ -160,7 +160,7 @@ def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft
                    window=120.0):
     args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k", inp=2048, outp=2048, range_ratio=0.5,
                               setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0,
-                              variant_name=None, variant_overrides=None)
+                              variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS)
     load = "rate" if phase == "goodput" else "concurrency"
     c = ss.cell_base(args, split, phase, load, point, repeat)
     duration = sm.load_seconds(window, 0.15)
@@ -207,6 +207,15 @@ def test_a_clean_comparison_gives_the_headline_numbers():
     assert res["goodput_ratio_14b_2k2k"] is None and res["feasibility_24b_unshared"] is None  # not measured
     assert res["groups"]["14b/77g/2k2k"]["setups"]["shared"]["concurrency_at_slo"]["65536"] == 64
     assert "| 64 | 3 | 1523.0 |" in sr.render_markdown(res)
+
+
+def test_setups_run_with_different_server_flags_are_not_compared():
+    cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
+    cells[-1]["server_flags"] += " +engine.extra_args.page_size=16"
+    starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
+    res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
+    assert res["throughput_ratio_14b_2k2k"] is None
+    assert any("different server flags" in why for why in res["void"]["14b/77g/2k2k tuned"])
 
 
 def test_tuning_cells_alone_show_in_the_tables():
@@ -567,7 +576,7 @@ def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tm
     args = argparse.Namespace(tag="8b", free_gib=0.0, workload_name="tiny", inp=100, outp=30, range_ratio=0.5,
                               setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
                               window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6,
-                              variant_name=None, variant_overrides=None)
+                              variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS)
     fake = argparse.Namespace(port=stream_server.port, log=stream_server.log, name="decode", role="decode")
     deadline = time.monotonic() + 30
     while len(stream_server.log.read_text().splitlines()) < 3:  # a few log lines before the load
@@ -643,6 +652,14 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     assert g["goodput_req_s"] == 40.0 and not g["bracketed"]  # every rate passed, up to --rate-max
     call("--points", "2", "--repeats", "3", "--budget-s", "0.1", "--results", str(out / "gpu-serving-v2.json"))
     assert len(json.loads((out / "gpu-serving-v2.json").read_text())["cells"]) == len(final["cells"])
+    other = sv.SERVER_FLAGS + " +engine.extra_args.enable_metrics=true"  # other flags: the cells are measured again
+    call("--points", "2", "--control-point", "1", "--repeats", "1", "--server-flags", other,
+         "--results", str(out / "gpu-serving-v2.json"))
+    again = json.loads((out / "gpu-serving-v2.json").read_text())
+    remeasured = {c["id"] for c in again["cells"] if c["server_flags"] == other}
+    assert remeasured == {"8b|0g|tiny|shared|4096|sweep|conc1|r0", "8b|0g|tiny|shared|4096|sweep|conc2|r0"}
+    assert len(again["cells"]) == len(final["cells"]) and len(again["replaced"]) == 2  # the newer replaced them
+    final = again
     # a start with no room for a cell after it (120 s expected by default, 30 s kept for the files) is not made
     call("--points", "2", "--repeats", "4", "--wall-s", "100", "--results", str(out / "gpu-serving-v2.json"))
     assert len(json.loads((out / "gpu-serving-v2.json").read_text())["starts"]) == len(final["starts"])
