@@ -44,7 +44,7 @@ def merge_docs(docs: Iterable[dict]) -> dict:
             if old is not None and old["t_start_epoch"] != c["t_start_epoch"]:
                 newer, older = (c, old) if c["t_start_epoch"] > old["t_start_epoch"] else (old, c)
                 replaced.append({"id": older["id"], "t_start_epoch": older["t_start_epoch"],
-                                 "output_tok_s": older["output_tok_s"]})
+                                 "output_tok_s": older["output_tok_s"], "server_flags": older.get("server_flags")})
                 c = newer
             cells[c["id"]] = c
     unique = {(r["id"], r["t_start_epoch"]): r for r in replaced}
@@ -183,9 +183,6 @@ def _judge_pair(cells: list[dict], starts: list[dict], ss, us, control, tol: flo
     clash = overlapping_cells(both)
     if clash:
         void.append(f"setups measured at the same time on one host: {clash[:3]}")
-    flags = sorted({str(c.get("server_flags")) for c in both})
-    if len(flags) > 1:
-        void.append(f"cells run with different server flags: {flags}")
     return {**cmp, "splits": {"shared": ss, "unshared": us}, "unshared_pool_limit_requests": rounded(limit, 1),
             "void": void}
 
@@ -284,6 +281,16 @@ def card_slug(gpu_name: str) -> str:
     return m.group(1).lower() if m else "gpu"
 
 
+def current_flags(cells: list[dict], starts: list[dict]) -> tuple[list[dict], list[dict], int]:
+    """A group's cells and starts of its newest server flags, and how many cells of other flags were left out: a
+    change of flags starts the group's method over (its tuning, sweeps and goodput alike), never mixes with it."""
+    newest = max(cells, key=lambda c: c["t_start_epoch"], default=None) or max(starts, key=lambda s: s["t_epoch"],
+                                                                                default={})
+    flags = newest.get("server_flags")
+    kept = [c for c in cells if c.get("server_flags") == flags]
+    return kept, [s for s in starts if s.get("server_flags") == flags], len(cells) - len(kept)
+
+
 def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
     """The results file: the issue's top-level keys (null where not measured, or void: `void` says why), every
     group's summary, and the merged cells and starts they come from."""
@@ -298,9 +305,13 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
     for (model, free, workload), cs in sorted(groups.items()):
         st = [s for s in doc["starts"] if (s["model"], round(s["free_gib"])) == (model, free)
               and workload in s.get("workloads", [workload])]  # a variant's starts are its own
-        summaries[group_name(model, free, workload)] = group_summary(cs, st, need_repeats, tol) if cs else \
+        cs, st, older = current_flags(cs, st)
+        summary = group_summary(cs, st, need_repeats, tol) if cs else \
             {"setups": {}, "comparisons": {}, "deviations": [],
              "headline": {"unshared_outcome": _unshared_outcome(_setup_summary([], st, "unshared"))}}
+        if older:
+            summary["deviations"].append(f"{older} cells run with older server flags left out (they stay in the file)")
+        summaries[group_name(model, free, workload)] = summary
     out: dict = {"schema": "serving-v2"}
     void, labels, ratios, repeats = {}, [], [], []
     for key, (model, free, workload, what) in HEADLINE.items():
@@ -368,35 +379,41 @@ def base_workload(c: dict) -> str:
 
 
 def variant_lines(cells: list[dict]) -> list[str]:
-    """Variants (issue 22 item 5: SGLang's page size, the KV transfer's threads) beside the method's own setup at
-    the same setup, split and point, with what the KV transfer did."""
-    if not any(c.get("variant") for c in cells):
+    """Variants (issue 22 item 5: SGLang's page size, the KV transfer's threads) each beside the method's own setup
+    at the same setup, split, phase and point, run with the flags the variant added its overrides to."""
+    variants = [c for c in cells if c.get("variant")]
+    if not variants:
         return []
-    by_key: dict[tuple, list[dict]] = defaultdict(list)
-    for c in cells:
-        key = (c["model"], round(c["free_gib"]), base_workload(c), c["setup"], str(c["split"]), c["phase"], c["point"])
-        by_key[key].append(c)
-    lines = ["", "## Variants (beside the method's own setup; page size 1 unless a variant sets it)", ""]
-    lines += [f"- `{name}`: `{overrides}`" for name, overrides in
-              sorted({(c["variant"], c.get("variant_overrides")) for c in cells if c.get("variant")})]
-    lines += ["", "| model/GiB/workload | setup | split | point | variant | n | out tok/s | TTFT p99 ms "
+    pairs: dict[tuple, list[dict]] = defaultdict(list)
+    for c in variants:
+        pairs[(*_where(c), c["variant"], c.get("variant_overrides"))].append(c)
+    lines = ["", "## Variants (beside the method's own setup at the flags they were added to; page size 1 unless a "
+             "variant sets it)", ""]
+    lines += [f"- `{name}`: `{overrides}`" for name, overrides in sorted({k[-2:] for k in pairs}, key=str)]
+    lines += ["", "| model/GiB/workload | setup | split | phase | point | variant | n | out tok/s | TTFT p99 ms "
               "| in transfer mean/max | prefill in flight mean/max | prefill pool use mean/max |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, cs in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        if len({c.get("variant") for c in cs}) < 2:
-            continue  # measured in one form only: nothing to compare
-        for name in sorted({c.get("variant") or "" for c in cs}):
-            lines.append(_variant_row(key, name, [c for c in cs if (c.get("variant") or "") == name]))
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, vs in sorted(pairs.items(), key=lambda kv: str(kv[0])):
+        *where, name, overrides = key
+        base = vs[0]["server_flags"].removesuffix(f" {overrides}")
+        defaults = [c for c in cells if not c.get("variant") and _where(c) == tuple(where)
+                    and c.get("server_flags") == base]
+        if defaults:  # else nothing to compare it with (yet)
+            lines += [_variant_row(tuple(where), "default", defaults), _variant_row(tuple(where), name, vs)]
     return lines
 
 
-def _variant_row(key: tuple, name: str, cs: list[dict]) -> str:
-    model, free, base, setup, split, _, point = key
+def _where(c: dict) -> tuple:
+    return c["model"], round(c["free_gib"]), base_workload(c), c["setup"], str(c["split"]), c["phase"], c["point"]
+
+
+def _variant_row(where: tuple, name: str, cs: list[dict]) -> str:
+    model, free, base, setup, split, phase, point = where
 
     def stat(role: str, name: str) -> float | None:
         return _mean([c.get("server_stats", {}).get(role, {}).get(name) for c in cs], 2)
 
-    cols = [f"{model}/{free}g/{base}", setup, split, f"{point:g}", name or "default", len(cs),
+    cols = [f"{model}/{free}g/{base}", setup, split, phase, f"{point:g}", name, len(cs),
             _mean([c.get("output_tok_s") for c in cs], 1), _mean([c.get("ttft_ms_p99") for c in cs], 1),
             f"{stat('decode', 'decode_in_transfer_mean')}/{stat('decode', 'decode_in_transfer_max')}",
             f"{stat('prefill', 'prefill_inflight_mean')}/{stat('prefill', 'prefill_inflight_max')}",

@@ -190,7 +190,8 @@ def _rate_hi(call: Call, split) -> float:
     sweep = _mine(call, split, "sweep") or _mine(call, split, "tune")
     if not sweep:
         raise SystemExit(f"[bench] goodput of {call.args.setup} at split {split} needs --rate-hi, or this setup's "
-                         "sweep (or tune) at that split first: the search starts from its saturated throughput")
+                         "sweep (or tune) at that split first, run with this call's server flags: the search starts "
+                         "from its saturated throughput")
     best = max(statistics.fmean(reps.values()) for reps in by_point(sweep).values())
     return round(best / mean_lengths(call.args.inp, call.args.outp, call.args.range_ratio)[1], 3)
 
@@ -200,7 +201,7 @@ def record_start(call: Call, split, servers: list[Server], reports: list[dict], 
     a = call.args
     start = {"id": f"{a.tag}|{a.free_gib:g}g|{a.setup}|{split}|{time.time():.0f}", "model": a.tag,
              "free_gib": a.free_gib, "setup": a.setup, "split": split, "workloads": [a.workload_name],
-             "variant": a.variant_name, "variant_overrides": a.variant_overrides,
+             "server_flags": a.server_flags, "variant": a.variant_name, "variant_overrides": a.variant_overrides,
              "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
     models = [s for s in servers if s.role != "router"]
     if error is None:
@@ -295,6 +296,7 @@ def _load_known(paths: list[str]) -> dict:
 
 def cmd_run(a) -> None:
     a.inp, a.outp = a.lengths
+    a.server_flags = " ".join(a.server_flags.split())  # one spelling per set of flags: cells compare them
     a.variant_name, a.variant_overrides = _variant(a)
     if a.variant_name:  # apart from the method's cells, under its own workload name
         a.workload_name += f"{VARIANT_MARK}{a.variant_name}"
@@ -313,6 +315,10 @@ def cmd_run(a) -> None:
     out.mkdir(parents=True, exist_ok=True)
     a.part_name = f"serving-v2-part-{a.tag}-{a.setup}-{a.phase}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     call = Call(a, _load_known(a.results))
+    if a.variant_name and (other := {c.get("variant_overrides") for c in call.known["cells"]
+                                     if c.get("variant") == a.variant_name} - {a.variant_overrides}):
+        raise SystemExit(f"[bench] variant {a.variant_name!r} was measured with other overrides ({sorted(other)}): "
+                         "give this one another name")
     ballast = Ballast(a.free_gib) if a.free_gib else None
     a.ballast_info = ballast and {"free_gib": ballast.free_gib, "card_gib": ballast.total_gib,
                                   "held_gib": ballast.held_gib}
@@ -358,13 +364,27 @@ def _variant(a: argparse.Namespace) -> tuple[str | None, str | None]:
     if a.page_size and a.variant:
         raise SystemExit("[bench] --page-size is the variant 'page<N>': give it or --variant, not both")
     if a.page_size:
-        return f"page{a.page_size}", f"+engine.extra_args.page_size={a.page_size}"
+        return f"page{a.page_size}", _overrides(f"+engine.extra_args.page_size={a.page_size}", a.server_flags)
     if not a.variant:
         return None, None
     name, _, overrides = a.variant.partition("=")
     if not re.fullmatch(r"[a-z0-9_]+", name) or not overrides.strip():
         raise SystemExit(f"[bench] --variant is NAME=OVERRIDES (NAME of a-z, 0-9, _), not {a.variant!r}")
-    return name, overrides.strip()
+    return name, _overrides(overrides, a.server_flags)
+
+
+def _overrides(text: str, server_flags: str) -> str:
+    """A variant's overrides as launch.py will get them (split at spaces): each one `+key=value` with no quote or
+    space in it, and no key that the server flags already set (Hydra would refuse to add it again, at start)."""
+    tokens = text.split()
+    bad = [t for t in tokens if not re.fullmatch(r"\+{1,2}[\w.]+=[^'\"\s]*", t)]
+    if bad:
+        raise SystemExit(f"[bench] a variant's overrides are +key=value with no quotes or spaces: {bad}")
+    keys = {t.lstrip("+").partition("=")[0] for t in server_flags.split()}
+    if again := [t for t in tokens if t.lstrip("+").partition("=")[0] in keys]:
+        raise SystemExit(f"[bench] the server flags set {again} already: change them there (--server-flags), not "
+                         "in a variant")
+    return " ".join(tokens)
 
 
 def _workload(text: str) -> tuple[str, tuple[int, int]]:

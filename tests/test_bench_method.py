@@ -176,7 +176,8 @@ def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft
 
 def start(setup, split, pool, free=77.0):
     return {"id": f"{setup}-{split}", "model": "14b", "free_gib": free, "setup": setup, "split": split,
-            "workloads": ["2k2k"], "t_epoch": 0, "decode_pool_tokens": pool, "error": None}
+            "workloads": ["2k2k"], "t_epoch": 0, "decode_pool_tokens": pool, "error": None,
+            "server_flags": sv.SERVER_FLAGS}
 
 
 SHARED = {8: 400.0, 16: 760.0, 32: 1300.0, 48: 1500.0, 64: 1520.0}
@@ -209,13 +210,15 @@ def test_a_clean_comparison_gives_the_headline_numbers():
     assert "| 64 | 3 | 1523.0 |" in sr.render_markdown(res)
 
 
-def test_setups_run_with_different_server_flags_are_not_compared():
+def test_a_change_of_server_flags_starts_a_group_over():
+    """Cells of other flags are never compared: the newest flags' cells are the group's, the rest are counted."""
     cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
-    cells[-1]["server_flags"] += " +engine.extra_args.page_size=16"
+    cells[-1]["server_flags"] += " +engine.extra_args.page_size=16"  # the newest cell
     starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
     res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
-    assert res["throughput_ratio_14b_2k2k"] is None
-    assert any("different server flags" in why for why in res["void"]["14b/77g/2k2k tuned"])
+    group = res["groups"]["14b/77g/2k2k"]
+    assert res["throughput_ratio_14b_2k2k"] is None and list(group["setups"]) == ["unshared"]
+    assert "29 cells run with older server flags left out (they stay in the file)" in group["deviations"]
 
 
 def test_tuning_cells_alone_show_in_the_tables():
@@ -233,7 +236,9 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     method's comparison; the table puts them beside the default's cells of the same setup, split and point, with
     what the KV transfer did."""
     def as_variant(c, name):
-        c.update(workload=f"2k2k@{name}", variant=name, variant_overrides="+engine.extra_args.page_size=16")
+        overrides = "+engine.extra_args.page_size=16"
+        c.update(workload=f"2k2k@{name}", variant=name, variant_overrides=overrides,
+                 server_flags=f"{c['server_flags']} {overrides}")
         c["id"] = sr.cell_id(c)
         return c
 
@@ -256,18 +261,30 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     assert set(res["groups"]) == {"14b/77g/2k2k", "14b/77g/2k2k@page16"}
     text = sr.render_markdown(res).split("## Variants")[1]
     assert "- `page16`: `+engine.extra_args.page_size=16`" in text
-    assert "| 14b/77g/2k2k | shared | 65536 | 64 | default | 1 | 1910.8 | 500.0 | 4.8/20.0 | None/None | 0.25/0.92 |" \
-        in text and "| page16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in text
+    assert "| 14b/77g/2k2k | shared | 65536 | tune | 64 | default | 1 | 1910.8 | 500.0 | 4.8/20.0 | None/None " \
+        "| 0.25/0.92 |" in text and "| tune | 64 | page16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in text
+    base = tuned(None, 1.0, 1.0, repeat=1)  # measured after the variant, with other flags
+    base["server_flags"] += " +engine.extra_args.enable_metrics=true"
+    res = sr.build_results({"cells": [tuned(None, 1910.8, 4.8), tuned("page16", 2100.0, 1.2), base],
+                            "starts": [], "environments": []})
+    text = sr.render_markdown(res).split("## Variants")[1]  # the variant was added to the older flags: beside them
+    assert "| 64 | default | 1 | 1910.8 |" in text and "| 64 | page16 | 1 | 2100.0 |" in text
+    assert "1 cells run with older server flags left out (they stay in the file)" in \
+        res["groups"]["14b/77g/2k2k"]["deviations"]
     with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
         ss._workload("2k2k@page16=2048:2048")
-    variant = argparse.Namespace
-    assert ss._variant(variant(page_size=64, variant="")) == ("page64", "+engine.extra_args.page_size=64")
-    assert ss._variant(variant(page_size=0, variant="t8=+engine.env.A=1 +engine.env.B=2")) == \
-        ("t8", "+engine.env.A=1 +engine.env.B=2")
-    for page, text, says in ((16, "t8=+engine.env.A=1", "not both"), (0, "T 8=+x=1", "NAME=OVERRIDES"),
-                             (0, "t8=", "NAME=OVERRIDES")):
+    def variant(page_size, variant, server_flags=sv.SERVER_FLAGS):
+        return argparse.Namespace(page_size=page_size, variant=variant, server_flags=server_flags)
+
+    assert ss._variant(variant(64, "")) == ("page64", "+engine.extra_args.page_size=64")
+    assert ss._variant(variant(0, "t8=+engine.env.A=1  +engine.env.B=2")) == ("t8", "+engine.env.A=1 +engine.env.B=2")
+    for v, says in ((variant(16, "t8=+engine.env.A=1"), "not both"), (variant(0, "T 8=+x=1"), "NAME=OVERRIDES"),
+                    (variant(0, "t8="), "NAME=OVERRIDES"), (variant(0, 't8=+engine.env.A="a b"'), "no quotes"),
+                    (variant(0, "t8=engine.env.A=1"), "no quotes"),  # not +key=value
+                    (variant(0, "t8=+engine.extra_args.attention_backend=fa3"), "set .* already"),
+                    (variant(16, "", f"{sv.SERVER_FLAGS} +engine.extra_args.page_size=16"), "set .* already")):
         with pytest.raises(SystemExit, match=says):
-            ss._variant(variant(page_size=page, variant=text))
+            ss._variant(v)
 
 
 def test_a_server_start_is_counted_against_the_wall_not_the_load_budget():
@@ -329,7 +346,8 @@ def test_merging_parts_keeps_the_newer_of_a_cell_measured_twice():
     other = synthetic_cell("unshared", 16, 0, 690.0, t0=300)
     merged = sr.merge_docs([{"cells": [new]}, {"cells": [old, other]}])
     assert [c["output_tok_s"] for c in merged["cells"]] == [720.0, 690.0]
-    assert merged["replaced"] == [{"id": old["id"], "t_start_epoch": 100, "output_tok_s": 700.0}]
+    assert merged["replaced"] == [{"id": old["id"], "t_start_epoch": 100, "output_tok_s": 700.0,
+                                   "server_flags": sv.SERVER_FLAGS}]
     assert old["id"] == "14b|77g|2k2k|shared|65536|sweep|conc16|r0"
 
 
@@ -677,7 +695,7 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     call("--points", "2", "--control-point", "1", "--repeats", "1", "--variant", f"threads8={threads}",
          "--results", str(out / "gpu-serving-v2.json"))
     assert flags[-1].endswith(threads)
-    assert "| 8b/0g/tiny | shared | 4096 | 2 | threads8 | 1 |" in (out / "gpu-serving-v2.md").read_text()
+    assert "| 8b/0g/tiny | shared | 4096 | sweep | 2 | threads8 | 1 |" in (out / "gpu-serving-v2.md").read_text()
     call("--setup", "colocated", "--points", "2", "--control-point", "1", "--repeats", "1",
          "--results", str(out / "gpu-serving-v2.json"))  # one plain server, no split
     both = json.loads((out / "gpu-serving-v2.json").read_text())
