@@ -409,22 +409,15 @@ def _where(c: dict) -> tuple:
 
 def _variant_row(where: tuple, name: str, cs: list[dict]) -> str:
     model, free, base, setup, split, phase, point = where
+    (r,) = point_rows(cs)  # the cells of one point: their means as the sweeps' tables have them
 
-    def stat(role: str, name: str) -> float | None:
-        return _mean([c.get("server_stats", {}).get(role, {}).get(name) for c in cs], 2)
+    def mean_max(role: str, stat: str) -> str:
+        return f"{r.get(role, {}).get(stat + '_mean')}/{r.get(role, {}).get(stat + '_max')}"
 
-    cols = [f"{model}/{free}g/{base}", setup, split, phase, f"{point:g}", name, len(cs),
-            _mean([c.get("output_tok_s") for c in cs], 1), _mean([c.get("ttft_ms_p99") for c in cs], 1),
-            f"{stat('decode', 'decode_in_transfer_mean')}/{stat('decode', 'decode_in_transfer_max')}",
-            f"{stat('prefill', 'prefill_inflight_mean')}/{stat('prefill', 'prefill_inflight_max')}",
-            f"{stat('prefill', 'prefill_pool_use_mean')}/{stat('prefill', 'prefill_pool_use_max')}"]
+    cols = [f"{model}/{free}g/{base}", setup, split, phase, f"{point:g}", name, r["repeats"], r["output_tok_s"],
+            r["ttft_ms_p99"], mean_max("decode", "decode_in_transfer"), mean_max("prefill", "prefill_inflight"),
+            mean_max("prefill", "prefill_pool_use")]
     return "| " + " | ".join(str(c) for c in cols) + " |"
-
-
-def _mean(values: list, nd: int) -> float | None:
-    """Mean of what was measured (a cell whose window saw no first token has no TTFT)."""
-    known = [v for v in values if v is not None]
-    return rounded(statistics.fmean(known), nd) if known else None
 
 
 def _environment(e: dict) -> str:
