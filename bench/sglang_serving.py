@@ -52,9 +52,8 @@ from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, l
                             passes, request_specs, rounded, steady_window, window_latencies, window_tokens)
 from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, card_slug, cell_id, merge_docs,
                              render_markdown)
-from serving_servers import (SERVER_FLAGS, Ballast, Server, environment, greedy_probe, head_commit, plain_tokens,
-                             process_gpu_mib, read_from, server_gpu_mib, start_setup, wait_quiet)
-from serving_servers import free_port  # the tests' helper, which serving_servers puts on the path
+from serving_servers import (SERVER_FLAGS, Ballast, Server, environment, free_port, greedy_probe, head_commit,
+                             plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup, wait_quiet)
 
 PHASES = ("sweep", "tune", "goodput")
 
