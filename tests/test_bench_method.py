@@ -260,7 +260,7 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     assert res["void"] == {} and len(res["control_ratios"]) == 3  # its voided control included
     assert set(res["groups"]) == {"14b/77g/2k2k", "14b/77g/2k2k@page16"}
     text = sr.render_markdown(res).split("## Variants")[1]
-    assert "- `page16`: `+engine.extra_args.page_size=16`" in text
+    assert f"- `page16`: `+engine.extra_args.page_size=16`, added to `{sv.SERVER_FLAGS}`" in text
     assert "| 14b/77g/2k2k | shared | 65536 | tune | 64 | default | 1 | 1910.8 | 500.0 | 4.8/20.0 | None/None " \
         "| 0.25/0.92 |" in text and "| tune | 64 | page16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in text
     base = tuned(None, 1.0, 1.0, repeat=1)  # measured after the variant, with other flags
@@ -273,7 +273,9 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
         res["groups"]["14b/77g/2k2k"]["deviations"]
     with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
         ss._workload("2k2k@page16=2048:2048")
-    def variant(page_size, variant, server_flags=sv.SERVER_FLAGS):
+    page1 = sv.SERVER_FLAGS.replace(" +engine.extra_args.page_size=64", "")  # the flags the variants were run on
+
+    def variant(page_size, variant, server_flags=page1):
         return argparse.Namespace(page_size=page_size, variant=variant, server_flags=server_flags)
 
     assert ss._variant(variant(64, "")) == ("page64", "+engine.extra_args.page_size=64")
@@ -282,7 +284,8 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
                     (variant(0, "t8="), "NAME=OVERRIDES"), (variant(0, 't8=+engine.env.A="a b"'), "no quotes"),
                     (variant(0, "t8=engine.env.A=1"), "no quotes"),  # not +key=value
                     (variant(0, "t8=+engine.extra_args.attention_backend=fa3"), "set .* already"),
-                    (variant(16, "", f"{sv.SERVER_FLAGS} +engine.extra_args.page_size=16"), "set .* already")):
+                    (variant(16, "", f"{page1} +engine.extra_args.page_size=16"), "set .* already"),
+                    (variant(16, "", sv.SERVER_FLAGS), "set .* already")):  # the method's flags set a page size
         with pytest.raises(SystemExit, match=says):
             ss._variant(v)
 
@@ -340,7 +343,7 @@ def test_fewer_repeats_and_short_windows_are_listed_as_deviations():
     assert res["repeats"] == 2
 
 
-def test_merging_parts_keeps_the_newer_of_a_cell_measured_twice():
+def test_merging_parts_keeps_the_newer_of_a_cell_measured_twice_with_the_same_flags():
     old = synthetic_cell("shared", 16, 0, 700.0, t0=100)
     new = synthetic_cell("shared", 16, 0, 720.0, t0=200)
     other = synthetic_cell("unshared", 16, 0, 690.0, t0=300)
@@ -349,6 +352,10 @@ def test_merging_parts_keeps_the_newer_of_a_cell_measured_twice():
     assert merged["replaced"] == [{"id": old["id"], "t_start_epoch": 100, "output_tok_s": 700.0,
                                    "server_flags": sv.SERVER_FLAGS}]
     assert old["id"] == "14b|77g|2k2k|shared|65536|sweep|conc16|r0"
+    page1 = synthetic_cell("shared", 16, 0, 600.0, t0=50)  # the same cell with other flags: kept beside, since a
+    page1["server_flags"] = "+engine.extra_args.attention_backend=triton"  # variant added to them compares with it
+    merged = sr.merge_docs([merged, {"cells": [page1]}])
+    assert [c["output_tok_s"] for c in merged["cells"]] == [600.0, 720.0, 690.0] and len(merged["replaced"]) == 1
 
 
 def test_feasibility_reports_what_the_unshared_setup_did():
@@ -676,7 +683,9 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     again = json.loads((out / "gpu-serving-v2.json").read_text())
     remeasured = {c["id"] for c in again["cells"] if c["server_flags"] == other}
     assert remeasured == {"8b|0g|tiny|shared|4096|sweep|conc1|r0", "8b|0g|tiny|shared|4096|sweep|conc2|r0"}
-    assert len(again["cells"]) == len(final["cells"]) and len(again["replaced"]) == 2  # the newer replaced them
+    assert len(again["cells"]) == len(final["cells"]) + 2 and not again.get("replaced")  # the older flags' stay
+    assert "6 cells run with older server flags left out (they stay in the file)" in \
+        again["groups"]["8b/card/tiny"]["deviations"]  # the 4 sweep and 2 goodput cells of the first flags
     final = again
     # a start with no room for a cell after it (120 s expected by default, 30 s kept for the files) is not made
     call("--points", "2", "--repeats", "4", "--wall-s", "100", "--results", str(out / "gpu-serving-v2.json"))
@@ -684,10 +693,11 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     call("--points", "2", "--repeats", "4", "--wall-s", "100", "--start-s", "5",
          "--results", str(out / "gpu-serving-v2.json"))
     assert len(json.loads((out / "gpu-serving-v2.json").read_text())["starts"]) == len(final["starts"]) + 1
-    call("--points", "2", "--control-point", "1", "--repeats", "1", "--page-size", "16",
+    page1 = sv.SERVER_FLAGS.replace(" +engine.extra_args.page_size=64", "")  # the method's flags set a page size
+    call("--points", "2", "--control-point", "1", "--repeats", "1", "--page-size", "16", "--server-flags", page1,
          "--results", str(out / "gpu-serving-v2.json"))
     paged = json.loads((out / "gpu-serving-v2.json").read_text())
-    assert flags[-1].endswith(" +engine.extra_args.page_size=16") and "page_size" not in flags[0]
+    assert flags[-1].endswith(" +engine.extra_args.page_size=16") and "page_size=16" not in flags[0]
     assert {c["id"] for c in paged["cells"] if c["variant"] == "page16"} == \
         {"8b|0g|tiny@page16|shared|4096|sweep|conc1|r0", "8b|0g|tiny@page16|shared|4096|sweep|conc2|r0"}
     assert paged["starts"][-1]["workloads"] == ["tiny@page16"] and "8b/card/tiny@page16" in paged["groups"]
@@ -781,3 +791,23 @@ def test_the_committed_h100_recovery_results_are_what_their_logs_say(results, lo
         assert again[key] == committed[key], key
     assert again["raw"]["decode_answers"] > 0 and committed["raw"]["decode_answers"] > 0
     assert again["all_adopted"] and again["readopt_weight_bytes"] == 0 and again["refilled"]
+
+
+def test_the_report_sets_tuning_points_side_by_side_and_names_whose_count_a_weight_is():
+    """Before any sweep, the report says where a run stands (labelled: not the method's ratio), and an unshared
+    server's weights are SGLang's own count, since sharedcache is off there."""
+    cells = [synthetic_cell("shared", 64, 0, 2341.7, split=32768, phase="tune"),
+             synthetic_cell("unshared", 64, 0, 1368.1, split=16384, phase="tune")]
+    starts = [dict(start("shared", 32768, 202816), servers={
+                  "shared-32768-prefill": {"gpu_memory_mib": 34952, "weight_bytes_allocated": 29056040960,
+                                           "kv_pool_tokens": 32768, "memory_usage_gb": {"weight": 27.061}}}),
+              dict(start("unshared", 16384, 68736), servers={
+                  "unshared-16384-decode": {"gpu_memory_mib": 41986, "weight_bytes_allocated": None,
+                                            "kv_pool_tokens": 68736, "memory_usage_gb": {"weight": 27.125}}})]
+    res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
+    assert res["throughput_ratio_14b_2k2k"] is None  # one point is no sweep
+    text = sr.render_markdown(res)
+    assert "- tuning point 64, shared / unshared at their tuned splits: 1.71 (2341.7 / 1368.1 tok/s, n 1/1; " \
+           "not the method's ratio" in text
+    assert "prefill 34952 MiB (weights 27.06 GiB, KV pool 32768 tokens)" in text
+    assert "decode 41986 MiB (weights 27.12 GiB by SGLang's count, KV pool 68736 tokens)" in text
