@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # one free_port and one SGLang request helper for tests and benchmarks
 from helpers import free_port, sglang_healthy, sglang_request  # noqa: E402
 SERVER_FLAGS = ("+engine.extra_args.attention_backend=triton +engine.extra_args.sampling_backend=pytorch "
-                "+engine.extra_args.grammar_backend=none +engine.extra_args.disable_prefill_cuda_graph=true")
+                "+engine.extra_args.grammar_backend=none +engine.extra_args.disable_prefill_cuda_graph=true "
+                "+engine.extra_args.page_size=64")
 
 
 # ---------------------------------------------------------------- servers (launch.py), ballast, probes
