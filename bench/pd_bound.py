@@ -26,8 +26,11 @@ no time is counted for switching between the two processes.
     python bench/pd_bound.py --one-batch bench/results/h200-sglang-one-batch-triton.jsonl \
         --serving bench/results/h200-sglang-serving-nvlink.json \
         [--decode-log shared=shared-2.log --decode-log unshared=unshared-2.log --prefill-log shared=shared-1.log ...]
-    python bench/pd_bound.py --one-batch one-batch-14b.jsonl --serving bench/results/h100-serving-v2.json \
-        --group 14b/77g/2k2k --one-batch-input 2048
+    python bench/pd_bound.py --one-batch bench/results/h100-sglang-one-batch-14b-triton.jsonl \
+        --serving bench/results/h100-serving-v2.json --group 14b/77g/2k2k [--concurrency 64]
+
+In a v2 file the requests in transfer are the served cell's steady-window mean; `--concurrency` caps the batch
+at a closed-loop point's clients (a bound for that point rather than for saturation).
 """
 from __future__ import annotations
 
@@ -138,9 +141,10 @@ def mean_in_transfer(decode_log: str, full: float = 0.9) -> float | None:
 
 
 def band(sources: dict[str, dict[int, float]], pools: dict[str, int], inp: float, out: float,
-         held: dict[str, list[float]], reserve: int = RESERVED_DECODE_TOKENS) -> dict:
+         held: dict[str, list[float]], reserve: int = RESERVED_DECODE_TOKENS, concurrency: int = 0) -> dict:
     """Every combination of step source x admission x held slots (held[setup][k]: the k-th variant, the same k
-    for every setup), per setup the low and high throughput, and for the ratio shared / unshared."""
+    for every setup), per setup the low and high throughput, and for the ratio shared / unshared. With a
+    concurrency (a closed-loop point), no more requests decode at once than the clients keep in flight."""
     n_held = min(len(v) for v in held.values()) if held else 1
     variants = []
     for (src, steps), adm, k in itertools.product(sources.items(), ("full", "sglang"), range(n_held)):
@@ -149,6 +153,7 @@ def band(sources: dict[str, dict[int, float]], pools: dict[str, int], inp: float
         for setup, pool in pools.items():
             h = held.get(setup, [0] * n_held)[k]
             b = admitted(pool, per, h)
+            b = min(b, concurrency) if concurrency else b
             row["setups"][setup] = {"batch": b, "held": h, "tok_s": round(ceiling(steps, b, out), 1)}
         variants.append(row)
     out_: dict = {"variants": variants, "setups": {}}
@@ -176,7 +181,7 @@ def _old_format(serving: dict, workload: str) -> dict:
             served[name] = max(r["output_throughput"] for r in runs)
     if lengths is None:
         raise SystemExit(f"[bound] no {workload} run in the serving results")
-    return {"pools": pools, "inp": lengths[0], "out": lengths[1], "served": served, "held": {}}
+    return {"pools": pools, "inp": lengths[0], "out": lengths[1], "served": served, "points": {}, "held": {}}
 
 
 def _v2_format(serving: dict, group: str) -> dict:
@@ -187,19 +192,20 @@ def _v2_format(serving: dict, group: str) -> dict:
         raise SystemExit(f"[bound] no group {group!r} in the results (groups: {sorted(serving['groups'])})")
     cell = next(c for c in serving["cells"] if group_name(c["model"], c["free_gib"], c["workload"]) == group)
     inp, out = mean_lengths(cell["input_len"], cell["output_len"], cell["range_ratio"])
-    pools, served, held = {}, {}, {}
+    pools, served, held, points = {}, {}, {}, {}
     for setup in ("shared", "unshared"):
         s = g["setups"].get(setup)
         if not s or s["tuned_split"] is None or not s["decode_pool_tokens"].get(str(s["tuned_split"])):
             continue
         split = str(s["tuned_split"])
         pools[setup] = s["decode_pool_tokens"][split]
-        rows = s["sweeps"].get(split, [])
+        rows = s["sweeps"].get(split) or s["tune"].get(split, [])  # before the sweeps: the tuning point
         if rows:
             best = max(rows, key=lambda r: r["output_tok_s"])
             served[setup] = best["output_tok_s"]
+            points[setup] = best["point"]
             held[setup] = best.get("decode", {}).get("decode_in_transfer_mean")
-    return {"pools": pools, "inp": inp, "out": out, "served": served,
+    return {"pools": pools, "inp": inp, "out": out, "served": served, "points": points,
             "held": {k: v for k, v in held.items() if v is not None}}
 
 
@@ -226,16 +232,20 @@ def bound(a) -> dict:
         table = served_steps(list(decode.values()), list(prefill.values()), a.guard_s)
         if len(table) >= 2:
             sources["served"] = {0: steps[0], **table}
-    seen = {s: mean_in_transfer(text) for s, text in decode.items() if s in pools} or found["held"]
+    # a v2 cell's own steady-window count first: a whole log's saturated lines include the ramp-up, when every
+    # request is in transfer at once
+    seen = found["held"] or {s: mean_in_transfer(text) for s, text in decode.items() if s in pools}
     complete = seen.keys() == pools.keys() and all(v is not None for v in seen.values())
     held = {s: [0.0, seen[s]] if complete else [0.0] for s in pools}
     result = {"lengths": {"input": inp, "output": out}, "pools": pools, "prefill_one_request_s": steps[0],
               "decode_step_s": {src: {k: v for k, v in sorted(t.items()) if k} for src, t in sources.items()},
-              "held_in_transfer": held, **band(sources, pools, inp, out, held, a.reserve)}
+              "held_in_transfer": held, "concurrency": a.concurrency or None,
+              **band(sources, pools, inp, out, held, a.reserve, a.concurrency)}
     for setup, tput in served.items():
         b = result["setups"].get(setup)
         if b:
-            b.update({"served_tok_s": tput, "served_share_of_high": round(tput / b["high_tok_s"], 3)})
+            b.update({"served_tok_s": tput, "served_point": found["points"].get(setup),
+                      "served_share_of_high": round(tput / b["high_tok_s"], 3) if b["high_tok_s"] else None})
     if {"shared", "unshared"} <= pools.keys():  # the first version's single number, for comparison
         legacy = [ceiling(steps, pools[s] / (inp + out), out) for s in ("shared", "unshared")]
         result["legacy_saturated_ceiling_ratio"] = round(legacy[0] / legacy[1], 3)
@@ -255,6 +265,8 @@ def main() -> None:
     ap.add_argument("--prefill-log", action="append", default=[], help="SETUP=PATH of a served prefill log")
     ap.add_argument("--guard-s", type=float, default=2.0)
     ap.add_argument("--reserve", type=int, default=RESERVED_DECODE_TOKENS)
+    ap.add_argument("--concurrency", type=int, default=0, help="cap the decoding batch at a closed-loop point's "
+                    "concurrency (0: saturated, as many as the pool admits)")
     print(json.dumps(bound(ap.parse_args()), indent=2))
 
 

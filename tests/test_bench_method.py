@@ -461,7 +461,7 @@ def test_pd_bound_from_the_served_logs_of_the_committed_run():
     a = argparse.Namespace(
         one_batch=RESULTS / "h200-sglang-one-batch-triton.jsonl", serving=RESULTS / "h200-sglang-serving-nvlink.json",
         workload="long-8k", group=None, one_batch_input=0, pools="", guard_s=2.0, reserve=512, decode_log=[],
-        prefill_log=[])
+        prefill_log=[], concurrency=0)
     base = pb.bound(a)
     assert base["legacy_saturated_ceiling_ratio"] == 1.149  # the first version's number, reproduced
     tmp = {}
@@ -725,12 +725,41 @@ def test_pd_bound_reads_a_v2_results_file(tmp_path):
     path.write_text(json.dumps(res))
     a = argparse.Namespace(one_batch=RESULTS / "h200-sglang-one-batch-triton.jsonl", serving=path, workload=None,
                            group="14b/77g/2k2k", one_batch_input=7680, pools="", guard_s=2.0, reserve=512,
-                           decode_log=[], prefill_log=[])
+                           decode_log=[], prefill_log=[], concurrency=0)
     out = pb.bound(a)
     assert out["pools"] == {"shared": 300000, "unshared": 40000} and out["lengths"] == {"input": 1536, "output": 1536}
     assert out["held_in_transfer"] == {"shared": [0.0, 2.0], "unshared": [0.0, 1.0]}
     assert out["setups"]["shared"]["served_tok_s"] == pytest.approx(1523.0)
+    assert out["setups"]["shared"]["served_point"] == 64
     assert out["ratio"]["low"] <= out["ratio"]["high"] and len(out["variants"]) == 4
+    assert max(v["setups"]["shared"]["batch"] for v in out["variants"]) > 64  # the pool admits more than 64
+    a.concurrency = 64  # ... than a closed-loop point of 64 clients keeps in flight
+    capped = pb.bound(a)
+    assert max(v["setups"]["shared"]["batch"] for v in capped["variants"]) == 64
+    assert capped["setups"]["shared"]["high_tok_s"] < out["setups"]["shared"]["high_tok_s"]
+
+
+def test_pd_bound_takes_the_steady_windows_count_of_requests_in_transfer_over_a_whole_log(tmp_path):
+    """A whole decode log's saturated lines include the ramp-up, when every request is in transfer at once (62 of
+    64 in the committed 14B run): the band takes the served cell's own steady-window mean instead."""
+    cells = [synthetic_cell("shared", 64, 0, 2341.7, split=32768, phase="tune"),
+             synthetic_cell("unshared", 64, 0, 1368.1, split=16384, phase="tune")]
+    for c, held in zip(cells, (0.554, 0.425)):
+        c["server_stats"] = {"decode": {"decode_in_transfer_mean": held}}
+    res = sr.build_results({"cells": cells, "starts": [start("shared", 32768, 202816),
+                                                       start("unshared", 16384, 68736)], "environments": []})
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(res))
+    log = tmp_path / "decode.log"
+    log.write_text("[2026-12-06 09:10:47] Decode batch, #running-req: 2, #token: 198624, token usage: 0.49, "
+                   "pre-allocated usage: 0.47, #prealloc-req: 0, #transfer-req: 62, #retracted-req: 0, cuda graph: "
+                   "True, gen throughput (token/s): 2.93, #queue-req: 0\n")
+    a = argparse.Namespace(one_batch=RESULTS / "h100-sglang-one-batch-14b-triton.jsonl", serving=path,
+                           workload=None, group="14b/77g/2k2k", one_batch_input=1536, pools="", guard_s=2.0,
+                           reserve=512, decode_log=[f"shared={log}"], prefill_log=[], concurrency=0)
+    out = pb.bound(a)
+    assert out["held_in_transfer"] == {"shared": [0.0, 0.554], "unshared": [0.0, 0.425]}
+    assert out["setups"]["unshared"]["served_point"] == 64 and out["ratio"]["high"] > 1.5
 
 
 @pytest.mark.parametrize("setup", ["shared", "unshared", "colocated"])
