@@ -90,13 +90,20 @@ class Call:
     def save(self) -> Path:
         a = self.args
         out = Path(a.out)
-        (out / a.part_name).write_text(json.dumps(self.part, indent=1))
+        _write(out / a.part_name, json.dumps(self.part, indent=1))
         results = build_results(merge_docs([self.known, self.part]), a.repeats)
         card = card_slug(next((e["gpu_name"] for e in self.part["environments"] if e.get("gpu_name")), ""))
         path = out / f"{card}-serving-v2.json"
-        path.write_text(json.dumps(results, indent=1))
-        path.with_suffix(".md").write_text(render_markdown(results))
+        _write(path, json.dumps(results, indent=1))
+        _write(path.with_suffix(".md"), render_markdown(results))
         return path
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: a detached run's files are copied out by another call while it goes on."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> dict:

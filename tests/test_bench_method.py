@@ -840,3 +840,49 @@ def test_the_report_sets_tuning_points_side_by_side_and_names_whose_count_a_weig
            "not the method's ratio" in text
     assert "prefill 34952 MiB (weights 27.06 GiB, KV pool 32768 tokens)" in text
     assert "decode 41986 MiB (weights 27.12 GiB by SGLang's count, KV pool 68736 tokens)" in text
+
+
+# ---------------------------------------------------------------- bench/device/detached.sh
+
+def _detached(*args, env=None):
+    import os
+    import subprocess
+    return subprocess.run(["bash", str(REPO / "bench" / "device" / "detached.sh"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "POLL_S": "0.05", **(env or {})})
+
+
+def test_a_detached_run_outlives_its_starter_and_is_waited_for_by_later_calls(tmp_path):
+    """A serving run longer than one device call: started in a session of its own (the device machine ends a
+    call's other processes), refused a second time while it goes on, waited for by later calls that get 75 while
+    it runs and its own status once it ended."""
+    import os
+    d = tmp_path / "run"
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    started = _detached("start", d, "sh", "-c", f"echo working; read x < {fifo}; echo done > {d}/out.txt; exit 3")
+    assert started.returncode == 0, started.stderr
+    pid = int((d / "runner.pid").read_text())
+    assert os.getsid(pid) == pid != os.getsid(0)  # its own session: it survives the call's process group
+    again = _detached("start", d, "true")
+    assert again.returncode == 1 and "still going" in again.stderr
+    assert _detached("wait", d, 0).returncode == 75  # the call's time is up, the run goes on
+    with open(fifo, "w") as f:  # the run's work ends
+        f.write("x\n")
+    waited = _detached("wait", d, 60)
+    assert waited.returncode == 3 and "ended with status 3" in waited.stdout
+    assert (d / "out.txt").read_text() == "done\n" and "working" in (d / "runner.log").read_text()
+    assert _detached("start", d, "true").returncode == 0  # the next run may start once the last one ended
+
+
+def test_a_detached_run_killed_with_the_machine_is_reported_as_such(tmp_path):
+    import os
+    import signal
+    d = tmp_path / "run"
+    fifo = tmp_path / "never"
+    os.mkfifo(fifo)
+    assert _detached("start", d, "sh", "-c", f"read x < {fifo}").returncode == 0
+    os.killpg(int((d / "runner.pid").read_text()), signal.SIGKILL)  # as when the machine goes back
+    gone = _detached("wait", d, 60)
+    assert gone.returncode == 1 and "killed" in gone.stderr
+    assert _detached("wait", tmp_path / "none", 5).returncode == 2  # nothing started there
+    assert _detached("wait", d, "soon").returncode == 2 and _detached("stop", d).returncode == 2

@@ -12,10 +12,40 @@
 # (CALL_S, default 590 s) so that it ends with its files written; --budget-s counts load seconds only.
 # Out: serving-v2-part-*.json (this call's cells), <card>-serving-v2.{json,md} (all cells merged, summarised),
 # serving-<model>-<setup>-<phase>.log, serving-logs-<model>-<setup>-<phase>.tgz (the servers' logs).
+#
+# A run longer than one call (bench/device/detached.sh): --detach starts it in a session of its own with RUN_S
+# seconds of wall (default 1500; keep it inside the session's device time), waits for it while the call lasts
+# and hands back what it wrote so far; each later call `bash bench/device/sglang_serving.sh --wait`, issued at
+# once (the machine goes back 30 s after a call), waits again and hands back the same files, updated. The
+# servers start once for the whole run instead of once per call: three 171 s cells and more per call, not two.
+#   bash bench/device/sglang_serving.sh --detach 14b unshared sweep --free-gib 77 --splits 16384 ...
+#   bash bench/device/sglang_serving.sh --wait     # exit 75: still going, call again
 T0=$SECONDS
-if [ $# -lt 3 ]; then echo "usage: $0 MODEL SETUP PHASE [run arguments]" >&2; exit 2; fi
+W=/tmp/serving-v2
+collect() {  # this run's parts, the merged results and the logs so far, into $OUT
+  local tag=$1
+  cp $W/out/$card-serving-v2.json $W/latest.json 2>/dev/null
+  cp $W/out/serving-v2-part-*.json $W/out/$card-serving-v2.json $W/out/$card-serving-v2.md "$OUT"/ 2>/dev/null
+  tar -C $W/out -czf "$OUT/serving-logs-$tag.tgz" "work-${tag%-*}" 2>/dev/null
+}
+wait_run() {
+  bash bench/device/detached.sh wait $W $(( ${CALL_S:-590} - (SECONDS - T0) - 20 ))
+  local rc=$?
+  card=$(cat $W/runner.card 2>/dev/null) && collect "$(cat $W/runner.tag)" \
+    && cp $W/runner.log "$OUT/serving-$(cat $W/runner.tag).log"
+  return $rc
+}
+detach=0
+case ${1:-} in
+  --wait) wait_run; exit $? ;;
+  --detach) detach=1; shift ;;
+esac
+if [ $# -lt 3 ]; then echo "usage: $0 [--detach] MODEL SETUP PHASE [run arguments] | $0 --wait" >&2; exit 2; fi
 model=$1 setup=$2 phase=$3
 shift 3
+if [ -f $W/runner.pid ] && [ ! -f $W/runner.rc ] && kill -0 "$(cat $W/runner.pid)" 2>/dev/null; then
+  echo "[serving] a detached run is still going: --wait for it first (one setup at a time on a host)" >&2; exit 1
+fi
 case $model in
   8b) shape=llama-3-8b need=20 ;;
   14b) shape=llama-14b need=33 ;;
@@ -32,7 +62,6 @@ if [ ! -f $M/.complete ]; then
 fi
 export SETUP_MODEL_8B=0
 source bench/device/setup.sh || exit 1
-W=/tmp/serving-v2
 mkdir -p $W/out $W/old
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "${CUDA_VISIBLE_DEVICES:-0}" | head -1)
 card=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from serving_results import card_slug; \
@@ -40,13 +69,24 @@ print(card_slug(sys.argv[1]))" "$name") || exit 1
 earlier=$(ls $W/out/serving-v2-part-*.json 2>/dev/null)
 [ -n "$earlier" ] && mv $earlier $W/old/  # an earlier call's parts: known below, not this call's output
 known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json 2>/dev/null)"
-left=$(( ${CALL_S:-590} - (SECONDS - T0) - 25 ))
 tag=$model-$setup-$phase
+if [ $detach = 1 ]; then
+  echo "$tag" > $W/runner.tag && echo "$card" > $W/runner.card
+  # the run works from a copy of this call's tree (a later call may bring another) with sharedcache installed
+  # from there; the session keeps this environment (PYTHONPATH from setup.sh); its wall is RUN_S, not a call's
+  rm -rf $W/tree && mkdir -p $W/tree || exit 1
+  tar --exclude=./.git --exclude=./.gpubundle --exclude=./.pdbundle --exclude=./.whl -cf - . | tar -C $W/tree -xf - \
+    || exit 1
+  cd $W/tree && source bench/device/setup.sh > /dev/null || exit 1
+  bash bench/device/detached.sh start $W python3 bench/sglang_serving.py run --model $M --tag $model \
+    --setup $setup --phase $phase --out $W/out --results $known --wall-s ${RUN_S:-1500} --commit "${COMMIT:-}" \
+    "$@" || exit 1
+  wait_run; exit $?
+fi
+left=$(( ${CALL_S:-590} - (SECONDS - T0) - 25 ))
 timeout $(( left + 15 )) python3 bench/sglang_serving.py run --model $M --tag $model --setup $setup \
   --phase $phase --out $W/out --results $known --wall-s $left --commit "${COMMIT:-}" "$@" 2>&1 \
   | tee "$OUT/serving-$tag.log"
 rc=${PIPESTATUS[0]}
-cp $W/out/$card-serving-v2.json $W/latest.json 2>/dev/null
-cp $W/out/serving-v2-part-*.json $W/out/$card-serving-v2.json $W/out/$card-serving-v2.md "$OUT"/ 2>/dev/null
-tar -C $W/out -czf "$OUT/serving-logs-$tag.tgz" work-$model-$setup 2>/dev/null
+collect $tag
 exit $rc
