@@ -184,9 +184,10 @@ def _old_format(serving: dict, workload: str) -> dict:
     return {"pools": pools, "inp": lengths[0], "out": lengths[1], "served": served, "points": {}, "held": {}}
 
 
-def _v2_format(serving: dict, group: str) -> dict:
-    """At each setup's tuned split of a v2 results file: the decode pool, the saturated served throughput and the
-    requests in transfer there (the servers' log statistics of its steady window); the mean lengths."""
+def _v2_format(serving: dict, group: str, concurrency: int = 0) -> dict:
+    """At each setup's tuned split of a v2 results file: the decode pool, the served throughput and the requests
+    in transfer there (the servers' log statistics of its steady window), at the given concurrency's point, else
+    at the best point; the mean lengths."""
     g = serving["groups"].get(group)
     if g is None:
         raise SystemExit(f"[bound] no group {group!r} in the results (groups: {sorted(serving['groups'])})")
@@ -200,8 +201,9 @@ def _v2_format(serving: dict, group: str) -> dict:
         split = str(s["tuned_split"])
         pools[setup] = s["decode_pool_tokens"][split]
         rows = s["sweeps"].get(split) or s["tune"].get(split, [])  # before the sweeps: the tuning point
+        at = [r for r in rows if concurrency and r["point"] == concurrency]
         if rows:
-            best = max(rows, key=lambda r: r["output_tok_s"])
+            best = at[0] if at else max(rows, key=lambda r: r["output_tok_s"])
             served[setup] = best["output_tok_s"]
             points[setup] = best["point"]
             held[setup] = best.get("decode", {}).get("decode_in_transfer_mean")
@@ -221,7 +223,8 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 def bound(a) -> dict:
     serving = json.loads(a.serving.read_text())
-    found = _v2_format(serving, a.group) if serving.get("schema") == "serving-v2" else _old_format(serving, a.workload)
+    found = _v2_format(serving, a.group, a.concurrency) if serving.get("schema") == "serving-v2" \
+        else _old_format(serving, a.workload)
     pools, inp, out, served = found["pools"], found["inp"], found["out"], found["served"]
     if a.pools:
         pools = {k: int(v) for k, v in (p.split("=") for p in a.pools.split(","))}
@@ -234,7 +237,7 @@ def bound(a) -> dict:
             sources["served"] = {0: steps[0], **table}
     # a v2 cell's own steady-window count first: a whole log's saturated lines include the ramp-up, when every
     # request is in transfer at once
-    seen = found["held"] or {s: mean_in_transfer(text) for s, text in decode.items() if s in pools}
+    seen = {**{s: mean_in_transfer(text) for s, text in decode.items() if s in pools}, **found["held"]}
     complete = seen.keys() == pools.keys() and all(v is not None for v in seen.values())
     held = {s: [0.0, seen[s]] if complete else [0.0] for s in pools}
     result = {"lengths": {"input": inp, "output": out}, "pools": pools, "prefill_one_request_s": steps[0],

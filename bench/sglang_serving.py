@@ -370,6 +370,10 @@ def _variant(a: argparse.Namespace) -> tuple[str | None, str | None]:
     if a.page_size and a.variant:
         raise SystemExit("[bench] --page-size is the variant 'page<N>': give it or --variant, not both")
     if a.page_size:
+        if "+engine.extra_args.page_size=" in a.server_flags:
+            raise SystemExit("[bench] the server flags set a page size already (the method's take 64): give "
+                             "--server-flags without +engine.extra_args.page_size=... to run a page variant beside "
+                             "the flags it changes")
         return f"page{a.page_size}", _overrides(f"+engine.extra_args.page_size={a.page_size}", a.server_flags)
     if not a.variant:
         return None, None
@@ -446,7 +450,8 @@ def _run_parser(sub) -> None:
                         "SGLANG_DISAGGREGATION_THREAD_POOL_SIZE=8'); its cells and starts go under '<workload>@NAME', "
                         "apart from the method's, and the report sets them beside the default's")
     r.add_argument("--page-size", type=int, default=0,
-                   help="SGLang's --page-size on every server, as the variant 'page<N>' (0: SGLang's default)")
+                   help="SGLang's --page-size on every server, as the variant 'page<N>' (0: none); the method's "
+                        "--server-flags set one already: give flags without it")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--budget-s", type=float, default=3600, help="load seconds this call may spend (not start-up)")
     r.add_argument("--wall-s", type=float, default=1e9, help="start no cell that would end after this many seconds")

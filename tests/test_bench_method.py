@@ -180,6 +180,7 @@ def start(setup, split, pool, free=77.0):
             "server_flags": sv.SERVER_FLAGS}
 
 
+PAGE1 = sv.SERVER_FLAGS.replace(" +engine.extra_args.page_size=64", "")  # before the method took page 64
 SHARED = {8: 400.0, 16: 760.0, 32: 1300.0, 48: 1500.0, 64: 1520.0}
 UNSHARED = {8: 398.0, 16: 700.0, 32: 760.0, 48: 770.0, 64: 765.0}
 
@@ -238,12 +239,13 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     def as_variant(c, name):
         overrides = "+engine.extra_args.page_size=16"
         c.update(workload=f"2k2k@{name}", variant=name, variant_overrides=overrides,
-                 server_flags=f"{c['server_flags']} {overrides}")
+                 server_flags=f"{PAGE1} {overrides}")
         c["id"] = sr.cell_id(c)
         return c
 
     def tuned(name, tok_s, in_transfer, repeat=0):
         c = synthetic_cell("shared", 64, repeat, tok_s, phase="tune")
+        c["server_flags"] = PAGE1  # the flags the variants were added to
         c["server_stats"] = {"decode": {"decode_in_transfer_mean": in_transfer, "decode_in_transfer_max": 20},
                              "prefill": {"prefill_pool_use_mean": 0.25, "prefill_pool_use_max": 0.92}}
         return as_variant(c, name) if name else c
@@ -252,6 +254,8 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     dead["ttft_ms_p99"] = None  # a server that died in the load: no request got a first token
     variant = [as_variant(c, "page16")
                for c in sweep("shared", SHARED, control_shift=1.2) + sweep("unshared", UNSHARED)]
+    for c in variant:
+        c["server_flags"] = f"{PAGE1} {c['variant_overrides']}"
     cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED) + variant + \
         [tuned(None, 1910.8, 4.8), tuned("page16", 2100.0, 1.2), dead]
     starts = [start("shared", 65536, 300000), start("unshared", 65536, 40000)]
@@ -260,22 +264,22 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     assert res["void"] == {} and len(res["control_ratios"]) == 3  # its voided control included
     assert set(res["groups"]) == {"14b/77g/2k2k", "14b/77g/2k2k@page16"}
     text = sr.render_markdown(res).split("## Variants")[1]
-    assert f"- `page16`: `+engine.extra_args.page_size=16`, added to `{sv.SERVER_FLAGS}`" in text
+    assert f"- `page16`: `+engine.extra_args.page_size=16`, added to `{PAGE1}`" in text
     assert "| 14b/77g/2k2k | shared | 65536 | tune | 64 | default | 1 | 1910.8 | 500.0 | 4.8/20.0 | None/None " \
         "| 0.25/0.92 |" in text and "| tune | 64 | page16 | 2 | 1050.0 | 500.0 | 0.6/20.0 |" in text
-    base = tuned(None, 1.0, 1.0, repeat=1)  # measured after the variant, with other flags
+    base = tuned(None, 1.0, 1.0)  # the same cell measured again after the variant, with other flags
     base["server_flags"] += " +engine.extra_args.enable_metrics=true"
+    base["t_start_epoch"] += 5000
     res = sr.build_results({"cells": [tuned(None, 1910.8, 4.8), tuned("page16", 2100.0, 1.2), base],
                             "starts": [], "environments": []})
+    assert sorted(c["output_tok_s"] for c in res["cells"]) == [1.0, 1910.8, 2100.0]  # the older one stays
     text = sr.render_markdown(res).split("## Variants")[1]  # the variant was added to the older flags: beside them
     assert "| 64 | default | 1 | 1910.8 |" in text and "| 64 | page16 | 1 | 2100.0 |" in text
     assert "1 cells run with older server flags left out (they stay in the file)" in \
         res["groups"]["14b/77g/2k2k"]["deviations"]
     with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
         ss._workload("2k2k@page16=2048:2048")
-    page1 = sv.SERVER_FLAGS.replace(" +engine.extra_args.page_size=64", "")  # the flags the variants were run on
-
-    def variant(page_size, variant, server_flags=page1):
+    def variant(page_size, variant, server_flags=PAGE1):
         return argparse.Namespace(page_size=page_size, variant=variant, server_flags=server_flags)
 
     assert ss._variant(variant(64, "")) == ("page64", "+engine.extra_args.page_size=64")
@@ -284,7 +288,7 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
                     (variant(0, "t8="), "NAME=OVERRIDES"), (variant(0, 't8=+engine.env.A="a b"'), "no quotes"),
                     (variant(0, "t8=engine.env.A=1"), "no quotes"),  # not +key=value
                     (variant(0, "t8=+engine.extra_args.attention_backend=fa3"), "set .* already"),
-                    (variant(16, "", f"{page1} +engine.extra_args.page_size=16"), "set .* already"),
+                    (variant(16, "", f"{PAGE1} +engine.extra_args.page_size=16"), "set .* already"),
                     (variant(16, "", sv.SERVER_FLAGS), "set .* already")):  # the method's flags set a page size
         with pytest.raises(SystemExit, match=says):
             ss._variant(v)
@@ -693,8 +697,7 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     call("--points", "2", "--repeats", "4", "--wall-s", "100", "--start-s", "5",
          "--results", str(out / "gpu-serving-v2.json"))
     assert len(json.loads((out / "gpu-serving-v2.json").read_text())["starts"]) == len(final["starts"]) + 1
-    page1 = sv.SERVER_FLAGS.replace(" +engine.extra_args.page_size=64", "")  # the method's flags set a page size
-    call("--points", "2", "--control-point", "1", "--repeats", "1", "--page-size", "16", "--server-flags", page1,
+    call("--points", "2", "--control-point", "1", "--repeats", "1", "--page-size", "16", "--server-flags", PAGE1,
          "--results", str(out / "gpu-serving-v2.json"))
     paged = json.loads((out / "gpu-serving-v2.json").read_text())
     assert flags[-1].endswith(" +engine.extra_args.page_size=16") and "page_size=16" not in flags[0]
@@ -737,6 +740,10 @@ def test_pd_bound_reads_a_v2_results_file(tmp_path):
     capped = pb.bound(a)
     assert max(v["setups"]["shared"]["batch"] for v in capped["variants"]) == 64
     assert capped["setups"]["shared"]["high_tok_s"] < out["setups"]["shared"]["high_tok_s"]
+    a.concurrency = 48  # the served numbers are that point's too, not the best point's
+    at48 = pb.bound(a)
+    assert at48["setups"]["shared"]["served_point"] == 48 and at48["setups"]["shared"]["served_tok_s"] == \
+        pytest.approx(1500.0, abs=5) and max(v["setups"]["shared"]["batch"] for v in at48["variants"]) == 48
 
 
 def test_pd_bound_takes_the_steady_windows_count_of_requests_in_transfer_over_a_whole_log(tmp_path):
@@ -760,6 +767,11 @@ def test_pd_bound_takes_the_steady_windows_count_of_requests_in_transfer_over_a_
     out = pb.bound(a)
     assert out["held_in_transfer"] == {"shared": [0.0, 0.554], "unshared": [0.0, 0.425]}
     assert out["setups"]["unshared"]["served_point"] == 64 and out["ratio"]["high"] > 1.5
+    cells[1]["server_stats"] = {}  # no steady-window count for one setup: its log's count, the other's own
+    path.write_text(json.dumps(sr.build_results({"cells": cells, "starts": [start("shared", 32768, 202816),
+                                                 start("unshared", 16384, 68736)], "environments": []})))
+    a.decode_log = [f"shared={log}", f"unshared={log}"]
+    assert pb.bound(a)["held_in_transfer"] == {"shared": [0.0, 0.554], "unshared": [0.0, 62.0]}
 
 
 @pytest.mark.parametrize("setup", ["shared", "unshared", "colocated"])
@@ -886,3 +898,42 @@ def test_a_detached_run_killed_with_the_machine_is_reported_as_such(tmp_path):
     assert gone.returncode == 1 and "killed" in gone.stderr
     assert _detached("wait", tmp_path / "none", 5).returncode == 2  # nothing started there
     assert _detached("wait", d, "soon").returncode == 2 and _detached("stop", d).returncode == 2
+
+
+def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tmp_path):
+    """`sglang_serving.sh --wait` in a later device call: the run's log, its parts, the merged results and its
+    servers' logs come back while it still runs (75), and again with its status once it ended; a second run is
+    refused meanwhile (one setup at a time on a host)."""
+    import os
+    import subprocess
+    import tarfile as tf
+    w, out = tmp_path / "w", tmp_path / "out"
+    (w / "out" / "work-14b-shared").mkdir(parents=True)
+    out.mkdir()
+    (w / "runner.tag").write_text("14b-shared-sweep\n")
+    (w / "runner.card").write_text("h100\n")
+    for name in ("serving-v2-part-14b-shared-sweep-1.json", "h100-serving-v2.json", "h100-serving-v2.md"):
+        (w / "out" / name).write_text("{}")
+    (w / "out" / "work-14b-shared" / "shared-65536-decode.log").write_text("Decode batch\n")
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    assert _detached("start", w, "sh", "-c", f"echo cell one; read x < {fifo}; echo cell two").returncode == 0
+    env = {**os.environ, "SERVING_DIR": str(w), "OUT": str(out), "POLL_S": "0.05"}
+
+    def script(*args, call_s):
+        return subprocess.run(["bash", str(REPO / "bench" / "device" / "sglang_serving.sh"), *args], cwd=REPO,
+                              capture_output=True, text=True, env={**env, "CALL_S": str(call_s)})
+
+    going = script("--wait", call_s=20)  # no time left in this call: hand back what there is
+    assert going.returncode == 75, going.stdout + going.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["h100-serving-v2.json", "h100-serving-v2.md",
+                                                     "serving-14b-shared-sweep.log", "serving-logs-14b-shared-sweep.tgz",
+                                                     "serving-v2-part-14b-shared-sweep-1.json"]
+    with tf.open(out / "serving-logs-14b-shared-sweep.tgz") as t:
+        assert "work-14b-shared/shared-65536-decode.log" in t.getnames()
+    refused = script("--detach", "14b", "unshared", "sweep", call_s=590)
+    assert refused.returncode == 1 and "still going" in refused.stderr
+    with open(fifo, "w") as f:
+        f.write("x\n")
+    ended = script("--wait", call_s=80)
+    assert ended.returncode == 0 and "cell two" in (out / "serving-14b-shared-sweep.log").read_text()

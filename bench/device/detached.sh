@@ -12,7 +12,10 @@ set -u
 cmd=${1:-} dir=${2:-}
 if [ -z "$dir" ]; then echo "usage: $0 start DIR COMMAND... | $0 wait DIR SECONDS" >&2; exit 2; fi
 pid_of() { cat "$dir/runner.pid" 2>/dev/null; }
-going() { local p; p=$(pid_of) && [ -n "$p" ] && [ ! -f "$dir/runner.rc" ] && kill -0 "$p" 2>/dev/null; }
+going() {  # alive, not a zombie left unreaped (where no init reaps the orphaned session)
+  local p; p=$(pid_of) && [ -n "$p" ] && [ ! -f "$dir/runner.rc" ] && kill -0 "$p" 2>/dev/null \
+    && [ "$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null)" != Z ]
+}
 case $cmd in
   start)
     shift 2

@@ -21,18 +21,22 @@
 #   bash bench/device/sglang_serving.sh --detach 14b unshared sweep --free-gib 77 --splits 16384 ...
 #   bash bench/device/sglang_serving.sh --wait     # exit 75: still going, call again
 T0=$SECONDS
-W=/tmp/serving-v2
-collect() {  # this run's parts, the merged results and the logs so far, into $OUT
+W=${SERVING_DIR:-/tmp/serving-v2}  # the warm machine's state between calls
+collect() {  # this run's parts, the merged results and the logs so far, into $OUT (whatever of them exists)
   local tag=$1
   cp $W/out/$card-serving-v2.json $W/latest.json 2>/dev/null
   cp $W/out/serving-v2-part-*.json $W/out/$card-serving-v2.json $W/out/$card-serving-v2.md "$OUT"/ 2>/dev/null
+  # servers still writing their logs make tar say "file changed as we read it" (status 1): what it read is kept
   tar -C $W/out -czf "$OUT/serving-logs-$tag.tgz" "work-${tag%-*}" 2>/dev/null
+  return 0
 }
 wait_run() {
-  bash bench/device/detached.sh wait $W $(( ${CALL_S:-590} - (SECONDS - T0) - 20 ))
-  local rc=$?
-  card=$(cat $W/runner.card 2>/dev/null) && collect "$(cat $W/runner.tag)" \
-    && cp $W/runner.log "$OUT/serving-$(cat $W/runner.tag).log"
+  local left=$(( ${CALL_S:-590} - (SECONDS - T0) - 20 ))
+  bash bench/device/detached.sh wait $W $(( left > 0 ? left : 0 ))
+  local rc=$? tag
+  tag=$(cat $W/runner.tag 2>/dev/null) || return $rc
+  cp $W/runner.log "$OUT/serving-$tag.log" 2>/dev/null
+  card=$(cat $W/runner.card 2>/dev/null) && collect "$tag"
   return $rc
 }
 detach=0
@@ -74,6 +78,7 @@ if [ $detach = 1 ]; then
   echo "$tag" > $W/runner.tag && echo "$card" > $W/runner.card
   # the run works from a copy of this call's tree (a later call may bring another) with sharedcache installed
   # from there; the session keeps this environment (PYTHONPATH from setup.sh); its wall is RUN_S, not a call's
+  COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}  # the copy has no .git to read it from
   rm -rf $W/tree && mkdir -p $W/tree || exit 1
   tar --exclude=./.git --exclude=./.gpubundle --exclude=./.pdbundle --exclude=./.whl -cf - . | tar -C $W/tree -xf - \
     || exit 1
