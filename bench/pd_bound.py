@@ -201,9 +201,9 @@ def _v2_format(serving: dict, group: str, concurrency: int = 0) -> dict:
         split = str(s["tuned_split"])
         pools[setup] = s["decode_pool_tokens"][split]
         rows = s["sweeps"].get(split) or s["tune"].get(split, [])  # before the sweeps: the tuning point
-        at = [r for r in rows if concurrency and r["point"] == concurrency]
         if rows:
-            best = at[0] if at else max(rows, key=lambda r: r["output_tok_s"])
+            best = next((r for r in rows if r["point"] == concurrency), None) or \
+                max(rows, key=lambda r: r["output_tok_s"])
             served[setup] = best["output_tok_s"]
             points[setup] = best["point"]
             held[setup] = best.get("decode", {}).get("decode_in_transfer_mean")

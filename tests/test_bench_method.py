@@ -878,11 +878,13 @@ def test_a_detached_run_outlives_its_starter_and_is_waited_for_by_later_calls(tm
     again = _detached("start", d, "true")
     assert again.returncode == 1 and "still going" in again.stderr
     assert _detached("wait", d, 0).returncode == 75  # the call's time is up, the run goes on
+    assert _detached("going", d).returncode == 0  # what setup.sh and sglang_serving.sh ask before they start
     with open(fifo, "w") as f:  # the run's work ends
         f.write("x\n")
     waited = _detached("wait", d, 60)
     assert waited.returncode == 3 and "ended with status 3" in waited.stdout
     assert (d / "out.txt").read_text() == "done\n" and "working" in (d / "runner.log").read_text()
+    assert _detached("going", d).returncode == 1
     assert _detached("start", d, "true").returncode == 0  # the next run may start once the last one ended
 
 

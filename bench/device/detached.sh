@@ -6,17 +6,19 @@
 # with none following, and then the run dies with it: issue the next call at once.
 #   bash bench/device/detached.sh start DIR COMMAND...   # refuses while DIR's run is still going
 #   bash bench/device/detached.sh wait DIR SECONDS        # until the run ends or SECONDS pass
+#   bash bench/device/detached.sh going DIR               # exit 0 while DIR's run goes on, 1 otherwise
 # DIR holds runner.pid, runner.rc (once it ended) and runner.log (its output). `wait` exits with the run's exit
 # status once it ended, or 75 while it is still going (call `wait` again). POLL_S: how often it looks (5 s).
 set -u
 cmd=${1:-} dir=${2:-}
-if [ -z "$dir" ]; then echo "usage: $0 start DIR COMMAND... | $0 wait DIR SECONDS" >&2; exit 2; fi
+if [ -z "$dir" ]; then echo "usage: $0 start DIR COMMAND... | $0 wait DIR SECONDS | $0 going DIR" >&2; exit 2; fi
 pid_of() { cat "$dir/runner.pid" 2>/dev/null; }
 going() {  # alive, not a zombie left unreaped (where no init reaps the orphaned session)
   local p; p=$(pid_of) && [ -n "$p" ] && [ ! -f "$dir/runner.rc" ] && kill -0 "$p" 2>/dev/null \
     && [ "$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null)" != Z ]
 }
 case $cmd in
+  going) going ;;
   start)
     shift 2
     [ $# -gt 0 ] || { echo "[detached] start needs a command" >&2; exit 2; }
@@ -49,5 +51,5 @@ case $cmd in
     echo "[detached] the run is gone without a status: killed (the machine went back, or a signal)" >&2
     exit 1
     ;;
-  *) echo "[detached] the first argument is start or wait, not '$cmd'" >&2; exit 2 ;;
+  *) echo "[detached] the first argument is start, wait or going, not '$cmd'" >&2; exit 2 ;;
 esac

@@ -47,7 +47,7 @@ esac
 if [ $# -lt 3 ]; then echo "usage: $0 [--detach] MODEL SETUP PHASE [run arguments] | $0 --wait" >&2; exit 2; fi
 model=$1 setup=$2 phase=$3
 shift 3
-if [ -f $W/runner.pid ] && [ ! -f $W/runner.rc ] && kill -0 "$(cat $W/runner.pid)" 2>/dev/null; then
+if bash bench/device/detached.sh going $W; then
   echo "[serving] a detached run is still going: --wait for it first (one setup at a time on a host)" >&2; exit 1
 fi
 case $model in
@@ -57,6 +57,14 @@ case $model in
   *) echo "[serving] MODEL is 8b, 14b or 24b, not '$model'" >&2; exit 2 ;;
 esac
 M=/tmp/llama$model
+if [ $detach = 1 ]; then  # the run works from a copy of this call's tree (a later call may bring another)
+  COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}  # the copy has no .git to read it from
+  rm -rf $W/tree && mkdir -p $W/tree || exit 1
+  tar --exclude=./.git --exclude=./.gpubundle --exclude=./.pdbundle --exclude=./.whl -cf - . | tar -C $W/tree -xf - \
+    || exit 1
+  for b in .gpubundle .pdbundle .whl; do [ -e $b ] && ln -s "$PWD/$b" $W/tree/$b; done  # read by setup.sh once
+  cd $W/tree || exit 1
+fi
 if [ ! -f $M/.complete ]; then
   avail=$(df -BG --output=avail /tmp | tail -1 | tr -dc 0-9)
   if [ "${KEEP_MODELS:-0}" != 1 ] && [ "$avail" -lt "$need" ]; then
@@ -76,13 +84,8 @@ known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2
 tag=$model-$setup-$phase
 if [ $detach = 1 ]; then
   echo "$tag" > $W/runner.tag && echo "$card" > $W/runner.card
-  # the run works from a copy of this call's tree (a later call may bring another) with sharedcache installed
-  # from there; the session keeps this environment (PYTHONPATH from setup.sh); its wall is RUN_S, not a call's
-  COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}  # the copy has no .git to read it from
-  rm -rf $W/tree && mkdir -p $W/tree || exit 1
-  tar --exclude=./.git --exclude=./.gpubundle --exclude=./.pdbundle --exclude=./.whl -cf - . | tar -C $W/tree -xf - \
-    || exit 1
-  cd $W/tree && source bench/device/setup.sh > /dev/null || exit 1
+  # the session keeps this environment (PYTHONPATH from setup.sh, sharedcache installed from the tree's copy);
+  # its wall is RUN_S, not a call's
   bash bench/device/detached.sh start $W python3 bench/sglang_serving.py run --model $M --tag $model \
     --setup $setup --phase $phase --out $W/out --results $known --wall-s ${RUN_S:-1500} --commit "${COMMIT:-}" \
     "$@" || exit 1
