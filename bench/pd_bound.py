@@ -237,7 +237,8 @@ def bound(a) -> dict:
             sources["served"] = {0: steps[0], **table}
     # a v2 cell's own steady-window count first: a whole log's saturated lines include the ramp-up, when every
     # request is in transfer at once
-    seen = {**{s: mean_in_transfer(text) for s, text in decode.items() if s in pools}, **found["held"]}
+    seen = {**{s: mean_in_transfer(text) for s, text in decode.items() if s in pools and s not in found["held"]},
+            **found["held"]}
     complete = seen.keys() == pools.keys() and all(v is not None for v in seen.values())
     held = {s: [0.0, seen[s]] if complete else [0.0] for s in pools}
     result = {"lengths": {"input": inp, "output": out}, "pools": pools, "prefill_one_request_s": steps[0],

@@ -399,25 +399,25 @@ def base_workload(c: dict) -> str:
 def variant_lines(cells: list[dict]) -> list[str]:
     """Variants (issue 22 item 5: SGLang's page size, the KV transfer's threads) each beside the method's own setup
     at the same setup, split, phase and point, run with the flags the variant added its overrides to."""
-    variants = [c for c in cells if c.get("variant")]
-    if not variants:
+    pairs: dict[tuple, list[dict]] = defaultdict(list)  # (where, name, overrides, base flags) -> the variant's cells
+    defaults: dict[tuple, list[dict]] = defaultdict(list)  # (where, flags) -> the method's cells
+    for c in cells:
+        if c.get("variant"):
+            overrides = c.get("variant_overrides")
+            pairs[(_where(c), c["variant"], overrides, c["server_flags"].removesuffix(f" {overrides}"))].append(c)
+        else:
+            defaults[(_where(c), c.get("server_flags"))].append(c)
+    if not pairs:
         return []
-    pairs: dict[tuple, list[dict]] = defaultdict(list)
-    for c in variants:
-        pairs[(*_where(c), c["variant"], c.get("variant_overrides"))].append(c)
     lines = ["", "## Variants (each beside the method's own cells run with the server flags it was added to)", ""]
-    added = {(k[-2], k[-1], vs[0]["server_flags"].removesuffix(f" {k[-1]}")) for k, vs in pairs.items()}
-    lines += [f"- `{name}`: `{overrides}`, added to `{base}`" for name, overrides, base in sorted(added, key=str)]
+    lines += [f"- `{name}`: `{overrides}`, added to `{base}`"
+              for name, overrides, base in sorted({k[1:] for k in pairs}, key=str)]
     lines += ["", "| model/GiB/workload | setup | split | phase | point | variant | n | out tok/s | TTFT p99 ms "
               "| in transfer mean/max | prefill in flight mean/max | prefill pool use mean/max |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, vs in sorted(pairs.items(), key=lambda kv: str(kv[0])):
-        *where, name, overrides = key
-        base = vs[0]["server_flags"].removesuffix(f" {overrides}")
-        defaults = [c for c in cells if not c.get("variant") and _where(c) == tuple(where)
-                    and c.get("server_flags") == base]
-        if defaults:  # else nothing to compare it with (yet)
-            lines += [_variant_row(tuple(where), "default", defaults), _variant_row(tuple(where), name, vs)]
+    for (where, name, _, base), vs in sorted(pairs.items(), key=lambda kv: str(kv[0])):
+        if (where, base) in defaults:  # else nothing to compare it with (yet)
+            lines += [_variant_row(where, "default", defaults[(where, base)]), _variant_row(where, name, vs)]
     return lines
 
 

@@ -54,6 +54,7 @@ from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, ca
                              render_markdown)
 from serving_servers import (SERVER_FLAGS, Ballast, Server, environment, free_port, greedy_probe, head_commit,
                              plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup, wait_quiet)
+from sharedcache.files import write_json_atomic  # noqa: E402  (after serving_servers: the repo on the path)
 
 PHASES = ("sweep", "tune", "goodput")
 
@@ -72,7 +73,7 @@ class Call:
 
     def cells(self) -> list[dict]:
         """The cells measured so far with this call's server flags: a cell of other flags is measured again
-        (the newer replaces it when merged), and neither its verdicts nor its rates steer this call."""
+        (both stay in the file when merged), and neither its verdicts nor its rates steer this call."""
         return [c for c in self.known["cells"] + self.part["cells"] if c.get("server_flags") == self.args.server_flags]
 
     def done(self, cid: str) -> bool:
@@ -90,20 +91,23 @@ class Call:
     def save(self) -> Path:
         a = self.args
         out = Path(a.out)
-        _write(out / a.part_name, json.dumps(self.part, indent=1))
-        results = build_results(merge_docs([self.known, self.part]), a.repeats)
+        write_json_atomic(out / a.part_name, self.part, indent=1)
         card = card_slug(next((e["gpu_name"] for e in self.part["environments"] if e.get("gpu_name")), ""))
         path = out / f"{card}-serving-v2.json"
-        _write(path, json.dumps(results, indent=1))
-        _write(path.with_suffix(".md"), render_markdown(results))
+        write_results([self.known, self.part], path, a.repeats)
         return path
 
 
-def _write(path: Path, text: str) -> None:
-    """Whole or not at all: a detached run's files are copied out by another call while it goes on."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_results(docs: list[dict], path: Path, need_repeats: int) -> dict:
+    """Results and parts merged into one results file and its tables, each file whole or not at all (a detached
+    run's files are copied out by another call while it goes on)."""
+    results = build_results(merge_docs(docs), need_repeats)
+    write_json_atomic(path, results, indent=1)
+    md = path.with_suffix(".md")
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(render_markdown(results))
+    os.replace(tmp, md)
+    return results
 
 
 def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> dict:
@@ -342,10 +346,7 @@ def cmd_run(a) -> None:
 def cmd_merge(a) -> None:
     """Merge results files and parts into one, the summary computed again."""
     docs = [json.loads(Path(p).read_text()) for p in ([a.into] if Path(a.into).exists() else []) + a.parts]
-    results = build_results(merge_docs(docs), a.need_repeats)
-    Path(a.into).write_text(json.dumps(results, indent=1))
-    Path(a.into).with_suffix(".md").write_text(render_markdown(results))
-    _print_headline(results)
+    _print_headline(write_results(docs, Path(a.into), a.need_repeats))
 
 
 def cmd_report(a) -> None:
@@ -370,10 +371,6 @@ def _variant(a: argparse.Namespace) -> tuple[str | None, str | None]:
     if a.page_size and a.variant:
         raise SystemExit("[bench] --page-size is the variant 'page<N>': give it or --variant, not both")
     if a.page_size:
-        if "+engine.extra_args.page_size=" in a.server_flags:
-            raise SystemExit("[bench] the server flags set a page size already (the method's take 64): give "
-                             "--server-flags without +engine.extra_args.page_size=... to run a page variant beside "
-                             "the flags it changes")
         return f"page{a.page_size}", _overrides(f"+engine.extra_args.page_size={a.page_size}", a.server_flags)
     if not a.variant:
         return None, None

@@ -30,7 +30,7 @@ _sc_install() {  # each step once per machine (and the checkout once per path); 
 # a detached serving run (sglang_serving.sh --detach) holds the GPU and runs sharedcache installed from its own
 # copy of the tree: nothing else may start on the machine, or re-point that install, until it ended
 _sc_run=${SERVING_DIR:-/tmp/serving-v2}
-if [ "$PWD" != $_sc_run/tree ] && bash bench/device/detached.sh going $_sc_run; then
+if bash bench/device/detached.sh going $_sc_run; then
   echo "[setup] a detached serving run is going on this machine: bash bench/device/sglang_serving.sh --wait" >&2
   return 1
 fi
