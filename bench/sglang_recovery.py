@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -268,19 +270,22 @@ def from_logs(work: Path) -> dict:
             "from_logs": str(work), "first_sglang_weight_load_s": _sglang_load(work / "prefill.log")}
 
 
-def unpacked(path: Path) -> Path:
-    """A run directory, or the one run directory inside a .tgz of it (what the device call brings back)."""
+@contextlib.contextmanager
+def unpacked(path: Path) -> Iterator[Path]:
+    """A run directory, or the one run directory inside a .tgz of it (what the device call brings back),
+    extracted for as long as the block reads it."""
     if path.is_dir():
-        return path
+        yield path
+        return
     import tarfile
 
-    into = Path(tempfile.mkdtemp(prefix="sc-recovery-from-"))
-    with tarfile.open(path) as tar:
-        tar.extractall(into, filter="data")
-    runs = sorted(into.glob("sc-recovery-logs-*"))
-    if len(runs) != 1:
-        raise SystemExit(f"{path} holds {len(runs)} run directories; give one.")
-    return runs[0]
+    with tempfile.TemporaryDirectory(prefix="sc-recovery-from-") as into:
+        with tarfile.open(path) as tar:
+            tar.extractall(into, filter="data")
+        runs = sorted(Path(into).glob("sc-recovery-logs-*"))
+        if len(runs) != 1:
+            raise SystemExit(f"{path} holds {len(runs)} run directories; give one.")
+        yield runs[0]
 
 
 def _sglang_load(log: Path) -> float | None:
@@ -304,8 +309,9 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     args.out = a.out
     if a.from_logs:
-        raw, env = {**from_logs(unpacked(a.from_logs)), "from_logs": str(a.from_logs), "model": str(a.model)}, \
-            json.loads(a.environment.read_text())
+        with unpacked(a.from_logs) as logs:
+            raw = {**from_logs(logs), "from_logs": str(a.from_logs), "model": str(a.model)}
+        env = json.loads(a.environment.read_text())
     else:
         raw, env = {**run(args), "model": str(a.model)}, environment(args)
     summary = summarize(raw, env)

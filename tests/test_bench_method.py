@@ -823,7 +823,8 @@ def test_the_committed_h100_recovery_results_are_what_their_logs_say(results, lo
     import sglang_recovery as rec
 
     committed = json.loads((RESULTS / results).read_text())
-    raw = {**rec.from_logs(rec.unpacked(RESULTS / "h100-recovery-logs" / logs)), "model": committed["model"]}
+    with rec.unpacked(RESULTS / "h100-recovery-logs" / logs) as run_dir:
+        raw = {**rec.from_logs(run_dir), "model": committed["model"]}
     env = committed["environment"]
     again = rec.summarize(raw, {k: env[k] for k in ("gpu_name", "driver", "torch", "sglang", "transformers",
                                                    "commit", "date")})
