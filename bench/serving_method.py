@@ -306,15 +306,18 @@ def batch_stats(lines: list[dict], lo: float, hi: float) -> dict:
 
 # ---------------------------------------------------------------- the method's rules
 
-def check_same_points(points: dict[str, Iterable[int | float]]) -> list:
-    """The points every setup ran, which must be the same: a comparison across unequal sweeps is refused."""
-    sets = {name: sorted(set(p)) for name, p in points.items()}
-    first = next(iter(sets.values()), [])
-    if any(p != first for p in sets.values()):
-        detail = "; ".join(f"{n}: {p}" for n, p in sets.items())
-        raise MethodError(f"[bench] setups differ in points ({detail}): run the missing points for each setup, "
+def common_points(points: dict[str, Iterable[int | float]]) -> tuple[list, dict[str, list]]:
+    """The points every setup ran, and each setup's points that another lacks. A comparison takes the common
+    points only, for every setup alike (a best-of across unequal sweeps is not one); the others are listed, and
+    no common point at all is refused."""
+    sets = {name: set(p) for name, p in points.items()}
+    common = sorted(set.intersection(*sets.values())) if sets else []
+    one_sided = {n: sorted(p - set(common)) for n, p in sets.items() if p - set(common)}
+    if not common:
+        detail = "; ".join(f"{n}: {sorted(p)}" for n, p in sets.items())
+        raise MethodError(f"[bench] setups have no point in common ({detail}): run the same points for each setup, "
                           "a best-of across unequal sweeps is not a comparison")
-    return first
+    return common, one_sided
 
 
 def control_verdict(ratios: list[float], tol: float = 0.03) -> tuple[bool, str | None]:

@@ -9,7 +9,7 @@ import statistics
 from collections import Counter, defaultdict
 from typing import Iterable
 
-from serving_method import (SETUPS, MethodError, REQUEST_FIELDS, cell_attainment, check_same_points, control_verdict,
+from serving_method import (SETUPS, MethodError, REQUEST_FIELDS, cell_attainment, common_points, control_verdict,
                             goodput, mean_ci, mean_lengths, method_deviations, overlapping_cells, passes, ratio_ci,
                             rounded, saturation_verdict)
 
@@ -64,10 +64,10 @@ def by_point(cells: list[dict]) -> dict[float, dict[int, float]]:
 
 
 def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], control: float | None) -> dict:
-    """Setup a against setup b over the same points (else MethodError): the ratio at each point, the ratio of
+    """Setup a against setup b over the points both ran (none: MethodError): the ratio at each point, the ratio of
     their saturated throughputs (each one's highest mean over those points), the control point's ratio per repeat
-    (paired by repeat: the same request sequence)."""
-    points = check_same_points({"a": a, "b": b})
+    (paired by repeat: the same request sequence); points only one of them ran are listed, not compared."""
+    points, one_sided = common_points({"a": a, "b": b})
     stats = {p: (mean_ci(a[p].values()), mean_ci(b[p].values())) for p in points}
     per_point = {}
     for p, ((ma, ha), (mb, hb)) in stats.items():
@@ -78,7 +78,7 @@ def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], 
     r, hw = ratio_ci(*stats[best_a][0], *stats[best_b][1])
     out = {"points": points, "per_point": per_point, "saturated_ratio": round(r, 4), "saturated_ci": rounded(hw, 4),
            "saturated_point_a": best_a, "saturated_point_b": best_b,
-           "repeats": min(pp["repeats"] for pp in per_point.values())}
+           "repeats": min(pp["repeats"] for pp in per_point.values()), "one_sided_points": one_sided}
     if control is not None and control in a:
         common = sorted(set(a[control]) & set(b[control]))
         out["control_point"] = control
@@ -171,6 +171,7 @@ def _judge_pair(cells: list[dict], starts: list[dict], ss, us, control, tol: flo
         cmp = compare(a, b, control)
     except MethodError as e:
         return {"void": [str(e)]}
+    cmp["one_sided_points"] = {{"a": "shared", "b": "unshared"}[k]: v for k, v in cmp["one_sided_points"].items()}
     void = []
     ok, why = control_verdict(cmp.get("control_ratios", []), tol)
     if not ok:
@@ -364,10 +365,15 @@ def render_markdown(results: dict) -> str:
             lines += ["", f"**shared / unshared, {label}**: saturated {cmp.get('saturated_ratio')} "
                       f"± {cmp.get('saturated_ci')}; control {cmp.get('control_ratios')}; "
                       f"void: {cmp.get('void') or 'no'}; per point: "
-                      + ", ".join(f"{p}: {v['ratio']}" for p, v in cmp.get("per_point", {}).items())]
+                      + ", ".join(f"{p}: {v['ratio']}" for p, v in cmp.get("per_point", {}).items())
+                      + _one_sided(cmp.get("one_sided_points"))]
         lines += _tune_point_lines(summary["setups"])
     lines += variant_lines(results.get("cells", []))
     return "\n".join(lines) + "\n"
+
+
+def _one_sided(points: dict | None) -> str:
+    return "".join(f"; run by {n} only, not compared: {p}" for n, p in (points or {}).items())
 
 
 def _tune_point_lines(setups: dict) -> list[str]:

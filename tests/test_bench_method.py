@@ -128,12 +128,16 @@ def test_request_sequence_is_seeded_and_lengths_vary_in_range():
 
 # ---------------------------------------------------------------- the rules
 
-def test_setups_that_differ_in_points_are_refused():
-    assert sm.check_same_points({"shared": [16, 32, 8], "unshared": [8, 16, 32]}) == [8, 16, 32]
-    with pytest.raises(sm.MethodError, match="differ in points.*shared: \\[16, 32\\]; unshared: \\[16\\]"):
-        sm.check_same_points({"shared": [16, 32], "unshared": [16]})
-    with pytest.raises(sm.MethodError):
-        sr.compare({16: {0: 700.0}, 32: {0: 760.0}}, {16: {0: 670.0}}, None)
+def test_setups_are_compared_over_the_points_both_ran_and_the_others_are_named():
+    """A best-of across unequal sweeps is no comparison: the saturated ratio takes each setup's best over the
+    common points only, the points one setup ran alone are listed, and no common point is refused."""
+    assert sm.common_points({"shared": [16, 32, 8], "unshared": [8, 16, 32]}) == ([8, 16, 32], {})
+    assert sm.common_points({"shared": [8, 32, 64], "unshared": [8, 16, 32, 64]}) == ([8, 32, 64], {"unshared": [16]})
+    with pytest.raises(sm.MethodError, match="no point in common.*shared: \\[32\\]; unshared: \\[16\\]"):
+        sm.common_points({"shared": [32], "unshared": [16]})
+    cmp = sr.compare({16: {0: 700.0}, 32: {0: 760.0}}, {16: {0: 670.0}, 8: {0: 900.0}}, None)
+    assert cmp["points"] == [16] and cmp["one_sided_points"] == {"a": [32], "b": [8]}
+    assert cmp["saturated_ratio"] == round(700 / 670, 4)  # not shared's 760 at 32, nor unshared's 900 at 8
 
 
 def test_control_point_void_rule():
@@ -311,12 +315,19 @@ def test_a_control_point_off_by_more_than_3_percent_voids_the_run():
     assert "control point reads 1.05" in reason
 
 
-def test_unequal_sweeps_and_short_sweeps_are_refused_in_the_summary():
-    shared = {p: v for p, v in SHARED.items()}
+def test_unequal_sweeps_compare_their_common_points_and_short_sweeps_are_refused_in_the_summary():
+    shared = {p: v for p, v in SHARED.items() if p != 48}  # shared's best is at 64, which unshared lacks
     unshared = {p: v for p, v in UNSHARED.items() if p != 64}
     res = sr.build_results({"cells": sweep("shared", shared) + sweep("unshared", unshared),
+                            "starts": [start("unshared", 65536, 3072 * 12)], "environments": []})
+    tuned = res["groups"]["14b/77g/2k2k"]["comparisons"]["tuned"]
+    assert tuned["points"] == [8, 16, 32] and tuned["one_sided_points"] == {"shared": [64], "unshared": [48]}
+    assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1300 * 1.002 / (760 * 1.002), rel=1e-3)  # at 32 both
+    assert "run by shared only, not compared: [64]; run by unshared only, not compared: [48]" in \
+        sr.render_markdown(res)
+    res = sr.build_results({"cells": sweep("shared", {16: 760.0}) + sweep("unshared", {8: 398.0, 32: 760.0}),
                             "starts": [start("unshared", 65536, 40000)], "environments": []})
-    assert "differ in points" in res["void"]["14b/77g/2k2k tuned"][0]
+    assert "no point in common" in res["void"]["14b/77g/2k2k tuned"][0]
     assert res["throughput_ratio_14b_2k2k"] is None
     # the same points, but the unshared pool holds 30 requests: only 48 and 64 are past it... then only 64
     res = sr.build_results({"cells": sweep("shared", SHARED) + sweep("unshared", UNSHARED),
