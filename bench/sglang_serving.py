@@ -22,11 +22,11 @@ runs a call and is the command line. The method, each rule a function with a tes
 - sweep: closed loop at each concurrency point, the control point included; tune: one saturated point per
   prefill pool size (`--splits`, SGLang's max_total_tokens for the prefill) to pick each setup's split; goodput:
   open-loop Poisson arrivals, the rate bisected (`next_rate`) until the bracket is within 10 %;
-- the summary refuses setups that differ in points (`check_same_points`) and voids a comparison whose control
-  point reads off 1.00 by more than 3 % in any repeat (`control_verdict`), that stops short of two points above
-  the unshared decode pool's limit (`saturation_verdict`), or whose setups ran at the same time on one host
-  (`overlapping_cells`); fewer than 3 repeats or a window under 120 s (and under 8 waves) are listed as
-  deviations;
+- the summary compares setups over the points both ran (`common_points`; the others are listed, not compared)
+  and voids a comparison whose control point reads off 1.00 by more than 3 % in any repeat (`control_verdict`),
+  that stops short of two points above the unshared decode pool's limit (`saturation_verdict`), or whose setups
+  ran at the same time on one host (`overlapping_cells`); fewer than 3 repeats or a window under 120 s (and
+  under 8 waves) are listed as deviations;
 - the budget (--budget-s) counts load seconds only, never server start-up; --wall-s stops starting cells that
   the call could not finish.
 """
@@ -51,12 +51,13 @@ from serving_load import closed_loop, open_loop
 from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, load_seconds, mean_lengths, next_rate,
                             passes, request_specs, rounded, steady_window, window_latencies, window_tokens)
 from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, card_slug, cell_id, merge_docs,
-                             render_markdown)
+                             render_markdown, tuned_split)
 from serving_servers import (SERVER_FLAGS, Ballast, Server, environment, free_port, greedy_probe, head_commit,
                              plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup, wait_quiet)
 from sharedcache.files import write_json_atomic  # noqa: E402  (after serving_servers: the repo on the path)
 
 PHASES = ("sweep", "tune", "goodput")
+DECODE_MEM = 0.88  # the method's decode mem_fraction_static, both setups alike: ~5.4 GiB of headroom at 77 GiB free
 
 
 # ---------------------------------------------------------------- one call: one setup, its splits, its cells
@@ -166,11 +167,16 @@ def planned(call: Call, split) -> Iterator[dict]:
         points = sorted(set(a.points) | ({a.control_point} if a.phase == "sweep" and a.control_point else set()))
         points = [a.tune_point] if a.phase == "tune" else points
         repeats = a.tune_repeats if a.phase == "tune" else a.repeats
+        begun: set[int] = set()  # the repeats this call has cells of, at most --repeats-per-call
         for repeat in range(repeats):
             for p in points:
                 c = cell_base(a, split, a.phase, "concurrency", p, repeat)
-                if not call.done(c["id"]):
-                    yield c
+                if call.done(c["id"]):
+                    continue
+                if repeat not in begun and len(begun) >= (a.repeats_per_call or repeats):
+                    return
+                begun.add(repeat)
+                yield c
         return
     while (rate := next_rate(_rate_verdicts(call, split), _rate_hi(call, split), a.goodput_tol,
                              max_rate=a.rate_max)) is not None:
@@ -329,6 +335,7 @@ def cmd_run(a) -> None:
                                      if c.get("variant") == a.variant_name} - {a.variant_overrides}):
         raise SystemExit(f"[bench] variant {a.variant_name!r} was measured with other overrides ({sorted(other)}): "
                          "give this one another name")
+    a.splits = resolve_splits(call, a.splits)
     ballast = Ballast(a.free_gib) if a.free_gib else None
     a.ballast_info = ballast and {"free_gib": ballast.free_gib, "card_gib": ballast.total_gib,
                                   "held_gib": ballast.held_gib}
@@ -341,6 +348,24 @@ def cmd_run(a) -> None:
             ballast.close()
     path = call.save()
     print(f"[bench] {len(call.part['cells'])} cells measured, {call.load_used:.0f} s of load; results: {path}")
+
+
+def resolve_splits(call: Call, splits: list[int] | str) -> list[int]:
+    """`--splits tuned`: this setup's best split by its tune cells of this call's model, free memory, workload and
+    server flags (what the report calls its tuned split), so that a sweep follows a tuning that ran just before
+    it in the same detached run."""
+    a = call.args
+    if splits != "tuned" or a.setup == "colocated":
+        return [] if splits == "tuned" else splits
+    mine = [c for c in call.cells() if (c["model"], c["free_gib"], c["workload"], c["setup"], c["phase"])
+            == (a.tag, a.free_gib, a.workload_name, a.setup, "tune")]
+    split, _ = tuned_split(mine)
+    if split is None:
+        raise SystemExit(f"[bench] --splits tuned: no tune cells of {a.setup} for {a.tag} / {a.free_gib:g} GiB / "
+                         f"{a.workload_name} with these server flags; run --phase tune first, or give the splits")
+    tried = sorted({c["split"] for c in mine})
+    print(f"[bench] {a.setup}: tuned split {split} (of {tried} at the tune point)", flush=True)
+    return [split]
 
 
 def cmd_merge(a) -> None:
@@ -366,10 +391,17 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _splits(text: str) -> list[int] | str:
+    return "tuned" if text == "tuned" else _ints(text)
+
+
 def _variant(a: argparse.Namespace) -> tuple[str | None, str | None]:
     """(name, overrides) of the call's variant, (None, None) for the method's own setup."""
-    if a.page_size and a.variant:
-        raise SystemExit("[bench] --page-size is the variant 'page<N>': give it or --variant, not both")
+    if sum(map(bool, (a.page_size, a.variant, a.decode_mem != DECODE_MEM))) > 1:
+        raise SystemExit("[bench] --page-size, --variant and --decode-mem other than the method's "
+                         f"{DECODE_MEM} are each a variant: give one of them")
+    if a.decode_mem != DECODE_MEM:  # the decode's headroom: launch.py gets it from the role's overrides
+        return f"dmem{round(a.decode_mem * 100)}", f"engine.mem_fraction_static.decode={a.decode_mem:g}"
     if a.page_size:
         return f"page{a.page_size}", _overrides(f"+engine.extra_args.page_size={a.page_size}", a.server_flags)
     if not a.variant:
@@ -415,10 +447,14 @@ def _run_parser(sub) -> None:
     r.add_argument("--results", nargs="*", default=[], help="results files or parts whose cells are done (skipped)")
     r.add_argument("--workload", type=_workload, default=("2k2k", (2048, 2048)), help="NAME=INPUT:OUTPUT")
     r.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in [ratio x L, L] (1: fixed)")
-    r.add_argument("--splits", type=_ints, default=[65536], help="prefill KV pools to run, tokens (max_total_tokens)")
+    r.add_argument("--splits", type=_splits, default=[65536], help="prefill KV pools to run, tokens (max_total_tokens); "
+                   "'tuned': the setup's best by its tune cells")
     r.add_argument("--points", type=_ints, default=[8, 16, 32, 48, 64], help="closed-loop concurrencies")
     r.add_argument("--control-point", type=int, default=8, help="below capacity in every setup; 0: none")
     r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--repeats-per-call", type=int, default=0, help="sweep/tune: measure cells of at most this many "
+                   "repeats (the lowest unfinished first), so that setups run one after the other take turns "
+                   "repeat by repeat; 0: all")
     r.add_argument("--tune-point", type=int, default=0, help="the tune phase's concurrency (default: largest point)")
     r.add_argument("--tune-repeats", type=int, default=1)
     r.add_argument("--window-s", type=float, default=120, help="steady window per load (the load is longer by trims)")
@@ -436,7 +472,8 @@ def _run_parser(sub) -> None:
                    "free (a larger card standing in for a smaller one; 0: the whole card)")
     r.add_argument("--prefill-mem", type=float, default=0.90, help="prefill mem_fraction_static (its pool is capped "
                    "by the split)")
-    r.add_argument("--decode-mem", type=float, default=0.88, help="decode: of what is free once the prefill settled")
+    r.add_argument("--decode-mem", type=float, default=DECODE_MEM, help="decode: of what is free once the prefill "
+                   "settled (the rest is both servers' headroom); another value is the variant 'dmem<percent>'")
     r.add_argument("--colocated-mem", type=float, default=0.88)
     r.add_argument("--transfer-backend", default="mooncake")
     r.add_argument("--mooncake-protocol", default="nvlink_intra", help="'' for Mooncake's default (RDMA)")

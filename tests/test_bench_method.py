@@ -283,12 +283,15 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
         res["groups"]["14b/77g/2k2k"]["deviations"]
     with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
         ss._workload("2k2k@page16=2048:2048")
-    def variant(page_size, variant, server_flags=PAGE1):
-        return argparse.Namespace(page_size=page_size, variant=variant, server_flags=server_flags)
+    def variant(page_size, variant, server_flags=PAGE1, decode_mem=ss.DECODE_MEM):
+        return argparse.Namespace(page_size=page_size, variant=variant, server_flags=server_flags,
+                                  decode_mem=decode_mem)
 
     assert ss._variant(variant(64, "")) == ("page64", "+engine.extra_args.page_size=64")
+    assert ss._variant(variant(0, "", decode_mem=0.94)) == ("dmem94", "engine.mem_fraction_static.decode=0.94")
     assert ss._variant(variant(0, "t8=+engine.env.A=1  +engine.env.B=2")) == ("t8", "+engine.env.A=1 +engine.env.B=2")
-    for v, says in ((variant(16, "t8=+engine.env.A=1"), "not both"), (variant(0, "T 8=+x=1"), "NAME=OVERRIDES"),
+    for v, says in ((variant(16, "t8=+engine.env.A=1"), "give one"), (variant(0, "T 8=+x=1"), "NAME=OVERRIDES"),
+                    (variant(16, "", decode_mem=0.94), "give one"),
                     (variant(0, "t8="), "NAME=OVERRIDES"), (variant(0, 't8=+engine.env.A="a b"'), "no quotes"),
                     (variant(0, "t8=engine.env.A=1"), "no quotes"),  # not +key=value
                     (variant(0, "t8=+engine.extra_args.attention_backend=fa3"), "set .* already"),
@@ -729,6 +732,49 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     assert both["groups"]["8b/card/tiny"]["headline"]["colocated_saturated_tok_s"] > 0
 
 
+@pytest.mark.slow
+def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(stream_server, tmp_path, monkeypatch):
+    """One detached run per session measures both setups one after the other: `--splits tuned` takes each setup's
+    best split from its tune cells (measured just before in the same run), and `--repeats-per-call 1` stops a
+    setup after one repeat of its points so that the other setup's same repeat runs on the same machine."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 5000, "max_position_embeddings": 4096}))
+    started = []
+
+    def fake_start(setup, split, args, cache_dir, work, servers):
+        started.append((setup, split))
+        servers += [FakeServer(r, stream_server) for r in ("prefill", "decode", "router")]
+        return [{"ranks": [{"weight_bytes_allocated": 0}]}, {"ranks": [{"weight_bytes_allocated": 0}]}]
+
+    monkeypatch.setattr(ss, "start_setup", fake_start)
+    monkeypatch.setattr(ss, "greedy_probe", lambda port: [7])
+    monkeypatch.setattr(ss, "server_gpu_mib", lambda server, used: 0)
+    out = tmp_path / "out"
+    results = out / "gpu-serving-v2.json"
+
+    def call(setup, *extra):
+        monkeypatch.setattr(sys, "argv", ["sglang_serving.py", "run", "--model", str(model), "--tag", "8b", "--setup",
+                                          setup, "--out", str(out), "--workload", "tiny=100:20", "--window-s", "0.35",
+                                          "--settle-timeout", "0.1", "--points", "1,2", "--control-point", "1",
+                                          "--results", str(results), *extra])
+        ss.main()
+
+    with pytest.raises(SystemExit, match="--splits tuned: no tune cells of shared"):
+        call("shared", "--splits", "tuned")
+    assert started == []  # refused before any server or ballast
+    call("shared", "--phase", "tune", "--splits", "2048,4096")
+    tune = {c["split"]: c["output_tok_s"] for c in json.loads(results.read_text())["cells"]}
+    best = max(tune, key=tune.get)
+    call("shared", "--splits", "tuned", "--repeats", "3", "--repeats-per-call", "1")
+    cells = json.loads(results.read_text())["cells"]
+    assert started[-1] == ("shared", best)
+    assert [(c["split"], c["point"], c["repeat"]) for c in cells if c["phase"] == "sweep"] == [(best, 1, 0), (best, 2, 0)]
+    call("shared", "--splits", "tuned", "--repeats", "3", "--repeats-per-call", "1")
+    assert [(c["point"], c["repeat"]) for c in json.loads(results.read_text())["cells"] if c["phase"] == "sweep"] == \
+        [(1, 0), (2, 0), (1, 1), (2, 1)]  # the next repeat, whole; then the run would go on to the other setup
+
+
 def test_pd_bound_reads_a_v2_results_file(tmp_path):
     cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
     for c in cells:
@@ -816,6 +862,16 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
         return
     assert argvs["prefill"]["--max-total-tokens"] == "65536" and argvs["prefill"]["--mem-fraction-static"] == "0.9"
     assert "--max-total-tokens" not in argvs["decode"] and argvs["decode"]["--mem-fraction-static"] == "0.88"
+    args.decode_mem = 0.94  # the variant 'dmem94': its overrides ride in the flags, the role's own value agrees
+    args.server_flags += " " + ss._variant(argparse.Namespace(page_size=0, variant="", decode_mem=0.94,
+                                                              server_flags=args.server_flags))[1]
+    for role, mem in (("prefill", "0.9"), ("decode", "0.94")):
+        overrides = sv.launch_overrides(role, args, tmp_path / "cache", 21000, *sv.role_overrides(setup, role, 65536,
+                                                                                                    args))
+        cfg = compose(overrides)
+        launch_checks.check(cfg, overrides)
+        argv = sgl.plan_server(cfg, tmp_path, core_role(cfg), tmp_path).argv
+        assert argv[argv.index("--mem-fraction-static") + 1] == mem
     router = sv.launch_overrides("router", args, tmp_path / "cache", 0, *sv.transfer_overrides(args),
                                  "engine.port.prefill=21001", "engine.port.decode=21002", "engine.router.port=21003")
     cfg = compose(router)
@@ -926,6 +982,7 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
     out.mkdir()
     (w / "runner.tag").write_text("14b-shared-sweep\n")
     (w / "runner.card").write_text("h100\n")
+    (w / "runner.work").write_text("work-14b-shared work-14b-unshared\n")  # unshared has no folder yet
     for name in ("serving-v2-part-14b-shared-sweep-1.json", "h100-serving-v2.json", "h100-serving-v2.md"):
         (w / "out" / name).write_text("{}")
     (w / "out" / "work-14b-shared" / "shared-65536-decode.log").write_text("Decode batch\n")
@@ -951,3 +1008,72 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
         f.write("x\n")
     ended = script("--wait", call_s=80)
     assert ended.returncode == 0 and "cell two" in (out / "serving-14b-shared-sweep.log").read_text()
+
+
+def test_a_detached_run_chains_its_legs_each_knowing_the_cells_of_those_before(tmp_path):
+    """`--detach A ++ B ++ C`: one session's run measures a tuning and both setups' sweeps one after the other.
+    Each leg gets what is left of RUN_S as its wall, and the parts of the legs before it as known cells (so
+    `--splits tuned` sees a tuning measured minutes earlier); a failed leg does not stop the next, and the run
+    ends with its status. Here `python3` is a stand-in that records its arguments and writes a part, as the
+    serving run does; the plumbing around it is the script's own."""
+    import os
+    import shlex
+    import subprocess
+    w, bin_ = tmp_path / "w", tmp_path / "bin"
+    (w / "out").mkdir(parents=True)
+    (w / "old").mkdir()
+    bin_.mkdir()
+    (w / "runner.card").write_text("h100\n")
+    (w / "old" / "serving-v2-part-14b-shared-tune-1.json").write_text("{}")  # a handed-back earlier run
+    calls = tmp_path / "calls.txt"
+    (bin_ / "python3").write_text(f"""#!/bin/bash
+printf '%s\\x1f' "$@" >> {calls}; echo >> {calls}
+while [ $# -gt 0 ]; do case $1 in --setup) setup=$2 ;; --phase) phase=$2 ;; esac; shift; done
+echo '{{}}' > {w}/out/serving-v2-part-14b-$setup-$phase-$RANDOM.json
+[ $setup = unshared ] && [ $phase = tune ] && exit 3
+exit 0
+""")
+    (bin_ / "python3").chmod(0o755)
+    legs = [["14b", "unshared", "tune", "--splits", "8192"],
+            ["14b", "unshared", "sweep", "--splits", "tuned", "--variant", "x=+a=1 +b=2"],
+            ["14b", "shared", "sweep", "--splits", "tuned"]]
+    (w / "legs").write_text("".join(shlex.join(leg) + "\n" for leg in legs))
+    env = {**os.environ, "SERVING_DIR": str(w), "RUN_S": "900", "COMMIT": "abc",
+           "PATH": f"{bin_}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(REPO / "bench" / "device" / "sglang_serving.sh"), "--legs", str(w / "legs")],
+                         cwd=REPO, capture_output=True, text=True, env=env)
+    assert run.returncode == 3, run.stdout + run.stderr  # the failed first leg's status, after all three ran
+    argv = [line.split("\x1f")[:-1] for line in calls.read_text().splitlines()]
+    assert [(a[a.index("--setup") + 1], a[a.index("--phase") + 1]) for a in argv] == \
+        [("unshared", "tune"), ("unshared", "sweep"), ("shared", "sweep")]
+    assert argv[1][-4:] == ["--splits", "tuned", "--variant", "x=+a=1 +b=2"]  # words kept whole
+    walls = [float(a[a.index("--wall-s") + 1]) for a in argv]
+    assert 890 <= walls[0] <= 900 and walls == sorted(walls, reverse=True)
+    assert all(a[a.index("--commit") + 1] == "abc" and a[a.index("--model") + 1] == "/tmp/llama14b" for a in argv)
+
+    def known(a):
+        return [Path(x).name for x in a[a.index("--results") + 1:a.index("--wall-s")]]
+
+    assert known(argv[0]) == ["h100-serving-v2.json", "latest.json", "serving-v2-part-14b-shared-tune-1.json"]
+    assert any(n.startswith("serving-v2-part-14b-unshared-tune-") for n in known(argv[1]))  # the leg before
+    assert sum(n.startswith("serving-v2-part-14b-unshared-") for n in known(argv[2])) == 2
+    assert run.stdout.count("[serving] leg 14b") == 3
+
+
+def test_legs_are_checked_before_anything_starts(tmp_path):
+    import os
+    import subprocess
+    env = {**os.environ, "SERVING_DIR": str(tmp_path / "w"), "OUT": str(tmp_path)}
+
+    def script(*args):
+        return subprocess.run(["bash", str(REPO / "bench" / "device" / "sglang_serving.sh"), *args], cwd=REPO,
+                              capture_output=True, text=True, env=env)
+
+    for args, says in ((["14b", "shared", "sweep", "++", "14b", "unshared", "sweep"], "need --detach"),
+                       (["--detach", "14b", "shared", "sweep", "++", "8b", "unshared", "sweep"], "one model per run"),
+                       (["--detach", "14b", "shared", "sweep", "++", "14b", "both", "sweep"], "SETUP is"),
+                       (["--detach", "14b", "shared", "sweep", "++", "14b", "unshared", "measure"], "PHASE is"),
+                       (["--detach", "14b", "shared", "sweep", "++"], "usage")):
+        r = script(*args)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "w").exists()  # nothing written, nothing started

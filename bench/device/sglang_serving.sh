@@ -17,18 +17,39 @@
 # seconds of wall (default 1500; keep it inside the session's device time), waits for it while the call lasts
 # and hands back what it wrote so far; each later call `bash bench/device/sglang_serving.sh --wait`, issued at
 # once (the machine goes back 30 s after a call), waits again and hands back the same files, updated. The
-# servers start once for the whole run instead of once per call: three 171 s cells and more per call, not two.
+# servers start once per setup for the whole run instead of once per call: three 171 s cells and more per call,
+# not two. A detached run may chain legs, separated by `++`, one after the other within RUN_S, each leg knowing
+# the cells of those before it (so `--splits tuned` follows a tuning leg; one model per run):
 #   bash bench/device/sglang_serving.sh --detach 14b unshared sweep --free-gib 77 --splits 16384 ...
+#   bash bench/device/sglang_serving.sh --detach 14b unshared sweep --free-gib 77 --splits tuned --points 8,32,64 \
+#     --repeats-per-call 1 ++ 14b shared sweep --free-gib 77 --splits tuned --points 8,32,64 --repeats-per-call 1
 #   bash bench/device/sglang_serving.sh --wait     # exit 75: still going, call again
 T0=$SECONDS
 W=${SERVING_DIR:-/tmp/serving-v2}  # the warm machine's state between calls
 collect() {  # this run's parts, the merged results and the logs so far, into $OUT (whatever of them exists)
-  local tag=$1
+  local tag=$1 work=$2  # work: the servers' folders of the run's setups
   cp $W/out/$card-serving-v2.json $W/latest.json 2>/dev/null
   cp $W/out/serving-v2-part-*.json $W/out/$card-serving-v2.json $W/out/$card-serving-v2.md "$OUT"/ 2>/dev/null
   # servers still writing their logs make tar say "file changed as we read it" (status 1): what it read is kept
-  tar -C $W/out -czf "$OUT/serving-logs-$tag.tgz" "work-${tag%-*}" 2>/dev/null
+  [ -n "$work" ] && (cd $W/out && tar -czf "$OUT/serving-logs-$tag.tgz" $(ls -d $work 2>/dev/null)) 2>/dev/null
   return 0
+}
+run_legs() {  # in the detached session: each leg of $1 (one per line, shell-quoted) within RUN_S of wall
+  local rc=0 line known left
+  card=$(cat $W/runner.card) || return 1
+  while IFS= read -r line; do
+    eval "set -- $line"
+    local model=$1 setup=$2 phase=$3
+    shift 3
+    left=$(( ${RUN_S:-1500} - (SECONDS - T0) ))
+    # the committed cells, this machine's earlier runs' and this run's earlier legs' (a tuning just measured)
+    known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json \
+      $W/out/serving-v2-part-*.json 2>/dev/null)"
+    echo "[serving] leg $model $setup $phase $*: $left s of the run's wall left"
+    python3 bench/sglang_serving.py run --model /tmp/llama$model --tag $model --setup $setup --phase $phase \
+      --out $W/out --results $known --wall-s $left --commit "${COMMIT:-}" "$@" || rc=$?
+  done < "$1"
+  return $rc
 }
 wait_run() {
   local left=$(( ${CALL_S:-590} - (SECONDS - T0) - 20 ))
@@ -36,17 +57,44 @@ wait_run() {
   local rc=$? tag
   tag=$(cat $W/runner.tag 2>/dev/null) || return $rc
   cp $W/runner.log "$OUT/serving-$tag.log" 2>/dev/null
-  card=$(cat $W/runner.card 2>/dev/null) && collect "$tag"
+  card=$(cat $W/runner.card 2>/dev/null) && collect "$tag" "$(cat $W/runner.work 2>/dev/null)"
   return $rc
 }
 detach=0
 case ${1:-} in
   --wait) wait_run; exit $? ;;
+  --legs) run_legs "$2"; exit $? ;;  # what --detach starts
   --detach) detach=1; shift ;;
 esac
-if [ $# -lt 3 ]; then echo "usage: $0 [--detach] MODEL SETUP PHASE [run arguments] | $0 --wait" >&2; exit 2; fi
+usage="usage: $0 [--detach] MODEL SETUP PHASE [run arguments] [++ MODEL SETUP PHASE [run arguments]]... | $0 --wait"
+legs=() leg=() setups=()
+add_leg() {  # one leg's words, checked, quoted onto one line
+  if [ ${#leg[@]} -lt 3 ]; then echo "$usage" >&2; exit 2; fi
+  case ${leg[1]} in shared|unshared|colocated) ;; *) echo "[serving] SETUP is shared, unshared or colocated, not \
+'${leg[1]}'" >&2; exit 2 ;; esac
+  case ${leg[2]} in tune|sweep|goodput) ;; *) echo "[serving] PHASE is tune, sweep or goodput, not '${leg[2]}'" >&2
+    exit 2 ;; esac
+  if [ ${#legs[@]} -gt 0 ] && [ "${leg[0]}" != "$model" ]; then
+    echo "[serving] one model per run: '${leg[0]}' after '$model' (the checkpoint is generated once)" >&2; exit 2
+  fi
+  model=${leg[0]}
+  legs+=("$(printf '%q ' "${leg[@]}")")
+  [[ " ${setups[*]} " == *" ${leg[1]} "* ]] || setups+=("${leg[1]}")
+  tag=${tag:+$tag+}${leg[1]}-${leg[2]}
+  leg=()
+}
+tag=
+for word in "$@"; do
+  if [ "$word" = "++" ]; then add_leg; else leg+=("$word"); fi
+done
+add_leg
+if [ ${#legs[@]} -gt 1 ] && [ $detach = 0 ]; then
+  echo "[serving] legs (++) need --detach: one call holds two 171 s cells, not a chain" >&2; exit 2
+fi
+eval "set -- ${legs[0]}"  # the first leg: its model is the run's, its setup and phase a one-leg call's
 model=$1 setup=$2 phase=$3
 shift 3
+tag=$model-$tag
 if bash bench/device/detached.sh going $W; then
   echo "[serving] a detached run is still going: --wait for it first (one setup at a time on a host)" >&2; exit 1
 fi
@@ -81,14 +129,14 @@ print(card_slug(sys.argv[1]))" "$name") || exit 1
 earlier=$(ls $W/out/serving-v2-part-*.json 2>/dev/null)
 [ -n "$earlier" ] && mv $earlier $W/old/  # an earlier call's parts: known below, not this call's output
 known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json 2>/dev/null)"
-tag=$model-$setup-$phase
+work=$(printf 'work-%s ' "${setups[@]/#/$model-}")
 if [ $detach = 1 ]; then
-  echo "$tag" > $W/runner.tag && echo "$card" > $W/runner.card
+  echo "$tag" > $W/runner.tag && echo "$card" > $W/runner.card && echo "$work" > $W/runner.work
+  printf '%s\n' "${legs[@]}" > $W/legs
   # the session keeps this environment (PYTHONPATH from setup.sh, sharedcache installed from the tree's copy);
   # its wall is RUN_S, not a call's
-  bash bench/device/detached.sh start $W python3 bench/sglang_serving.py run --model $M --tag $model \
-    --setup $setup --phase $phase --out $W/out --results $known --wall-s ${RUN_S:-1500} --commit "${COMMIT:-}" \
-    "$@" || exit 1
+  export RUN_S COMMIT
+  bash bench/device/detached.sh start $W bash bench/device/sglang_serving.sh --legs $W/legs || exit 1
   wait_run; exit $?
 fi
 left=$(( ${CALL_S:-590} - (SECONDS - T0) - 25 ))
@@ -96,5 +144,5 @@ timeout $(( left + 15 )) python3 bench/sglang_serving.py run --model $M --tag $m
   --phase $phase --out $W/out --results $known --wall-s $left --commit "${COMMIT:-}" "$@" 2>&1 \
   | tee "$OUT/serving-$tag.log"
 rc=${PIPESTATUS[0]}
-collect $tag
+collect $tag "$work"
 exit $rc
