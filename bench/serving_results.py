@@ -79,7 +79,7 @@ def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], 
     out = {"points": points, "per_point": per_point, "saturated_ratio": round(r, 4), "saturated_ci": rounded(hw, 4),
            "saturated_point_a": best_a, "saturated_point_b": best_b,
            "repeats": min(pp["repeats"] for pp in per_point.values()), "one_sided_points": one_sided}
-    if control is not None and control in a:
+    if control is not None and control in a and control in b:  # else no control ratio: the run is void
         common = sorted(set(a[control]) & set(b[control]))
         out["control_point"] = control
         out["control_ratios"] = [round(a[control][k] / b[control][k], 4) for k in common]

@@ -391,6 +391,12 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number, 0 or more, not {text!r}")
+    return int(text)
+
+
 def _splits(text: str) -> list[int] | str:
     return "tuned" if text == "tuned" else _ints(text)
 
@@ -401,6 +407,11 @@ def _variant(a: argparse.Namespace) -> tuple[str | None, str | None]:
         raise SystemExit("[bench] --page-size, --variant and --decode-mem other than the method's "
                          f"{DECODE_MEM} are each a variant: give one of them")
     if a.decode_mem != DECODE_MEM:  # the decode's headroom: launch.py gets it from the role's overrides
+        if a.setup == "colocated":
+            raise SystemExit("[bench] --decode-mem sizes a PD decode; the colocated server takes --colocated-mem")
+        if not (0 < a.decode_mem < 1) or round(a.decode_mem * 100, 6) != round(a.decode_mem * 100):
+            raise SystemExit(f"[bench] --decode-mem is a whole percent between 0 and 1 (e.g. 0.94), not "
+                             f"{a.decode_mem}: the variant is named by it")
         return f"dmem{round(a.decode_mem * 100)}", f"engine.mem_fraction_static.decode={a.decode_mem:g}"
     if a.page_size:
         return f"page{a.page_size}", _overrides(f"+engine.extra_args.page_size={a.page_size}", a.server_flags)
@@ -452,9 +463,9 @@ def _run_parser(sub) -> None:
     r.add_argument("--points", type=_ints, default=[8, 16, 32, 48, 64], help="closed-loop concurrencies")
     r.add_argument("--control-point", type=int, default=8, help="below capacity in every setup; 0: none")
     r.add_argument("--repeats", type=int, default=3)
-    r.add_argument("--repeats-per-call", type=int, default=0, help="sweep/tune: measure cells of at most this many "
-                   "repeats (the lowest unfinished first), so that setups run one after the other take turns "
-                   "repeat by repeat; 0: all")
+    r.add_argument("--repeats-per-call", type=_count, default=0, help="sweep/tune: at each split, measure cells of "
+                   "at most this many repeats (the lowest unfinished first), so that setups run one after the other "
+                   "take turns repeat by repeat; 0: all")
     r.add_argument("--tune-point", type=int, default=0, help="the tune phase's concurrency (default: largest point)")
     r.add_argument("--tune-repeats", type=int, default=1)
     r.add_argument("--window-s", type=float, default=120, help="steady window per load (the load is longer by trims)")

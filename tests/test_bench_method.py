@@ -283,15 +283,17 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
         res["groups"]["14b/77g/2k2k"]["deviations"]
     with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
         ss._workload("2k2k@page16=2048:2048")
-    def variant(page_size, variant, server_flags=PAGE1, decode_mem=ss.DECODE_MEM):
+    def variant(page_size, variant, server_flags=PAGE1, decode_mem=ss.DECODE_MEM, setup="shared"):
         return argparse.Namespace(page_size=page_size, variant=variant, server_flags=server_flags,
-                                  decode_mem=decode_mem)
+                                  decode_mem=decode_mem, setup=setup)
 
     assert ss._variant(variant(64, "")) == ("page64", "+engine.extra_args.page_size=64")
     assert ss._variant(variant(0, "", decode_mem=0.94)) == ("dmem94", "engine.mem_fraction_static.decode=0.94")
     assert ss._variant(variant(0, "t8=+engine.env.A=1  +engine.env.B=2")) == ("t8", "+engine.env.A=1 +engine.env.B=2")
     for v, says in ((variant(16, "t8=+engine.env.A=1"), "give one"), (variant(0, "T 8=+x=1"), "NAME=OVERRIDES"),
                     (variant(16, "", decode_mem=0.94), "give one"),
+                    (variant(0, "", decode_mem=0.94, setup="colocated"), "colocated-mem"),
+                    (variant(0, "", decode_mem=0.925), "whole percent"), (variant(0, "", decode_mem=1.2), "whole"),
                     (variant(0, "t8="), "NAME=OVERRIDES"), (variant(0, 't8=+engine.env.A="a b"'), "no quotes"),
                     (variant(0, "t8=engine.env.A=1"), "no quotes"),  # not +key=value
                     (variant(0, "t8=+engine.extra_args.attention_backend=fa3"), "set .* already"),
@@ -328,6 +330,9 @@ def test_unequal_sweeps_compare_their_common_points_and_short_sweeps_are_refused
     assert res["throughput_ratio_14b_2k2k"] == pytest.approx(1300 * 1.002 / (760 * 1.002), rel=1e-3)  # at 32 both
     assert "run by shared only, not compared: [64]; run by unshared only, not compared: [48]" in \
         sr.render_markdown(res)
+    res = sr.build_results({"cells": sweep("shared", SHARED) + sweep("unshared", {32: 760.0, 48: 770.0, 64: 765.0}),
+                            "starts": [start("unshared", 65536, 40000)], "environments": []})  # no control in one
+    assert "no control point measured in both setups" in res["void"]["14b/77g/2k2k tuned"]
     res = sr.build_results({"cells": sweep("shared", {16: 760.0}) + sweep("unshared", {8: 398.0, 32: 760.0}),
                             "starts": [start("unshared", 65536, 40000)], "environments": []})
     assert "no point in common" in res["void"]["14b/77g/2k2k tuned"][0]
@@ -760,11 +765,24 @@ def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(strea
                                           "--results", str(results), *extra])
         ss.main()
 
+    def foreign(setup, split, workload="tiny", flags=sv.SERVER_FLAGS, tag="8b"):
+        args = argparse.Namespace(tag=tag, free_gib=0.0, workload_name=workload, inp=100, outp=20, range_ratio=0.5,
+                                  setup=setup, seed=1, control_point=1, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
+                                  variant_name=None, variant_overrides=None, server_flags=flags)
+        c = ss.cell_base(args, split, "tune", "concurrency", 2, 0)
+        c.update(output_tok_s=1e6, t_start_epoch=1.0, duration_s=1.0, host="h", requests=[], window_s=[0.15, 0.85],
+                 waves=9, server_stats={}, stopped_early=False, ttft_ms_p99=1.0, itl_ms_p99=1.0)
+        return c
+
+    out.mkdir()  # tune cells that are not shared's of this model, workload and flags: never its tuned split
+    results.write_text(json.dumps({"cells": [foreign("unshared", 1024), foreign("shared", 512, workload="tiny@x"),
+                                             foreign("shared", 256, flags="+other=1"), foreign("shared", 128, tag="14b")],
+                                   "starts": [], "environments": []}))
     with pytest.raises(SystemExit, match="--splits tuned: no tune cells of shared"):
         call("shared", "--splits", "tuned")
     assert started == []  # refused before any server or ballast
     call("shared", "--phase", "tune", "--splits", "2048,4096")
-    tune = {c["split"]: c["output_tok_s"] for c in json.loads(results.read_text())["cells"]}
+    tune = {c["split"]: c["output_tok_s"] for c in json.loads(results.read_text())["cells"] if c["split"] > 2000}
     best = max(tune, key=tune.get)
     call("shared", "--splits", "tuned", "--repeats", "3", "--repeats-per-call", "1")
     cells = json.loads(results.read_text())["cells"]
@@ -864,7 +882,7 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
     assert "--max-total-tokens" not in argvs["decode"] and argvs["decode"]["--mem-fraction-static"] == "0.88"
     args.decode_mem = 0.94  # the variant 'dmem94': its overrides ride in the flags, the role's own value agrees
     args.server_flags += " " + ss._variant(argparse.Namespace(page_size=0, variant="", decode_mem=0.94,
-                                                              server_flags=args.server_flags))[1]
+                                                              server_flags=args.server_flags, setup=setup))[1]
     for role, mem in (("prefill", "0.9"), ("decode", "0.94")):
         overrides = sv.launch_overrides(role, args, tmp_path / "cache", 21000, *sv.role_overrides(setup, role, 65536,
                                                                                                     args))
@@ -1030,6 +1048,8 @@ def test_a_detached_run_chains_its_legs_each_knowing_the_cells_of_those_before(t
 printf '%s\\x1f' "$@" >> {calls}; echo >> {calls}
 while [ $# -gt 0 ]; do case $1 in --setup) setup=$2 ;; --phase) phase=$2 ;; esac; shift; done
 echo '{{}}' > {w}/out/serving-v2-part-14b-$setup-$phase-$RANDOM.json
+read -t 0.01 stdin_line && echo "read from stdin: $stdin_line" >&2  # a leg's stdin is not the legs file
+sleep 1.1
 [ $setup = unshared ] && [ $phase = tune ] && exit 3
 exit 0
 """)
@@ -1048,7 +1068,8 @@ exit 0
         [("unshared", "tune"), ("unshared", "sweep"), ("shared", "sweep")]
     assert argv[1][-4:] == ["--splits", "tuned", "--variant", "x=+a=1 +b=2"]  # words kept whole
     walls = [float(a[a.index("--wall-s") + 1]) for a in argv]
-    assert 890 <= walls[0] <= 900 and walls == sorted(walls, reverse=True)
+    assert 890 <= walls[0] <= 900 and walls[0] > walls[1] > walls[2]  # what is left of RUN_S, each time
+    assert "read from stdin" not in run.stderr
     assert all(a[a.index("--commit") + 1] == "abc" and a[a.index("--model") + 1] == "/tmp/llama14b" for a in argv)
 
     def known(a):
@@ -1058,6 +1079,11 @@ exit 0
     assert any(n.startswith("serving-v2-part-14b-unshared-tune-") for n in known(argv[1]))  # the leg before
     assert sum(n.startswith("serving-v2-part-14b-unshared-") for n in known(argv[2])) == 2
     assert run.stdout.count("[serving] leg 14b") == 3
+    calls.unlink()
+    short = subprocess.run(["bash", str(REPO / "bench" / "device" / "sglang_serving.sh"), "--legs", str(w / "legs")],
+                           cwd=REPO, capture_output=True, text=True, env={**env, "RUN_S": "200"})
+    assert short.returncode == 0 and short.stdout.count("not started, 200 s of the run's wall left") == 3
+    assert not calls.exists()  # no leg without room for a start and a cell
 
 
 def test_legs_are_checked_before_anything_starts(tmp_path):

@@ -45,9 +45,15 @@ run_legs() {  # in the detached session: each leg of $1 (one per line, shell-quo
     # the committed cells, this machine's earlier runs' and this run's earlier legs' (a tuning just measured)
     known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json \
       $W/out/serving-v2-part-*.json 2>/dev/null)"
+    if [ $left -lt ${LEG_MIN_S:-250} ]; then  # not a start and one cell: the leg is the next run's
+      echo "[serving] leg $model $setup $phase $*: not started, $left s of the run's wall left"; continue
+    fi
+    # the last leg's servers are gone from the GPU before this one's ballast measures what is free
+    for _ in $(seq 60); do [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && break
+      sleep 1; done
     echo "[serving] leg $model $setup $phase $*: $left s of the run's wall left"
     python3 bench/sglang_serving.py run --model /tmp/llama$model --tag $model --setup $setup --phase $phase \
-      --out $W/out --results $known --wall-s $left --commit "${COMMIT:-}" "$@" || rc=$?
+      --out $W/out --results $known --wall-s $left --commit "${COMMIT:-}" "$@" < /dev/null || rc=$?
   done < "$1"
   return $rc
 }
@@ -57,7 +63,8 @@ wait_run() {
   local rc=$? tag
   tag=$(cat $W/runner.tag 2>/dev/null) || return $rc
   cp $W/runner.log "$OUT/serving-$tag.log" 2>/dev/null
-  card=$(cat $W/runner.card 2>/dev/null) && collect "$tag" "$(cat $W/runner.work 2>/dev/null)"
+  card=$(cat $W/runner.card 2>/dev/null) \
+    && collect "$tag" "$(cat $W/runner.work 2>/dev/null || echo "work-${tag%-*}")"  # or a run of one setup
   return $rc
 }
 detach=0
@@ -80,7 +87,7 @@ add_leg() {  # one leg's words, checked, quoted onto one line
   model=${leg[0]}
   legs+=("$(printf '%q ' "${leg[@]}")")
   [[ " ${setups[*]} " == *" ${leg[1]} "* ]] || setups+=("${leg[1]}")
-  tag=${tag:+$tag+}${leg[1]}-${leg[2]}
+  tag=${tag:+${tag}_}${leg[1]}-${leg[2]}  # a file name the device tool hands back: no odd characters
   leg=()
 }
 tag=
