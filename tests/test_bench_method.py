@@ -1007,7 +1007,10 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     assert _detached("start", w, "sh", "-c", f"echo cell one; read x < {fifo}; echo cell two").returncode == 0
-    env = {**os.environ, "SERVING_DIR": str(w), "OUT": str(out), "POLL_S": "0.05"}
+    home = tmp_path / "home"  # Triton's kernel cache of the servers, handed back for a later session to carry
+    (home / ".triton" / "cache" / "abc123").mkdir(parents=True)
+    (home / ".triton" / "cache" / "abc123" / "kernel.cubin").write_bytes(b"\x7fELF" + bytes(64))
+    env = {**os.environ, "SERVING_DIR": str(w), "OUT": str(out), "POLL_S": "0.05", "HOME": str(home)}
 
     def script(*args, call_s):
         return subprocess.run(["bash", str(REPO / "bench" / "device" / "sglang_serving.sh"), *args], cwd=REPO,
@@ -1017,9 +1020,11 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
     assert going.returncode == 75, going.stdout + going.stderr
     assert sorted(p.name for p in out.iterdir()) == ["h100-serving-v2.json", "h100-serving-v2.md",
                                                      "serving-14b-shared-sweep.log", "serving-logs-14b-shared-sweep.tgz",
-                                                     "serving-v2-part-14b-shared-sweep-1.json"]
+                                                     "serving-v2-part-14b-shared-sweep-1.json", "triton-cache.tgz"]
     with tf.open(out / "serving-logs-14b-shared-sweep.tgz") as t:
         assert "work-14b-shared/shared-65536-decode.log" in t.getnames()
+    with tf.open(out / "triton-cache.tgz") as t:
+        assert "./abc123/kernel.cubin" in t.getnames()  # setup.sh unpacks it into ~/.triton/cache
     refused = script("--detach", "14b", "unshared", "sweep", call_s=590)
     assert refused.returncode == 1 and "still going" in refused.stderr
     with open(fifo, "w") as f:

@@ -32,6 +32,11 @@ collect() {  # this run's parts, the merged results and the logs so far, into $O
   cp $W/out/serving-v2-part-*.json $W/out/$card-serving-v2.json $W/out/$card-serving-v2.md "$OUT"/ 2>/dev/null
   # servers still writing their logs make tar say "file changed as we read it" (status 1): what it read is kept
   [ -n "$work" ] && (cd $W/out && tar -czf "$OUT/serving-logs-$tag.tgz" $(ls -d $work 2>/dev/null)) 2>/dev/null
+  # the Triton kernels the servers compiled, for a later session to carry (.tritoncache/, setup.sh), if small
+  if [ -d ~/.triton/cache ]; then
+    tar -C ~/.triton/cache -czf "$OUT/triton-cache.tgz" . 2>/dev/null
+    [ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -le 10000000 ] || rm -f "$OUT/triton-cache.tgz"
+  fi
   return 0
 }
 run_legs() {  # in the detached session: each leg of $1 (one per line, shell-quoted) within RUN_S of wall
