@@ -94,6 +94,8 @@ def point_rows(cells: list[dict]) -> list[dict]:
         m, hw = mean_ci(c["output_tok_s"] for c in cs)
         row = {"point": p, "repeats": len(cs), "output_tok_s": rounded(m, 1), "ci": rounded(hw, 1),
                "slo_met": passes(cell_attainment(c) for c in cs)}
+        free = [c["gpu_free_mib_min"] for c in cs if c.get("gpu_free_mib_min") is not None]
+        row["gpu_free_mib_min"] = min(free) if free else None
         for k in ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"):
             row[k] = rounded(statistics.fmean(c[k] for c in cs if c.get(k) is not None), 1) \
                 if any(c.get(k) is not None for c in cs) else None
@@ -475,8 +477,8 @@ def _weights(server: dict) -> str:
 
 
 _TABLE_HEAD = ("| point | n | out tok/s | ±95 % | TTFT p99 ms | ITL p99 ms | SLO | decode batch mean/p50 "
-               "| in transfer | prefill in flight | pool use (decode/prefill) |",
-               "|---|---|---|---|---|---|---|---|---|---|---|")
+               "| in transfer | prefill in flight | pool use (decode/prefill) | GPU free min MiB |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(r: dict) -> str:
@@ -486,5 +488,5 @@ def _row(r: dict) -> str:
     cols = [f"{r['point']:g}", r["repeats"], r["output_tok_s"], r["ci"], r["ttft_ms_p99"], r["itl_ms_p99"],
             "met" if r["slo_met"] else "missed", f"{st.get('decode_running_mean')}/{st.get('decode_running_p50')}",
             st.get("decode_in_transfer_mean"), st.get("prefill_inflight_mean"),
-            f"{st.get('decode_pool_use_mean')}/{st.get('prefill_pool_use_mean')}"]
+            f"{st.get('decode_pool_use_mean')}/{st.get('prefill_pool_use_mean')}", r.get("gpu_free_mib_min")]
     return "| " + " | ".join(str(c) for c in cols) + " |"

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,47 @@ def nvidia_smi(*query: str) -> str:
         return subprocess.run(["nvidia-smi", *query], capture_output=True, text=True).stdout.strip()
     except FileNotFoundError:  # a CPU smoke run
         return ""
+
+
+def gpu_index() -> str:
+    """The card the servers run on: the first of CUDA_VISIBLE_DEVICES, as nvidia-smi numbers it."""
+    return (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+
+
+class GpuFreeSampler:
+    """The card's free memory (nvidia-smi, once a period) while a load runs: how much of the headroom that the
+    KV pools left the servers took (their allocators keep what they took, so the lowest sample is the peak)."""
+
+    def __init__(self, period_ms: int = 1000) -> None:
+        self.samples: list[int] = []
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "-i", gpu_index(), "--query-gpu=memory.used,memory.total",
+                                          "--format=csv,noheader,nounits", f"-lms={period_ms}"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except FileNotFoundError:  # a CPU smoke run: no card to sample
+            self.proc = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            used, _, total = line.partition(",")
+            if used.strip().isdigit() and total.strip().isdigit():
+                self.samples.append(int(total) - int(used))
+
+    def __enter__(self) -> "GpuFreeSampler":
+        if self.proc is not None:
+            self.reader.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.reader.join(30)
+            self.proc.stdout.close()
+
+    def free_min_mib(self) -> int | None:
+        return min(self.samples) if self.samples else None
 
 
 def process_gpu_mib() -> dict[str, int]:
@@ -233,8 +275,7 @@ def environment(args) -> dict:
     """The machine a result was measured on: card, driver, versions, commit, the ballast."""
     import torch
 
-    index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
-    name_uuid = nvidia_smi("-i", index, "--query-gpu=name,uuid,driver_version", "--format=csv,noheader").split(", ")
+    name_uuid = nvidia_smi("-i", gpu_index(), "--query-gpu=name,uuid,driver_version", "--format=csv,noheader").split(", ")
     versions = {}
     for pkg in ("sglang", "transformers", "mooncake-transfer-engine-cuda13", "sglang-router"):
         try:

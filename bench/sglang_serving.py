@@ -52,8 +52,9 @@ from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, l
                             passes, request_specs, rounded, steady_window, window_latencies, window_tokens)
 from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, card_slug, cell_id, merge_docs,
                              render_markdown, tuned_split)
-from serving_servers import (SERVER_FLAGS, Ballast, Server, environment, free_port, greedy_probe, head_commit,
-                             plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup, wait_quiet)
+from serving_servers import (SERVER_FLAGS, Ballast, GpuFreeSampler, Server, environment, free_port, greedy_probe,
+                             head_commit, plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup,
+                             wait_quiet)
 from sharedcache.files import write_json_atomic  # noqa: E402  (after serving_servers: the repo on the path)
 
 PHASES = ("sweep", "tune", "goodput")
@@ -139,7 +140,8 @@ def measure(cell: dict, target: Server, watch: list[Server], args) -> dict:
     lo, hi = steady_window(0.0, duration, args.trim)
     offsets = {s.name: s.log.stat().st_size for s in watch}
     t0, epoch = time.perf_counter(), time.time()
-    reqs, stopped = _drive(cell, target.port, args, duration, lo, hi, t0)
+    with GpuFreeSampler() as gpu:
+        reqs, stopped = _drive(cell, target.port, args, duration, lo, hi, t0)
     ran = time.perf_counter() - t0
     completed = [r for r in reqs if r.end is not None and not r.error]
     errors = [r.error for r in reqs if r.error]
@@ -149,6 +151,7 @@ def measure(cell: dict, target: Server, watch: list[Server], args) -> dict:
                  "tokens_in_window": window_tokens(reqs, lo, hi), "requests_sent": len(reqs),
                  "requests_completed": len(completed), "requests_failed": len(errors), "first_error": errors[:1],
                  "waves": round(len(completed) / cell["point"], 2) if cell["load"] == "concurrency" else None,
+                 "gpu_free_mib_min": gpu.free_min_mib(),
                  **window_latencies(reqs, lo, hi),
                  "server_stats": {("server" if s.role == "plain" else s.role):
                                   batch_stats(batch_lines(read_from(s.log, offsets[s.name])), epoch + lo, epoch + hi)

@@ -1108,3 +1108,26 @@ def test_legs_are_checked_before_anything_starts(tmp_path):
         r = script(*args)
         assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
     assert not (tmp_path / "w").exists()  # nothing written, nothing started
+
+
+def test_the_cards_free_memory_is_sampled_while_a_load_runs(tmp_path, monkeypatch):
+    """How much of the headroom the KV pools left the servers took, as nvidia-smi samples the card (its lowest
+    free memory over the load); a CPU run without nvidia-smi records none instead of failing."""
+    import os
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/bash\necho \"$@\" > %s\nfor used in 70000 74210 72000 junk; do echo \"$used, 81559\"; "
+                    "sleep 0.02; done\nsleep 30\n" % (tmp_path / "args"))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    with sv.GpuFreeSampler(period_ms=20) as gpu:
+        deadline = time.monotonic() + 10
+        while len(gpu.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert gpu.free_min_mib() == 81559 - 74210 and gpu.proc.poll() is not None  # stopped with the load
+    assert (tmp_path / "args").read_text().split()[:2] == ["-i", "3"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with sv.GpuFreeSampler() as none:
+        pass
+    assert none.free_min_mib() is None
