@@ -119,7 +119,8 @@ def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> 
          "control_point": args.control_point, "trim": args.trim, "server_flags": args.server_flags,
          "variant": args.variant_name,
          "variant_overrides": args.variant_overrides,
-         "slo": {"ttft_s": args.ttft_slo_s, "itl_s": args.itl_slo_ms / 1000}}
+         "slo": {"ttft_s": args.ttft_slo_s, "itl_s": args.itl_slo_ms / 1000},
+         "mem_fraction": {"prefill": args.prefill_mem, "decode": args.decode_mem, "colocated": args.colocated_mem}}
     c["id"] = cell_id(c)
     return c
 

@@ -164,7 +164,8 @@ def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft
                    window=120.0):
     args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k", inp=2048, outp=2048, range_ratio=0.5,
                               setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0,
-                              variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS)
+                              variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS,
+                              prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
     load = "rate" if phase == "goodput" else "concurrency"
     c = ss.cell_base(args, split, phase, load, point, repeat)
     duration = sm.load_seconds(window, 0.15)
@@ -624,7 +625,8 @@ def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tm
     args = argparse.Namespace(tag="8b", free_gib=0.0, workload_name="tiny", inp=100, outp=30, range_ratio=0.5,
                               setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
                               window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6,
-                              variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS)
+                              variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS,
+                              prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
     fake = argparse.Namespace(port=stream_server.port, log=stream_server.log, name="decode", role="decode")
     deadline = time.monotonic() + 30
     while len(stream_server.log.read_text().splitlines()) < 3:  # a few log lines before the load
@@ -768,7 +770,8 @@ def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(strea
     def foreign(setup, split, workload="tiny", flags=sv.SERVER_FLAGS, tag="8b"):
         args = argparse.Namespace(tag=tag, free_gib=0.0, workload_name=workload, inp=100, outp=20, range_ratio=0.5,
                                   setup=setup, seed=1, control_point=1, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
-                                  variant_name=None, variant_overrides=None, server_flags=flags)
+                                  variant_name=None, variant_overrides=None, server_flags=flags,
+                                  prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
         c = ss.cell_base(args, split, "tune", "concurrency", 2, 0)
         c.update(output_tok_s=1e6, t_start_epoch=1.0, duration_s=1.0, host="h", requests=[], window_s=[0.15, 0.85],
                  waves=9, server_stats={}, stopped_early=False, ttft_ms_p99=1.0, itl_ms_p99=1.0)
@@ -788,6 +791,7 @@ def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(strea
     cells = json.loads(results.read_text())["cells"]
     assert started[-1] == ("shared", best)
     assert [(c["split"], c["point"], c["repeat"]) for c in cells if c["phase"] == "sweep"] == [(best, 1, 0), (best, 2, 0)]
+    assert cells[-1]["mem_fraction"] == {"prefill": 0.9, "decode": ss.DECODE_MEM, "colocated": 0.88}
     call("shared", "--splits", "tuned", "--repeats", "3", "--repeats-per-call", "1")
     assert [(c["point"], c["repeat"]) for c in json.loads(results.read_text())["cells"] if c["phase"] == "sweep"] == \
         [(1, 0), (2, 0), (1, 1), (2, 1)]  # the next repeat, whole; then the run would go on to the other setup
