@@ -26,11 +26,20 @@ def group_name(model: str, free_gib: float, workload: str) -> str:
     return f"{model}/{round(free_gib)}g/{workload}" if free_gib else f"{model}/card/{workload}"
 
 
+LEGACY_MEM = {"prefill": 0.9, "decode": 0.88, "colocated": 0.88}  # what cells that do not record theirs ran with
+
+
+def setting(x: dict) -> tuple[str | None, str]:
+    """What a cell or start ran with besides its id: the servers' flags and their memory fractions. Another
+    setting is another measurement (kept beside, never mixed)."""
+    return x.get("server_flags"), json.dumps(x.get("mem_fraction") or LEGACY_MEM, sort_keys=True)
+
+
 def merge_docs(docs: Iterable[dict]) -> dict:
     """Cells, server starts and environments of several runs in one: a cell measured again with the same server
     flags replaces the older one (by start time), which is listed under `replaced`; one measured with other flags
     stays beside it (the older flags' cells are what a variant added to them is compared with)."""
-    cells: dict[tuple[str, str | None], dict] = {}
+    cells: dict[tuple, dict] = {}
     starts: dict[str, dict] = {}
     envs: dict[str, dict] = {}
     replaced = []
@@ -41,7 +50,7 @@ def merge_docs(docs: Iterable[dict]) -> dict:
         for e in doc.get("environments", []):
             envs[json.dumps(e, sort_keys=True)] = e
         for c in doc.get("cells", []):
-            key = (c["id"], c.get("server_flags"))
+            key = (c["id"], *setting(c))
             old = cells.get(key)
             if old is not None and old["t_start_epoch"] != c["t_start_epoch"]:
                 newer, older = (c, old) if c["t_start_epoch"] > old["t_start_epoch"] else (old, c)
@@ -291,9 +300,9 @@ def current_flags(cells: list[dict], starts: list[dict]) -> tuple[list[dict], li
     change of flags starts the group's method over (its tuning, sweeps and goodput alike), never mixes with it."""
     newest = max(cells, key=lambda c: c["t_start_epoch"], default=None) or max(starts, key=lambda s: s["t_epoch"],
                                                                                 default={})
-    flags = newest.get("server_flags")
-    kept = [c for c in cells if c.get("server_flags") == flags]
-    return kept, [s for s in starts if s.get("server_flags") == flags], len(cells) - len(kept)
+    current = setting(newest)
+    kept = [c for c in cells if setting(c) == current]
+    return kept, [s for s in starts if setting(s) == current], len(cells) - len(kept)
 
 
 def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
@@ -315,7 +324,8 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
             {"setups": {}, "comparisons": {}, "deviations": [],
              "headline": {"unshared_outcome": _unshared_outcome(_setup_summary([], st, "unshared"))}}
         if older:
-            summary["deviations"].append(f"{older} cells run with older server flags left out (they stay in the file)")
+            summary["deviations"].append(f"{older} cells run with older server flags or memory fractions left out (they stay in "
+                                          "the file)")
         summaries[group_name(model, free, workload)] = summary
     out: dict = {"schema": "serving-v2"}
     void, labels, ratios, repeats = {}, [], [], []

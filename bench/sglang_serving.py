@@ -51,14 +51,16 @@ from serving_load import closed_loop, open_loop
 from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, load_seconds, mean_lengths, next_rate,
                             passes, request_specs, rounded, steady_window, window_latencies, window_tokens)
 from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, card_slug, cell_id, merge_docs,
-                             render_markdown, tuned_split)
+                             render_markdown, setting, tuned_split)
 from serving_servers import (SERVER_FLAGS, Ballast, GpuFreeSampler, Server, environment, free_port, greedy_probe,
                              head_commit, plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup,
                              wait_quiet)
 from sharedcache.files import write_json_atomic  # noqa: E402  (after serving_servers: the repo on the path)
 
 PHASES = ("sweep", "tune", "goodput")
-DECODE_MEM = 0.88  # the method's decode mem_fraction_static, both setups alike: ~5.4 GiB of headroom at 77 GiB free
+DECODE_MEM = 0.88  # the method's decode mem_fraction_static, both setups alike: ~5.4 GiB of headroom at 77 GiB
+# free. Cells record their fractions, and one of other fractions is another measurement (serving_results.setting;
+# cells from before the record ran with serving_results.LEGACY_MEM)
 
 
 # ---------------------------------------------------------------- one call: one setup, its splits, its cells
@@ -76,7 +78,8 @@ class Call:
     def cells(self) -> list[dict]:
         """The cells measured so far with this call's server flags: a cell of other flags is measured again
         (both stay in the file when merged), and neither its verdicts nor its rates steer this call."""
-        return [c for c in self.known["cells"] + self.part["cells"] if c.get("server_flags") == self.args.server_flags]
+        mine = setting({"server_flags": self.args.server_flags, "mem_fraction": mem_fraction(self.args)})
+        return [c for c in self.known["cells"] + self.part["cells"] if setting(c) == mine]
 
     def done(self, cid: str) -> bool:
         return any(c["id"] == cid for c in self.cells())
@@ -112,6 +115,10 @@ def write_results(docs: list[dict], path: Path, need_repeats: int) -> dict:
     return results
 
 
+def mem_fraction(args) -> dict[str, float]:
+    return {"prefill": args.prefill_mem, "decode": args.decode_mem, "colocated": args.colocated_mem}
+
+
 def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> dict:
     c = {"model": args.tag, "free_gib": args.free_gib, "workload": args.workload_name, "input_len": args.inp,
          "output_len": args.outp, "range_ratio": args.range_ratio, "setup": args.setup, "split": split,
@@ -120,7 +127,7 @@ def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> 
          "variant": args.variant_name,
          "variant_overrides": args.variant_overrides,
          "slo": {"ttft_s": args.ttft_slo_s, "itl_s": args.itl_slo_ms / 1000},
-         "mem_fraction": {"prefill": args.prefill_mem, "decode": args.decode_mem, "colocated": args.colocated_mem}}
+         "mem_fraction": mem_fraction(args)}
     c["id"] = cell_id(c)
     return c
 
@@ -222,7 +229,7 @@ def record_start(call: Call, split, servers: list[Server], reports: list[dict], 
     start = {"id": f"{a.tag}|{a.free_gib:g}g|{a.setup}|{split}|{time.time():.0f}", "model": a.tag,
              "free_gib": a.free_gib, "setup": a.setup, "split": split, "workloads": [a.workload_name],
              "server_flags": a.server_flags, "variant": a.variant_name, "variant_overrides": a.variant_overrides,
-             "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
+             "mem_fraction": mem_fraction(a), "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
     models = [s for s in servers if s.role != "router"]
     if error is None:
         used = process_gpu_mib()

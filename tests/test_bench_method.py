@@ -224,7 +224,7 @@ def test_a_change_of_server_flags_starts_a_group_over():
     res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
     group = res["groups"]["14b/77g/2k2k"]
     assert res["throughput_ratio_14b_2k2k"] is None and list(group["setups"]) == ["unshared"]
-    assert "29 cells run with older server flags left out (they stay in the file)" in group["deviations"]
+    assert "29 cells run with older server flags or memory fractions left out (they stay in the file)" in group["deviations"]
 
 
 def test_tuning_cells_alone_show_in_the_tables():
@@ -280,7 +280,7 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     assert sorted(c["output_tok_s"] for c in res["cells"]) == [1.0, 1910.8, 2100.0]  # the older one stays
     text = sr.render_markdown(res).split("## Variants")[1]  # the variant was added to the older flags: beside them
     assert "| 64 | default | 1 | 1910.8 |" in text and "| 64 | page16 | 1 | 2100.0 |" in text
-    assert "1 cells run with older server flags left out (they stay in the file)" in \
+    assert "1 cells run with older server flags or memory fractions left out (they stay in the file)" in \
         res["groups"]["14b/77g/2k2k"]["deviations"]
     with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
         ss._workload("2k2k@page16=2048:2048")
@@ -302,6 +302,29 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
                     (variant(16, "", sv.SERVER_FLAGS), "set .* already")):  # the method's flags set a page size
         with pytest.raises(SystemExit, match=says):
             ss._variant(v)
+
+
+def test_cells_of_other_memory_fractions_are_other_measurements():
+    """A change of the method's headroom (the decode's mem fraction) is a change of what the cells measure: the
+    older cells stay in the file beside the newer, the summary takes the newest setting's only, and a cell that
+    predates the record counts as what it ran with (serving_results.LEGACY_MEM)."""
+    legacy = synthetic_cell("shared", 64, 0, 2341.7, split=32768, phase="tune")
+    del legacy["mem_fraction"]
+    same = synthetic_cell("shared", 64, 0, 2300.0, split=32768, phase="tune", t0=legacy["t_start_epoch"] + 10)
+    assert sr.setting(same) == sr.setting(legacy)  # 0.9 / 0.88 / 0.88 recorded or not
+    merged = sr.merge_docs([{"cells": [legacy]}, {"cells": [same]}])
+    assert [c["output_tok_s"] for c in merged["cells"]] == [2300.0] and len(merged["replaced"]) == 1
+    other = synthetic_cell("shared", 64, 0, 2500.0, split=32768, phase="tune", t0=legacy["t_start_epoch"] + 20)
+    other["mem_fraction"] = {**other["mem_fraction"], "decode": 0.94}
+    res = sr.build_results({"cells": [legacy, other], "starts": [], "environments": []})
+    assert sorted(c["output_tok_s"] for c in res["cells"]) == [2341.7, 2500.0]  # both kept
+    group = res["groups"]["14b/77g/2k2k"]
+    assert group["setups"]["shared"]["tune"]["32768"][0]["output_tok_s"] == 2500.0  # the newest setting's alone
+    assert "1 cells run with older server flags or memory fractions left out (they stay in the file)" in \
+        group["deviations"]
+    args = argparse.Namespace(server_flags=sv.SERVER_FLAGS, prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
+    call = ss.Call(args, {"cells": [legacy, other]})
+    assert call.done(legacy["id"]) and [c["output_tok_s"] for c in call.cells()] == [2341.7]  # not 0.94's cell
 
 
 def test_a_server_start_is_counted_against_the_wall_not_the_load_budget():
@@ -709,7 +732,7 @@ def test_one_call_runs_a_sweep_then_a_goodput_search_and_skips_what_is_done(stre
     remeasured = {c["id"] for c in again["cells"] if c["server_flags"] == other}
     assert remeasured == {"8b|0g|tiny|shared|4096|sweep|conc1|r0", "8b|0g|tiny|shared|4096|sweep|conc2|r0"}
     assert len(again["cells"]) == len(final["cells"]) + 2 and not again.get("replaced")  # the older flags' stay
-    assert "6 cells run with older server flags left out (they stay in the file)" in \
+    assert "6 cells run with older server flags or memory fractions left out (they stay in the file)" in \
         again["groups"]["8b/card/tiny"]["deviations"]  # the 4 sweep and 2 goodput cells of the first flags
     final = again
     # a start with no room for a cell after it (120 s expected by default, 30 s kept for the files) is not made
