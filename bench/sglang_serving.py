@@ -325,6 +325,7 @@ def cmd_run(a) -> None:
     a.inp, a.outp = a.lengths
     a.server_flags = " ".join(a.server_flags.split())  # one spelling per set of flags: cells compare them
     a.variant_name, a.variant_overrides = _variant(a)
+    a.base_workload, a.base_flags = a.workload_name, a.server_flags
     if a.variant_name:  # apart from the method's cells, under its own workload name
         a.workload_name += f"{VARIANT_MARK}{a.variant_name}"
         a.server_flags += f" {a.variant_overrides}"
@@ -368,12 +369,16 @@ def resolve_splits(call: Call, splits: list[int] | str) -> list[int]:
     a = call.args
     if splits != "tuned" or a.setup == "colocated":
         return [] if splits == "tuned" else splits
-    mine = [c for c in call.cells() if (c["model"], c["free_gib"], c["workload"], c["setup"], c["phase"])
-            == (a.tag, a.free_gib, a.workload_name, a.setup, "tune")]
+    # a variant runs at the method's tuned split: the tune cells of the method's flags and fractions
+    method = setting({"server_flags": a.base_flags, "mem_fraction": {**mem_fraction(a), "decode": DECODE_MEM}})
+    mine = [c for c in call.known["cells"] + call.part["cells"] if setting(c) == method and
+            (c["model"], c["free_gib"], c["workload"], c["setup"], c["phase"])
+            == (a.tag, a.free_gib, a.base_workload, a.setup, "tune")]
     split, _ = tuned_split(mine)
     if split is None:
         raise SystemExit(f"[bench] --splits tuned: no tune cells of {a.setup} for {a.tag} / {a.free_gib:g} GiB / "
-                         f"{a.workload_name} with these server flags; run --phase tune first, or give the splits")
+                         f"{a.base_workload} with the method's server flags and memory fractions; run --phase tune "
+                         "first, or give the splits")
     tried = sorted({c["split"] for c in mine})
     print(f"[bench] {a.setup}: tuned split {split} (of {tried} at the tune point)", flush=True)
     return [split]

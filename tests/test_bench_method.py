@@ -818,6 +818,10 @@ def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(strea
     call("shared", "--splits", "tuned", "--repeats", "3", "--repeats-per-call", "1")
     assert [(c["point"], c["repeat"]) for c in json.loads(results.read_text())["cells"] if c["phase"] == "sweep"] == \
         [(1, 0), (2, 0), (1, 1), (2, 1)]  # the next repeat, whole; then the run would go on to the other setup
+    call("shared", "--phase", "tune", "--splits", "tuned", "--decode-mem", "0.94")  # a variant: the method's split
+    assert started[-1] == ("shared", best)
+    variant = [c for c in json.loads(results.read_text())["cells"] if c.get("variant") == "dmem94"]
+    assert [(c["workload"], c["split"], c["mem_fraction"]["decode"]) for c in variant] == [("tiny@dmem94", best, 0.94)]
 
 
 def test_pd_bound_reads_a_v2_results_file(tmp_path):
