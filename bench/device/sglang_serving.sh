@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: one setup of one model, one phase, through bench/sglang_serving.py (method v2; bench/README.md,
-# "Serving method (v2)"), on one GPU. Setups are never run at the same time: one call each, one after the other.
+# "Serving method (v2)"), on one GPU; or, detached, legs of them one after the other. Setups are never run at the
+# same time.
 #   bash bench/device/sglang_serving.sh MODEL SETUP PHASE [sglang_serving.py run arguments...]
 #   MODEL: 8b | 14b | 24b    SETUP: shared | unshared | colocated    PHASE: tune | sweep | goodput
 #   e.g. bash bench/device/sglang_serving.sh 14b shared sweep --free-gib 77 --splits 65536
