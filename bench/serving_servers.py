@@ -97,7 +97,7 @@ class GpuFreeSampler:
         self.samples: list[int] = []
         try:
             self.proc = subprocess.Popen(["nvidia-smi", "-i", gpu_index(), "--query-gpu=memory.used,memory.total",
-                                          "--format=csv,noheader,nounits", f"-lms={period_ms}"],
+                                          "--format=csv,noheader,nounits", f"--loop-ms={period_ms}"],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except FileNotFoundError:  # a CPU smoke run: no card to sample
             self.proc = None
