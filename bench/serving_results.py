@@ -29,10 +29,27 @@ def group_name(model: str, free_gib: float, workload: str) -> str:
 LEGACY_MEM = {"prefill": 0.9, "decode": 0.88, "colocated": 0.88}  # what cells that do not record theirs ran with
 
 
+def fractions_used(setup: str) -> tuple[str, ...]:
+    """The memory fractions a setup's servers take: a PD pair the prefill's and the decode's, colocated its own."""
+    return ("colocated",) if setup == "colocated" else ("prefill", "decode")
+
+
+def fractions(setup: str, mem: dict | None) -> str:
+    mem = mem or LEGACY_MEM
+    return json.dumps({k: mem.get(k, LEGACY_MEM[k]) for k in fractions_used(setup)}, sort_keys=True)
+
+
 def setting(x: dict) -> tuple[str | None, str]:
-    """What a cell or start ran with besides its id: the servers' flags and their memory fractions. Another
-    setting is another measurement (kept beside, never mixed)."""
-    return x.get("server_flags"), json.dumps(x.get("mem_fraction") or LEGACY_MEM, sort_keys=True)
+    """What a cell or start ran with besides its id: the servers' flags and the memory fractions its setup's
+    servers take. Another setting is another measurement (kept beside, never mixed)."""
+    return x.get("server_flags"), fractions(x["setup"], x.get("mem_fraction"))
+
+
+def base_setting(c: dict) -> tuple[str | None, str]:
+    """The method's setting that a variant's cell was added to: its flags without the variant's overrides, and
+    the method's fractions when it ran (`base_mem_fraction`; a variant of the flags ran at them)."""
+    flags = (c.get("server_flags") or "").removesuffix(f" {c.get('variant_overrides')}")
+    return flags, fractions(c["setup"], c.get("base_mem_fraction") or c.get("mem_fraction"))
 
 
 def merge_docs(docs: Iterable[dict]) -> dict:
@@ -300,9 +317,13 @@ def current_flags(cells: list[dict], starts: list[dict]) -> tuple[list[dict], li
     change of flags starts the group's method over (its tuning, sweeps and goodput alike), never mixes with it."""
     newest = max(cells, key=lambda c: c["t_start_epoch"], default=None) or max(starts, key=lambda s: s["t_epoch"],
                                                                                 default={})
-    current = setting(newest)
-    kept = [c for c in cells if setting(c) == current]
-    return kept, [s for s in starts if setting(s) == current], len(cells) - len(kept)
+    flags = newest.get("server_flags")
+    current = {}  # PD or colocated -> its newest setting of these flags (one kind's fractions leave the other's be)
+    timed = [(c["t_start_epoch"], c) for c in cells] + [(s["t_epoch"], s) for s in starts]
+    for _, x in sorted([(t, x) for t, x in timed if x.get("server_flags") == flags], key=lambda tx: tx[0]):
+        current[fractions_used(x["setup"])] = setting(x)
+    kept = [c for c in cells if setting(c) == current.get(fractions_used(c["setup"]))]
+    return kept, [s for s in starts if setting(s) == current.get(fractions_used(s["setup"]))], len(cells) - len(kept)
 
 
 def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
@@ -417,18 +438,18 @@ def base_workload(c: dict) -> str:
 def variant_lines(cells: list[dict]) -> list[str]:
     """Variants (issue 22 item 5: SGLang's page size, the KV transfer's threads) each beside the method's own setup
     at the same setup, split, phase and point, run with the flags the variant added its overrides to."""
-    pairs: dict[tuple, list[dict]] = defaultdict(list)  # (where, name, overrides, base flags) -> the variant's cells
-    defaults: dict[tuple, list[dict]] = defaultdict(list)  # (where, flags) -> the method's cells
+    pairs: dict[tuple, list[dict]] = defaultdict(list)  # (where, name, overrides, base setting) -> its cells
+    defaults: dict[tuple, list[dict]] = defaultdict(list)  # (where, setting) -> the method's cells
     for c in cells:
         if c.get("variant"):
-            overrides = c.get("variant_overrides")
-            pairs[(_where(c), c["variant"], overrides, c["server_flags"].removesuffix(f" {overrides}"))].append(c)
+            pairs[(_where(c), c["variant"], c.get("variant_overrides"), base_setting(c))].append(c)
         else:
-            defaults[(_where(c), c.get("server_flags"))].append(c)
+            defaults[(_where(c), setting(c))].append(c)
     if not pairs:
         return []
     lines = ["", "## Variants (each beside the method's own cells run with the server flags it was added to)", ""]
-    lines += [f"- `{name}`: `{overrides}`, added to `{base}`"
+    lines += [f"- `{name}`: `{overrides}`, added to `{base[0]}`" + ("" if base[1] == fractions("shared", None)
+                                                                   else f" at memory fractions {base[1]}")
               for name, overrides, base in sorted({k[1:] for k in pairs}, key=str)]
     lines += ["", "| model/GiB/workload | setup | split | phase | point | variant | n | out tok/s | TTFT p99 ms "
               "| in transfer mean/max | prefill in flight mean/max | prefill pool use mean/max |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,23 +92,26 @@ def gpu_index() -> str:
 
 class GpuFreeSampler:
     """The card's free memory (nvidia-smi, once a period) while a load runs: how much of the headroom that the
-    KV pools left the servers took (their allocators keep what they took, so the lowest sample is the peak)."""
+    KV pools left the servers took (their allocators keep what they took, so the lowest sample is the peak).
+    It never fails the load it watches: no nvidia-smi, or one that hangs, leaves the cell without a value."""
 
-    def __init__(self, period_ms: int = 1000) -> None:
+    def __init__(self, period_ms: int = 1000, stop_timeout_s: float = 10.0) -> None:
         self.samples: list[int] = []
+        self.stop_timeout_s = stop_timeout_s
+        # line-buffered where stdbuf exists: a C program writing to a pipe may hold a whole block of samples
+        line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "-i", gpu_index(), "--query-gpu=memory.used,memory.total",
+            self.proc = subprocess.Popen([*line_buffered, "nvidia-smi", "-i", gpu_index(), "--query-gpu=memory.free",
                                           "--format=csv,noheader,nounits", f"--loop-ms={period_ms}"],
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except FileNotFoundError:  # a CPU smoke run: no card to sample
+        except OSError:  # a CPU smoke run: no card to sample
             self.proc = None
         self.reader = threading.Thread(target=self._read, daemon=True)
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            used, _, total = line.partition(",")
-            if used.strip().isdigit() and total.strip().isdigit():
-                self.samples.append(int(total) - int(used))
+            if line.strip().isdigit():
+                self.samples.append(int(line))
 
     def __enter__(self) -> "GpuFreeSampler":
         if self.proc is not None:
@@ -115,11 +119,15 @@ class GpuFreeSampler:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-            self.reader.join(30)
-            self.proc.stdout.close()
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)  # its loop's own way out ("until Ctrl+C"), flushing what it wrote
+        try:
+            self.proc.wait(self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(self.stop_timeout_s)  # a child still holding the pipe open leaves the daemon thread behind, not the load
 
     def free_min_mib(self) -> int | None:
         return min(self.samples) if self.samples else None

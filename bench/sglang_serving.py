@@ -51,7 +51,7 @@ from serving_load import closed_loop, open_loop
 from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, load_seconds, mean_lengths, next_rate,
                             passes, request_specs, rounded, steady_window, window_latencies, window_tokens)
 from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, card_slug, cell_id, merge_docs,
-                             render_markdown, setting, tuned_split)
+                             fractions_used, render_markdown, setting, tuned_split)
 from serving_servers import (SERVER_FLAGS, Ballast, GpuFreeSampler, Server, environment, free_port, greedy_probe,
                              head_commit, plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup,
                              wait_quiet)
@@ -78,8 +78,10 @@ class Call:
     def cells(self) -> list[dict]:
         """The cells measured so far with this call's server flags: a cell of other flags is measured again
         (both stay in the file when merged), and neither its verdicts nor its rates steer this call."""
-        mine = setting({"server_flags": self.args.server_flags, "mem_fraction": mem_fraction(self.args)})
-        return [c for c in self.known["cells"] + self.part["cells"] if setting(c) == mine]
+        a = self.args
+        return [c for c in self.known["cells"] + self.part["cells"]
+                if setting(c) == setting({"server_flags": a.server_flags, "setup": c["setup"],
+                                          "mem_fraction": mem_fraction(a)})]
 
     def done(self, cid: str) -> bool:
         return any(c["id"] == cid for c in self.cells())
@@ -115,8 +117,10 @@ def write_results(docs: list[dict], path: Path, need_repeats: int) -> dict:
     return results
 
 
-def mem_fraction(args) -> dict[str, float]:
-    return {"prefill": args.prefill_mem, "decode": args.decode_mem, "colocated": args.colocated_mem}
+def mem_fraction(args, setup: str | None = None) -> dict[str, float]:
+    """The memory fractions of this call (of those `setup`'s servers take, when given)."""
+    mem = {"prefill": args.prefill_mem, "decode": args.decode_mem, "colocated": args.colocated_mem}
+    return {k: mem[k] for k in fractions_used(setup)} if setup else mem
 
 
 def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> dict:
@@ -127,7 +131,10 @@ def cell_base(args, split, phase: str, load: str, point: float, repeat: int) -> 
          "variant": args.variant_name,
          "variant_overrides": args.variant_overrides,
          "slo": {"ttft_s": args.ttft_slo_s, "itl_s": args.itl_slo_ms / 1000},
-         "mem_fraction": mem_fraction(args)}
+         "mem_fraction": mem_fraction(args, args.setup)}
+    if args.variant_name:  # the method's fractions it is set beside (a headroom variant changes the decode's)
+        c["base_mem_fraction"] = {**c["mem_fraction"], **({"decode": DECODE_MEM} if "decode" in c["mem_fraction"]
+                                                         else {})}
     c["id"] = cell_id(c)
     return c
 
@@ -229,7 +236,7 @@ def record_start(call: Call, split, servers: list[Server], reports: list[dict], 
     start = {"id": f"{a.tag}|{a.free_gib:g}g|{a.setup}|{split}|{time.time():.0f}", "model": a.tag,
              "free_gib": a.free_gib, "setup": a.setup, "split": split, "workloads": [a.workload_name],
              "server_flags": a.server_flags, "variant": a.variant_name, "variant_overrides": a.variant_overrides,
-             "mem_fraction": mem_fraction(a), "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
+             "mem_fraction": mem_fraction(a, a.setup), "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
     models = [s for s in servers if s.role != "router"]
     if error is None:
         used = process_gpu_mib()
@@ -370,7 +377,8 @@ def resolve_splits(call: Call, splits: list[int] | str) -> list[int]:
     if splits != "tuned" or a.setup == "colocated":
         return [] if splits == "tuned" else splits
     # a variant runs at the method's tuned split: the tune cells of the method's flags and fractions
-    method = setting({"server_flags": a.base_flags, "mem_fraction": {**mem_fraction(a), "decode": DECODE_MEM}})
+    method = setting({"server_flags": a.base_flags, "setup": a.setup,
+                      "mem_fraction": {**mem_fraction(a), "decode": DECODE_MEM}})
     mine = [c for c in call.known["cells"] + call.part["cells"] if setting(c) == method and
             (c["model"], c["free_gib"], c["workload"], c["setup"], c["phase"])
             == (a.tag, a.free_gib, a.base_workload, a.setup, "tune")]

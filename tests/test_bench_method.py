@@ -325,6 +325,39 @@ def test_cells_of_other_memory_fractions_are_other_measurements():
     args = argparse.Namespace(server_flags=sv.SERVER_FLAGS, prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
     call = ss.Call(args, {"cells": [legacy, other]})
     assert call.done(legacy["id"]) and [c["output_tok_s"] for c in call.cells()] == [2341.7]  # not 0.94's cell
+    # a fraction that a setup's servers do not take changes nothing of its cells, nor of the others' kind
+    plain = synthetic_cell("colocated", 64, 0, 2900.0, split=None, phase="tune", t0=legacy["t_start_epoch"] + 30)
+    plain["mem_fraction"] = {"colocated": 0.9}
+    res = sr.build_results({"cells": [legacy, plain], "starts": [], "environments": []})
+    group = res["groups"]["14b/77g/2k2k"]
+    assert set(group["setups"]) == {"shared", "colocated"} and not any("left out" in d for d in group["deviations"])
+    assert sr.setting(legacy) == sr.setting({**legacy, "mem_fraction": {"prefill": 0.9, "decode": 0.88,
+                                                                         "colocated": 0.5}})
+    args.colocated_mem = 0.5  # a call at another colocated fraction still knows the PD cells as measured
+    assert ss.Call(args, {"cells": [legacy]}).done(legacy["id"])
+
+
+def test_a_variant_is_set_beside_the_method_cells_of_its_own_base_setting():
+    """The variants table's default row takes the method's cells of the flags and fractions the variant was added
+    to: a headroom variant (dmem94) beside the method's 0.88 cells, not beside 0.88 and 0.94 mixed."""
+    base = synthetic_cell("unshared", 64, 0, 1000.0, split=16384, phase="tune")
+    newer = synthetic_cell("unshared", 64, 0, 3000.0, split=16384, phase="tune", t0=base["t_start_epoch"] + 10)
+    newer["mem_fraction"] = {"prefill": 0.9, "decode": 0.94}  # the method at other fractions, later
+    args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k@dmem94", inp=2048, outp=2048,
+                              range_ratio=0.5, setup="unshared", seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0,
+                              itl_slo_ms=100.0, variant_name="dmem94",
+                              variant_overrides="engine.mem_fraction_static.decode=0.94",
+                              server_flags=sv.SERVER_FLAGS + " engine.mem_fraction_static.decode=0.94",
+                              prefill_mem=0.9, decode_mem=0.94, colocated_mem=0.88)
+    variant = ss.cell_base(args, 16384, "tune", "concurrency", 64, 0)
+    assert variant["base_mem_fraction"] == {"prefill": 0.9, "decode": ss.DECODE_MEM}
+    variant.update({k: base[k] for k in ("t_start_epoch", "duration_s", "window_s", "requests", "server_stats",
+                                         "host", "waves", "stopped_early", "ttft_ms_p99", "itl_ms_p99")},
+                   output_tok_s=1500.0)
+    text = sr.render_markdown(sr.build_results({"cells": [base, newer, variant], "starts": [], "environments": []}))
+    table = text.split("## Variants")[1]
+    assert "| unshared | 16384 | tune | 64 | default | 1 | 1000.0 |" in table  # not 2000.0, the two mixed
+    assert "| unshared | 16384 | tune | 64 | dmem94 | 1 | 1500.0 |" in table
 
 
 def test_a_server_start_is_counted_against_the_wall_not_the_load_budget():
@@ -814,7 +847,7 @@ def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(strea
     cells = json.loads(results.read_text())["cells"]
     assert started[-1] == ("shared", best)
     assert [(c["split"], c["point"], c["repeat"]) for c in cells if c["phase"] == "sweep"] == [(best, 1, 0), (best, 2, 0)]
-    assert cells[-1]["mem_fraction"] == {"prefill": 0.9, "decode": ss.DECODE_MEM, "colocated": 0.88}
+    assert cells[-1]["mem_fraction"] == {"prefill": 0.9, "decode": ss.DECODE_MEM}  # what its servers take
     call("shared", "--splits", "tuned", "--repeats", "3", "--repeats-per-call", "1")
     assert [(c["point"], c["repeat"]) for c in json.loads(results.read_text())["cells"] if c["phase"] == "sweep"] == \
         [(1, 0), (2, 0), (1, 1), (2, 1)]  # the next repeat, whole; then the run would go on to the other setup
@@ -1147,17 +1180,17 @@ def test_the_cards_free_memory_is_sampled_while_a_load_runs(tmp_path, monkeypatc
     import os
     fake = tmp_path / "bin" / "nvidia-smi"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/bash\necho \"$@\" > %s\nfor used in 70000 74210 72000 junk; do echo \"$used, 81559\"; "
-                    "sleep 0.02; done\nsleep 30\n" % (tmp_path / "args"))
+    fake.write_text("#!/bin/bash\ntrap '' INT TERM\necho \"$@\" > %s\nfor free in 11559 7349 9559 junk; do "
+                    "echo $free; sleep 0.02; done\nwhile :; do sleep 0.1; done\n" % (tmp_path / "args"))
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    with sv.GpuFreeSampler(period_ms=20) as gpu:
+    with sv.GpuFreeSampler(period_ms=20, stop_timeout_s=0.3) as gpu:
         deadline = time.monotonic() + 10
         while len(gpu.samples) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-    assert gpu.free_min_mib() == 81559 - 74210 and gpu.proc.poll() is not None  # stopped with the load
-    assert (tmp_path / "args").read_text().split()[:2] == ["-i", "3"]
+    assert gpu.free_min_mib() == 7349 and gpu.proc.poll() is not None  # stopped with the load, though it hung
+    assert (tmp_path / "args").read_text().split()[:3] == ["-i", "3", "--query-gpu=memory.free"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with sv.GpuFreeSampler() as none:
         pass

@@ -13,9 +13,11 @@ _sc_install() {  # each step once per machine (and the checkout once per path); 
     mkdir -p /tmp/site
     tar -xJf .gpubundle/sglang-site.tar.xz -C /tmp/site || return 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-    # the bundle holds no bytecode: compiled here on all cores, not by the first server start, one file at a time
-    python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1
     touch /tmp/site/.sharedcache-ready
+  fi
+  # the bundle holds no bytecode: compiled here on all cores, not by the first server start, one file at a time
+  if [ ! -f /tmp/site/.sharedcache-compiled ]; then
+    python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1; touch /tmp/site/.sharedcache-compiled
   fi
   # Triton's kernels compiled by an earlier session's servers (sglang_serving.sh hands them back as
   # triton-cache.tgz; carried as .tritoncache/): the first start on a fresh machine spent 73 s compiling them

@@ -34,8 +34,9 @@ collect() {  # this run's parts, the merged results and the logs so far, into $O
   # servers still writing their logs make tar say "file changed as we read it" (status 1): what it read is kept
   [ -n "$work" ] && (cd $W/out && tar -czf "$OUT/serving-logs-$tag.tgz" $(ls -d $work 2>/dev/null)) 2>/dev/null
   # the Triton kernels the servers compiled, for a later session to carry (.tritoncache/, setup.sh), if small
-  if [ -d ~/.triton/cache ]; then
-    tar -C ~/.triton/cache -czf "$OUT/triton-cache.tgz" . 2>/dev/null
+  # (a cache too large to carry is not even packed; Triton's half-written tmp.* folders are left out)
+  if [ -d ~/.triton/cache ] && [ "$(du -sb ~/.triton/cache | cut -f1)" -le 60000000 ]; then
+    tar -C ~/.triton/cache --exclude='tmp.*' -czf "$OUT/triton-cache.tgz" . 2>/dev/null
     [ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -le 10000000 ] || rm -f "$OUT/triton-cache.tgz"
   fi
   return 0
