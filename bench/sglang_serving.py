@@ -79,9 +79,9 @@ class Call:
         """The cells measured so far with this call's server flags: a cell of other flags is measured again
         (both stay in the file when merged), and neither its verdicts nor its rates steer this call."""
         a = self.args
-        return [c for c in self.known["cells"] + self.part["cells"]
-                if setting(c) == setting({"server_flags": a.server_flags, "setup": c["setup"],
-                                          "mem_fraction": mem_fraction(a)})]
+        mine = {s: setting({"server_flags": a.server_flags, "setup": s, "mem_fraction": mem_fraction(a)})
+                for s in SETUPS}  # once per setup, not once per cell
+        return [c for c in self.known["cells"] + self.part["cells"] if setting(c) == mine[c["setup"]]]
 
     def done(self, cid: str) -> bool:
         return any(c["id"] == cid for c in self.cells())
