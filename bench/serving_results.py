@@ -135,15 +135,22 @@ def point_rows(cells: list[dict]) -> list[dict]:
     return rows
 
 
+def tune_point(cells: list[dict]) -> float | None:
+    """A setup's tune point: the highest concurrency its tune cells ran (a tuning moved up past a point where its
+    clients, not its pool, capped it: `capped_tuning`); tune cells at lower points are shown, not compared."""
+    return max((c["point"] for c in cells if c["phase"] == "tune"), default=None)
+
+
 def tuned_split(cells: list[dict]) -> tuple[object, str] | tuple[None, None]:
-    """A setup's best prefill pool: the highest mean at the tune point, or (no tune cells) the highest saturated
+    """A setup's best prefill pool: the highest mean at its tune point, or (no tune cells) the highest saturated
     sweep throughput; with how it was chosen."""
     tune = defaultdict(list)
+    top = tune_point(cells)
     for c in cells:
-        if c["phase"] == "tune":
+        if c["phase"] == "tune" and c["point"] == top:
             tune[c["split"]].append(c["output_tok_s"])
     if tune:
-        return max(tune, key=lambda s: statistics.fmean(tune[s])), "tune point"
+        return max(tune, key=lambda s: statistics.fmean(tune[s])), f"tune point {top:g}"
     sweeps = defaultdict(lambda: defaultdict(list))
     for c in cells:
         if c["phase"] == "sweep":
@@ -152,6 +159,27 @@ def tuned_split(cells: list[dict]) -> tuple[object, str] | tuple[None, None]:
         return None, None
     best = {s: max(statistics.fmean(v) for v in pts.values()) for s, pts in sweeps.items()}
     return max(best, key=best.get), "saturated sweep"
+
+
+CAPPED_SHARE = 0.95  # a decode batch this close to the clients means they, not the decode pool, capped the load
+
+
+def capped_tuning(cells: list[dict], setup: str) -> str | None:
+    """Why a setup's tuning cannot rank its splits, if it cannot: at its tune point the decode ran (nearly) every
+    client at some split, so a smaller prefill pool (a larger decode pool) could not show its gain there."""
+    top = tune_point(cells)
+    batches = defaultdict(list)  # split -> the decode's mean running batch of each tune cell at the tune point
+    for c in cells:
+        batch = (c.get("server_stats") or {}).get("decode", {}).get("decode_running_mean")
+        if c["phase"] == "tune" and c["point"] == top and batch is not None:
+            batches[c["split"]].append(batch)
+    capped = [(s, round(statistics.fmean(b), 1)) for s, b in sorted(batches.items(), key=lambda kv: str(kv[0]))
+              if statistics.fmean(b) >= CAPPED_SHARE * top]
+    if not capped:
+        return None
+    return (f"{setup}'s tune point {top:g} is capped by its clients, not its decode pool, at split(s) "
+            + ", ".join(f"{s} (decode batch {b:g})" for s, b in capped)
+            + ": its splits are not ranked by capacity there; tune it at a higher point (--tune-point)")
 
 
 def setup_goodput(cells: list[dict]) -> dict:
@@ -260,7 +288,8 @@ def _unshared_outcome(summary: dict | None) -> str | None:
             f"{summary['concurrency_at_slo'].get(split)}, saturated {best['output_tok_s']} tok/s at {best['point']:g}")
 
 
-def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, tol: float = 0.03) -> dict:
+def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, tol: float = 0.03,
+                  variant: bool = False) -> dict:
     """Everything one (model, free memory, workload) shows: per setup its sweeps, tuning and goodput; shared
     against unshared at their tuned splits and at every split both swept (labelled fixed); the colocated
     baseline; feasibility; what voids the comparison and what departs from the method."""
@@ -286,6 +315,8 @@ def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, 
                 "shared_concurrency_at_slo": at_slo.get(str(sh["tuned_split"])) if sh else None,
                 "unshared_outcome": _unshared_outcome(un)}
     deviations = sorted({d for c in cells for d in method_deviations(c)})
+    if not variant:  # a variant's tune cells sit beside the method's; they choose no split
+        deviations += [why for s in ("shared", "unshared") if (why := capped_tuning(_select(cells, s, "tune"), s))]
     counts = Counter((c["setup"], str(c["split"]), c["point"]) for c in cells if c["phase"] == "sweep")
     short = [f"{s} split {sp} point {p:g}" for (s, sp, p), n in sorted(counts.items()) if n < need_repeats]
     if short:
@@ -306,15 +337,31 @@ HEADLINE = {"throughput_ratio_14b_2k2k": ("14b", 77, "2k2k", "throughput_ratio")
             "feasibility_24b_unshared": ("24b", 77, "2k2k", "unshared_outcome")}
 
 
+def older_rows(older: list[dict], current: list[dict]) -> list[dict]:
+    """The cells a group's newest setting left out, one line each: what an earlier tuning showed stays readable
+    beside the method's numbers, marked by what it ran with."""
+    flags = {c.get("server_flags") for c in current}
+    rows = []
+    for c in older:
+        stats = (c.get("server_stats") or {}).get("decode", {})
+        mem = json.loads(fractions(c["setup"], c.get("mem_fraction")))
+        rows.append({"id": c["id"], **{k: c[k] for k in ("setup", "split", "phase", "point", "repeat")},
+                     "fractions": mem, "same_flags": c.get("server_flags") in flags,
+                     "output_tok_s": c["output_tok_s"], "ttft_ms_p99": c.get("ttft_ms_p99"),
+                     "decode_running_mean": stats.get("decode_running_mean"),
+                     "gpu_free_mib_min": c.get("gpu_free_mib_min")})
+    return rows
+
+
 def card_slug(gpu_name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100': the results file's prefix."""
     m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", gpu_name or "")
     return m.group(1).lower() if m else "gpu"
 
 
-def current_flags(cells: list[dict], starts: list[dict]) -> tuple[list[dict], list[dict], int]:
-    """A group's cells and starts of its newest server flags, and how many cells of other flags were left out: a
-    change of flags starts the group's method over (its tuning, sweeps and goodput alike), never mixes with it."""
+def current_flags(cells: list[dict], starts: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """A group's cells and starts of its newest server flags, and the cells of other flags left out: a change of
+    flags starts the group's method over (its tuning, sweeps and goodput alike), never mixes with it."""
     newest = max(cells, key=lambda c: c["t_start_epoch"], default=None) or max(starts, key=lambda s: s["t_epoch"],
                                                                                 default={})
     flags = newest.get("server_flags")
@@ -323,7 +370,8 @@ def current_flags(cells: list[dict], starts: list[dict]) -> tuple[list[dict], li
     for _, x in sorted([(t, x) for t, x in timed if x.get("server_flags") == flags], key=lambda tx: tx[0]):
         current[fractions_used(x["setup"])] = setting(x)
     kept = [c for c in cells if setting(c) == current.get(fractions_used(c["setup"]))]
-    return kept, [s for s in starts if setting(s) == current.get(fractions_used(s["setup"]))], len(cells) - len(kept)
+    return kept, [s for s in starts if setting(s) == current.get(fractions_used(s["setup"]))], \
+        [c for c in cells if setting(c) != current.get(fractions_used(c["setup"]))]
 
 
 def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
@@ -341,12 +389,13 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
         st = [s for s in doc["starts"] if (s["model"], round(s["free_gib"])) == (model, free)
               and workload in s.get("workloads", [workload])]  # a variant's starts are its own
         cs, st, older = current_flags(cs, st)
-        summary = group_summary(cs, st, need_repeats, tol) if cs else \
+        summary = group_summary(cs, st, need_repeats, tol, _is_variant(workload)) if cs else \
             {"setups": {}, "comparisons": {}, "deviations": [],
              "headline": {"unshared_outcome": _unshared_outcome(_setup_summary([], st, "unshared"))}}
         if older:
-            summary["deviations"].append(f"{older} cells run with older server flags or memory fractions left out (they stay in "
-                                          "the file)")
+            summary["deviations"].append(f"{len(older)} cells run with older server flags or memory fractions left "
+                                         "out (they stay in the file)")
+            summary["older_cells"] = older_rows(older, cs)
         summaries[group_name(model, free, workload)] = summary
     out: dict = {"schema": "serving-v2"}
     void, labels, ratios, repeats = {}, [], [], []
@@ -401,6 +450,14 @@ def render_markdown(results: dict) -> str:
                       + ", ".join(f"{p}: {v['ratio']}" for p, v in cmp.get("per_point", {}).items())
                       + _one_sided(cmp.get("one_sided_points"))]
         lines += _tune_point_lines(summary["setups"])
+        if summary.get("older_cells"):
+            lines += ["", "Cells of an earlier setting (left out of the above; flags: the same as above or other):",
+                      "", "| setup | split | phase | point | repeat | fractions | flags | out tok/s | TTFT p99 ms "
+                      "| decode batch mean | GPU free min MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['setup']} | {r['split']} | {r['phase']} | {r['point']:g} | {r['repeat']} | "
+                      f"{' / '.join(f'{k} {v:g}' for k, v in r['fractions'].items())} | "
+                      f"{'same' if r['same_flags'] else 'other'} | {r['output_tok_s']} | {r['ttft_ms_p99']} | "
+                      f"{r['decode_running_mean']} | {r['gpu_free_mib_min']} |" for r in summary["older_cells"]]
     lines += variant_lines(results.get("cells", []))
     return "\n".join(lines) + "\n"
 
@@ -433,6 +490,42 @@ def _is_variant(group_or_workload: str) -> bool:
 def base_workload(c: dict) -> str:
     """The workload a cell runs, without its variant's mark."""
     return c["workload"].split(VARIANT_MARK)[0]
+
+
+def adopt_variant(doc: dict, name: str, method: dict[str, tuple]) -> tuple[dict, int]:
+    """The cells and starts of variant `name` as the method's own, once the method changed to what the variant ran
+    (e.g. its decode headroom): the same servers, started with the same settings, so the same measurement. Each
+    keeps what it was measured as (`adopted_from_variant`). Refused, with nothing changed, for a variant whose
+    setting is not the method's now (`method`: PD / colocated -> setting) or whose cell the method already has."""
+    taken = {(c["id"], *setting(c)) for c in doc.get("cells", []) if not c.get("variant")}
+    out = {**doc, "cells": [], "starts": []}
+    n = 0
+    for kind in ("cells", "starts"):
+        for x in doc.get(kind, []):
+            if x.get("variant") != name:
+                out[kind].append(x)
+                continue
+            flags = base_setting(x)[0]
+            now = (flags, fractions(x["setup"], x.get("mem_fraction")))
+            if now != method[fractions_used(x["setup"])]:
+                raise MethodError(f"variant {name!r} ran {x['id']} with flags {flags!r} and fractions {now[1]}, not "
+                                  f"the method's {method[fractions_used(x['setup'])]}: change the method first "
+                                  "(DECODE_MEM, SERVER_FLAGS), or leave the variant a variant")
+            y = {k: v for k, v in x.items() if k != "base_mem_fraction"}
+            y.update(server_flags=flags, variant=None, variant_overrides=None,
+                     adopted_from_variant={"name": name, "overrides": x.get("variant_overrides"),
+                                           "id": x["id"], "base_mem_fraction": x.get("base_mem_fraction")})
+            if kind == "cells":
+                y["workload"] = base_workload(x)
+                y["id"] = cell_id(y)
+                if (y["id"], *setting(y)) in taken:
+                    raise MethodError(f"the method has {y['id']} with this setting already: variant {name!r}'s "
+                                      "cell would replace a measurement, not join it")
+                n += 1
+            else:
+                y["workloads"] = [w.split(VARIANT_MARK)[0] for w in x.get("workloads", [])]
+            out[kind].append(y)
+    return out, n
 
 
 def variant_lines(cells: list[dict]) -> list[str]:

@@ -48,19 +48,24 @@ from pathlib import Path
 from typing import Iterator
 
 from serving_load import closed_loop, open_loop
-from serving_method import (SETUPS, batch_lines, batch_stats, cell_attainment, load_seconds, mean_lengths, next_rate,
-                            passes, request_specs, rounded, steady_window, window_latencies, window_tokens)
-from serving_results import (HEADLINE, VARIANT_MARK, build_results, by_point, card_slug, cell_id, merge_docs,
-                             fractions_used, render_markdown, setting, tuned_split)
+from serving_method import (SETUPS, MethodError, batch_lines, batch_stats, cell_attainment, load_seconds,
+                            mean_lengths, next_rate, passes, request_specs, rounded, steady_window, window_latencies,
+                            window_tokens)
+from serving_results import (HEADLINE, VARIANT_MARK, adopt_variant, build_results, by_point, card_slug, cell_id,
+                             fractions_used, merge_docs, render_markdown, setting, tuned_split)
 from serving_servers import (SERVER_FLAGS, Ballast, GpuFreeSampler, Server, environment, free_port, greedy_probe,
                              head_commit, plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup,
                              wait_quiet)
 from sharedcache.files import write_json_atomic  # noqa: E402  (after serving_servers: the repo on the path)
 
 PHASES = ("sweep", "tune", "goodput")
-DECODE_MEM = 0.88  # the method's decode mem_fraction_static, both setups alike: ~5.4 GiB of headroom at 77 GiB
-# free. Cells record their fractions, and one of other fractions is another measurement (serving_results.setting;
-# cells from before the record ran with serving_results.LEGACY_MEM)
+# The method's mem_fraction_static per server, both setups alike. Cells record their fractions, and one of other
+# fractions is another measurement (serving_results.setting; cells from before the record ran with LEGACY_MEM).
+PREFILL_MEM = 0.90  # its pool is capped by the split
+DECODE_MEM = 0.94  # of what is free once the prefill settled: 0.88 until 2026-12-06, when the 14B tuning showed an
+# operator would take the smaller headroom (unshared +10.7 %, 1,644.0 against 1,485.1 tok/s at 64 clients) and the
+# servers left 374 MiB (shared) and 1,800 MiB (unshared) of the card free at the least (bench/README.md)
+COLOCATED_MEM = 0.88
 
 
 # ---------------------------------------------------------------- one call: one setup, its splits, its cells
@@ -398,6 +403,22 @@ def cmd_merge(a) -> None:
     _print_headline(write_results(docs, Path(a.into), a.need_repeats))
 
 
+def cmd_adopt(a) -> None:
+    """A variant's cells and starts become the method's, in place, once the method runs what the variant ran."""
+    method = {k: setting({"server_flags": " ".join(SERVER_FLAGS.split()), "setup": setup,
+                          "mem_fraction": {"prefill": PREFILL_MEM, "decode": DECODE_MEM, "colocated": COLOCATED_MEM}})
+              for setup in ("shared", "colocated") for k in [fractions_used(setup)]}
+    doc = json.loads(Path(a.into).read_text())
+    try:
+        doc, n = adopt_variant(doc, a.variant, method)
+    except MethodError as e:
+        raise SystemExit(f"[bench] {e}")
+    if not n:
+        raise SystemExit(f"[bench] no cell of variant {a.variant!r} in {a.into}")
+    print(f"[bench] {n} cells of variant {a.variant!r} are the method's now")
+    _print_headline(write_results([doc], Path(a.into), a.need_repeats))
+
+
 def cmd_report(a) -> None:
     results = build_results(json.loads(Path(a.results).read_text()), a.need_repeats)
     text = render_markdown(results)
@@ -505,11 +526,11 @@ def _run_parser(sub) -> None:
     r.add_argument("--settle-timeout", type=float, default=180, help="after a load, wait for quiet server logs")
     r.add_argument("--free-gib", type=float, default=0.0, help="hold GPU memory so that the servers find this much "
                    "free (a larger card standing in for a smaller one; 0: the whole card)")
-    r.add_argument("--prefill-mem", type=float, default=0.90, help="prefill mem_fraction_static (its pool is capped "
-                   "by the split)")
+    r.add_argument("--prefill-mem", type=float, default=PREFILL_MEM,
+                   help="prefill mem_fraction_static (its pool is capped by the split)")
     r.add_argument("--decode-mem", type=float, default=DECODE_MEM, help="decode: of what is free once the prefill "
                    "settled (the rest is both servers' headroom); another value is the variant 'dmem<percent>'")
-    r.add_argument("--colocated-mem", type=float, default=0.88)
+    r.add_argument("--colocated-mem", type=float, default=COLOCATED_MEM)
     r.add_argument("--transfer-backend", default="mooncake")
     r.add_argument("--mooncake-protocol", default="nvlink_intra", help="'' for Mooncake's default (RDMA)")
     r.add_argument("--graph-max-bs", type=int, default=128, help="largest decode batch captured (0: SGLang's)")
@@ -542,6 +563,11 @@ def main() -> None:
     m.add_argument("parts", nargs="+")
     m.add_argument("--need-repeats", type=int, default=3)
     m.set_defaults(func=cmd_merge)
+    d = sub.add_parser("adopt", help="a variant's cells become the method's (after the method changed to it)")
+    d.add_argument("--into", required=True)
+    d.add_argument("variant")
+    d.add_argument("--need-repeats", type=int, default=3)
+    d.set_defaults(func=cmd_adopt)
     p = sub.add_parser("report", help="print (or write) the tables of a results file")
     p.add_argument("results")
     p.add_argument("--md", default=None)

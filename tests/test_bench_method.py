@@ -161,11 +161,11 @@ def test_saturation_and_overlap_rules():
 
 
 def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft=0.5, itl99=0.03, t0=None,
-                   window=120.0):
+                   window=120.0, decode_mem=ss.DECODE_MEM):
     args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k", inp=2048, outp=2048, range_ratio=0.5,
                               setup=setup, seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=100.0,
                               variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS,
-                              prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
+                              prefill_mem=ss.PREFILL_MEM, decode_mem=decode_mem, colocated_mem=ss.COLOCATED_MEM)
     load = "rate" if phase == "goodput" else "concurrency"
     c = ss.cell_base(args, split, phase, load, point, repeat)
     duration = sm.load_seconds(window, 0.15)
@@ -182,7 +182,8 @@ def synthetic_cell(setup, point, repeat, tok_s, split=65536, phase="sweep", ttft
 def start(setup, split, pool, free=77.0):
     return {"id": f"{setup}-{split}", "model": "14b", "free_gib": free, "setup": setup, "split": split,
             "workloads": ["2k2k"], "t_epoch": 0, "decode_pool_tokens": pool, "error": None,
-            "server_flags": sv.SERVER_FLAGS}
+            "server_flags": sv.SERVER_FLAGS, "mem_fraction": {"prefill": ss.PREFILL_MEM, "decode": ss.DECODE_MEM,
+                                                              "colocated": ss.COLOCATED_MEM}}
 
 
 PAGE1 = sv.SERVER_FLAGS.replace(" +engine.extra_args.page_size=64", "")  # before the method took page 64
@@ -237,6 +238,79 @@ def test_tuning_cells_alone_show_in_the_tables():
     assert res["throughput_ratio_14b_2k2k"] is None  # nothing swept: no headline
 
 
+def test_a_setup_tuned_where_its_clients_capped_it_is_told_to_tune_higher_and_its_higher_point_decides():
+    """At 64 clients the shared decode ran every client at each split, so 64 could not rank its splits (a smaller
+    prefill pool only adds decode pool the clients cannot fill): the summary says so, and once the setup is tuned
+    at a higher point that point alone ranks the splits; the lower one's cells stay in the tables."""
+    def tune(split, point, tok_s, batch):
+        c = synthetic_cell("shared", point, 0, tok_s, split=split, phase="tune")
+        c["server_stats"] = {"decode": {"decode_running_mean": batch}}
+        return c
+
+    capped = [tune(32768, 64, 2341.7, 63.4), tune(65536, 64, 2288.1, 59.8)]
+    res = sr.build_results({"cells": capped, "starts": [], "environments": []})
+    g = res["groups"]["14b/77g/2k2k"]
+    assert g["setups"]["shared"]["tuned_split"] == 32768
+    assert any("shared's tune point 64 is capped by its clients" in d and "32768 (decode batch 63.4)" in d
+               and "65536" not in d and "--tune-point" in d for d in g["deviations"])
+    higher = [tune(32768, 96, 2400.0, 74.0), tune(4096, 96, 2600.0, 82.0)]
+    res = sr.build_results({"cells": capped + higher, "starts": [], "environments": []})
+    g = res["groups"]["14b/77g/2k2k"]
+    assert (g["setups"]["shared"]["tuned_split"], g["setups"]["shared"]["tuned_by"]) == (4096, "tune point 96")
+    assert not any("capped" in d for d in g["deviations"])
+    assert [r["point"] for r in g["setups"]["shared"]["tune"]["32768"]] == [64, 96]  # shown, not compared
+    variant = [{**c, "workload": "2k2k@page16", "variant": "page16"} for c in capped]
+    res = sr.build_results({"cells": variant, "starts": [], "environments": []})
+    assert not any("capped" in d for d in res["groups"]["14b/77g/2k2k@page16"]["deviations"])  # it tunes nothing
+
+
+def test_a_variant_becomes_the_methods_own_only_when_the_method_runs_what_it_ran(tmp_path, monkeypatch):
+    """The method's headroom moved to what the dmem variant ran: its cells and starts join the method's under
+    their method ids, each saying what it was measured as; a variant of other settings, or one whose cell the
+    method has already, is refused and the file is left as it was."""
+    def as_variant(c, mem):
+        overrides = f"engine.mem_fraction_static.decode={mem:g}"
+        c.update(workload=f"2k2k@dmem{round(mem * 100)}", variant=f"dmem{round(mem * 100)}",
+                 variant_overrides=overrides, server_flags=f"{sv.SERVER_FLAGS} {overrides}",
+                 base_mem_fraction={"prefill": ss.PREFILL_MEM, "decode": 0.88})
+        c["id"] = sr.cell_id(c)
+        return c
+
+    old = synthetic_cell("unshared", 64, 0, 1485.1, split=4096, phase="tune", decode_mem=0.88)
+    var = as_variant(synthetic_cell("unshared", 64, 0, 1644.0, split=4096, phase="tune",
+                                    t0=old["t_start_epoch"] + 100), ss.DECODE_MEM)
+    st = {**start("unshared", 4096, 95104), "workloads": [var["workload"]], "variant": var["variant"],
+          "variant_overrides": var["variant_overrides"], "server_flags": var["server_flags"]}
+    path = tmp_path / "gpu-serving-v2.json"
+    path.write_text(json.dumps(sr.build_results({"cells": [old, var], "starts": [st], "environments": []})))
+    before = path.read_text()
+    monkeypatch.setattr(sys, "argv", ["sglang_serving.py", "adopt", "--into", str(path), "dmem90"])
+    with pytest.raises(SystemExit, match="no cell of variant 'dmem90'"):
+        ss.main()
+    assert path.read_text() == before
+    monkeypatch.setattr(sys, "argv", ["sglang_serving.py", "adopt", "--into", str(path), var["variant"]])
+    ss.main()
+    res = json.loads(path.read_text())
+    (adopted,) = [c for c in res["cells"] if c.get("adopted_from_variant")]
+    assert adopted["id"] == "14b|77g|2k2k|unshared|4096|tune|conc64|r0" and adopted["workload"] == "2k2k"
+    assert adopted["server_flags"] == sv.SERVER_FLAGS and adopted["variant"] is None
+    assert adopted["adopted_from_variant"]["id"] == var["id"] and "base_mem_fraction" not in adopted
+    assert res["starts"][0]["workloads"] == ["2k2k"] and res["starts"][0]["server_flags"] == sv.SERVER_FLAGS
+    g = res["groups"]["14b/77g/2k2k"]
+    assert g["setups"]["unshared"]["tune"]["4096"][0]["output_tok_s"] == 1644.0  # the newest setting: the method
+    assert g["setups"]["unshared"]["decode_pool_tokens"] == {"4096": 95104}
+    assert sum(c["output_tok_s"] == 1485.1 for c in res["cells"]) == 1  # the older fraction's cell stays
+    assert "| unshared | 4096 | tune | 64 | 0 | decode 0.88 / prefill 0.9 | same | 1485.1 |" in \
+        path.with_suffix(".md").read_text()  # and reads in the tables, marked by its fractions
+    method = {("prefill", "decode"): sr.setting({"server_flags": sv.SERVER_FLAGS, "setup": "shared",
+                                                 "mem_fraction": {"prefill": ss.PREFILL_MEM, "decode": 0.90}})}
+    with pytest.raises(sm.MethodError, match="not the method's"):  # the method is at another headroom
+        sr.adopt_variant({"cells": [var], "starts": []}, var["variant"], method)
+    method = {("prefill", "decode"): sr.setting(adopted)}
+    with pytest.raises(sm.MethodError, match="would replace a measurement"):
+        sr.adopt_variant({"cells": [adopted, var], "starts": []}, var["variant"], method)
+
+
 def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
     """Issue 22 item 5: cells of a variant (another SGLang page size, more transfer threads) never enter the
     method's comparison; the table puts them beside the default's cells of the same setup, split and point, with
@@ -289,11 +363,11 @@ def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
                                   decode_mem=decode_mem, setup=setup)
 
     assert ss._variant(variant(64, "")) == ("page64", "+engine.extra_args.page_size=64")
-    assert ss._variant(variant(0, "", decode_mem=0.94)) == ("dmem94", "engine.mem_fraction_static.decode=0.94")
+    assert ss._variant(variant(0, "", decode_mem=0.88)) == ("dmem88", "engine.mem_fraction_static.decode=0.88")
     assert ss._variant(variant(0, "t8=+engine.env.A=1  +engine.env.B=2")) == ("t8", "+engine.env.A=1 +engine.env.B=2")
     for v, says in ((variant(16, "t8=+engine.env.A=1"), "give one"), (variant(0, "T 8=+x=1"), "NAME=OVERRIDES"),
-                    (variant(16, "", decode_mem=0.94), "give one"),
-                    (variant(0, "", decode_mem=0.94, setup="colocated"), "colocated-mem"),
+                    (variant(16, "", decode_mem=0.88), "give one"),
+                    (variant(0, "", decode_mem=0.88, setup="colocated"), "colocated-mem"),
                     (variant(0, "", decode_mem=0.925), "whole percent"), (variant(0, "", decode_mem=1.2), "whole"),
                     (variant(0, "t8="), "NAME=OVERRIDES"), (variant(0, 't8=+engine.env.A="a b"'), "no quotes"),
                     (variant(0, "t8=engine.env.A=1"), "no quotes"),  # not +key=value
@@ -308,14 +382,15 @@ def test_cells_of_other_memory_fractions_are_other_measurements():
     """A change of the method's headroom (the decode's mem fraction) is a change of what the cells measure: the
     older cells stay in the file beside the newer, the summary takes the newest setting's only, and a cell that
     predates the record counts as what it ran with (serving_results.LEGACY_MEM)."""
-    legacy = synthetic_cell("shared", 64, 0, 2341.7, split=32768, phase="tune")
+    legacy = synthetic_cell("shared", 64, 0, 2341.7, split=32768, phase="tune", decode_mem=0.88)
     del legacy["mem_fraction"]
-    same = synthetic_cell("shared", 64, 0, 2300.0, split=32768, phase="tune", t0=legacy["t_start_epoch"] + 10)
+    same = synthetic_cell("shared", 64, 0, 2300.0, split=32768, phase="tune", t0=legacy["t_start_epoch"] + 10,
+                          decode_mem=0.88)
     assert sr.setting(same) == sr.setting(legacy)  # 0.9 / 0.88 / 0.88 recorded or not
     merged = sr.merge_docs([{"cells": [legacy]}, {"cells": [same]}])
     assert [c["output_tok_s"] for c in merged["cells"]] == [2300.0] and len(merged["replaced"]) == 1
-    other = synthetic_cell("shared", 64, 0, 2500.0, split=32768, phase="tune", t0=legacy["t_start_epoch"] + 20)
-    other["mem_fraction"] = {**other["mem_fraction"], "decode": 0.94}
+    other = synthetic_cell("shared", 64, 0, 2500.0, split=32768, phase="tune", t0=legacy["t_start_epoch"] + 20,
+                           decode_mem=0.94)
     res = sr.build_results({"cells": [legacy, other], "starts": [], "environments": []})
     assert sorted(c["output_tok_s"] for c in res["cells"]) == [2341.7, 2500.0]  # both kept
     group = res["groups"]["14b/77g/2k2k"]
@@ -326,7 +401,8 @@ def test_cells_of_other_memory_fractions_are_other_measurements():
     call = ss.Call(args, {"cells": [legacy, other]})
     assert call.done(legacy["id"]) and [c["output_tok_s"] for c in call.cells()] == [2341.7]  # not 0.94's cell
     # a fraction that a setup's servers do not take changes nothing of its cells, nor of the others' kind
-    plain = synthetic_cell("colocated", 64, 0, 2900.0, split=None, phase="tune", t0=legacy["t_start_epoch"] + 30)
+    plain = synthetic_cell("colocated", 64, 0, 2900.0, split=None, phase="tune", t0=legacy["t_start_epoch"] + 30,
+                           decode_mem=0.88)
     plain["mem_fraction"] = {"colocated": 0.9}
     res = sr.build_results({"cells": [legacy, plain], "starts": [], "environments": []})
     group = res["groups"]["14b/77g/2k2k"]
@@ -339,16 +415,17 @@ def test_cells_of_other_memory_fractions_are_other_measurements():
 
 def test_a_variant_is_set_beside_the_method_cells_of_its_own_base_setting():
     """The variants table's default row takes the method's cells of the flags and fractions the variant was added
-    to: a headroom variant (dmem94) beside the method's 0.88 cells, not beside 0.88 and 0.94 mixed."""
+    to: a headroom variant (dmem88) beside the method's cells of its time, not beside those and a later
+    method's mixed."""
     base = synthetic_cell("unshared", 64, 0, 1000.0, split=16384, phase="tune")
-    newer = synthetic_cell("unshared", 64, 0, 3000.0, split=16384, phase="tune", t0=base["t_start_epoch"] + 10)
-    newer["mem_fraction"] = {"prefill": 0.9, "decode": 0.94}  # the method at other fractions, later
-    args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k@dmem94", inp=2048, outp=2048,
+    newer = synthetic_cell("unshared", 64, 0, 3000.0, split=16384, phase="tune", t0=base["t_start_epoch"] + 10,
+                           decode_mem=0.92)  # the method at other fractions, later
+    args = argparse.Namespace(tag="14b", free_gib=77.0, workload_name="2k2k@dmem88", inp=2048, outp=2048,
                               range_ratio=0.5, setup="unshared", seed=1, control_point=8, trim=0.15, ttft_slo_s=3.0,
-                              itl_slo_ms=100.0, variant_name="dmem94",
-                              variant_overrides="engine.mem_fraction_static.decode=0.94",
-                              server_flags=sv.SERVER_FLAGS + " engine.mem_fraction_static.decode=0.94",
-                              prefill_mem=0.9, decode_mem=0.94, colocated_mem=0.88)
+                              itl_slo_ms=100.0, variant_name="dmem88",
+                              variant_overrides="engine.mem_fraction_static.decode=0.88",
+                              server_flags=sv.SERVER_FLAGS + " engine.mem_fraction_static.decode=0.88",
+                              prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
     variant = ss.cell_base(args, 16384, "tune", "concurrency", 64, 0)
     assert variant["base_mem_fraction"] == {"prefill": 0.9, "decode": ss.DECODE_MEM}
     variant.update({k: base[k] for k in ("t_start_epoch", "duration_s", "window_s", "requests", "server_stats",
@@ -357,7 +434,7 @@ def test_a_variant_is_set_beside_the_method_cells_of_its_own_base_setting():
     text = sr.render_markdown(sr.build_results({"cells": [base, newer, variant], "starts": [], "environments": []}))
     table = text.split("## Variants")[1]
     assert "| unshared | 16384 | tune | 64 | default | 1 | 1000.0 |" in table  # not 2000.0, the two mixed
-    assert "| unshared | 16384 | tune | 64 | dmem94 | 1 | 1500.0 |" in table
+    assert "| unshared | 16384 | tune | 64 | dmem88 | 1 | 1500.0 |" in table
 
 
 def test_a_server_start_is_counted_against_the_wall_not_the_load_budget():
@@ -408,7 +485,7 @@ def test_tuned_and_fixed_splits_are_reported_apart():
     starts = [start("unshared", 65536, 40000), start("unshared", 32768, 45000)]
     res = sr.build_results({"cells": cells, "starts": starts, "environments": []})
     g = res["groups"]["14b/77g/2k2k"]
-    assert g["setups"]["unshared"]["tuned_split"] == 32768 and g["setups"]["unshared"]["tuned_by"] == "tune point"
+    assert g["setups"]["unshared"]["tuned_split"] == 32768 and g["setups"]["unshared"]["tuned_by"] == "tune point 64"
     assert g["comparisons"]["tuned"]["splits"] == {"shared": 65536, "unshared": 32768}
     assert g["comparisons"]["tuned"]["saturated_ratio"] == pytest.approx(1520 / 847, rel=1e-3)
     assert g["comparisons"]["fixed split 65536"]["saturated_ratio"] == pytest.approx(1520 / 770, rel=1e-3)
@@ -682,7 +759,7 @@ def test_measure_fills_a_cell_from_the_load_and_the_server_log(stream_server, tm
                               setup="shared", seed=2, control_point=2, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
                               window_s=1.4, vocab=5000, slo_share=0.99, drain_s=5, settle_timeout=0.6,
                               variant_name=None, variant_overrides=None, server_flags=sv.SERVER_FLAGS,
-                              prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
+                              prefill_mem=ss.PREFILL_MEM, decode_mem=ss.DECODE_MEM, colocated_mem=ss.COLOCATED_MEM)
     fake = argparse.Namespace(port=stream_server.port, log=stream_server.log, name="decode", role="decode")
     deadline = time.monotonic() + 30
     while len(stream_server.log.read_text().splitlines()) < 3:  # a few log lines before the load
@@ -827,7 +904,8 @@ def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(strea
         args = argparse.Namespace(tag=tag, free_gib=0.0, workload_name=workload, inp=100, outp=20, range_ratio=0.5,
                                   setup=setup, seed=1, control_point=1, trim=0.15, ttft_slo_s=3.0, itl_slo_ms=60.0,
                                   variant_name=None, variant_overrides=None, server_flags=flags,
-                                  prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.88)
+                                  prefill_mem=ss.PREFILL_MEM, decode_mem=ss.DECODE_MEM,
+                                  colocated_mem=ss.COLOCATED_MEM)
         c = ss.cell_base(args, split, "tune", "concurrency", 2, 0)
         c.update(output_tok_s=1e6, t_start_epoch=1.0, duration_s=1.0, host="h", requests=[], window_s=[0.15, 0.85],
                  waves=9, server_stats={}, stopped_early=False, ttft_ms_p99=1.0, itl_ms_p99=1.0)
@@ -851,10 +929,10 @@ def test_a_sweep_follows_the_tuning_and_setups_take_turns_repeat_by_repeat(strea
     call("shared", "--splits", "tuned", "--repeats", "3", "--repeats-per-call", "1")
     assert [(c["point"], c["repeat"]) for c in json.loads(results.read_text())["cells"] if c["phase"] == "sweep"] == \
         [(1, 0), (2, 0), (1, 1), (2, 1)]  # the next repeat, whole; then the run would go on to the other setup
-    call("shared", "--phase", "tune", "--splits", "tuned", "--decode-mem", "0.94")  # a variant: the method's split
+    call("shared", "--phase", "tune", "--splits", "tuned", "--decode-mem", "0.88")  # a variant: the method's split
     assert started[-1] == ("shared", best)
-    variant = [c for c in json.loads(results.read_text())["cells"] if c.get("variant") == "dmem94"]
-    assert [(c["workload"], c["split"], c["mem_fraction"]["decode"]) for c in variant] == [("tiny@dmem94", best, 0.94)]
+    variant = [c for c in json.loads(results.read_text())["cells"] if c.get("variant") == "dmem88"]
+    assert [(c["workload"], c["split"], c["mem_fraction"]["decode"]) for c in variant] == [("tiny@dmem88", best, 0.88)]
 
 
 def test_pd_bound_reads_a_v2_results_file(tmp_path):
@@ -944,10 +1022,10 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
         return
     assert argvs["prefill"]["--max-total-tokens"] == "65536" and argvs["prefill"]["--mem-fraction-static"] == "0.9"
     assert "--max-total-tokens" not in argvs["decode"] and argvs["decode"]["--mem-fraction-static"] == "0.88"
-    args.decode_mem = 0.94  # the variant 'dmem94': its overrides ride in the flags, the role's own value agrees
-    args.server_flags += " " + ss._variant(argparse.Namespace(page_size=0, variant="", decode_mem=0.94,
+    args.decode_mem = 0.92  # the variant 'dmem92': its overrides ride in the flags, the role's own value agrees
+    args.server_flags += " " + ss._variant(argparse.Namespace(page_size=0, variant="", decode_mem=0.92,
                                                               server_flags=args.server_flags, setup=setup))[1]
-    for role, mem in (("prefill", "0.9"), ("decode", "0.94")):
+    for role, mem in (("prefill", "0.9"), ("decode", "0.92")):
         overrides = sv.launch_overrides(role, args, tmp_path / "cache", 21000, *sv.role_overrides(setup, role, 65536,
                                                                                                     args))
         cfg = compose(overrides)
