@@ -56,17 +56,24 @@ def merge_docs(docs: Iterable[dict]) -> dict:
     """Cells, server starts and environments of several runs in one: a cell measured again with the same server
     flags replaces the older one (by start time), which is listed under `replaced`; one measured with other flags
     stays beside it (the older flags' cells are what a variant added to them is compared with)."""
+    docs = list(docs)
     cells: dict[tuple, dict] = {}
     starts: dict[str, dict] = {}
     envs: dict[str, dict] = {}
     replaced = []
+    adopted = {(x["adopted_from_variant"]["id"], x.get("t_start_epoch", x.get("t_epoch"))) for doc in docs
+               for kind in ("cells", "starts") for x in doc.get(kind, []) if x.get("adopted_from_variant")}
     for doc in docs:
         replaced += doc.get("replaced", [])
         for s in doc.get("starts", []):
+            if s.get("variant") and (s["id"], s.get("t_epoch")) in adopted:
+                continue  # an older copy of a start that is the method's now (adopt_variant)
             starts[s["id"]] = s
         for e in doc.get("environments", []):
             envs[json.dumps(e, sort_keys=True)] = e
         for c in doc.get("cells", []):
+            if c.get("variant") and (c["id"], c.get("t_start_epoch")) in adopted:
+                continue  # an older copy of a cell that is the method's now
             key = (c["id"], *setting(c))
             old = cells.get(key)
             if old is not None and old["t_start_epoch"] != c["t_start_epoch"]:
@@ -164,22 +171,36 @@ def tuned_split(cells: list[dict]) -> tuple[object, str] | tuple[None, None]:
 CAPPED_SHARE = 0.95  # a decode batch this close to the clients means they, not the decode pool, capped the load
 
 
-def capped_tuning(cells: list[dict], setup: str) -> str | None:
-    """Why a setup's tuning cannot rank its splits, if it cannot: at its tune point the decode ran (nearly) every
-    client at some split, so a smaller prefill pool (a larger decode pool) could not show its gain there."""
+def tuning_deviations(cells: list[dict], earlier: list[dict], setup: str) -> list[str]:
+    """What keeps a setup's tuning from ranking its splits, from its tune cells (`cells`) and those of an earlier
+    setting (`earlier`): a tune point at which the decode ran (nearly) every client, so that a larger decode pool
+    could not show its gain there; one whose decode batch is not known; splits tuned elsewhere (a lower point, an
+    earlier setting) but not at the tune point, which the tuned split did not have to beat."""
     top = tune_point(cells)
+    if top is None:
+        return []
+    at_top = [c for c in cells if c["point"] == top]
     batches = defaultdict(list)  # split -> the decode's mean running batch of each tune cell at the tune point
-    for c in cells:
-        batch = (c.get("server_stats") or {}).get("decode", {}).get("decode_running_mean")
-        if c["phase"] == "tune" and c["point"] == top and batch is not None:
+    for c in at_top:
+        batch = ((c.get("server_stats") or {}).get("decode") or {}).get("decode_running_mean")
+        if batch is not None:
             batches[c["split"]].append(batch)
+    out = []
     capped = [(s, round(statistics.fmean(b), 1)) for s, b in sorted(batches.items(), key=lambda kv: str(kv[0]))
               if statistics.fmean(b) >= CAPPED_SHARE * top]
-    if not capped:
-        return None
-    return (f"{setup}'s tune point {top:g} is capped by its clients, not its decode pool, at split(s) "
-            + ", ".join(f"{s} (decode batch {b:g})" for s, b in capped)
-            + ": its splits are not ranked by capacity there; tune it at a higher point (--tune-point)")
+    if capped:
+        out.append(f"{setup}'s tune point {top:g} is capped by its clients, not its decode pool, at split(s) "
+                   + ", ".join(f"{s} (decode batch {b:g})" for s, b in capped)
+                   + ": its splits are not ranked by capacity there; tune it at a higher point (--tune-point)")
+    if not batches:
+        out.append(f"{setup}'s tune point {top:g}: no decode batch in its cells' server logs, so whether its clients "
+                   "capped it is not known")
+    tuned = sorted({c["split"] for c in at_top}, key=lambda v: (v is None, v or 0))
+    elsewhere = sorted({c["split"] for c in [*cells, *earlier]} - set(tuned), key=lambda v: (v is None, v or 0))
+    if elsewhere:
+        out.append(f"{setup}'s tuned split is the best of {tuned} at its tune point {top:g}; {elsewhere} were tuned "
+                   "only at another point or an earlier setting")
+    return out
 
 
 def setup_goodput(cells: list[dict]) -> dict:
@@ -289,7 +310,7 @@ def _unshared_outcome(summary: dict | None) -> str | None:
 
 
 def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, tol: float = 0.03,
-                  variant: bool = False) -> dict:
+                  variant: bool = False, earlier: list[dict] = ()) -> dict:
     """Everything one (model, free memory, workload) shows: per setup its sweeps, tuning and goodput; shared
     against unshared at their tuned splits and at every split both swept (labelled fixed); the colocated
     baseline; feasibility; what voids the comparison and what departs from the method."""
@@ -316,7 +337,8 @@ def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, 
                 "unshared_outcome": _unshared_outcome(un)}
     deviations = sorted({d for c in cells for d in method_deviations(c)})
     if not variant:  # a variant's tune cells sit beside the method's; they choose no split
-        deviations += [why for s in ("shared", "unshared") if (why := capped_tuning(_select(cells, s, "tune"), s))]
+        for s in ("shared", "unshared"):
+            deviations += tuning_deviations(_select(cells, s, "tune"), _select(earlier, s, "tune"), s)
     counts = Counter((c["setup"], str(c["split"]), c["point"]) for c in cells if c["phase"] == "sweep")
     short = [f"{s} split {sp} point {p:g}" for (s, sp, p), n in sorted(counts.items()) if n < need_repeats]
     if short:
@@ -389,7 +411,7 @@ def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:
         st = [s for s in doc["starts"] if (s["model"], round(s["free_gib"])) == (model, free)
               and workload in s.get("workloads", [workload])]  # a variant's starts are its own
         cs, st, older = current_flags(cs, st)
-        summary = group_summary(cs, st, need_repeats, tol, _is_variant(workload)) if cs else \
+        summary = group_summary(cs, st, need_repeats, tol, _is_variant(workload), older) if cs else \
             {"setups": {}, "comparisons": {}, "deviations": [],
              "headline": {"unshared_outcome": _unshared_outcome(_setup_summary([], st, "unshared"))}}
         if older:
@@ -492,6 +514,22 @@ def base_workload(c: dict) -> str:
     return c["workload"].split(VARIANT_MARK)[0]
 
 
+_FRACTION_OVERRIDE = re.compile(r"\+{0,2}engine\.mem_fraction_static\.(\w+)=(\S+)")
+
+
+def flags_less_fractions(flags: str, mem: dict) -> str | None:
+    """A record's server flags without the memory-fraction overrides that its recorded fractions hold already (a
+    headroom variant's); None when one of them disagrees with the record."""
+    kept = []
+    for token in flags.split():
+        if m := _FRACTION_OVERRIDE.fullmatch(token):
+            if mem.get(m.group(1)) != float(m.group(2)):
+                return None
+            continue
+        kept.append(token)
+    return " ".join(kept)
+
+
 def adopt_variant(doc: dict, name: str, method: dict[str, tuple]) -> tuple[dict, int]:
     """The cells and starts of variant `name` as the method's own, once the method changed to what the variant ran
     (e.g. its decode headroom): the same servers, started with the same settings, so the same measurement. Each
@@ -505,7 +543,7 @@ def adopt_variant(doc: dict, name: str, method: dict[str, tuple]) -> tuple[dict,
             if x.get("variant") != name:
                 out[kind].append(x)
                 continue
-            flags = base_setting(x)[0]
+            flags = flags_less_fractions(x.get("server_flags") or "", x.get("mem_fraction") or {})
             now = (flags, fractions(x["setup"], x.get("mem_fraction")))
             if now != method[fractions_used(x["setup"])]:
                 raise MethodError(f"variant {name!r} ran {x['id']} with flags {flags!r} and fractions {now[1]}, not "

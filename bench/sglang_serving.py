@@ -387,13 +387,14 @@ def resolve_splits(call: Call, splits: list[int] | str) -> list[int]:
     mine = [c for c in call.known["cells"] + call.part["cells"] if setting(c) == method and
             (c["model"], c["free_gib"], c["workload"], c["setup"], c["phase"])
             == (a.tag, a.free_gib, a.base_workload, a.setup, "tune")]
-    split, _ = tuned_split(mine)
+    split, how = tuned_split(mine)
     if split is None:
         raise SystemExit(f"[bench] --splits tuned: no tune cells of {a.setup} for {a.tag} / {a.free_gib:g} GiB / "
                          f"{a.base_workload} with the method's server flags and memory fractions; run --phase tune "
                          "first, or give the splits")
-    tried = sorted({c["split"] for c in mine})
-    print(f"[bench] {a.setup}: tuned split {split} (of {tried} at the tune point)", flush=True)
+    top = [c for c in mine if f"tune point {c['point']:g}" == how]
+    print(f"[bench] {a.setup}: tuned split {split}, the best of {sorted({c['split'] for c in top})} at its {how}",
+          flush=True)
     return [split]
 
 

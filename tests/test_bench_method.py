@@ -253,12 +253,18 @@ def test_a_setup_tuned_where_its_clients_capped_it_is_told_to_tune_higher_and_it
     assert g["setups"]["shared"]["tuned_split"] == 32768
     assert any("shared's tune point 64 is capped by its clients" in d and "32768 (decode batch 63.4)" in d
                and "65536" not in d and "--tune-point" in d for d in g["deviations"])
-    higher = [tune(32768, 96, 2400.0, 74.0), tune(4096, 96, 2600.0, 82.0)]
+    higher = [tune(32768, 96, 2400.0, 74.0), tune(4096, 96, 2300.0, 82.0)]
+    capped[1]["output_tok_s"] = 2500.0  # 65536 the best at 64, and the best of every cell pooled: not tried at 96
     res = sr.build_results({"cells": capped + higher, "starts": [], "environments": []})
     g = res["groups"]["14b/77g/2k2k"]
-    assert (g["setups"]["shared"]["tuned_split"], g["setups"]["shared"]["tuned_by"]) == (4096, "tune point 96")
+    assert (g["setups"]["shared"]["tuned_split"], g["setups"]["shared"]["tuned_by"]) == (32768, "tune point 96")
     assert not any("capped" in d for d in g["deviations"])
+    assert "shared's tuned split is the best of [4096, 32768] at its tune point 96; [65536] were tuned only at " \
+        "another point or an earlier setting" in g["deviations"]
     assert [r["point"] for r in g["setups"]["shared"]["tune"]["32768"]] == [64, 96]  # shown, not compared
+    unknown = [{**c, "server_stats": {"decode": {"decode_lines": 0}}} for c in higher]  # a log with no decode lines
+    g = sr.build_results({"cells": unknown, "starts": [], "environments": []})["groups"]["14b/77g/2k2k"]
+    assert any("no decode batch" in d for d in g["deviations"]) and not any("is capped" in d for d in g["deviations"])
     variant = [{**c, "workload": "2k2k@page16", "variant": "page16"} for c in capped]
     res = sr.build_results({"cells": variant, "starts": [], "environments": []})
     assert not any("capped" in d for d in res["groups"]["14b/77g/2k2k@page16"]["deviations"])  # it tunes nothing
@@ -309,6 +315,18 @@ def test_a_variant_becomes_the_methods_own_only_when_the_method_runs_what_it_ran
     method = {("prefill", "decode"): sr.setting(adopted)}
     with pytest.raises(sm.MethodError, match="would replace a measurement"):
         sr.adopt_variant({"cells": [adopted, var], "starts": []}, var["variant"], method)
+    page = {**var, "variant": "page16", "variant_overrides": "+engine.extra_args.page_size=16",
+            "server_flags": sv.SERVER_FLAGS.replace("page_size=64", "page_size=16")}  # at the method's fractions
+    with pytest.raises(sm.MethodError, match="not the method's"):
+        sr.adopt_variant({"cells": [page], "starts": []}, "page16", method)
+    part = tmp_path / "part.json"  # an older part, from before the adoption: its copy stays out
+    part.write_text(json.dumps({"cells": [var], "starts": [st], "environments": []}))
+    monkeypatch.setattr(sys, "argv", ["sglang_serving.py", "merge", "--into", str(path), str(part)])
+    ss.main()
+    again = json.loads(path.read_text())
+    assert [c["id"] for c in again["cells"]] == [c["id"] for c in res["cells"]] and not any(
+        c.get("variant") for c in again["cells"] + again["starts"])
+    assert again["groups"]["14b/77g/2k2k"]["setups"]["unshared"]["decode_pool_tokens"] == {"4096": 95104}
 
 
 def test_a_variant_is_its_own_group_and_is_compared_side_by_side():
@@ -999,7 +1017,8 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
     from sharedcache_integrations.sglang import server as sgl
 
     args = argparse.Namespace(model=tmp_path, tag="14b", bootstrap_port=23456, server_flags=sv.SERVER_FLAGS,
-                              graph_max_bs=128, prefill_mem=0.9, decode_mem=0.88, colocated_mem=0.85,
+                              graph_max_bs=128, prefill_mem=ss.PREFILL_MEM, decode_mem=ss.DECODE_MEM,
+                              colocated_mem=0.85,
                               transfer_backend="mooncake", mooncake_protocol="nvlink_intra")
     roles = ("plain",) if setup == "colocated" else ("prefill", "decode")
     argvs = {}
@@ -1021,7 +1040,8 @@ def test_each_setups_servers_compose_into_the_sglang_commands_meant(setup, tmp_p
         assert "--max-total-tokens" not in argvs["plain"] and argvs["plain"]["--cuda-graph-max-bs-decode"] == "128"
         return
     assert argvs["prefill"]["--max-total-tokens"] == "65536" and argvs["prefill"]["--mem-fraction-static"] == "0.9"
-    assert "--max-total-tokens" not in argvs["decode"] and argvs["decode"]["--mem-fraction-static"] == "0.88"
+    assert "--max-total-tokens" not in argvs["decode"] and argvs["decode"]["--mem-fraction-static"] == \
+        str(ss.DECODE_MEM) == "0.94"
     args.decode_mem = 0.92  # the variant 'dmem92': its overrides ride in the flags, the role's own value agrees
     args.server_flags += " " + ss._variant(argparse.Namespace(page_size=0, variant="", decode_mem=0.92,
                                                               server_flags=args.server_flags, setup=setup))[1]
