@@ -34,9 +34,22 @@ def fractions_used(setup: str) -> tuple[str, ...]:
     return ("colocated",) if setup == "colocated" else ("prefill", "decode")
 
 
-def fractions(setup: str, mem: dict | None) -> str:
+def fraction_values(setup: str, mem: dict | None) -> dict[str, float]:
+    """The fractions a record's setup ran with (those it does not record: LEGACY_MEM's)."""
     mem = mem or LEGACY_MEM
-    return json.dumps({k: mem.get(k, LEGACY_MEM[k]) for k in fractions_used(setup)}, sort_keys=True)
+    return {k: mem.get(k, LEGACY_MEM[k]) for k in sorted(fractions_used(setup))}
+
+
+def fractions(setup: str, mem: dict | None) -> str:
+    """The same, as one comparable value (part of a record's `setting`)."""
+    return json.dumps(fraction_values(setup, mem), sort_keys=True)
+
+
+def method_settings(flags: str, mem: dict[str, float]) -> dict[tuple[str, ...], tuple[str | None, str]]:
+    """The setting a PD pair and a colocated server run with these flags and fractions (by `fractions_used`), to
+    match records against."""
+    return {fractions_used(s): setting({"server_flags": flags, "setup": s, "mem_fraction": mem})
+            for s in ("shared", "colocated")}
 
 
 def setting(x: dict) -> tuple[str | None, str]:
@@ -144,7 +157,7 @@ def point_rows(cells: list[dict]) -> list[dict]:
 
 def tune_point(cells: list[dict]) -> float | None:
     """A setup's tune point: the highest concurrency its tune cells ran (a tuning moved up past a point where its
-    clients, not its pool, capped it: `capped_tuning`); tune cells at lower points are shown, not compared."""
+    clients, not its pool, capped it: `tuning_deviations`); tune cells at lower points are shown, not compared."""
     return max((c["point"] for c in cells if c["phase"] == "tune"), default=None)
 
 
@@ -168,6 +181,11 @@ def tuned_split(cells: list[dict]) -> tuple[object, str] | tuple[None, None]:
     return max(best, key=best.get), "saturated sweep"
 
 
+def _by_size(split) -> tuple:
+    """Splits in size order (a colocated cell's None last)."""
+    return split is None, split or 0
+
+
 CAPPED_SHARE = 0.95  # a decode batch this close to the clients means they, not the decode pool, capped the load
 
 
@@ -186,7 +204,7 @@ def tuning_deviations(cells: list[dict], earlier: list[dict], setup: str) -> lis
         if batch is not None:
             batches[c["split"]].append(batch)
     out = []
-    capped = [(s, round(statistics.fmean(b), 1)) for s, b in sorted(batches.items(), key=lambda kv: str(kv[0]))
+    capped = [(s, round(statistics.fmean(b), 1)) for s, b in sorted(batches.items(), key=lambda kv: _by_size(kv[0]))
               if statistics.fmean(b) >= CAPPED_SHARE * top]
     if capped:
         out.append(f"{setup}'s tune point {top:g} is capped by its clients, not its decode pool, at split(s) "
@@ -195,8 +213,8 @@ def tuning_deviations(cells: list[dict], earlier: list[dict], setup: str) -> lis
     if not batches:
         out.append(f"{setup}'s tune point {top:g}: no decode batch in its cells' server logs, so whether its clients "
                    "capped it is not known")
-    tuned = sorted({c["split"] for c in at_top}, key=lambda v: (v is None, v or 0))
-    elsewhere = sorted({c["split"] for c in [*cells, *earlier]} - set(tuned), key=lambda v: (v is None, v or 0))
+    tuned = sorted({c["split"] for c in at_top}, key=_by_size)
+    elsewhere = sorted({c["split"] for c in [*cells, *earlier]} - set(tuned), key=_by_size)
     if elsewhere:
         out.append(f"{setup}'s tuned split is the best of {tuned} at its tune point {top:g}; {elsewhere} were tuned "
                    "only at another point or an earlier setting")
@@ -366,7 +384,7 @@ def older_rows(older: list[dict], current: list[dict]) -> list[dict]:
     rows = []
     for c in older:
         stats = (c.get("server_stats") or {}).get("decode", {})
-        mem = json.loads(fractions(c["setup"], c.get("mem_fraction")))
+        mem = fraction_values(c["setup"], c.get("mem_fraction"))
         rows.append({"id": c["id"], **{k: c[k] for k in ("setup", "split", "phase", "point", "repeat")},
                      "fractions": mem, "same_flags": c.get("server_flags") in flags,
                      "output_tok_s": c["output_tok_s"], "ttft_ms_p99": c.get("ttft_ms_p99"),
@@ -391,9 +409,10 @@ def current_flags(cells: list[dict], starts: list[dict]) -> tuple[list[dict], li
     timed = [(c["t_start_epoch"], c) for c in cells] + [(s["t_epoch"], s) for s in starts]
     for _, x in sorted([(t, x) for t, x in timed if x.get("server_flags") == flags], key=lambda tx: tx[0]):
         current[fractions_used(x["setup"])] = setting(x)
-    kept = [c for c in cells if setting(c) == current.get(fractions_used(c["setup"]))]
-    return kept, [s for s in starts if setting(s) == current.get(fractions_used(s["setup"]))], \
-        [c for c in cells if setting(c) != current.get(fractions_used(c["setup"]))]
+    kept, older = [], []
+    for c in cells:
+        (kept if setting(c) == current.get(fractions_used(c["setup"])) else older).append(c)
+    return kept, [s for s in starts if setting(s) == current.get(fractions_used(s["setup"]))], older
 
 
 def build_results(doc: dict, need_repeats: int = 3, tol: float = 0.03) -> dict:

@@ -127,7 +127,8 @@ class GpuFreeSampler:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.reader.join(self.stop_timeout_s)  # a child still holding the pipe open leaves the daemon thread behind, not the load
+        # a child still holding the pipe open leaves the daemon thread behind, not the load
+        self.reader.join(self.stop_timeout_s)
 
     def free_min_mib(self) -> int | None:
         return min(self.samples) if self.samples else None
@@ -283,7 +284,8 @@ def environment(args) -> dict:
     """The machine a result was measured on: card, driver, versions, commit, the ballast."""
     import torch
 
-    name_uuid = nvidia_smi("-i", gpu_index(), "--query-gpu=name,uuid,driver_version", "--format=csv,noheader").split(", ")
+    name_uuid = nvidia_smi("-i", gpu_index(), "--query-gpu=name,uuid,driver_version",
+                           "--format=csv,noheader").split(", ")
     versions = {}
     for pkg in ("sglang", "transformers", "mooncake-transfer-engine-cuda13", "sglang-router"):
         try:

@@ -52,7 +52,7 @@ from serving_method import (SETUPS, MethodError, batch_lines, batch_stats, cell_
                             mean_lengths, next_rate, passes, request_specs, rounded, steady_window, window_latencies,
                             window_tokens)
 from serving_results import (HEADLINE, VARIANT_MARK, adopt_variant, build_results, by_point, card_slug, cell_id,
-                             fractions_used, merge_docs, render_markdown, setting, tuned_split)
+                             fractions_used, merge_docs, method_settings, render_markdown, setting, tuned_split)
 from serving_servers import (SERVER_FLAGS, Ballast, GpuFreeSampler, Server, environment, free_port, greedy_probe,
                              head_commit, plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup,
                              wait_quiet)
@@ -83,10 +83,8 @@ class Call:
     def cells(self) -> list[dict]:
         """The cells measured so far with this call's server flags: a cell of other flags is measured again
         (both stay in the file when merged), and neither its verdicts nor its rates steer this call."""
-        a = self.args
-        mine = {s: setting({"server_flags": a.server_flags, "setup": s, "mem_fraction": mem_fraction(a)})
-                for s in SETUPS}  # once per setup, not once per cell
-        return [c for c in self.known["cells"] + self.part["cells"] if setting(c) == mine[c["setup"]]]
+        mine = method_settings(self.args.server_flags, mem_fraction(self.args))  # once, not once per cell
+        return [c for c in self.known["cells"] + self.part["cells"] if setting(c) == mine[fractions_used(c["setup"])]]
 
     def done(self, cid: str) -> bool:
         return any(c["id"] == cid for c in self.cells())
@@ -241,7 +239,8 @@ def record_start(call: Call, split, servers: list[Server], reports: list[dict], 
     start = {"id": f"{a.tag}|{a.free_gib:g}g|{a.setup}|{split}|{time.time():.0f}", "model": a.tag,
              "free_gib": a.free_gib, "setup": a.setup, "split": split, "workloads": [a.workload_name],
              "server_flags": a.server_flags, "variant": a.variant_name, "variant_overrides": a.variant_overrides,
-             "mem_fraction": mem_fraction(a, a.setup), "t_epoch": round(time.time(), 1), "host": socket.gethostname(), "error": error, "servers": {}}
+             "mem_fraction": mem_fraction(a, a.setup), "t_epoch": round(time.time(), 1), "host": socket.gethostname(),
+             "error": error, "servers": {}}
     models = [s for s in servers if s.role != "router"]
     if error is None:
         used = process_gpu_mib()
@@ -382,8 +381,7 @@ def resolve_splits(call: Call, splits: list[int] | str) -> list[int]:
     if splits != "tuned" or a.setup == "colocated":
         return [] if splits == "tuned" else splits
     # a variant runs at the method's tuned split: the tune cells of the method's flags and fractions
-    method = setting({"server_flags": a.base_flags, "setup": a.setup,
-                      "mem_fraction": {**mem_fraction(a), "decode": DECODE_MEM}})
+    method = method_settings(a.base_flags, {**mem_fraction(a), "decode": DECODE_MEM})[fractions_used(a.setup)]
     mine = [c for c in call.known["cells"] + call.part["cells"] if setting(c) == method and
             (c["model"], c["free_gib"], c["workload"], c["setup"], c["phase"])
             == (a.tag, a.free_gib, a.base_workload, a.setup, "tune")]
@@ -406,9 +404,8 @@ def cmd_merge(a) -> None:
 
 def cmd_adopt(a) -> None:
     """A variant's cells and starts become the method's, in place, once the method runs what the variant ran."""
-    method = {k: setting({"server_flags": " ".join(SERVER_FLAGS.split()), "setup": setup,
-                          "mem_fraction": {"prefill": PREFILL_MEM, "decode": DECODE_MEM, "colocated": COLOCATED_MEM}})
-              for setup in ("shared", "colocated") for k in [fractions_used(setup)]}
+    method = method_settings(" ".join(SERVER_FLAGS.split()),
+                             {"prefill": PREFILL_MEM, "decode": DECODE_MEM, "colocated": COLOCATED_MEM})
     doc = json.loads(Path(a.into).read_text())
     try:
         doc, n = adopt_variant(doc, a.variant, method)
@@ -504,8 +501,8 @@ def _run_parser(sub) -> None:
     r.add_argument("--results", nargs="*", default=[], help="results files or parts whose cells are done (skipped)")
     r.add_argument("--workload", type=_workload, default=("2k2k", (2048, 2048)), help="NAME=INPUT:OUTPUT")
     r.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in [ratio x L, L] (1: fixed)")
-    r.add_argument("--splits", type=_splits, default=[65536], help="prefill KV pools to run, tokens (max_total_tokens); "
-                   "'tuned': the setup's best by its tune cells")
+    r.add_argument("--splits", type=_splits, default=[65536], help="prefill KV pools to run, tokens "
+                   "(max_total_tokens); 'tuned': the setup's best by its tune cells")
     r.add_argument("--points", type=_ints, default=[8, 16, 32, 48, 64], help="closed-loop concurrencies")
     r.add_argument("--control-point", type=int, default=8, help="below capacity in every setup; 0: none")
     r.add_argument("--repeats", type=int, default=3)
