@@ -1187,12 +1187,21 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
         assert "work-14b-shared/shared-65536-decode.log" in t.getnames()
     with tf.open(out / "triton-cache.tgz") as t:
         assert "./abc123/kernel.cubin" in t.getnames()  # setup.sh unpacks it into ~/.triton/cache
+    packed = (w / "triton-cache.tgz").stat().st_mtime_ns
+    assert script("--wait", call_s=20).returncode == 75
+    assert (w / "triton-cache.tgz").stat().st_mtime_ns == packed  # no kernel since: handed back, not packed again
+    (home / ".triton" / "cache" / "def456").mkdir()
+    new = home / ".triton" / "cache" / "def456" / "kernel.cubin"
+    new.write_bytes(b"\x7fELF" + bytes(64))
+    os.utime(new, ns=(packed + 10**9, packed + 10**9))  # compiled after the pack, whatever the clock's grain
     refused = script("--detach", "14b", "unshared", "sweep", call_s=590)
     assert refused.returncode == 1 and "still going" in refused.stderr
     with open(fifo, "w") as f:
         f.write("x\n")
     ended = script("--wait", call_s=80)
     assert ended.returncode == 0 and "cell two" in (out / "serving-14b-shared-sweep.log").read_text()
+    with tf.open(out / "triton-cache.tgz") as t:
+        assert {"./abc123/kernel.cubin", "./def456/kernel.cubin"} <= set(t.getnames())
 
 
 def test_a_detached_run_chains_its_legs_each_knowing_the_cells_of_those_before(tmp_path):

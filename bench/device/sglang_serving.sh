@@ -35,11 +35,21 @@ collect() {  # this run's parts, the merged results and the logs so far, into $O
   [ -n "$work" ] && (cd $W/out && tar -czf "$OUT/serving-logs-$tag.tgz" $(ls -d $work 2>/dev/null)) 2>/dev/null
   # the Triton kernels the servers compiled, for a later session to carry (.tritoncache/, setup.sh), if small
   # (a cache too large to carry is not even packed; Triton's half-written tmp.* folders are left out)
+  # (packed again only when a kernel was compiled since the last pack: a --wait call hands back the same file)
+  local tgz=$W/triton-cache.tgz
   if [ -d ~/.triton/cache ] && [ "$(du -sb ~/.triton/cache | cut -f1)" -le 60000000 ]; then
-    tar -C ~/.triton/cache --exclude='tmp.*' -czf "$OUT/triton-cache.tgz" . 2>/dev/null
-    [ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -le 10000000 ] || rm -f "$OUT/triton-cache.tgz"
+    if [ ! -f $tgz ] || [ -n "$(find ~/.triton/cache -newer $tgz -print -quit)" ]; then
+      touch $tgz.stamp  # a kernel written while tar reads is newer than the pack, so packed next time
+      tar -C ~/.triton/cache --exclude='tmp.*' -czf $tgz.tmp . 2>/dev/null && touch -r $tgz.stamp $tgz.tmp \
+        && mv $tgz.tmp $tgz
+    fi
+    [ "$(stat -c %s $tgz 2>/dev/null || echo 0)" -le 10000000 ] && cp $tgz "$OUT/triton-cache.tgz"
   fi
   return 0
+}
+known_cells() {  # the committed cells, this machine's earlier runs' and this run's (a tuning just measured)
+  echo "bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json \
+    $W/out/serving-v2-part-*.json 2>/dev/null)"
 }
 run_legs() {  # in the detached session: each leg of $1 (one per line, shell-quoted) within RUN_S of wall
   local rc=0 line known left
@@ -49,9 +59,7 @@ run_legs() {  # in the detached session: each leg of $1 (one per line, shell-quo
     local model=$1 setup=$2 phase=$3
     shift 3
     left=$(( ${RUN_S:-1500} - (SECONDS - T0) ))
-    # the committed cells, this machine's earlier runs' and this run's earlier legs' (a tuning just measured)
-    known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json \
-      $W/out/serving-v2-part-*.json 2>/dev/null)"
+    known=$(known_cells)  # with this run's earlier legs' parts
     if [ $left -lt ${LEG_MIN_S:-250} ]; then  # not a start and one cell: the leg is the next run's
       echo "[serving] leg $model $setup $phase $*: not started, $left s of the run's wall left"; continue
     fi
@@ -142,7 +150,7 @@ card=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from serving_results
 print(card_slug(sys.argv[1]))" "$name") || exit 1
 earlier=$(ls $W/out/serving-v2-part-*.json 2>/dev/null)
 [ -n "$earlier" ] && mv $earlier $W/old/  # an earlier call's parts: known below, not this call's output
-known="bench/results/$card-serving-v2.json $W/latest.json $(ls $W/old/serving-v2-part-*.json 2>/dev/null)"
+known=$(known_cells)
 work=$(printf 'work-%s ' "${setups[@]/#/$model-}")
 if [ $detach = 1 ]; then
   echo "$tag" > $W/runner.tag && echo "$card" > $W/runner.card && echo "$work" > $W/runner.work
