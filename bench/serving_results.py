@@ -45,6 +45,11 @@ def fractions(setup: str, mem: dict | None) -> str:
     return json.dumps(fraction_values(setup, mem), sort_keys=True)
 
 
+def one_spelling(flags: str) -> str:
+    """Server flags as records compare them: one spelling per set of flags, whatever the whitespace."""
+    return " ".join(flags.split())
+
+
 def method_settings(flags: str, mem: dict[str, float]) -> dict[tuple[str, ...], tuple[str | None, str]]:
     """The setting a PD pair and a colocated server run with these flags and fractions (by `fractions_used`), to
     match records against."""

@@ -52,7 +52,8 @@ from serving_method import (SETUPS, MethodError, batch_lines, batch_stats, cell_
                             mean_lengths, next_rate, passes, request_specs, rounded, steady_window, window_latencies,
                             window_tokens)
 from serving_results import (HEADLINE, VARIANT_MARK, adopt_variant, build_results, by_point, card_slug, cell_id,
-                             fractions_used, merge_docs, method_settings, render_markdown, setting, tuned_split)
+                             fractions_used, merge_docs, method_settings, one_spelling, render_markdown, setting,
+                             tune_point, tuned_split)
 from serving_servers import (SERVER_FLAGS, Ballast, GpuFreeSampler, Server, environment, free_port, greedy_probe,
                              head_commit, plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup,
                              wait_quiet)
@@ -334,7 +335,7 @@ def _load_known(paths: list[str]) -> dict:
 
 def cmd_run(a) -> None:
     a.inp, a.outp = a.lengths
-    a.server_flags = " ".join(a.server_flags.split())  # one spelling per set of flags: cells compare them
+    a.server_flags = one_spelling(a.server_flags)
     a.variant_name, a.variant_overrides = _variant(a)
     a.base_workload, a.base_flags = a.workload_name, a.server_flags
     if a.variant_name:  # apart from the method's cells, under its own workload name
@@ -390,9 +391,9 @@ def resolve_splits(call: Call, splits: list[int] | str) -> list[int]:
         raise SystemExit(f"[bench] --splits tuned: no tune cells of {a.setup} for {a.tag} / {a.free_gib:g} GiB / "
                          f"{a.base_workload} with the method's server flags and memory fractions; run --phase tune "
                          "first, or give the splits")
-    top = [c for c in mine if f"tune point {c['point']:g}" == how]
-    print(f"[bench] {a.setup}: tuned split {split}, the best of {sorted({c['split'] for c in top})} at its {how}",
-          flush=True)
+    top = tune_point(mine)
+    tried = sorted({c["split"] for c in mine if c["point"] == top})
+    print(f"[bench] {a.setup}: tuned split {split}, the best of {tried} at its {how}", flush=True)
     return [split]
 
 
@@ -404,7 +405,7 @@ def cmd_merge(a) -> None:
 
 def cmd_adopt(a) -> None:
     """A variant's cells and starts become the method's, in place, once the method runs what the variant ran."""
-    method = method_settings(" ".join(SERVER_FLAGS.split()),
+    method = method_settings(one_spelling(SERVER_FLAGS),
                              {"prefill": PREFILL_MEM, "decode": DECODE_MEM, "colocated": COLOCATED_MEM})
     doc = json.loads(Path(a.into).read_text())
     try:
