@@ -166,16 +166,20 @@ def tune_point(cells: list[dict]) -> float | None:
     return max((c["point"] for c in cells if c["phase"] == "tune"), default=None)
 
 
+def at_tune_point(cells: list[dict]) -> list[dict]:
+    """The tune cells that rank a setup's splits: those at its tune point."""
+    top = tune_point(cells)
+    return [c for c in cells if c["phase"] == "tune" and c["point"] == top]
+
+
 def tuned_split(cells: list[dict]) -> tuple[object, str] | tuple[None, None]:
     """A setup's best prefill pool: the highest mean at its tune point, or (no tune cells) the highest saturated
     sweep throughput; with how it was chosen."""
     tune = defaultdict(list)
-    top = tune_point(cells)
-    for c in cells:
-        if c["phase"] == "tune" and c["point"] == top:
-            tune[c["split"]].append(c["output_tok_s"])
+    for c in at_tune_point(cells):
+        tune[c["split"]].append(c["output_tok_s"])
     if tune:
-        return max(tune, key=lambda s: statistics.fmean(tune[s])), f"tune point {top:g}"
+        return max(tune, key=lambda s: statistics.fmean(tune[s])), f"tune point {tune_point(cells):g}"
     sweeps = defaultdict(lambda: defaultdict(list))
     for c in cells:
         if c["phase"] == "sweep":
@@ -202,7 +206,7 @@ def tuning_deviations(cells: list[dict], earlier: list[dict], setup: str) -> lis
     top = tune_point(cells)
     if top is None:
         return []
-    at_top = [c for c in cells if c["point"] == top]
+    at_top = at_tune_point(cells)
     batches = defaultdict(list)  # split -> the decode's mean running batch of each tune cell at the tune point
     for c in at_top:
         batch = ((c.get("server_stats") or {}).get("decode") or {}).get("decode_running_mean")

@@ -51,9 +51,9 @@ from serving_load import closed_loop, open_loop
 from serving_method import (SETUPS, MethodError, batch_lines, batch_stats, cell_attainment, load_seconds,
                             mean_lengths, next_rate, passes, request_specs, rounded, steady_window, window_latencies,
                             window_tokens)
-from serving_results import (HEADLINE, VARIANT_MARK, adopt_variant, build_results, by_point, card_slug, cell_id,
-                             fractions_used, merge_docs, method_settings, one_spelling, render_markdown, setting,
-                             tune_point, tuned_split)
+from serving_results import (HEADLINE, VARIANT_MARK, adopt_variant, at_tune_point, build_results, by_point,
+                             card_slug, cell_id, fractions_used, merge_docs, method_settings, one_spelling,
+                             render_markdown, setting, tuned_split)
 from serving_servers import (SERVER_FLAGS, Ballast, GpuFreeSampler, Server, environment, free_port, greedy_probe,
                              head_commit, plain_tokens, process_gpu_mib, read_from, server_gpu_mib, start_setup,
                              wait_quiet)
@@ -391,8 +391,7 @@ def resolve_splits(call: Call, splits: list[int] | str) -> list[int]:
         raise SystemExit(f"[bench] --splits tuned: no tune cells of {a.setup} for {a.tag} / {a.free_gib:g} GiB / "
                          f"{a.base_workload} with the method's server flags and memory fractions; run --phase tune "
                          "first, or give the splits")
-    top = tune_point(mine)
-    tried = sorted({c["split"] for c in mine if c["point"] == top})
+    tried = sorted({c["split"] for c in at_tune_point(mine)})
     print(f"[bench] {a.setup}: tuned split {split}, the best of {tried} at its {how}", flush=True)
     return [split]
 
