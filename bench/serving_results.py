@@ -326,7 +326,8 @@ def _unshared_outcome(summary: dict | None) -> str | None:
     if summary["start_errors"] and not summary["sweeps"]:
         error = summary["start_errors"][-1]
         head = error.splitlines()[0] if error else ""
-        return f"could not start: {head}" + (f" ... {error[-500:]}" if len(error) > len(head) else "")
+        # the head says what the server died of since 2026-12-06; an older one ends "did not come up:", its log after
+        return f"could not start: {head}" + (f" ... {error[-500:]}" if head.endswith(":") else "")
     split = str(summary["tuned_split"])
     rows = summary["sweeps"].get(split)
     if not rows:

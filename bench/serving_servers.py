@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +36,15 @@ def launch_overrides(role: str, args, cache_dir: Path, port: int, *overrides: st
     return cmd
 
 
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit)(?::.*)?$")
+
+
+def failure_cause(log: str) -> str | None:
+    """The last line of the log that ends a Python traceback (`torch.OutOfMemoryError: CUDA out of memory...`):
+    a server that failed says there what it died of, while its last lines are only its shutdown."""
+    return next((line.strip() for line in reversed(log.splitlines()) if EXCEPTION_LINE.match(line.strip())), None)
+
+
 class Server:
     """One `launch.py engine=sglang role=<role>` process (an SGLang server, or the PD router)."""
 
@@ -52,14 +62,24 @@ class Server:
         self.ready_s: float | None = None
 
     def wait_ready(self, timeout: float) -> dict:
+        """launch.py's report once the server is ready; a server that failed (launch.py reports that too, as
+        `"ok": false`), exited or timed out raises with what it died of first, then its log's tail."""
         report = self.run_dir / "report.json"
         deadline = time.monotonic() + timeout
         while not report.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not come up:\n" + self.log.read_text(errors="replace")[-3000:])
+                raise RuntimeError(self._not_up(None))
             time.sleep(0.5)
+        rep = json.loads(report.read_text())
+        if rep.get("ok") is False:
+            raise RuntimeError(self._not_up(rep.get("message")))
         self.ready_s = time.monotonic() - self.t0
-        return json.loads(report.read_text())
+        return rep
+
+    def _not_up(self, reported: str | None) -> str:
+        log = self.log.read_text(errors="replace")
+        why = "; ".join(x for x in (failure_cause(log), reported and f"launch.py: {reported}") if x)
+        return f"{self.name} did not come up: {why or 'no error in its log'}\n" + log[-3000:]
 
     def info(self) -> dict:
         data = sglang_request(self.port, "/server_info", timeout=60)

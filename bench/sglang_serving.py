@@ -234,6 +234,11 @@ def _rate_hi(call: Call, split) -> float:
     return round(best / mean_lengths(call.args.inp, call.args.outp, call.args.range_ratio)[1], 3)
 
 
+def clip(error: str, head: int = 1000, tail: int = 3000) -> str:
+    """An error as the record keeps it: its first line says what happened, its log's last lines around it."""
+    return error if len(error) <= head + tail else f"{error[:head]}\n[...]\n{error[-tail:]}"
+
+
 def record_start(call: Call, split, servers: list[Server], reports: list[dict], error: str | None) -> dict:
     """What the setup's servers are: memory, KV pools, start-up seconds, weight bytes, greedy probe tokens."""
     a = call.args
@@ -295,7 +300,7 @@ def run_split(call: Call, split) -> None:
             call.start_s = max(call.start_s, time.monotonic() - t0)
             start = record_start(call, split, servers, reports, None)
         except (RuntimeError, OSError, ValueError) as e:  # what the setup did instead is the result
-            record_start(call, split, servers, [], f"{type(e).__name__}: {e}"[-4000:])
+            record_start(call, split, servers, [], clip(f"{type(e).__name__}: {e}"))
             call.save()
             return
         call.save()

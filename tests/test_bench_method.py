@@ -546,6 +546,13 @@ def test_feasibility_reports_what_the_unshared_setup_did():
     assert res["feasibility_24b_shared_concurrency_at_slo"] == 32
     assert res["feasibility_24b_unshared"].startswith("could not start: RuntimeError: unshared-65536-decode did not") \
         and res["feasibility_24b_unshared"].endswith("CUDA out of memory ...")
+    failed["error"] = ("RuntimeError: unshared-4096-decode did not come up: torch.OutOfMemoryError: CUDA out of "
+                       "memory. Tried to allocate 640.00 MiB.\n[2026-12-06 22:57:58] Received sigquit")
+    res = sr.build_results({"cells": cells, "starts": [failed, {**start("shared", 65536, 200000), "model": "24b"}],
+                            "environments": []})
+    assert res["feasibility_24b_unshared"] == ("could not start: RuntimeError: unshared-4096-decode did not come up: "
+                                               "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 640.00 "
+                                               "MiB.")  # what it died of, not its log's last lines
 
 
 # ---------------------------------------------------------------- goodput
@@ -1007,6 +1014,48 @@ def test_pd_bound_takes_the_steady_windows_count_of_requests_in_transfer_over_a_
                                                  start("unshared", 16384, 68736)], "environments": []})))
     a.decode_log = [f"shared={log}", f"unshared={log}"]
     assert pb.bound(a)["held_in_transfer"] == {"shared": [0.0, 0.554], "unshared": [0.0, 62.0]}
+
+
+# the last lines of bench/results/h200-serving-v2-logs/serving-logs-24b-*.tgz (unshared-4096-decode.log): the
+# 24B unshared decode running out of memory while it built its copy of the weights
+OOM_TAIL = """\
+  File "/tmp/site/sglang/srt/layers/quantization/unquant.py", line 190, in create_weights
+    torch.empty(
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 640.00 MiB. GPU 0 has a total capacity of 139.80 GiB \
+of which 186.38 MiB is free.
+
+[2026-12-06 22:57:58] Received sigquit from a child process. It usually means the child failed.
+[2026-12-06 22:57:58] kill_process_tree called: parent_pid=1252, include_parent=True, pid=1252
+[2026-12-06 22:58:00,387][decode][sharedcache.launch][ERROR] [sharedcache] the SGLang server exited with code -9 \
+before it was ready. Its log above says why.
+"""
+
+
+def test_a_failed_server_is_named_with_what_it_died_of():
+    assert sv.failure_cause(OOM_TAIL).startswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate")
+    assert sv.failure_cause("[2026-12-06 22:57:58] ValueError seen in a log line\nall well") is None
+    long = "RuntimeError: decode did not come up: " + "x" * 5000
+    assert ss.clip(long).startswith("RuntimeError: decode did not come up: ") and ss.clip(long).endswith("x" * 3000)
+
+
+def test_a_server_whose_launch_failed_is_not_taken_for_ready(tmp_path):
+    """launch.py writes its report when a server fails too (`"ok": false`); a start that read it as ready went on
+    to the router and recorded the refused connection of the dead server, not why it died (the 24B run of
+    2026-12-06). A real launch.py, refused at once for a model directory that is not there."""
+    args = argparse.Namespace(model=tmp_path / "no-model", tag="24b", bootstrap_port=free_port(),
+                              server_flags=sv.SERVER_FLAGS, graph_max_bs=0)
+    server = sv.Server("decode", "unshared-4096-decode", args, tmp_path / "cache", tmp_path,
+                       *sv.role_overrides("unshared", "decode", 4096, argparse.Namespace(
+                           transfer_backend="mooncake", mooncake_protocol="", decode_mem=0.94)))
+    try:
+        with pytest.raises(RuntimeError) as e:
+            server.wait_ready(120)
+    finally:
+        server.stop()
+    head = str(e.value).splitlines()[0]
+    assert head.startswith("unshared-4096-decode did not come up: ") and "no-model is not a directory" in head
+    assert server.ready_s is None and json.loads((tmp_path / "unshared-4096-decode" / "report.json").read_text())[
+        "ok"] is False
 
 
 @pytest.mark.parametrize("setup", ["shared", "unshared", "colocated"])
