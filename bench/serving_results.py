@@ -176,10 +176,11 @@ def tuned_split(cells: list[dict]) -> tuple[object, str] | tuple[None, None]:
     """A setup's best prefill pool: the highest mean at its tune point, or (no tune cells) the highest saturated
     sweep throughput; with how it was chosen."""
     tune = defaultdict(list)
-    for c in at_tune_point(cells):
+    at_top = at_tune_point(cells)
+    for c in at_top:
         tune[c["split"]].append(c["output_tok_s"])
     if tune:
-        return max(tune, key=lambda s: statistics.fmean(tune[s])), f"tune point {tune_point(cells):g}"
+        return max(tune, key=lambda s: statistics.fmean(tune[s])), f"tune point {at_top[0]['point']:g}"
     sweeps = defaultdict(lambda: defaultdict(list))
     for c in cells:
         if c["phase"] == "sweep":
@@ -203,10 +204,10 @@ def tuning_deviations(cells: list[dict], earlier: list[dict], setup: str) -> lis
     setting (`earlier`): a tune point at which the decode ran (nearly) every client, so that a larger decode pool
     could not show its gain there; one whose decode batch is not known; splits tuned elsewhere (a lower point, an
     earlier setting) but not at the tune point, which the tuned split did not have to beat."""
-    top = tune_point(cells)
-    if top is None:
-        return []
     at_top = at_tune_point(cells)
+    if not at_top:
+        return []
+    top = at_top[0]["point"]
     batches = defaultdict(list)  # split -> the decode's mean running batch of each tune cell at the tune point
     for c in at_top:
         batch = ((c.get("server_stats") or {}).get("decode") or {}).get("decode_running_mean")
