@@ -114,11 +114,33 @@ def by_point(cells: list[dict]) -> dict[float, dict[int, float]]:
     return dict(out)
 
 
+def paired(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]]) -> tuple[dict, dict, dict]:
+    """Each point's repeats that both setups ran, and per setup the repeats it ran alone at a point both ran.
+    Repeat k of either setup serves the same seeded requests, on the same machine where one session can run both:
+    one setup's mean over repeats 0 and 1 against the other's over repeat 0 alone would compare other requests and
+    other sessions, so a repeat counts once both setups have it."""
+    pa, pb, alone = {}, {}, {}
+    for p in set(a) & set(b):
+        both = sorted(set(a[p]) & set(b[p]))
+        if both:
+            pa[p], pb[p] = {k: a[p][k] for k in both}, {k: b[p][k] for k in both}
+        for name, side in (("a", a), ("b", b)):
+            if extra := sorted(set(side[p]) - set(both)):
+                alone.setdefault(name, {})[p] = extra
+    return pa, pb, alone
+
+
 def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], control: float | None) -> dict:
-    """Setup a against setup b over the points both ran (none: MethodError): the ratio at each point, the ratio of
-    their saturated throughputs (each one's highest mean over those points), the control point's ratio per repeat
-    (paired by repeat: the same request sequence); points only one of them ran are listed, not compared."""
-    points, one_sided = common_points({"a": a, "b": b})
+    """Setup a against setup b over the points both ran (none: MethodError), each over the repeats both ran there
+    (`paired`): the ratio at each point, the ratio of their saturated throughputs (each one's highest mean over
+    those points), the control point's ratio per repeat (the same request sequence); points only one of them ran,
+    and repeats one of them ran alone, are listed, not compared."""
+    _, one_sided = common_points({"a": a, "b": b})
+    a, b, alone = paired(a, b)
+    if not a:
+        raise MethodError("[bench] the setups ran their common points in different repeats only: measure the "
+                          f"other setup's repeat of each point ({alone}) before comparing")
+    points = sorted(a)
     stats = {p: (mean_ci(a[p].values()), mean_ci(b[p].values())) for p in points}
     per_point = {}
     for p, ((ma, ha), (mb, hb)) in stats.items():
@@ -129,11 +151,11 @@ def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], 
     r, hw = ratio_ci(*stats[best_a][0], *stats[best_b][1])
     out = {"points": points, "per_point": per_point, "saturated_ratio": round(r, 4), "saturated_ci": rounded(hw, 4),
            "saturated_point_a": best_a, "saturated_point_b": best_b,
-           "repeats": min(pp["repeats"] for pp in per_point.values()), "one_sided_points": one_sided}
-    if control is not None and control in a and control in b:  # else no control ratio: the run is void
-        common = sorted(set(a[control]) & set(b[control]))
+           "repeats": min(pp["repeats"] for pp in per_point.values()), "one_sided_points": one_sided,
+           "unpaired_repeats": alone}
+    if control is not None and control in a:  # else no control ratio: the run is void
         out["control_point"] = control
-        out["control_ratios"] = [round(a[control][k] / b[control][k], 4) for k in common]
+        out["control_ratios"] = [round(a[control][k] / b[control][k], 4) for k in sorted(a[control])]
     return out
 
 
@@ -276,7 +298,9 @@ def _judge_pair(cells: list[dict], starts: list[dict], ss, us, control, tol: flo
         cmp = compare(a, b, control)
     except MethodError as e:
         return {"void": [str(e)]}
-    cmp["one_sided_points"] = {{"a": "shared", "b": "unshared"}[k]: v for k, v in cmp["one_sided_points"].items()}
+    names = {"a": "shared", "b": "unshared"}
+    for key in ("one_sided_points", "unpaired_repeats"):
+        cmp[key] = {names[k]: v for k, v in cmp[key].items()}
     void = []
     ok, why = control_verdict(cmp.get("control_ratios", []), tol)
     if not ok:
@@ -368,6 +392,10 @@ def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, 
     if not variant:  # a variant's tune cells sit beside the method's; they choose no split
         for s in ("shared", "unshared"):
             deviations += tuning_deviations(_select(cells, s, "tune"), _select(earlier, s, "tune"), s)
+    if alone := tuned.get("unpaired_repeats"):
+        deviations.append("repeats one setup ran alone, left out of the ratio until the other's are measured: "
+                          + "; ".join(f"{n} point {p:g} repeat {'/'.join(map(str, ks))}"
+                                      for n, pts in alone.items() for p, ks in sorted(pts.items())))
     counts = Counter((c["setup"], str(c["split"]), c["point"]) for c in cells if c["phase"] == "sweep")
     short = [f"{s} split {sp} point {p:g}" for (s, sp, p), n in sorted(counts.items()) if n < need_repeats]
     if short:
@@ -500,7 +528,7 @@ def render_markdown(results: dict) -> str:
                       f"± {cmp.get('saturated_ci')}; control {cmp.get('control_ratios')}; "
                       f"void: {cmp.get('void') or 'no'}; per point: "
                       + ", ".join(f"{p}: {v['ratio']}" for p, v in cmp.get("per_point", {}).items())
-                      + _one_sided(cmp.get("one_sided_points"))]
+                      + _one_sided(cmp.get("one_sided_points")) + _unpaired(cmp.get("unpaired_repeats"))]
         lines += _tune_point_lines(summary["setups"])
         if summary.get("older_cells"):
             lines += ["", "Cells of an earlier setting (left out of the above; flags: the same as above or other):",
@@ -516,6 +544,12 @@ def render_markdown(results: dict) -> str:
 
 def _one_sided(points: dict | None) -> str:
     return "".join(f"; run by {n} only, not compared: {p}" for n, p in (points or {}).items())
+
+
+def _unpaired(repeats: dict | None) -> str:
+    return "".join(f"; repeats run by {n} alone, left out until the other's are measured: "
+                   + ", ".join(f"{p:g} r{'/'.join(map(str, ks))}" for p, ks in sorted(pts.items()))
+                   for n, pts in (repeats or {}).items())
 
 
 def _tune_point_lines(setups: dict) -> list[str]:

@@ -140,6 +140,26 @@ def test_setups_are_compared_over_the_points_both_ran_and_the_others_are_named()
     assert cmp["saturated_ratio"] == round(700 / 670, 4)  # not shared's 760 at 32, nor unshared's 900 at 8
 
 
+def test_a_repeat_counts_once_both_setups_ran_it():
+    """A session cut short leaves one setup's repeat without its pair: until the other's is measured, the ratio
+    at that point takes the repeats both ran, and the lone repeat is named in the report."""
+    unshared_96 = {0: 1647.5, 1: 1620.9}
+    cmp = sr.compare({8: {0: 563.0, 1: 561.3}, 96: {0: 2671.7}}, {8: {0: 563.6, 1: 561.5}, 96: unshared_96}, 8)
+    assert cmp["per_point"][96] == {"ratio": round(2671.7 / 1647.5, 4), "ci": None, "repeats": 1}
+    assert cmp["saturated_ratio"] == round(2671.7 / 1647.5, 4)  # not over the mean of unshared's two repeats
+    assert cmp["unpaired_repeats"] == {"b": {96: [1]}} and cmp["control_ratios"] == [0.9989, 0.9996]
+    with pytest.raises(sm.MethodError, match="different repeats only"):
+        sr.compare({96: {1: 2600.0}}, {96: {0: 1600.0}}, None)
+    cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
+    lone = [c for c in cells if not (c["setup"] == "shared" and c["point"] == 64 and c["repeat"] == 2)]
+    res = sr.build_results({"cells": lone, "starts": [start("unshared", 65536, 40000)], "environments": []})
+    summary = res["groups"]["14b/77g/2k2k"]
+    assert summary["comparisons"]["tuned"]["per_point"][64]["repeats"] == 2
+    assert "repeats one setup ran alone, left out of the ratio until the other's are measured: unshared point 64 " \
+           "repeat 2" in summary["deviations"]
+    assert "repeats run by unshared alone, left out until the other's are measured: 64 r2" in sr.render_markdown(res)
+
+
 def test_control_point_void_rule():
     assert sm.control_verdict([1.0, 0.98, 1.029]) == (True, None)
     ok, why = sm.control_verdict([1.01, 1.04, 0.99])
