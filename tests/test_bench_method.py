@@ -1241,6 +1241,12 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
     home = tmp_path / "home"  # Triton's kernel cache of the servers, handed back for a later session to carry
     (home / ".triton" / "cache" / "abc123").mkdir(parents=True)
     (home / ".triton" / "cache" / "abc123" / "kernel.cubin").write_bytes(b"\x7fELF" + bytes(64))
+    (home / ".triton" / "cache" / "tmp.123").mkdir()  # a kernel Triton is still writing
+    (home / ".triton" / "cache" / "tmp.123" / "half.cubin").write_bytes(b"\x7fELF")
+    jit = home / ".cache" / "tvm-ffi" / "sgl_kernel_jit_store_cache__arch_sm90"  # SGLang's nvcc-built kernels
+    jit.mkdir(parents=True)
+    (jit / "sgl_kernel_jit_store_cache.so").write_bytes(b"\x7fELF" + bytes(64))
+    (jit / "store_cache.cuda.o").write_bytes(bytes(64))  # the build's leftovers stay behind
     env = {**os.environ, "SERVING_DIR": str(w), "OUT": str(out), "POLL_S": "0.05", "HOME": str(home)}
 
     def script(*args, call_s):
@@ -1249,13 +1255,16 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
 
     going = script("--wait", call_s=20)  # no time left in this call: hand back what there is
     assert going.returncode == 75, going.stdout + going.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["h100-serving-v2.json", "h100-serving-v2.md",
+    assert sorted(p.name for p in out.iterdir()) == ["h100-serving-v2.json", "h100-serving-v2.md", "jit-cache.tgz",
                                                      "serving-14b-shared-sweep.log", "serving-logs-14b-shared-sweep.tgz",
                                                      "serving-v2-part-14b-shared-sweep-1.json", "triton-cache.tgz"]
     with tf.open(out / "serving-logs-14b-shared-sweep.tgz") as t:
         assert "work-14b-shared/shared-65536-decode.log" in t.getnames()
-    with tf.open(out / "triton-cache.tgz") as t:
-        assert "./abc123/kernel.cubin" in t.getnames()  # setup.sh unpacks it into ~/.triton/cache
+    with tf.open(out / "triton-cache.tgz") as t:  # setup.sh unpacks it into ~/.triton/cache
+        assert "./abc123/kernel.cubin" in t.getnames() and not any("tmp.123" in n for n in t.getnames())
+    with tf.open(out / "jit-cache.tgz") as t:  # and this into ~/.cache/tvm-ffi
+        assert [n for n in t.getnames() if not t.getmember(n).isdir()] == \
+            ["./sgl_kernel_jit_store_cache__arch_sm90/sgl_kernel_jit_store_cache.so"]
     packed = (w / "triton-cache.tgz").stat().st_mtime_ns
     assert script("--wait", call_s=20).returncode == 75
     assert (w / "triton-cache.tgz").stat().st_mtime_ns == packed  # no kernel since: handed back, not packed again

@@ -27,24 +27,33 @@
 #   bash bench/device/sglang_serving.sh --wait     # exit 75: still going, call again
 T0=$SECONDS
 W=${SERVING_DIR:-/tmp/serving-v2}  # the warm machine's state between calls
+pack_cache() {  # NAME DIR CAP [find tests]: DIR's entries that pass the tests, handed back as $OUT/NAME.tgz if
+  # at most CAP bytes; packed again only when one was written since the last pack (a --wait call hands back the
+  # same file), and not at all when DIR is too large to carry
+  local name=$1 dir=$2 cap=$3 tgz=$W/$1.tgz
+  shift 3
+  { [ -d "$dir" ] && [ "$(du -sb "$dir" | cut -f1)" -le 60000000 ]; } || return 0
+  if [ ! -f $tgz ] || [ -n "$(cd "$dir" && find . -newer $tgz "$@" -print -quit)" ]; then
+    touch $tgz.stamp  # an entry written while tar reads is newer than the pack, so packed next time
+    (cd "$dir" && find . "$@" -print0 | tar --null --no-recursion -T - -czf $tgz.tmp) 2>/dev/null \
+      && touch -r $tgz.stamp $tgz.tmp && mv $tgz.tmp $tgz
+  fi
+  [ "$(stat -c %s $tgz 2>/dev/null || echo 0)" -le $cap ] && cp $tgz "$OUT/$name.tgz"
+  return 0
+}
 collect() {  # this run's parts, the merged results and the logs so far, into $OUT (whatever of them exists)
   local tag=$1 work=$2  # work: the servers' folders of the run's setups
   cp $W/out/$card-serving-v2.json $W/latest.json 2>/dev/null
   cp $W/out/serving-v2-part-*.json $W/out/$card-serving-v2.json $W/out/$card-serving-v2.md "$OUT"/ 2>/dev/null
   # servers still writing their logs make tar say "file changed as we read it" (status 1): what it read is kept
   [ -n "$work" ] && (cd $W/out && tar -czf "$OUT/serving-logs-$tag.tgz" $(ls -d $work 2>/dev/null)) 2>/dev/null
-  # the Triton kernels the servers compiled, for a later session to carry (.tritoncache/, setup.sh), if small
-  # (a cache too large to carry is not even packed; Triton's half-written tmp.* folders are left out)
-  # (packed again only when a kernel was compiled since the last pack: a --wait call hands back the same file)
-  local tgz=$W/triton-cache.tgz
-  if [ -d ~/.triton/cache ] && [ "$(du -sb ~/.triton/cache | cut -f1)" -le 60000000 ]; then
-    if [ ! -f $tgz ] || [ -n "$(find ~/.triton/cache -newer $tgz -print -quit)" ]; then
-      touch $tgz.stamp  # a kernel written while tar reads is newer than the pack, so packed next time
-      tar -C ~/.triton/cache --exclude='tmp.*' -czf $tgz.tmp . 2>/dev/null && touch -r $tgz.stamp $tgz.tmp \
-        && mv $tgz.tmp $tgz
-    fi
-    [ "$(stat -c %s $tgz 2>/dev/null || echo 0)" -le 10000000 ] && cp $tgz "$OUT/triton-cache.tgz"
-  fi
+  # the kernels the servers compiled, for a later session to carry (.tritoncache/, setup.sh): Triton's (less its
+  # half-written tmp.* folders), and SGLang's own JIT kernels, built with nvcc through tvm-ffi (the libraries
+  # only: a built one in its folder is loaded without a build). With the Triton cache carried, the first prefill
+  # on a fresh machine still spent 44-67 s in its first forward, and later starts 1 s: by SGLang's source, the
+  # KV store kernel is built there (bench/README.md, 2026-12-07; to be confirmed by the next fresh machine)
+  pack_cache triton-cache ~/.triton/cache 10000000 -not -path '*/tmp.*'
+  pack_cache jit-cache "${TVM_FFI_CACHE_DIR:-$HOME/.cache/tvm-ffi}" 8000000 -name '*.so'
   return 0
 }
 known_cells() {  # the committed cells, this machine's earlier runs' and this run's (a tuning just measured)
