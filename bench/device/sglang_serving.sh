@@ -29,10 +29,12 @@ T0=$SECONDS
 W=${SERVING_DIR:-/tmp/serving-v2}  # the warm machine's state between calls
 pack_cache() {  # NAME DIR CAP [find tests]: DIR's entries that pass the tests, handed back as $OUT/NAME.tgz if
   # at most CAP bytes; packed again only when one was written since the last pack (a --wait call hands back the
-  # same file), and not at all when DIR is too large to carry
+  # same file), and not at all when those entries are too large to carry
   local name=$1 dir=$2 cap=$3 tgz=$W/$1.tgz
   shift 3
-  { [ -d "$dir" ] && [ "$(du -sb "$dir" | cut -f1)" -le 60000000 ]; } || return 0
+  [ -d "$dir" ] || return 0
+  [ "$(cd "$dir" && find . "$@" -type f -printf '%s\n' | awk '{n += $1} END {print n + 0}')" -le 60000000 ] \
+    || return 0
   if [ ! -f $tgz ] || [ -n "$(cd "$dir" && find . -newer $tgz "$@" -print -quit)" ]; then
     touch $tgz.stamp  # an entry written while tar reads is newer than the pack, so packed next time
     (cd "$dir" && find . "$@" -print0 | tar --null --no-recursion -T - -czf $tgz.tmp) 2>/dev/null \
