@@ -130,16 +130,18 @@ def paired(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]]) -
     return pa, pb, alone
 
 
-def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], control: float | None) -> dict:
+def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], control: float | None,
+            names: tuple[str, str] = ("a", "b")) -> dict:
     """Setup a against setup b over the points both ran (none: MethodError), each over the repeats both ran there
     (`paired`): the ratio at each point, the ratio of their saturated throughputs (each one's highest mean over
     those points), the control point's ratio per repeat (the same request sequence); points only one of them ran,
     and repeats one of them ran alone, are listed, not compared."""
-    _, one_sided = common_points({"a": a, "b": b})
+    common, one_sided = common_points({"a": a, "b": b})
     a, b, alone = paired(a, b)
     if not a:
-        raise MethodError("[bench] the setups ran their common points in different repeats only: measure the "
-                          f"other setup's repeat of each point ({alone}) before comparing")
+        ran = "; ".join(f"{names[0 if k == 'a' else 1]} ran {pts}" for k, pts in alone.items())
+        raise MethodError("[bench] the setups ran their common points in different repeats only (point: repeats; "
+                          f"{ran}): measure the other setup's repeat of each point before comparing")
     points = sorted(a)
     stats = {p: (mean_ci(a[p].values()), mean_ci(b[p].values())) for p in points}
     per_point = {}
@@ -152,7 +154,7 @@ def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], 
     out = {"points": points, "per_point": per_point, "saturated_ratio": round(r, 4), "saturated_ci": rounded(hw, 4),
            "saturated_point_a": best_a, "saturated_point_b": best_b,
            "repeats": min(pp["repeats"] for pp in per_point.values()), "one_sided_points": one_sided,
-           "unpaired_repeats": alone}
+           "unpaired_repeats": alone, "unpaired_points": sorted(set(common) - set(points))}
     if control is not None and control in a:  # else no control ratio: the run is void
         out["control_point"] = control
         out["control_ratios"] = [round(a[control][k] / b[control][k], 4) for k in sorted(a[control])]
@@ -295,7 +297,7 @@ def _judge_pair(cells: list[dict], starts: list[dict], ss, us, control, tol: flo
     if not a or not b:
         return {"missing": f"sweep of {'shared' if not a else 'unshared'} at split {ss if not a else us}"}
     try:
-        cmp = compare(a, b, control)
+        cmp = compare(a, b, control, ("shared", "unshared"))
     except MethodError as e:
         return {"void": [str(e)]}
     names = {"a": "shared", "b": "unshared"}
@@ -393,9 +395,12 @@ def group_summary(cells: list[dict], starts: list[dict], need_repeats: int = 3, 
         for s in ("shared", "unshared"):
             deviations += tuning_deviations(_select(cells, s, "tune"), _select(earlier, s, "tune"), s)
     if alone := tuned.get("unpaired_repeats"):
+        dropped = tuned.get("unpaired_points")
         deviations.append("repeats one setup ran alone, left out of the ratio until the other's are measured: "
                           + "; ".join(f"{n} point {p:g} repeat {'/'.join(map(str, ks))}"
-                                      for n, pts in alone.items() for p, ks in sorted(pts.items())))
+                                      for n, pts in alone.items() for p, ks in sorted(pts.items()))
+                          + (f" (so points {', '.join(f'{p:g}' for p in dropped)} are not compared at all, and "
+                             "count for no saturation)" if dropped else ""))
     counts = Counter((c["setup"], str(c["split"]), c["point"]) for c in cells if c["phase"] == "sweep")
     short = [f"{s} split {sp} point {p:g}" for (s, sp, p), n in sorted(counts.items()) if n < need_repeats]
     if short:

@@ -148,8 +148,11 @@ def test_a_repeat_counts_once_both_setups_ran_it():
     assert cmp["per_point"][96] == {"ratio": round(2671.7 / 1647.5, 4), "ci": None, "repeats": 1}
     assert cmp["saturated_ratio"] == round(2671.7 / 1647.5, 4)  # not over the mean of unshared's two repeats
     assert cmp["unpaired_repeats"] == {"b": {96: [1]}} and cmp["control_ratios"] == [0.9989, 0.9996]
-    with pytest.raises(sm.MethodError, match="different repeats only"):
-        sr.compare({96: {1: 2600.0}}, {96: {0: 1600.0}}, None)
+    with pytest.raises(sm.MethodError, match=r"different repeats only.*shared ran \{96: \[1\]\}; unshared ran"):
+        sr.compare({96: {1: 2600.0}}, {96: {0: 1600.0}}, None, ("shared", "unshared"))
+    cmp = sr.compare({8: {0: 563.0}, 48: {0: 1940.0}, 96: {1: 2600.0}},
+                     {8: {0: 563.6}, 48: {0: 1640.0}, 96: {0: 1647.5}}, 8)
+    assert cmp["points"] == [8, 48] and cmp["unpaired_points"] == [96]  # 96 counts for no saturation, and says so
     cells = sweep("shared", SHARED) + sweep("unshared", UNSHARED)
     lone = [c for c in cells if not (c["setup"] == "shared" and c["point"] == 64 and c["repeat"] == 2)]
     res = sr.build_results({"cells": lone, "starts": [start("unshared", 65536, 40000)], "environments": []})
@@ -1243,9 +1246,10 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
     (home / ".triton" / "cache" / "abc123" / "kernel.cubin").write_bytes(b"\x7fELF" + bytes(64))
     (home / ".triton" / "cache" / "tmp.123").mkdir()  # a kernel Triton is still writing
     (home / ".triton" / "cache" / "tmp.123" / "half.cubin").write_bytes(b"\x7fELF")
-    jit = home / ".cache" / "tvm-ffi" / "sgl_kernel_jit_store_cache__arch_sm90"  # SGLang's nvcc-built kernels
+    # SGLang's kernels built with nvcc through tvm-ffi, one folder each
+    jit = home / ".cache" / "tvm-ffi" / "sgl_kernel_jit_kvcache__arch_9.0a__tvmffi_0.1.11"
     jit.mkdir(parents=True)
-    (jit / "sgl_kernel_jit_store_cache.so").write_bytes(b"\x7fELF" + bytes(64))
+    (jit / "sgl_kernel_jit_kvcache.so").write_bytes(b"\x7fELF" + bytes(64))
     (jit / "store_cache.cuda.o").write_bytes(bytes(64))  # the build's leftovers stay behind
     env = {**os.environ, "SERVING_DIR": str(w), "OUT": str(out), "POLL_S": "0.05", "HOME": str(home)}
 
@@ -1264,7 +1268,7 @@ def test_the_serving_script_hands_back_a_detached_runs_files_while_it_goes_on(tm
         assert "./abc123/kernel.cubin" in t.getnames() and not any("tmp.123" in n for n in t.getnames())
     with tf.open(out / "jit-cache.tgz") as t:  # and this into ~/.cache/tvm-ffi
         assert [n for n in t.getnames() if not t.getmember(n).isdir()] == \
-            ["./sgl_kernel_jit_store_cache__arch_sm90/sgl_kernel_jit_store_cache.so"]
+            ["./sgl_kernel_jit_kvcache__arch_9.0a__tvmffi_0.1.11/sgl_kernel_jit_kvcache.so"]
     packed = (w / "triton-cache.tgz").stat().st_mtime_ns
     assert script("--wait", call_s=20).returncode == 75
     assert (w / "triton-cache.tgz").stat().st_mtime_ns == packed  # no kernel since: handed back, not packed again

@@ -33,8 +33,9 @@ pack_cache() {  # NAME DIR CAP [find tests]: DIR's entries that pass the tests, 
   local name=$1 dir=$2 cap=$3 tgz=$W/$1.tgz
   shift 3
   [ -d "$dir" ] || return 0
-  [ "$(cd "$dir" && find . "$@" -type f -printf '%s\n' | awk '{n += $1} END {print n + 0}')" -le 60000000 ] \
-    || return 0
+  local files bytes  # none yet (a build going on or failed): nothing to hand back, not an empty pack
+  read -r files bytes < <(cd "$dir" && find . "$@" -type f -printf '%s\n' | awk '{n += $1} END {print NR, n + 0}')
+  [ "$files" -gt 0 ] && [ "$bytes" -le 60000000 ] || return 0
   if [ ! -f $tgz ] || [ -n "$(cd "$dir" && find . -newer $tgz "$@" -print -quit)" ]; then
     touch $tgz.stamp  # an entry written while tar reads is newer than the pack, so packed next time
     (cd "$dir" && find . "$@" -print0 | tar --null --no-recursion -T - -czf $tgz.tmp) 2>/dev/null \
