@@ -40,6 +40,7 @@ import re
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -423,11 +424,17 @@ def cmd_adopt(a) -> None:
 
 
 def cmd_report(a) -> None:
-    results = build_results(json.loads(Path(a.results).read_text()), a.need_repeats)
+    stored = json.loads(Path(a.results).read_text())
+    results = build_results(stored, a.need_repeats)
     text = render_markdown(results)
     if a.md:
         Path(a.md).write_text(text)
     print(text)
+    fresh = json.loads(json.dumps(results))  # as the file would hold it (keys as strings)
+    stale = [k for k in (*HEADLINE, "control_ratios", "repeats", "void", "groups") if stored.get(k) != fresh.get(k)]
+    if stale:  # the tables come from the code, the file's own summary from the code that wrote it
+        print(f"[bench] {a.results}'s summary is older than this code ({', '.join(stale)} differ): write it again "
+              f"with `merge --into {a.results} {a.results}`", file=sys.stderr)
 
 
 def _print_headline(results: dict) -> None:
@@ -571,7 +578,8 @@ def main() -> None:
     d.add_argument("variant")
     d.add_argument("--need-repeats", type=int, default=3)
     d.set_defaults(func=cmd_adopt)
-    p = sub.add_parser("report", help="print (or write) the tables of a results file")
+    p = sub.add_parser("report", help="print (or write) the tables of a results file, from its cells (the file "
+                       "itself is not written: `merge --into F F` writes both again)")
     p.add_argument("results")
     p.add_argument("--md", default=None)
     p.add_argument("--need-repeats", type=int, default=3)

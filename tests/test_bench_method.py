@@ -163,6 +163,22 @@ def test_a_repeat_counts_once_both_setups_ran_it():
     assert "repeats run by unshared alone, left out until the other's are measured: 64 r2" in sr.render_markdown(res)
 
 
+def test_report_says_when_a_results_files_summary_is_older_than_the_code(tmp_path, capsys):
+    """`report` draws its tables from the cells with the current code, and does not write the file: a file whose
+    stored summary another version of the code wrote is named, with the command that writes it again."""
+    doc = sr.build_results({"cells": sweep("shared", SHARED) + sweep("unshared", UNSHARED),
+                            "starts": [start("unshared", 65536, 40000)], "environments": []})
+    path = tmp_path / "h100-serving-v2.json"
+    path.write_text(json.dumps(doc))
+    ss.cmd_report(argparse.Namespace(results=str(path), md=None, need_repeats=3))
+    assert "older than this code" not in capsys.readouterr().err
+    path.write_text(json.dumps({**doc, "throughput_ratio_14b_2k2k": 1.6349}))
+    ss.cmd_report(argparse.Namespace(results=str(path), md=None, need_repeats=3))
+    err = capsys.readouterr().err
+    assert "summary is older than this code (throughput_ratio_14b_2k2k differ)" in err
+    assert f"merge --into {path} {path}" in err
+
+
 def test_control_point_void_rule():
     assert sm.control_verdict([1.0, 0.98, 1.029]) == (True, None)
     ok, why = sm.control_verdict([1.01, 1.04, 0.99])
