@@ -114,7 +114,8 @@ def by_point(cells: list[dict]) -> dict[float, dict[int, float]]:
     return dict(out)
 
 
-def paired(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]]) -> tuple[dict, dict, dict]:
+def paired(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]],
+           names: tuple[str, str] = ("a", "b")) -> tuple[dict, dict, dict]:
     """Each point's repeats that both setups ran, and per setup the repeats it ran alone at a point both ran.
     Repeat k of either setup serves the same seeded requests, on the same machine where one session can run both:
     one setup's mean over repeats 0 and 1 against the other's over repeat 0 alone would compare other requests and
@@ -124,7 +125,7 @@ def paired(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]]) -
         both = sorted(set(a[p]) & set(b[p]))
         if both:
             pa[p], pb[p] = {k: a[p][k] for k in both}, {k: b[p][k] for k in both}
-        for name, side in (("a", a), ("b", b)):
+        for name, side in zip(names, (a, b)):
             if extra := sorted(set(side[p]) - set(both)):
                 alone.setdefault(name, {})[p] = extra
     return pa, pb, alone
@@ -135,11 +136,11 @@ def compare(a: dict[float, dict[int, float]], b: dict[float, dict[int, float]], 
     """Setup a against setup b over the points both ran (none: MethodError), each over the repeats both ran there
     (`paired`): the ratio at each point, the ratio of their saturated throughputs (each one's highest mean over
     those points), the control point's ratio per repeat (the same request sequence); points only one of them ran,
-    and repeats one of them ran alone, are listed, not compared."""
-    common, one_sided = common_points({"a": a, "b": b})
-    a, b, alone = paired(a, b)
+    and repeats one of them ran alone, are listed under the setups' names, not compared."""
+    common, one_sided = common_points(dict(zip(names, (a, b))))
+    a, b, alone = paired(a, b, names)
     if not a:
-        ran = "; ".join(f"{names[0 if k == 'a' else 1]} ran {pts}" for k, pts in alone.items())
+        ran = "; ".join(f"{n} ran {pts}" for n, pts in alone.items())
         raise MethodError("[bench] the setups ran their common points in different repeats only (point: repeats; "
                           f"{ran}): measure the other setup's repeat of each point before comparing")
     points = sorted(a)
@@ -300,9 +301,6 @@ def _judge_pair(cells: list[dict], starts: list[dict], ss, us, control, tol: flo
         cmp = compare(a, b, control, ("shared", "unshared"))
     except MethodError as e:
         return {"void": [str(e)]}
-    names = {"a": "shared", "b": "unshared"}
-    for key in ("one_sided_points", "unpaired_repeats"):
-        cmp[key] = {names[k]: v for k, v in cmp[key].items()}
     void = []
     ok, why = control_verdict(cmp.get("control_ratios", []), tol)
     if not ok:

@@ -8,6 +8,11 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # NVLink multicast stays off on shared machines (the device tool's KINDS.md says why)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+_sc_restore() {  # NAME DIR: .tritoncache/NAME.tgz unpacked into DIR, once per machine (the mark beside DIR)
+  local mark="$(dirname "$2")/.sharedcache-restored-$1"
+  [ -f .tritoncache/$1.tgz ] && [ ! -f "$mark" ] || return 0
+  mkdir -p "$2" && tar -xzf .tritoncache/$1.tgz -C "$2" && touch "$mark"
+}
 _sc_install() {  # each step once per machine (and the checkout once per path); markers only after success
   if [ ! -f /tmp/site/.sharedcache-ready ]; then
     mkdir -p /tmp/site
@@ -19,18 +24,11 @@ _sc_install() {  # each step once per machine (and the checkout once per path); 
   if [ ! -f /tmp/site/.sharedcache-compiled ]; then
     python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1; touch /tmp/site/.sharedcache-compiled
   fi
-  # Triton's kernels compiled by an earlier session's servers (sglang_serving.sh hands them back as
-  # triton-cache.tgz; carried as .tritoncache/): the first start on a fresh machine spent 73 s compiling them
-  if [ -f .tritoncache/triton-cache.tgz ] && [ ! -f ~/.triton/.sharedcache-restored ]; then
-    mkdir -p ~/.triton/cache && tar -xzf .tritoncache/triton-cache.tgz -C ~/.triton/cache \
-      && touch ~/.triton/.sharedcache-restored
-  fi
-  # and SGLang's JIT kernels (nvcc through tvm-ffi; jit-cache.tgz, the built libraries), which the first prefill
-  # on a fresh machine otherwise builds in its first forward (44-67 s even with the Triton cache restored)
-  local jit=${TVM_FFI_CACHE_DIR:-$HOME/.cache/tvm-ffi}
-  if [ -f .tritoncache/jit-cache.tgz ] && [ ! -f "$jit/.sharedcache-restored" ]; then
-    mkdir -p "$jit" && tar -xzf .tritoncache/jit-cache.tgz -C "$jit" && touch "$jit/.sharedcache-restored"
-  fi
+  # kernels built by an earlier session's servers (sglang_serving.sh hands them back; carried as .tritoncache/):
+  # Triton's, which the first start on a fresh machine spent 73 s compiling, and SGLang's JIT ones (nvcc through
+  # tvm-ffi, the built libraries), which its first prefill otherwise builds in its first forward (44-67 s)
+  _sc_restore triton-cache ~/.triton/cache
+  _sc_restore jit-cache "${TVM_FFI_CACHE_DIR:-$HOME/.cache/tvm-ffi}"
   # the checkpoint is generated with the image's own transformers, before the bundle's shadows it
   # (SETUP_MODEL_8B=0: a call that needs another model generates its own)
   if [ "${SETUP_MODEL_8B:-1}" = 1 ]; then python3 bench/make_model.py --out /tmp/llama8b || return 1; fi
