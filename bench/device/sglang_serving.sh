@@ -53,8 +53,8 @@ collect() {  # this run's parts, the merged results and the logs so far, into $O
   # the kernels the servers compiled, for a later session to carry (.tritoncache/, setup.sh): Triton's (less its
   # half-written tmp.* folders), and SGLang's own JIT kernels, built with nvcc through tvm-ffi (the libraries
   # only: a built one in its folder is loaded without a build). With the Triton cache carried, the first prefill
-  # on a fresh machine still spent 44-67 s in its first forward, and later starts 1 s: by SGLang's source, the
-  # KV store kernel is built there (bench/README.md, 2026-12-07; to be confirmed by the next fresh machine)
+  # on a fresh machine still spent 44-67 s in its first forward, and later starts 1 s: the pack handed back on
+  # 2026-12-07 holds the four kernels (rope, KV store, activation, clamp) built in that minute (bench/README.md)
   pack_cache triton-cache ~/.triton/cache 10000000 -not -path '*/tmp.*'
   pack_cache jit-cache "${TVM_FFI_CACHE_DIR:-$HOME/.cache/tvm-ffi}" 8000000 -name '*.so'
   return 0
